@@ -1,0 +1,105 @@
+"""Dendritic layers, model families, exact parameter counts, datasets and fast trainers.
+
+PyTorch only: no Optuna and no web code lives here.
+"""
+
+from __future__ import annotations
+
+from . import (
+    _bio,
+    _growth,
+    _models,  # noqa: F401  (registers the families)
+    _population,
+    _recurrent,
+    _timeseries,
+    _vision,
+)
+from ._analysis import (
+    calculate_eigenvalues,
+    dendritic_weight_image,
+    figure_to_html,
+    plot_dendritic_weights_full_model,
+    plot_dendritic_weights_single_image,
+    plot_eigenvalues,
+    plot_training_curves,
+)
+from ._data import (
+    FASHION_MNIST_SYSTEM_DIR,
+    Dataset,
+    list_datasets,
+    load_dataset,
+    read_idx,
+    register_dataset,
+    split_train_val,
+    write_idx,
+)
+from ._layers import DendriticLayer, register_dendritic_hooks
+from ._registry import (
+    ModelFamily,
+    analytic_parameter_count,
+    count_parameters,
+    create_model,
+    get_family,
+    list_models,
+    register_model,
+)
+from ._train import (
+    StepHook,
+    TrainResult,
+    compare_models,
+    evaluate,
+    make_optimizer,
+    resolve_device,
+    train_model,
+)
+from .exceptions import (
+    CoreError,
+    DatasetNotFoundError,
+    DuplicateNameError,
+    TrainingDivergedError,
+    UnknownNameError,
+)
+
+__all__ = [
+    "DendriticLayer",
+    "register_dendritic_hooks",
+    "create_model",
+    "list_models",
+    "get_family",
+    "register_model",
+    "ModelFamily",
+    "count_parameters",
+    "analytic_parameter_count",
+    "load_dataset",
+    "list_datasets",
+    "register_dataset",
+    "Dataset",
+    "read_idx",
+    "write_idx",
+    "split_train_val",
+    "FASHION_MNIST_SYSTEM_DIR",
+    "train_model",
+    "compare_models",
+    "evaluate",
+    "make_optimizer",
+    "resolve_device",
+    "TrainResult",
+    "StepHook",
+    "calculate_eigenvalues",
+    "plot_eigenvalues",
+    "dendritic_weight_image",
+    "plot_dendritic_weights_single_image",
+    "plot_dendritic_weights_full_model",
+    "plot_training_curves",
+    "figure_to_html",
+    "CoreError",
+    "UnknownNameError",
+    "DuplicateNameError",
+    "DatasetNotFoundError",
+    "TrainingDivergedError",
+]
+# Each feature module declares its public names in its own __all__.
+for _mod in (_recurrent, _timeseries, _bio, _growth, _vision, _population):
+    globals().update({_n: getattr(_mod, _n) for _n in _mod.__all__})
+    __all__ += _mod.__all__
+del _mod

@@ -1,0 +1,184 @@
+"""The seed projects' model families, registered with their analytic parameter counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ._layers import DendriticLayer
+from ._registry import register_model
+
+__all__: list[str] = []
+
+_SLOPE = 0.1
+
+
+def _linear(i: int, o: int) -> int:
+    return i * o + o
+
+
+def _dendritic(
+    in_dim: int,
+    n_neurons: int,
+    n_dendrites: int,
+    n_dendrite_inputs: int,
+    soma_enabled: bool,
+    synaptic_resampling: bool,
+    percentage_resample: float,
+    steps_to_resample: int,
+) -> DendriticLayer:
+    return DendriticLayer(
+        in_dim,
+        n_neurons,
+        n_dendrite_inputs,
+        n_dendrites,
+        synaptic_resampling=synaptic_resampling,
+        percentage_resample=percentage_resample,
+        steps_to_resample=steps_to_resample,
+        soma_enabled=soma_enabled,
+    )
+
+
+def _check_positive(**sizes: Any) -> None:
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _check_dendritic(in_dim: int, n_neurons: int, n_dendrites: int, n_dendrite_inputs: int) -> None:
+    _check_positive(in_dim=in_dim, n_neurons=n_neurons, n_dendrites=n_dendrites,
+                    n_dendrite_inputs=n_dendrite_inputs)
+    if n_dendrite_inputs > in_dim:
+        raise ValueError(
+            f"n_dendrite_inputs must be at most in_dim={in_dim} (a dendrite's inputs are "
+            f"distinct), got {n_dendrite_inputs}"
+        )
+
+
+def _count_dendritic_simple(
+    *, in_dim: int, n_classes: int, n_neurons: int, n_dendrites: int, n_dendrite_inputs: int,
+    soma_enabled: bool, **_: Any,
+) -> int:
+    _check_dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs)
+    layer = DendriticLayer.count(n_neurons, n_dendrite_inputs, n_dendrites, soma_enabled)
+    width = n_neurons if soma_enabled else n_neurons * n_dendrites
+    return layer + _linear(width, n_classes)
+
+
+@register_model("dendritic_simple", count=_count_dendritic_simple)
+def dendritic_simple(
+    *,
+    in_dim: int = 784,
+    n_classes: int = 10,
+    n_neurons: int = 12,
+    n_dendrites: int = 6,
+    n_dendrite_inputs: int = 96,
+    soma_enabled: bool = True,
+    synaptic_resampling: bool = True,
+    percentage_resample: float = 0.25,
+    steps_to_resample: int = 128,
+) -> nn.Module:
+    """DendriticLayer (with soma) -> Linear to the classes."""
+    _check_positive(in_dim=in_dim, n_classes=n_classes)
+    layer = _dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs, soma_enabled,
+                       synaptic_resampling, percentage_resample, steps_to_resample)
+    return nn.Sequential(layer, nn.Linear(layer.out_dim, n_classes))
+
+
+def _count_soma_disabled(
+    *, in_dim: int, n_classes: int, n_neurons: int, n_dendrites: int, n_dendrite_inputs: int,
+    hidden_dim: int, **_: Any,
+) -> int:
+    _check_dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs)
+    _check_positive(hidden_dim=hidden_dim)
+    layer = DendriticLayer.count(n_neurons, n_dendrite_inputs, n_dendrites, False)
+    return layer + _linear(n_neurons * n_dendrites, hidden_dim) + _linear(hidden_dim, n_classes)
+
+
+@register_model("soma_disabled", count=_count_soma_disabled)
+def soma_disabled(
+    *,
+    in_dim: int = 784,
+    n_classes: int = 10,
+    n_neurons: int = 1,
+    n_dendrites: int = 25,
+    n_dendrite_inputs: int = 64,
+    hidden_dim: int = 32,
+    synaptic_resampling: bool = True,
+    percentage_resample: float = 0.25,
+    steps_to_resample: int = 128,
+) -> nn.Module:
+    """DendriticLayer without soma -> Linear -> LeakyReLU -> Linear."""
+    _check_positive(in_dim=in_dim, n_classes=n_classes, hidden_dim=hidden_dim)
+    layer = _dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs, False,
+                       synaptic_resampling, percentage_resample, steps_to_resample)
+    return nn.Sequential(
+        layer,
+        nn.Linear(layer.out_dim, hidden_dim),
+        nn.LeakyReLU(_SLOPE),
+        nn.Linear(hidden_dim, n_classes),
+    )
+
+
+def _count_with_hidden(
+    *, in_dim: int, n_classes: int, n_neurons: int, n_dendrites: int, n_dendrite_inputs: int,
+    hidden_dim: int, soma_enabled: bool, **_: Any,
+) -> int:
+    _check_dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs)
+    _check_positive(hidden_dim=hidden_dim)
+    layer = DendriticLayer.count(n_neurons, n_dendrite_inputs, n_dendrites, soma_enabled)
+    width = n_neurons if soma_enabled else n_neurons * n_dendrites
+    return layer + _linear(width, hidden_dim) + _linear(hidden_dim, n_classes)
+
+
+@register_model("dendritic_with_hidden", count=_count_with_hidden)
+def dendritic_with_hidden(
+    *,
+    in_dim: int = 784,
+    n_classes: int = 10,
+    n_neurons: int = 10,
+    n_dendrites: int = 6,
+    n_dendrite_inputs: int = 64,
+    hidden_dim: int = 8,
+    soma_enabled: bool = True,
+    synaptic_resampling: bool = True,
+    percentage_resample: float = 0.25,
+    steps_to_resample: int = 128,
+) -> nn.Module:
+    """DendriticLayer -> LeakyReLU -> Linear -> LeakyReLU -> Linear."""
+    _check_positive(in_dim=in_dim, n_classes=n_classes, hidden_dim=hidden_dim)
+    layer = _dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs, soma_enabled,
+                       synaptic_resampling, percentage_resample, steps_to_resample)
+    return nn.Sequential(
+        layer,
+        nn.LeakyReLU(_SLOPE),
+        nn.Linear(layer.out_dim, hidden_dim),
+        nn.LeakyReLU(_SLOPE),
+        nn.Linear(hidden_dim, n_classes),
+    )
+
+
+def _count_vanilla(
+    *, in_dim: int, n_classes: int, hidden_dim: int, n_hidden_layers: int, **_: Any
+) -> int:
+    _check_positive(in_dim=in_dim, n_classes=n_classes, hidden_dim=hidden_dim,
+                    n_hidden_layers=n_hidden_layers)
+    widths = [in_dim] + [hidden_dim] * n_hidden_layers + [n_classes]
+    return sum(_linear(a, b) for a, b in zip(widths, widths[1:], strict=False))
+
+
+@register_model("vanilla_mlp", count=_count_vanilla)
+def vanilla_mlp(
+    *, in_dim: int = 784, n_classes: int = 10, hidden_dim: int = 10, n_hidden_layers: int = 1
+) -> nn.Module:
+    """The point-neuron baseline: Linear -> LeakyReLU, repeated, -> Linear."""
+    _check_positive(in_dim=in_dim, n_classes=n_classes, hidden_dim=hidden_dim,
+                    n_hidden_layers=n_hidden_layers)
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(n_hidden_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.LeakyReLU(_SLOPE)]
+        width = hidden_dim
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
