@@ -98,8 +98,19 @@ __all__ = [
     "DatasetNotFoundError",
     "TrainingDivergedError",
 ]
-# Each feature module declares its public names in its own __all__.
-for _mod in (_recurrent, _timeseries, _bio, _growth, _vision, _population):
-    globals().update({_n: getattr(_mod, _n) for _n in _mod.__all__})
-    __all__ += _mod.__all__
-del _mod
+# The feature modules declare their public names in their own __all__.
+from ._bio import *  # noqa: E402, F403
+from ._growth import *  # noqa: E402, F403
+from ._population import *  # noqa: E402, F403
+from ._recurrent import *  # noqa: E402, F403
+from ._timeseries import *  # noqa: E402, F403
+from ._vision import *  # noqa: E402, F403
+
+__all__ += [
+    *_bio.__all__,
+    *_growth.__all__,
+    *_population.__all__,
+    *_recurrent.__all__,
+    *_timeseries.__all__,
+    *_vision.__all__,
+]
