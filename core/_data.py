@@ -17,6 +17,8 @@ from .exceptions import DatasetNotFoundError, DuplicateNameError, UnknownNameErr
 
 __all__ = [
     "Dataset",
+    "DatasetInfo",
+    "dataset_info",
     "load_dataset",
     "list_datasets",
     "register_dataset",
@@ -55,10 +57,18 @@ class Dataset:
         return int(np.prod(self.x_train.shape[1:]))
 
     @property
+    def in_features(self) -> int:
+        """Features per time step for sequences ``x`` of shape (N, T, F); else ``in_dim``."""
+        return int(self.x_train.shape[-1]) if self.x_train.dim() == 3 else self.in_dim
+
+    @property
     def out_dim(self) -> int:
-        return int(self.n_classes) if self.task == "classification" else int(
-            np.prod(self.y_train.shape[1:]) if self.y_train.dim() > 1 else 1
-        )
+        """Classes, or outputs per prediction: per step when targets are (N, T, out)."""
+        if self.task == "classification":
+            return int(self.n_classes)  # type: ignore[arg-type]
+        if self.y_train.dim() == 3:
+            return int(self.y_train.shape[-1])
+        return int(np.prod(self.y_train.shape[1:])) if self.y_train.dim() > 1 else 1
 
     def to(self, device: torch.device | str) -> Dataset:
         tensors = {
@@ -72,20 +82,60 @@ class Dataset:
         return {"train": len(self.x_train), "val": len(self.x_val), "test": len(self.x_test)}
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset, known without loading it."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    task: str = "classification"
+    n_classes: int | None = None
+    out_dim: int | None = None
+
+    @property
+    def in_dim(self) -> int:
+        return int(np.prod(self.input_shape))
+
+
 Loader = Callable[..., Dataset]
 _DATASETS: dict[str, Loader] = {}
+_INFO: dict[str, DatasetInfo] = {}
 
 
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Register ``loader(data_dir, subset_size, val_fraction, seed, flatten)`` under ``name``."""
+def register_dataset(
+    name: str, info: DatasetInfo | None = None
+) -> Callable[[Loader], Loader]:
+    """Register ``loader(data_dir, subset_size, val_fraction, seed, flatten)`` under ``name``.
+
+    ``info`` (shapes, task) lets budgets be checked without loading; without it
+    :func:`dataset_info` loads the dataset once to find out.
+    """
 
     def deco(fn: Loader) -> Loader:
         if name in _DATASETS:
             raise DuplicateNameError(f"dataset {name!r} is already registered")
         _DATASETS[name] = fn
+        if info is not None:
+            _INFO[name] = info
         return fn
 
     return deco
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Shapes and task of a registered dataset (loads it only if it registered no info)."""
+    if name not in _DATASETS:
+        raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+    if name not in _INFO:
+        d = load_dataset(name, flatten=False)
+        _INFO[name] = DatasetInfo(
+            name=name,
+            input_shape=tuple(d.x_train.shape[1:]),
+            task=d.task,
+            n_classes=d.n_classes,
+            out_dim=d.out_dim,
+        )
+    return _INFO[name]
 
 
 def list_datasets() -> list[str]:
@@ -270,7 +320,7 @@ def _torchvision_download(cls_name: str, root: Path) -> Path:
     return root / cls_name / "raw"
 
 
-@register_dataset("fashion-mnist")
+@register_dataset("fashion-mnist", DatasetInfo("fashion-mnist", (1, 28, 28), n_classes=10))
 def _fashion_mnist(
     *, data_dir: Path | None, download: bool = False, **kw: Any
 ) -> Dataset:
@@ -290,7 +340,7 @@ def _fashion_mnist(
     )
 
 
-@register_dataset("mnist")
+@register_dataset("mnist", DatasetInfo("mnist", (1, 28, 28), n_classes=10))
 def _mnist(*, data_dir: Path | None, download: bool = False, **kw: Any) -> Dataset:
     dirs = []
     if data_dir is not None:
@@ -357,7 +407,7 @@ def _cifar(
     )
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", DatasetInfo("cifar10", (3, 32, 32), n_classes=10))
 def _cifar10(**kw: Any) -> Dataset:
     return _cifar(
         "cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
@@ -365,13 +415,13 @@ def _cifar10(**kw: Any) -> Dataset:
     )
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", DatasetInfo("cifar100", (3, 32, 32), n_classes=100))
 def _cifar100(**kw: Any) -> Dataset:
     return _cifar("cifar100", "cifar-100-python", ["train"], "test", b"fine_labels", 100, **kw)
 
 
 # -- scikit-learn digits: always offline ------------------------------------------------------
-@register_dataset("digits")
+@register_dataset("digits", DatasetInfo("digits", (1, 8, 8), n_classes=10))
 def _digits(*, data_dir: Path | None = None, test_fraction: float = 0.2, **kw: Any) -> Dataset:
     from sklearn.datasets import load_digits
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "get_family",
     "analytic_parameter_count",
     "count_parameters",
+    "data_params",
 ]
 
 
@@ -125,6 +127,24 @@ def analytic_parameter_count(name: str, **params: Any) -> int:
     """Exact trainable-parameter count of ``create_model(name, **params)``, without building it."""
     family = get_family(name)
     return int(family.count(**family.resolve(params)))
+
+
+def data_params(name: str, input_shape: tuple[int, ...], n_classes: int | None,
+                out_dim: int | None = None) -> dict[str, Any]:
+    """The arguments a family takes from its dataset (never searched): input and output sizes.
+
+    ``flat`` families get ``in_dim`` (the flattened input) and ``n_classes``; ``image``
+    families get ``in_channels`` and ``n_classes``; ``sequence`` families get ``in_dim``
+    (features per step) and ``out_dim``.
+    """
+    family = get_family(name)
+    if family.input_kind == "image":
+        io: dict[str, Any] = {"in_channels": int(input_shape[0]), "n_classes": n_classes}
+    elif family.input_kind == "sequence":
+        io = {"in_dim": int(input_shape[-1]), "out_dim": out_dim}
+    else:
+        io = {"in_dim": int(math.prod(input_shape)), "n_classes": n_classes}
+    return {k: v for k, v in io.items() if k in family.accepts}
 
 
 def count_parameters(model: nn.Module) -> int:

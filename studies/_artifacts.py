@@ -1,0 +1,107 @@
+"""Kept model weights: the best trials' state dicts, in a table beside Optuna's."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import sqlalchemy as sa
+import torch
+
+__all__ = ["ModelStore"]
+
+_META = sa.MetaData()
+_MODELS = sa.Table(
+    "dendro_models",
+    _META,
+    sa.Column("study_name", sa.String(128), primary_key=True),
+    sa.Column("trial_number", sa.Integer, primary_key=True),
+    sa.Column("value", sa.Float, nullable=True),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("weights", sa.LargeBinary, nullable=False),
+)
+
+
+class ModelStore:
+    """Weights of the ``keep`` best trials of each study, in the study's own database.
+
+    Kept in the database rather than on a file system so that a worker on any machine can
+    write them and the API can serve them.
+    """
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        _META.create_all(engine, checkfirst=True)
+
+    def keep(
+        self,
+        study_name: str,
+        trial_number: int,
+        value: float | None,
+        config: dict[str, Any],
+        state_dict: dict[str, torch.Tensor],
+        keep: int,
+        maximize: bool = True,
+    ) -> bool:
+        """Store a trial's weights if it is among the ``keep`` best; drop the ones pushed out."""
+        if keep <= 0:
+            return False
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
+        order = sa.desc(_MODELS.c.value) if maximize else sa.asc(_MODELS.c.value)
+        with self.engine.begin() as con:
+            con.execute(
+                _MODELS.delete().where(
+                    (_MODELS.c.study_name == study_name) & (_MODELS.c.trial_number == trial_number)
+                )
+            )
+            con.execute(
+                _MODELS.insert().values(
+                    study_name=study_name,
+                    trial_number=trial_number,
+                    value=value,
+                    created=time.time(),
+                    config=json.dumps(config, default=str),
+                    weights=buf.getvalue(),
+                )
+            )
+            ranked = con.execute(
+                sa.select(_MODELS.c.trial_number)
+                .where(_MODELS.c.study_name == study_name)
+                .order_by(order, _MODELS.c.trial_number)
+            ).scalars().all()
+            drop = ranked[keep:]
+            if drop:
+                con.execute(
+                    _MODELS.delete().where(
+                        (_MODELS.c.study_name == study_name) & (_MODELS.c.trial_number.in_(drop))
+                    )
+                )
+        return trial_number not in drop
+
+    def get(self, study_name: str, trial_number: int) -> tuple[dict[str, Any], bytes] | None:
+        """(config, torch.save bytes) of a kept trial, or None."""
+        with self.engine.connect() as con:
+            row = con.execute(
+                sa.select(_MODELS.c.config, _MODELS.c.weights).where(
+                    (_MODELS.c.study_name == study_name) & (_MODELS.c.trial_number == trial_number)
+                )
+            ).first()
+        if row is None:
+            return None
+        return json.loads(row.config), bytes(row.weights)
+
+    def list(self, study_name: str) -> list[int]:
+        with self.engine.connect() as con:
+            return list(
+                con.execute(
+                    sa.select(_MODELS.c.trial_number).where(_MODELS.c.study_name == study_name)
+                ).scalars()
+            )
+
+    def delete_study(self, study_name: str) -> None:
+        with self.engine.begin() as con:
+            con.execute(_MODELS.delete().where(_MODELS.c.study_name == study_name))

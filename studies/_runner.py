@@ -1,0 +1,539 @@
+"""Studies in an Optuna storage: create, ask under the budget, train one trial, tell, run."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+import core
+
+from ._artifacts import ModelStore
+from ._space import grid_of, suggest
+from ._spec import OBJECTIVES, StudySpec, count_point, split_params
+from ._storage import default_storage_url, heartbeat, open_storage, rdb, study_lock
+from .exceptions import StateError, StudyExistsError, StudyNotFoundError
+
+__all__ = [
+    "SPEC_ATTR",
+    "STATE_ATTR",
+    "STATES",
+    "create_study",
+    "load_study",
+    "study_spec",
+    "study_state",
+    "set_study_state",
+    "progress",
+    "ask_trial",
+    "execute_trial",
+    "run_study",
+    "make_sampler",
+    "make_pruner",
+    "load_data",
+    "TrialOutcome",
+    "is_infeasible",
+]
+
+log = logging.getLogger(__name__)
+
+SPEC_ATTR = "dendro.spec"
+STATE_ATTR = "dendro.state"
+STARTED_ATTR = "dendro.started_at"
+STATES = ("queued", "running", "stopped", "done")
+_ALLOWED = {
+    "stop": {"queued", "running"},
+    "resume": {"stopped", "queued"},
+}
+
+
+# -- samplers and pruners ---------------------------------------------------------------------
+def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. ``seed`` defaults to the spec's; workers pass their own."""
+    # The budget reaches the samplers as a constraint set on each trial (set_constraint),
+    # so they learn where it ends.
+    seed = spec.seed if seed is None else seed
+    s = spec.sampler
+    if s == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+    if s == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s == "grid":
+        return optuna.samplers.GridSampler(grid_of(spec.space), seed=seed)
+    if s == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if s == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False,
+                                          warn_asynchronous_seeding=False)
+    if s == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if s == "gp":
+        return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+    raise AssertionError(s)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    if p == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, spec.n_epochs // 4))
+    if p == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.n_epochs)
+    if p == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
+# -- study lifecycle --------------------------------------------------------------------------
+def _storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage:
+    if storage is None:
+        storage = default_storage_url()
+    return open_storage(storage) if isinstance(storage, str) else storage
+
+
+def create_study(
+    spec: StudySpec,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    *,
+    load_if_exists: bool = False,
+    state: str = "running",
+) -> optuna.Study:
+    """Create the Optuna study of ``spec`` and store the spec and its state on it."""
+    st = _storage(storage)
+    name = study_name or spec.name
+    if name is None:
+        raise ValueError("the study needs a name: set spec.name or pass study_name")
+    if spec.name != name:
+        spec = spec.model_copy(update={"name": name})
+    try:
+        study = optuna.create_study(
+            storage=st,
+            study_name=name,
+            directions=spec.directions,
+            sampler=make_sampler(spec),
+            pruner=make_pruner(spec),
+            load_if_exists=False,
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        if not load_if_exists:
+            raise StudyExistsError(f"a study named {name!r} exists already") from None
+        study, stored = load_study(name, st)
+        if stored.model_dump(exclude={"name"}) != spec.model_dump(exclude={"name"}):
+            raise StudyExistsError(
+                f"study {name!r} exists with a different spec; choose another name to start a new one"
+            ) from None
+        return study
+    study.set_user_attr(SPEC_ATTR, spec.public_dict())
+    study.set_user_attr(STATE_ATTR, state)
+    study.set_user_attr(STARTED_ATTR, time.time())
+    study.set_user_attr("dendro.objectives", spec.objectives)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(spec.objectives)
+    return study
+
+
+def study_spec(study: optuna.Study) -> StudySpec:
+    raw = study.user_attrs.get(SPEC_ATTR)
+    if raw is None:
+        raise StudyNotFoundError(f"study {study.study_name!r} was not created by dendro (it has no spec)")
+    return StudySpec.model_validate(raw)
+
+
+def load_study(
+    name: str, storage: str | optuna.storages.BaseStorage | None = None, sampler_seed: int | None = None
+) -> tuple[optuna.Study, StudySpec]:
+    """The study ``name`` with the sampler and pruner its spec asks for."""
+    st = _storage(storage)
+    try:
+        st.get_study_id_from_name(name)
+    except KeyError:
+        raise StudyNotFoundError(f"no study named {name!r}") from None
+    study = optuna.load_study(study_name=name, storage=st)
+    spec = study_spec(study)
+    study.sampler = make_sampler(spec, sampler_seed)
+    study.pruner = make_pruner(spec)
+    return study, spec
+
+
+def study_state(study: optuna.Study) -> str:
+    return str(study._storage.get_study_user_attrs(study._study_id).get(STATE_ATTR, "running"))
+
+
+def set_study_state(study: optuna.Study, action: str) -> str:
+    """Apply ``stop`` or ``resume``; a change the state does not allow is a StateError."""
+    state = study_state(study)
+    if action not in _ALLOWED:
+        raise ValueError(f"action must be one of {sorted(_ALLOWED)}, got {action!r}")
+    if state not in _ALLOWED[action]:
+        raise StateError(f"cannot {action} study {study.study_name!r}: it is {state}")
+    new = "stopped" if action == "stop" else "running"
+    study.set_user_attr(STATE_ATTR, new)
+    return new
+
+
+def is_infeasible(t: optuna.trial.FrozenTrial) -> bool:
+    return bool(t.user_attrs.get("infeasible", False))
+
+
+def progress(study: optuna.Study) -> dict[str, Any]:
+    """Counts of trials by state; ``finished`` (complete + pruned, trained) is what n_trials counts."""
+    trials = study.get_trials(deepcopy=False)
+    c = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "infeasible": 0}
+    for t in trials:
+        if is_infeasible(t):
+            c["infeasible"] += 1
+        elif t.state == TrialState.COMPLETE:
+            c["complete"] += 1
+        elif t.state == TrialState.PRUNED:
+            c["pruned"] += 1
+        elif t.state == TrialState.FAIL:
+            c["failed"] += 1
+        elif t.state == TrialState.RUNNING:
+            c["running"] += 1
+        elif t.state == TrialState.WAITING:
+            c["waiting"] += 1
+    c["finished"] = c["complete"] + c["pruned"]
+    c["total"] = len(trials)
+    return c
+
+
+def _mark_done_if_finished(study: optuna.Study, spec: StudySpec, counts: dict[str, Any]) -> bool:
+    started = float(study.user_attrs.get(STARTED_ATTR, time.time()))
+    timed_out = spec.timeout is not None and time.time() - started > spec.timeout
+    if counts["finished"] >= spec.n_trials or timed_out:
+        if study_state(study) == "running":
+            study.set_user_attr(STATE_ATTR, "done")
+        return True
+    return False
+
+
+def ask_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
+    """Ask the next trial, or None when the study is not running or has all its trials.
+
+    Runs under the study lock, so concurrent workers never take more than ``n_trials``.
+    Trials of dead workers (no heartbeat) are failed first and re-queued.
+    """
+    with study_lock(study._storage, study.study_name):
+        backend = rdb(study._storage)
+        if isinstance(backend, optuna.storages.RDBStorage) and backend.get_heartbeat_interval():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        if study_state(study) != "running":
+            return None
+        counts = progress(study)
+        if _mark_done_if_finished(study, spec, counts):
+            return None
+        if counts["finished"] + counts["running"] >= spec.n_trials:
+            return None
+        with warnings.catch_warnings():
+            # We beat ourselves (storage.heartbeat) instead of going through Study.optimize.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            return study.ask()
+
+
+# -- one trial ------------------------------------------------------------------------------
+@dataclass
+class TrialOutcome:
+    number: int
+    state: str  # complete | pruned | failed | infeasible | stopped
+    values: list[float] | None = None
+    n_params: int | None = None
+    reason: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_data(
+    name: str, data_dir: str | None, subset: int | None, val: float, seed: int, flatten: bool
+) -> core.Dataset:
+    return core.load_dataset(name, data_dir=data_dir, subset_size=subset, val_fraction=val,
+                             seed=seed, flatten=flatten)
+
+
+def load_data(spec: StudySpec, data_dir: str | None = None, flatten: bool = True) -> core.Dataset:
+    """The spec's dataset (cached per process: trials of one study share it)."""
+    return _cached_data(spec.dataset, data_dir, spec.subset_size, spec.val_fraction,
+                        spec.data_seed, flatten)
+
+
+def _objective_values(spec: StudySpec, metrics: dict[str, Any], n_params: int) -> list[float]:
+    out = []
+    for o in spec.objectives:
+        if o == "n_params":
+            out.append(float(n_params))
+        elif o in ("val_loss", "val_mse"):
+            out.append(float(metrics["val_loss"]))
+        else:
+            out.append(float(metrics["val_accuracy"]))
+    return out
+
+
+def _report_metric(spec: StudySpec, metrics: dict[str, Any]) -> float:
+    o = spec.objectives[0]
+    return float(metrics["val_loss"] if o in ("val_loss", "val_mse") else metrics["val_accuracy"])
+
+
+def trial_seed(spec: StudySpec, number: int, k: int = 0) -> int:
+    return (spec.seed * 1_000_003 + number * 101 + k) % (2**31 - 1)
+
+
+def _set_budget_constraint(trial: optuna.Trial, spec: StudySpec, n: int | None) -> None:
+    if spec.max_params is not None:
+        # <= 0 is feasible; an unbuildable point counts as far over budget.
+        trial.set_constraint("max_params", float(n - spec.max_params) if n is not None else 1e9)
+
+
+def _record_infeasible(
+    study: optuna.Study, trial: optuna.Trial, spec: StudySpec, n: int | None, reason: str
+) -> TrialOutcome:
+    trial.set_user_attr("infeasible", True)
+    trial.set_user_attr("reason", reason)
+    if n is not None:
+        trial.set_user_attr("n_params", n)
+    _set_budget_constraint(trial, spec, n)
+    # PRUNED without any report: never trained; the sampler ranks it below every trained
+    # point and its constraint (n_params - max_params > 0) marks it infeasible.
+    study.tell(trial, state=TrialState.PRUNED)
+    return TrialOutcome(trial.number, "infeasible", n_params=n, reason=reason)
+
+
+def execute_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    spec: StudySpec,
+    *,
+    device: str | torch.device | None = None,
+    data_dir: str | None = None,
+    model_store: ModelStore | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    worker: str | None = None,
+) -> TrialOutcome:
+    """Budget check, build, train with per-epoch reports, then tell. Never trains over budget.
+
+    The trial ends COMPLETE (values = the objectives), PRUNED (by the pruner; or, marked
+    ``infeasible``, over budget and never trained) or FAIL with the reason in the user
+    attribute ``fail_reason`` (non-finite loss, out of memory, the study was stopped).
+    """
+    params = suggest(trial, spec.space)
+    try:
+        n = count_point(spec, params)
+    except ValueError as exc:
+        return _record_infeasible(study, trial, spec, None, f"the point builds no model: {exc}")
+    if spec.max_params is not None and n > spec.max_params:
+        return _record_infeasible(
+            study, trial, spec, n, f"{n} parameters exceed max_params={spec.max_params}"
+        )
+    family, model_args, train_args = split_params(spec, params)
+    trial.set_user_attr("n_params", n)
+    _set_budget_constraint(trial, spec, n)
+    trial.set_user_attr("family", family)
+    if worker:
+        trial.set_user_attr("worker", worker)
+    dev = core.resolve_device(device)
+    data = load_data(spec, data_dir, flatten=core.get_family(family).input_kind == "flat")
+    stopped_by: list[str] = []
+
+    def on_epoch(epoch: int, metrics: dict[str, Any]) -> bool:
+        if len(spec.objectives) == 1:
+            trial.report(_report_metric(spec, metrics), epoch)
+            if trial.should_prune():
+                stopped_by.append("pruned")
+                return True
+        if should_stop is not None and should_stop():
+            stopped_by.append("stopped")
+            return True
+        return False
+
+    results: list[core.TrainResult] = []
+    model = None
+    try:
+        with heartbeat(study._storage, trial._trial_id):
+            for k in range(spec.seeds_per_trial):
+                seed = trial_seed(spec, trial.number, k)
+                model = core.create_model(family, seed=seed, **model_args)
+                exact = core.count_parameters(model)
+                if exact != n:
+                    raise AssertionError(f"analytic count {n} != built model's {exact} for {family}")
+                res = core.train_model(
+                    model, data, n_epochs=spec.n_epochs, lr=train_args["lr"],
+                    weight_decay=train_args["weight_decay"], batch_size=spec.batch_size,
+                    device=dev, seed=seed, on_epoch=on_epoch if k == 0 else None,
+                    optimizer=train_args["optimizer"],
+                )
+                results.append(res)
+                if res.status != "completed":
+                    break
+    except torch.cuda.OutOfMemoryError as exc:
+        return _fail(study, trial, f"out of memory on {dev}: {str(exc).splitlines()[0]}")
+    except Exception as exc:  # noqa: BLE001 - a broken trial must not take the worker down
+        log.exception("trial %s raised", trial.number)
+        return _fail(study, trial, f"{exc.__class__.__name__}: {exc}")
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    last = results[-1]
+    first = results[0]
+    attrs = _result_attrs(results, dev, worker)
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    if last.status == "diverged":
+        return _fail(study, trial, last.error or "non-finite loss")
+    if stopped_by == ["pruned"]:
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialOutcome(trial.number, "pruned", n_params=n, attrs=attrs)
+    if stopped_by == ["stopped"]:
+        return _fail(study, trial, "the study was stopped", state="stopped")
+    metrics = {
+        "val_accuracy": _mean([r.val_accuracy for r in results]),
+        "val_loss": _mean([r.val_loss for r in results]),
+    }
+    values = _objective_values(spec, metrics, n)
+    if not all(math.isfinite(v) for v in values):
+        return _fail(study, trial, f"non-finite objective {values}")
+    study.tell(trial, values if len(values) > 1 else values[0])
+    if model_store is not None and spec.keep_models > 0 and model is not None:
+        try:
+            model_store.keep(
+                study.study_name, trial.number, values[0],
+                {"family": family, "model_args": model_args, "params": params,
+                 "seed": first.seed, "n_params": n},
+                model.state_dict(), spec.keep_models,
+                maximize=OBJECTIVES[spec.objectives[0]] == "maximize",
+            )
+        except Exception as exc:  # noqa: BLE001 - the trial is told; weights are a bonus
+            log.warning("could not keep the weights of trial %s: %s", trial.number, exc)
+    with study_lock(study._storage, study.study_name):
+        _mark_done_if_finished(study, spec, progress(study))
+    return TrialOutcome(trial.number, "complete", values=values, n_params=n, attrs=attrs)
+
+
+def _mean(xs: list[float | None]) -> float:
+    vals = [x for x in xs if x is not None]
+    return float(sum(vals) / len(vals)) if vals else float("nan")
+
+
+def _result_attrs(results: list[core.TrainResult], dev: torch.device, worker: str | None) -> dict[str, Any]:
+    r = results[0]
+    attrs: dict[str, Any] = {
+        "val_accuracy": r.val_accuracy,
+        "test_accuracy": r.test_accuracy,
+        "train_accuracy": r.train_accuracy,
+        "val_loss": r.val_loss,
+        "test_loss": r.test_loss,
+        "train_loss": r.train_loss,
+        "wall_time": sum(x.wall_time for x in results),
+        "seconds_per_epoch": r.seconds_per_epoch,
+        "epochs_run": r.epochs_run,
+        "device": str(dev),
+        "seed": r.seed,
+        "history": [
+            {k: (round(v, 6) if isinstance(v, float) else v) for k, v in h.items()} for h in r.history
+        ],
+    }
+    if len(results) > 1:
+        attrs["seed_results"] = [
+            {"seed": x.seed, "val_accuracy": x.val_accuracy, "test_accuracy": x.test_accuracy,
+             "val_loss": x.val_loss, "test_loss": x.test_loss} for x in results
+        ]
+        attrs["test_accuracy_mean"] = _mean([x.test_accuracy for x in results])
+        attrs["test_loss_mean"] = _mean([x.test_loss for x in results])
+    # Optuna keeps user attributes as JSON: make sure nothing else slips in.
+    return json.loads(json.dumps(attrs, default=float))
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, state: str = "failed") -> TrialOutcome:
+    log.warning("trial %s failed: %s", trial.number, reason)
+    trial.set_user_attr("fail_reason", reason)
+    study.tell(trial, state=TrialState.FAIL)
+    return TrialOutcome(trial.number, state, reason=reason)
+
+
+# -- in-process runs --------------------------------------------------------------------------
+def run_study(
+    spec: StudySpec,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    n_jobs: int = 1,
+    show_progress: bool = True,
+    *,
+    device: str | None = None,
+    data_dir: str | None = None,
+) -> optuna.Study:
+    """Run a whole study in this process (SQLite file ``./dendro.db`` by default).
+
+    The same storage and name resume the study where it stopped. ``n_jobs`` > 1 runs that
+    many trials at once in threads (useful on a GPU; on a CPU torch already uses the cores).
+    """
+    st = _storage(storage)
+    name = study_name or spec.name or f"study-{int(time.time())}"
+    study = create_study(spec, st, name, load_if_exists=True)
+    study, spec = load_study(name, st)
+    if study_state(study) == "stopped":
+        set_study_state(study, "resume")
+    store = ModelStore(st.engine) if isinstance(st, optuna.storages.RDBStorage) else None
+    bar = _progress_bar(study, spec, show_progress)
+
+    def loop() -> None:
+        while True:
+            trial = ask_trial(study, spec)
+            if trial is None:
+                return
+            execute_trial(study, trial, spec, device=device, data_dir=data_dir, model_store=store,
+                          worker=f"{os.uname().nodename}:{os.getpid()}")
+            bar.update(study)
+
+    try:
+        if n_jobs <= 1:
+            loop()
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(n_jobs) as pool:
+                for f in [pool.submit(loop) for _ in range(n_jobs)]:
+                    f.result()
+    finally:
+        bar.close()
+    return study
+
+
+class _progress_bar:
+    """tqdm bar of finished trials with the best value in its postfix."""
+
+    def __init__(self, study: optuna.Study, spec: StudySpec, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=spec.n_trials, desc=study.study_name, unit="trial")
+            self.update(study)
+
+    def update(self, study: optuna.Study) -> None:
+        if self.bar is None:
+            return
+        c = progress(study)
+        self.bar.n = c["finished"]
+        post = {"infeasible": c["infeasible"], "failed": c["failed"]}
+        if len(study.directions) == 1:
+            try:
+                post["best"] = round(study.best_value, 4)
+            except ValueError:
+                pass
+        self.bar.set_postfix(post)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

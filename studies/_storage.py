@@ -1,0 +1,193 @@
+"""Optuna RDB storage set-up (SQLite WAL or PostgreSQL), heartbeats, and a per-study ask lock."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from .exceptions import StorageError
+
+__all__ = [
+    "open_storage",
+    "default_storage_url",
+    "sqlite_path",
+    "study_lock",
+    "rdb",
+    "heartbeat",
+    "HEARTBEAT_INTERVAL",
+    "GRACE_PERIOD",
+]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 5
+GRACE_PERIOD = 20
+_STORAGES: dict[tuple[str, int, int], optuna.storages.RDBStorage] = {}
+_LOCK = threading.Lock()
+
+
+def default_storage_url(directory: str | Path = ".") -> str:
+    return f"sqlite:///{Path(directory).resolve() / 'dendro.db'}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL, or None for other databases."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return None
+    if not u.database or u.database == ":memory:":
+        raise StorageError("an in-memory SQLite database cannot be shared; give a file path")
+    return Path(u.database)
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        # Readers and one writer at a time: wait for the lock instead of failing at once.
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True, "pool_recycle": 300}
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
+    grace_period: int | None = GRACE_PERIOD,
+    max_retry: int = 3,
+) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage for ``url``, with heartbeats so that dead workers' trials are retried.
+
+    SQLite files are switched to WAL mode (readers never block the writer) and wait up to a
+    minute for locks; PostgreSQL connections are checked before use so that a restarted
+    server is reconnected. A trial whose worker stops beating for ``grace_period`` seconds
+    is failed by the next worker that asks, and re-queued up to ``max_retry`` times.
+    One storage object per URL and process.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise StorageError(
+            f"storage URL {url!r} is not a database URL; use e.g. sqlite:///path/to/dendro.db or "
+            "postgresql+psycopg://user@host:5432/db"
+        )
+    key = (url, heartbeat_interval or 0, grace_period or 0)
+    with _LOCK:
+        if key in _STORAGES:
+            return _STORAGES[key]
+        try:
+            path = sqlite_path(url)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
+                    con.execute("PRAGMA journal_mode=WAL")
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=_engine_kwargs(url),
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=max_retry
+                )
+                if heartbeat_interval
+                else None,
+            )
+        except StorageError:
+            raise
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as exc:
+            raise StorageError(f"storage URL {url!r} cannot be used: {exc}") from exc
+        except (sa.exc.OperationalError, sa.exc.DBAPIError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot reach the database at {_redact(url)}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
+        _STORAGES[key] = storage
+        return storage
+
+
+def _redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for messages
+        return "<storage>"
+
+
+def rdb(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """The RDBStorage under Optuna's per-study cache wrapper (or the storage itself)."""
+    return getattr(storage, "_backend", storage)
+
+
+@contextlib.contextmanager
+def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+    """Serialise asks for one study across processes and machines.
+
+    PostgreSQL: a transaction-scoped advisory lock keyed by the study name. SQLite (one
+    machine by nature): an exclusive ``flock`` on a file beside the database. Two workers
+    racing for the last trials therefore never overshoot ``n_trials``, and a grid point is
+    never handed out twice.
+    """
+    storage = rdb(storage)
+    url = str(getattr(storage, "url", ""))
+    if not url:
+        yield
+        return
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        path = sqlite_path(url)
+        assert path is not None
+        digest = hashlib.sha1(study_name.encode()).hexdigest()[:16]
+        lock_path = path.with_name(f".{path.name}.{digest}.lock")
+        with open(lock_path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    elif backend == "postgresql":
+        key = int.from_bytes(hashlib.sha1(study_name.encode()).digest()[:8], "big", signed=True)
+        with storage.engine.connect() as con, con.begin():
+            con.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            yield
+    elif backend == "mysql":
+        name = f"dendro:{study_name}"[:64]
+        with storage.engine.connect() as con:
+            con.execute(sa.text("SELECT GET_LOCK(:n, 60)"), {"n": name})
+            try:
+                yield
+            finally:
+                con.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
+    """Beat for ``trial_id`` from a thread while the block runs (no-op without heartbeats)."""
+    storage = rdb(storage)
+    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
+        yield
+        return
+    interval = storage.get_heartbeat_interval() or HEARTBEAT_INTERVAL
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # noqa: BLE001 - a lost beat is retried next interval
+                log.warning("heartbeat for trial %s failed: %s", trial_id, exc.__class__.__name__)
+            if stop.wait(interval):
+                return
+
+    t = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
