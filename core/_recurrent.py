@@ -113,6 +113,11 @@ class DIRUCell(nn.Module):
     state ``s``; a global gate ``g = sigmoid(W_g [x, h] + b_g)`` decides how much of it
     replaces the previous state, which is otherwise carried over unchanged (the residual
     path): ``h' = h + g * (tanh(s) - h)``.
+
+    ``global_gate_bias`` sets the global gate's initial bias (default: PyTorch's uniform
+    initialisation, as in the baselines). A negative value such as -2 starts the cell
+    retaining its state, which speeds up learning long delays (measured on
+    ``delay_recall``) and slows slightly the fit of fast signals.
     """
 
     def __init__(
@@ -121,6 +126,8 @@ class DIRUCell(nn.Module):
         hidden_size: int,
         num_compartments: int = 4,
         compartment_size: int | None = None,
+        *,
+        global_gate_bias: float | None = None,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -139,6 +146,8 @@ class DIRUCell(nn.Module):
         )
         self.integration = nn.Linear(num_compartments * compartment_size, hidden_size)
         self.global_gate = nn.Linear(input_size + hidden_size, hidden_size)
+        if global_gate_bias is not None:
+            nn.init.constant_(self.global_gate.bias, global_gate_bias)
 
     @staticmethod
     def count(input_size: int, hidden_size: int, num_compartments: int = 4,
@@ -214,7 +223,8 @@ class DIRU(_SequenceRegressor):
     """Stacked :class:`DIRUCell` layers with a linear readout.
 
     ``dropout`` applies to each layer's outputs except the last, as in ``nn.LSTM``.
-    ``compartment_size`` defaults to ``ceil(hidden_size / num_compartments)``.
+    ``compartment_size`` (default ``ceil(hidden_size / num_compartments)``) and
+    ``global_gate_bias`` are passed to every :class:`DIRUCell`.
     """
 
     def __init__(
@@ -228,13 +238,14 @@ class DIRU(_SequenceRegressor):
         return_sequences: bool = False,
         *,
         compartment_size: int | None = None,
+        global_gate_bias: float | None = None,
     ) -> None:
         super().__init__(input_size, hidden_size, output_size, num_layers, dropout,
                          return_sequences)
         self.num_compartments = num_compartments
         self.cells = nn.ModuleList(
             DIRUCell(input_size if layer == 0 else hidden_size, hidden_size, num_compartments,
-                     compartment_size)
+                     compartment_size, global_gate_bias=global_gate_bias)
             for layer in range(num_layers)
         )
         self.dropout = nn.Dropout(dropout)

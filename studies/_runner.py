@@ -317,14 +317,16 @@ def execute_trial(
     device: str | torch.device | None = None,
     data_dir: str | None = None,
     model_store: ModelStore | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool | str] | None = None,
     worker: str | None = None,
 ) -> TrialOutcome:
     """Budget check, build, train with per-epoch reports, then tell. Never trains over budget.
 
     The trial ends COMPLETE (values = the objectives), PRUNED (by the pruner; or, marked
     ``infeasible``, over budget and never trained) or FAIL with the reason in the user
-    attribute ``fail_reason`` (non-finite loss, out of memory, the study was stopped).
+    attribute ``fail_reason`` (non-finite loss, out of memory, stopped). ``should_stop`` is
+    asked after every epoch; a truthy answer (a string is the reason) stops the trial, which
+    is failed and its point queued again.
     """
     params = suggest(trial, spec.space)
     try:
@@ -351,8 +353,9 @@ def execute_trial(
             if trial.should_prune():
                 stopped_by.append("pruned")
                 return True
-        if should_stop is not None and should_stop():
-            stopped_by.append("stopped")
+        reason = should_stop() if should_stop is not None else False
+        if reason:
+            stopped_by.append(reason if isinstance(reason, str) else "the study was stopped")
             return True
         return False
 
@@ -394,8 +397,11 @@ def execute_trial(
     if stopped_by == ["pruned"]:
         study.tell(trial, state=TrialState.PRUNED)
         return TrialOutcome(trial.number, "pruned", n_params=n, attrs=attrs)
-    if stopped_by == ["stopped"]:
-        return _fail(study, trial, "the study was stopped", state="stopped")
+    if stopped_by:
+        # Cut short from outside: fail it visibly and queue its point again, losing nothing.
+        out = _fail(study, trial, f"stopped: {stopped_by[0]}", state="stopped")
+        study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+        return out
     metrics = {
         "val_accuracy": _mean([r.val_accuracy for r in results]),
         "val_loss": _mean([r.val_loss for r in results]),

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,17 +90,9 @@ def open_storage(
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
                     con.execute("PRAGMA journal_mode=WAL")
-            storage = optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=_engine_kwargs(url),
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=max_retry
-                )
-                if heartbeat_interval
-                else None,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = _make_rdb(url, heartbeat_interval, grace_period, max_retry)
         except StorageError:
             raise
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as exc:
@@ -108,6 +101,22 @@ def open_storage(
             raise StorageError(f"cannot reach the database at {_redact(url)}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
         _STORAGES[key] = storage
         return storage
+
+
+def _make_rdb(
+    url: str, heartbeat_interval: int | None, grace_period: int | None, max_retry: int
+) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=_engine_kwargs(url),
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=max_retry
+        )
+        if heartbeat_interval
+        else None,
+    )
 
 
 def _redact(url: str) -> str:

@@ -1,0 +1,138 @@
+"""The app factory: REST API under /v1, Optuna's dashboard at the site root, one storage."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import studies
+
+from ._settings import Settings
+from .deps import presented_token, token_ok
+from .routes import health, workers
+from .routes import studies as studies_routes
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("dendro.api")
+_DB_DOWN = "the database is unavailable right now; the request was not carried out. Retry shortly."
+
+
+class _BodyLimit:
+    """Refuse request bodies over the configured size before reading them (413)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                resp = JSONResponse(
+                    {"detail": f"request body over the limit of {self.max_bytes} bytes",
+                     "field": "body"},
+                    status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+                )
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _DashboardGuard:
+    """The dashboard's writes need the same token as ours; reads stay open unless configured."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = self.settings.token
+        if scope["type"] == "http" and token is not None:
+            request = Request(scope)
+            is_write = scope["method"] not in ("GET", "HEAD", "OPTIONS")
+            if (is_write or self.settings.read_requires_token) and not token_ok(presented_token(request), token):
+                resp = JSONResponse({"detail": "this dashboard action needs the API token"},
+                                    status_code=status.HTTP_401_UNAUTHORIZED)
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> FastAPI:
+    """Build the API for ``settings`` (default: from the environment)."""
+    settings = settings or Settings()
+    url = settings.storage_url
+    lock = threading.Lock()
+    holder: dict[str, optuna.storages.RDBStorage] = {}
+
+    def storage() -> optuna.storages.RDBStorage:
+        # Opened on first use so that the API starts, and answers 503, while the DB is down.
+        with lock:
+            if "s" not in holder:
+                holder["s"] = studies.open_storage(
+                    url, heartbeat_interval=settings.heartbeat_interval,
+                    grace_period=settings.grace_period,
+                )
+            return holder["s"]
+
+    app = FastAPI(
+        title="dendro",
+        version="0.1.0",
+        summary="Hyperparameter optimization service for dendritic neural networks",
+        description="Launch, monitor, stop and export Optuna searches over dendritic models "
+        "under a parameter budget. The Optuna dashboard is served at /dashboard.",
+        docs_url="/v1/docs",
+        redoc_url=None,
+        openapi_url="/v1/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.storage = storage
+
+    @app.exception_handler(studies.StorageError)
+    @app.exception_handler(sa.exc.OperationalError)
+    @app.exception_handler(sa.exc.InterfaceError)
+    @app.exception_handler(sa.exc.DBAPIError)
+    async def _db_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database error on %s %s: %s", request.method, request.url.path, exc.__class__.__name__)
+        return JSONResponse({"detail": _DB_DOWN}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                            headers={"Retry-After": "5"})
+
+    @app.exception_handler(studies.SpecError)
+    async def _spec(request: Request, exc: studies.SpecError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": [{"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}]},
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        )
+
+    app.include_router(health.router)
+    app.include_router(studies_routes.router)
+    app.include_router(workers.router)
+
+    if dashboard:
+        from a2wsgi import WSGIMiddleware
+        from optuna_dashboard import wsgi as dashboard_wsgi
+
+        @app.get("/", include_in_schema=False)
+        def _root() -> RedirectResponse:
+            return RedirectResponse("/dashboard")
+
+        # The dashboard's WSGI app expects the site root (/dashboard, /api/...): mounted
+        # last, it only sees what our routes did not match.
+        wsgi_app: Any = None
+
+        async def _dashboard(scope: Scope, receive: Receive, send: Send) -> None:
+            nonlocal wsgi_app
+            if wsgi_app is None:
+                wsgi_app = WSGIMiddleware(dashboard_wsgi(storage()))
+            await wsgi_app(scope, receive, send)
+
+        app.mount("/", _DashboardGuard(_dashboard, settings))
+
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

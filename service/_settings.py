@@ -1,0 +1,54 @@
+"""Service settings: the one place that reads the environment (prefix ``DENDRO_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Configuration of the API and the workers.
+
+    Every field can be set as ``DENDRO_<NAME>`` (e.g. ``DENDRO_STORAGE``,
+    ``DENDRO_DATA_DIR``, ``DENDRO_API_TOKEN``); command-line flags override them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DENDRO_", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".data"), description="Database, datasets, exports.")
+    storage: str | None = Field(default=None, description="Database URL; default: SQLite in data_dir.")
+    api_token: SecretStr | None = Field(default=None, description="If set, every write needs it.")
+    read_requires_token: bool = Field(default=False, description="Also guard reads with the token.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    # Limits with safe defaults; over a limit is a 422 naming it.
+    max_trials: int = Field(default=100_000, ge=1)
+    max_epochs: int = Field(default=1_000, ge=1)
+    max_params: int = Field(default=50_000_000, ge=1)
+    max_population: int = Field(default=4_096, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1_024)
+    max_page_size: int = Field(default=1_000, ge=1)
+    heartbeat_interval: int = Field(default=5, ge=1, description="Seconds between trial heartbeats.")
+    grace_period: int = Field(default=20, ge=2, description="Seconds without a beat before a trial is retried.")
+    worker_timeout: float = Field(default=30.0, description="Seconds without a beat before a worker is shown dead.")
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{self.data_dir.resolve() / 'dendro.db'}"
+
+    @property
+    def token(self) -> str | None:
+        return self.api_token.get_secret_value() if self.api_token else None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,327 @@
+"""/v1/studies: launch, monitor, stop, resume, delete and export searches."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Annotated, Any, Literal
+
+import optuna
+import torch
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi.responses import HTMLResponse, JSONResponse
+from optuna.trial import FrozenTrial, TrialState
+
+import studies
+
+from ..deps import ReadAuth, SettingsDep, StorageDep, WriteAuth
+from ..models import ErrorBody, StudiesPublic, StudyProgress, StudyPublic, TrialPublic, TrialsPublic
+
+router = APIRouter(prefix="/v1/studies", tags=["studies"])
+
+_E404 = {404: {"model": ErrorBody, "description": "No study (or trial) of that name"}}
+_E409 = {409: {"model": ErrorBody, "description": "The name exists or the state does not allow it"}}
+_E401 = {401: {"model": ErrorBody, "description": "The API token is missing or wrong"}}
+TRIAL_STATES = ("complete", "pruned", "failed", "running", "waiting", "infeasible")
+
+
+def _study_id(storage: optuna.storages.BaseStorage, name: str) -> int:
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no study named {name!r}") from None
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _study_public(storage: optuna.storages.BaseStorage, frozen: Any) -> StudyPublic | None:
+    attrs = frozen.user_attrs
+    if studies.SPEC_ATTR not in attrs:
+        return None
+    trials = storage.get_all_trials(frozen._study_id, deepcopy=False)
+    counts = _progress(trials)
+    directions = [d.name.lower() for d in frozen.directions]
+    spec = attrs[studies.SPEC_ATTR]
+    out = StudyPublic(
+        name=frozen.study_name,
+        state=str(attrs.get(studies.STATE_ATTR, "running")),
+        n_trials=int(spec.get("n_trials", 0)),
+        progress=StudyProgress(**counts),
+        directions=directions,
+        objectives=list(attrs.get("dendro.objectives", [])),
+        spec=spec,
+    )
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
+    if not done:
+        return out
+    if len(directions) == 1:
+        pick = max if directions[0] == "maximize" else min
+        best = pick(done, key=lambda t: t.values[0])
+        out.best_value, out.best_trial, out.best_params = _finite(best.values[0]), best.number, best.params
+    else:
+        out.pareto_trials = sorted(t.number for t in _pareto(done, directions))
+    return out
+
+
+def _pareto(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
+    sign = [1.0 if d == "maximize" else -1.0 for d in directions]
+
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        av = [s * v for s, v in zip(sign, a.values, strict=True)]
+        bv = [s * v for s, v in zip(sign, b.values, strict=True)]
+        return all(x >= y for x, y in zip(av, bv, strict=True)) and av != bv
+
+    return [t for t in trials if not any(dominates(o, t) for o in trials)]
+
+
+def _progress(trials: list[FrozenTrial]) -> dict[str, int]:
+    c = dict.fromkeys(TRIAL_STATES, 0)
+    for t in trials:
+        c[_trial_state(t)] += 1
+    c["finished"] = c["complete"] + c["pruned"]
+    c["total"] = len(trials)
+    return c
+
+
+def _trial_state(t: FrozenTrial) -> str:
+    if studies.is_infeasible(t):
+        return "infeasible"
+    return {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "waiting",
+    }[t.state]
+
+
+_METRIC_KEYS = ("val_accuracy", "test_accuracy", "train_accuracy", "val_loss", "test_loss",
+                "train_loss", "wall_time", "seconds_per_epoch", "epochs_run", "device", "seed",
+                "family", "worker", "reason", "history")
+
+
+def _trial_public(t: FrozenTrial, with_history: bool) -> TrialPublic:
+    keys = _METRIC_KEYS if with_history else _METRIC_KEYS[:-1]
+    metrics = {k: t.user_attrs[k] for k in keys if k in t.user_attrs}
+    for k, v in list(metrics.items()):
+        if isinstance(v, float) and not math.isfinite(v):
+            metrics[k] = None
+    return TrialPublic(
+        number=t.number,
+        state=_trial_state(t),
+        infeasible=studies.is_infeasible(t),
+        values=[_finite(v) for v in t.values] if t.values is not None else None,  # type: ignore[misc]
+        params=t.params,
+        n_params=t.user_attrs.get("n_params"),
+        metrics=metrics,
+        fail_reason=t.user_attrs.get("fail_reason"),
+        datetime_start=t.datetime_start.isoformat() if t.datetime_start else None,
+        datetime_complete=t.datetime_complete.isoformat() if t.datetime_complete else None,
+    )
+
+
+def _load(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    _study_id(storage, name)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _limit_error(field: str, message: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+        detail=[{"loc": ["body", field], "msg": message, "type": "value_error.limit"}],
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=StudyPublic,
+    dependencies=[WriteAuth],
+    responses={**_E409, **_E401},
+)
+def create_study(spec: studies.StudySpec, storage: StorageDep, settings: SettingsDep) -> StudyPublic:
+    """Create a study from a spec; workers start pulling its trials at once."""
+    if spec.name is None:
+        raise _limit_error("name", "a study launched through the API needs a name")
+    for field, value, limit in (
+        ("n_trials", spec.n_trials, settings.max_trials),
+        ("n_epochs", spec.n_epochs, settings.max_epochs),
+        ("max_params", spec.max_params or 0, settings.max_params),
+    ):
+        if value > limit:
+            raise _limit_error(field, f"{field}={value} is over this server's limit of {limit}")
+    try:
+        studies.create_study(spec, storage, spec.name)
+    except studies.StudyExistsError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    sid = storage.get_study_id_from_name(spec.name)
+    frozen = next(s for s in storage.get_all_studies() if s._study_id == sid)
+    out = _study_public(storage, frozen)
+    assert out is not None
+    return out
+
+
+@router.get("", response_model=StudiesPublic, dependencies=[ReadAuth], responses=_E401)
+def list_studies(storage: StorageDep) -> StudiesPublic:
+    """Every study with its state, progress and best value."""
+    data = [p for s in storage.get_all_studies() if (p := _study_public(storage, s)) is not None]
+    return StudiesPublic(data=data, count=len(data))
+
+
+@router.get("/{name}", response_model=StudyPublic, dependencies=[ReadAuth], responses={**_E404, **_E401})
+def get_study(name: str, storage: StorageDep) -> StudyPublic:
+    sid = _study_id(storage, name)
+    frozen = next((s for s in storage.get_all_studies() if s._study_id == sid), None)
+    out = _study_public(storage, frozen) if frozen is not None else None
+    if out is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"study {name!r} was not created by dendro")
+    return out
+
+
+@router.get("/{name}/trials", response_model=TrialsPublic, dependencies=[ReadAuth], responses={**_E404, **_E401})
+def list_trials(
+    name: str,
+    storage: StorageDep,
+    settings: SettingsDep,
+    state: Annotated[Literal["complete", "pruned", "failed", "running", "waiting", "infeasible"] | None,
+                     Query(description="Only trials in this state.")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    history: Annotated[bool, Query(description="Include per-epoch history.")] = False,
+) -> TrialsPublic:
+    """Trials in number order, paged; filter by state."""
+    if limit > settings.max_page_size:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=[{"loc": ["query", "limit"], "msg": f"limit is at most {settings.max_page_size}",
+                     "type": "value_error.limit"}],
+        )
+    trials = storage.get_all_trials(_study_id(storage, name), deepcopy=False)
+    if state is not None:
+        trials = [t for t in trials if _trial_state(t) == state]
+    page = trials[offset : offset + limit]
+    return TrialsPublic(data=[_trial_public(t, history) for t in page], count=len(trials),
+                        offset=offset, limit=limit)
+
+
+@router.get("/{name}/best", response_model=list[TrialPublic], dependencies=[ReadAuth], responses={**_E404, **_E401})
+def best_trials(name: str, storage: StorageDep) -> list[TrialPublic]:
+    """The best trial (one objective) or the Pareto front (two); empty until one completes."""
+    sid = _study_id(storage, name)
+    frozen = next(s for s in storage.get_all_studies() if s._study_id == sid)
+    trials = [t for t in storage.get_all_trials(sid, deepcopy=False)
+              if t.state == TrialState.COMPLETE and t.values is not None]
+    if not trials:
+        return []
+    directions = [d.name.lower() for d in frozen.directions]
+    if len(directions) == 1:
+        pick = max if directions[0] == "maximize" else min
+        return [_trial_public(pick(trials, key=lambda t: t.values[0]), True)]
+    return [_trial_public(t, False) for t in sorted(_pareto(trials, directions), key=lambda t: t.number)]
+
+
+def _change_state(name: str, storage: optuna.storages.BaseStorage, action: str) -> StudyPublic:
+    study = _load(storage, name)
+    try:
+        studies.set_study_state(study, action)
+    except studies.StateError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    return get_study(name, storage)
+
+
+@router.post("/{name}/stop", response_model=StudyPublic, dependencies=[WriteAuth], responses={**_E404, **_E409, **_E401})
+def stop_study(name: str, storage: StorageDep) -> StudyPublic:
+    """No new trials; running trials stop within one epoch (and are queued again)."""
+    return _change_state(name, storage, "stop")
+
+
+@router.post("/{name}/resume", response_model=StudyPublic, dependencies=[WriteAuth], responses={**_E404, **_E409, **_E401})
+def resume_study(name: str, storage: StorageDep) -> StudyPublic:
+    return _change_state(name, storage, "resume")
+
+
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAuth], responses={**_E404, **_E401})
+def delete_study(name: str, storage: StorageDep) -> Response:
+    """Delete the study, its trials and its kept weights."""
+    _study_id(storage, name)
+    optuna.delete_study(study_name=name, storage=storage)
+    studies.ModelStore(storage.engine).delete_study(name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{name}/export",
+    dependencies=[ReadAuth],
+    responses={**_E404, **_E401, 200: {"content": {"application/json": {}, "text/csv": {}}}},
+)
+def export_study(
+    name: str, storage: StorageDep, format: Annotated[Literal["json", "csv"], Query()] = "json"
+) -> Response:
+    """The whole study as JSON (the seed's results shape) or CSV (one row a trial)."""
+    study = _load(storage, name)
+    # Rendered fully in memory before anything is sent: a failure is an error response,
+    # never a truncated file.
+    if format == "csv":
+        body = studies.study_to_csv(study)
+        return Response(body, media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
+    return JSONResponse(json.loads(json.dumps(studies.study_to_json(study), default=_json_default)))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float):
+        return None
+    return str(o)
+
+
+@router.get(
+    "/{name}/plots/{kind}",
+    dependencies=[ReadAuth],
+    responses={**_E404, **_E401, 200: {"content": {"application/json": {}, "text/html": {}}}},
+)
+def plot(
+    name: str, kind: str, storage: StorageDep,
+    format: Annotated[Literal["json", "html"], Query()] = "json",
+) -> Response:
+    """A plotly figure of the study: JSON for your own front end, or a standalone HTML page."""
+    if kind not in studies.PLOT_KINDS:
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            detail=f"unknown plot kind {kind!r}; kinds: {', '.join(studies.PLOT_KINDS)}")
+    study = _load(storage, name)
+    try:
+        fig = studies.make_plot(study, kind)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    if format == "html":
+        return HTMLResponse(fig.to_html(include_plotlyjs=True, full_html=True))
+    return Response(fig.to_json(), media_type="application/json")
+
+
+@router.get(
+    "/{name}/trials/{number}/model",
+    dependencies=[ReadAuth],
+    responses={**_E404, **_E401, 200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
+)
+def trial_model(
+    name: str, number: int, storage: StorageDep,
+    format: Annotated[Literal["pt", "json"], Query()] = "pt",
+) -> Response:
+    """The kept weights and config of a trial: a ``torch.load``-able file, or the config as JSON."""
+    _study_id(storage, name)
+    kept = studies.ModelStore(storage.engine).get(name, number)
+    if kept is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"no weights kept for trial {number} of {name!r} (only the best "
+            "spec.keep_models completed trials are kept)",
+        )
+    config, weights = kept
+    if format == "json":
+        return JSONResponse({"trial": number, "config": config})
+    buf = io.BytesIO()
+    torch.save({"config": config, "state_dict": torch.load(io.BytesIO(weights), weights_only=True)}, buf)
+    return Response(buf.getvalue(), media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{name}-trial{number}.pt"'})

@@ -1,0 +1,200 @@
+"""The worker loop: pull trials from any running study in the storage, train them, report back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+
+import optuna
+import sqlalchemy as sa
+
+import studies
+
+from ._workers_table import WorkerRegistry
+
+__all__ = ["Worker", "WorkerConfig"]
+
+log = logging.getLogger("dendro.worker")
+
+
+@dataclass
+class WorkerConfig:
+    storage: str
+    device: str = "auto"
+    studies: Sequence[str] | None = None
+    max_trials: int | None = None
+    idle_exit: float | None = None
+    poll_interval: float = 1.0
+    data_dir: str | None = None
+    population: int | str | None = None
+    heartbeat_interval: int = 5
+    grace_period: int = 20
+    worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+class Worker:
+    """Loops: choose a runnable study (fairly), ask a trial, train it on the device, tell.
+
+    A lost database connection is retried with backoff. SIGTERM/SIGINT stop the current
+    trial at its next epoch: it is failed visibly ("worker stopped") and its parameters are
+    queued again, so nothing is lost; then the worker exits. A SIGKILLed worker's trial
+    stops beating and is re-queued by the next worker that asks (Optuna heartbeats).
+    """
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.stop_requested = threading.Event()
+        self.trials_done = 0
+        self.host = socket.gethostname()
+        self._storage: optuna.storages.RDBStorage | None = None
+        self._registry: WorkerRegistry | None = None
+        self._studies: dict[str, tuple[optuna.Study, studies.StudySpec]] = {}
+        self._served: dict[str, float] = {}
+        self._current: tuple[str, int] | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _connect(self) -> None:
+        if self._storage is None:
+            self._storage = studies.open_storage(
+                self.config.storage,
+                heartbeat_interval=self.config.heartbeat_interval,
+                grace_period=self.config.grace_period,
+            )
+            self._registry = WorkerRegistry(self._storage.engine)
+            self._registry.register(self.config.worker_id, self.host, os.getpid(), self._device_name())
+
+    def _device_name(self) -> str:
+        import core
+
+        return str(core.resolve_device(self.config.device))
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %s: stopping after the current epoch", signum)
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _beat_now(self) -> None:
+        try:
+            if self._registry is not None:
+                cur = self._current
+                self._registry.beat(
+                    self.config.worker_id,
+                    state="training" if cur else "idle",
+                    study_name=cur[0] if cur else None,
+                    trial_number=cur[1] if cur else None,
+                    trials_done=self.trials_done,
+                )
+        except Exception as exc:  # noqa: BLE001 - the next beat retries
+            log.debug("worker beat failed: %s", exc)
+
+    def _beat_loop(self) -> None:
+        while not self.stop_requested.wait(5.0):
+            self._beat_now()
+
+    # -- choosing work ------------------------------------------------------------------------
+    def _runnable(self) -> list[str]:
+        assert self._storage is not None
+        names = []
+        for s in self._storage.get_all_studies():
+            if self.config.studies and s.study_name not in self.config.studies:
+                continue
+            attrs = s.user_attrs
+            if studies.SPEC_ATTR in attrs and attrs.get(studies.STATE_ATTR) == "running":
+                names.append(s.study_name)
+        # Fair between studies: the one served least recently goes first.
+        random.shuffle(names)
+        names.sort(key=lambda n: self._served.get(n, 0.0))
+        return names
+
+    def _study(self, name: str) -> tuple[optuna.Study, studies.StudySpec]:
+        if name not in self._studies:
+            seed = int.from_bytes(os.urandom(4), "little")
+            self._studies[name] = studies.load_study(name, self._storage, sampler_seed=seed)
+        return self._studies[name]
+
+    def _should_stop(self, study: optuna.Study) -> str | bool:
+        if self.stop_requested.is_set():
+            return "the worker is shutting down"
+        if studies.study_state(study) != "running":
+            return "the study was stopped"
+        return False
+
+    def run_once(self) -> bool:
+        """Run at most one trial; True if one ran."""
+        self._connect()
+        for name in self._runnable():
+            try:
+                study, spec = self._study(name)
+                trial = studies.ask_trial(study, spec)
+            except studies.StudyNotFoundError:
+                self._studies.pop(name, None)
+                continue
+            if trial is None:
+                continue
+            self._served[name] = time.time()
+            self._current = (name, trial.number)
+            self._beat_now()
+            try:
+                out = studies.execute_trial(
+                    study, trial, spec, device=self.config.device, data_dir=self.config.data_dir,
+                    model_store=studies.ModelStore(self._storage.engine),
+                    should_stop=lambda s=study: self._should_stop(s),
+                    worker=f"{self.host}:{os.getpid()}",
+                )
+            finally:
+                self._current = None
+            if out.state not in ("infeasible",):
+                self.trials_done += 1
+            log.info("study %s trial %d: %s %s", name, out.number, out.state,
+                     out.values if out.values else (out.reason or ""))
+            return True
+        return False
+
+    def run(self) -> int:
+        """The loop; returns an exit code."""
+        beat = threading.Thread(target=self._beat_loop, name="worker-beat", daemon=True)
+        beat.start()
+        backoff = 1.0
+        idle_since = time.monotonic()
+        try:
+            while not self.stop_requested.is_set():
+                if self.config.max_trials is not None and self.trials_done >= self.config.max_trials:
+                    break
+                try:
+                    ran = self.run_once()
+                    backoff = 1.0
+                except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError,
+                        studies.StorageError) as exc:
+                    log.warning("database unavailable (%s); retrying in %.0fs",
+                                exc.__class__.__name__, backoff)
+                    self._studies.clear()
+                    self.stop_requested.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                if ran:
+                    idle_since = time.monotonic()
+                    continue
+                if self.config.idle_exit is not None and time.monotonic() - idle_since >= self.config.idle_exit:
+                    log.info("idle for %.0fs: exiting", self.config.idle_exit)
+                    break
+                self.stop_requested.wait(self.config.poll_interval)
+        finally:
+            self.stop_requested.set()
+            try:
+                if self._registry is not None:
+                    self._registry.remove(self.config.worker_id)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        return 0
