@@ -1,5 +1,968 @@
-"""Placeholder: filled by its issue."""
+"""Population training: many small models of one family trained at once as stacked tensors.
+
+Every member of a population is built and trained exactly as ``create_model`` and
+:func:`~core.train_model` would build and train it alone (same initial weights and
+connections, same per-epoch data order, same Adam arithmetic, same synaptic resampling, same
+metrics), but the members' tensors are stacked along a leading member axis and padded to the
+population's largest sizes, so one batched matrix product serves them all.
+
+How the members stay exactly themselves:
+
+* **Padding.** Each weight is stored in a slot of the population's padded shape; a member's
+  own values sit in one corner (a dendritic layer's rows on a padded (neuron, dendrite)
+  grid). Padded weights, biases and Adam moments are zero and stay zero: the connections of a
+  dendrite are masked before they are scattered into the dense matrix, so the gradient of a
+  padded connection is exactly zero; every other padded unit sees zero weights, produces
+  LeakyReLU(0) = 0 and receives a zero gradient. A zero gradient, zero moments and a zero
+  weight give an Adam update of exactly zero, with or without weight decay. Members of
+  different depth (``vanilla_mlp``) skip the layers they lack; a population that mixes
+  dendritic layers with and without a soma selects each member's path.
+* **Adam.** One update over the flat parameter buffer of all members, with each member's
+  learning rate, weight decay and step count as vectors. It does the operations of
+  ``torch.optim.Adam`` (single-tensor and foreach paths) in the same order.
+* **Resampling.** The random draws of a dendritic layer do not depend on its weights, so each
+  member's draws for an epoch are made ahead of time, on the CPU, from that member's own layer
+  generator (and its data order from its own ``torch.Generator``), in background threads. The
+  swap itself (weakest magnitudes, unused inputs, fresh weights, Adam slots reset) runs
+  batched on the device for the members due at that step.
+* **Continuous batching.** Members end only at epoch boundaries, so all running members are
+  always at the same step of their epochs even though their epoch counters differ: a slot
+  freed by a finished, pruned or diverged member is refilled at once with the next config.
+* **Out of memory.** The population's state is copied at the start of every epoch (on the
+  device: a few megabytes per hundred members). If the device runs out of memory in that
+  epoch, every member goes back to that copy (its last consistent state), the population
+  size is halved, and the members that no longer fit are requeued, ahead of new configs,
+  to resume from that state when a slot frees. No member is lost or restarted; their
+  callbacks see each epoch once.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ._data import Dataset
+from ._layers import DendriticLayer
+from ._registry import count_parameters, create_model, get_family
+from ._train import TrainResult, resolve_device
+
+__all__ = ["train_population", "POPULATION_FAMILIES"]
+
+#: Families whose members :func:`train_population` can train together.
+POPULATION_FAMILIES: tuple[str, ...] = (
+    "dendritic_simple",
+    "dendritic_with_hidden",
+    "soma_disabled",
+    "vanilla_mlp",
+)
+
+logger = logging.getLogger(__name__)
+
+OnMemberEpoch = Callable[[int, int, dict[str, Any]], Any]
+OnResult = Callable[[int, TrainResult], Any]
+
+_SLOPE = 0.1
+# torch.optim.Adam's defaults, which make_optimizer (and so train_model) uses.
+_BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
+_TRAIN_KEYS = ("lr", "weight_decay", "seed")
+_AUTO_CPU = 8
+# "auto" never goes past this: the throughput has flattened out well before (see
+# bench/bench_population.py) and a study learns sooner from fewer concurrent trials.
+_AUTO_MAX = 1024
+_EVAL_BYTES = 1 << 28  # bound on one evaluation chunk's activations
+
+# Test hook: called with the population size before every training step. Raising
+# torch.OutOfMemoryError from it exercises the halving path without filling a device.
+_step_hook: Callable[[int], None] | None = None
+
+
+# -- members' architectures -------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Arch:
+    """One member's layer sizes, read from its built module."""
+
+    in_dim: int
+    n_classes: int
+    n: int = 0  # neurons, dendrites per neuron, inputs per dendrite; 0: no dendritic layer
+    d: int = 0
+    k: int = 0
+    soma: bool = False
+    post_act: bool = False  # a LeakyReLU straight after the dendritic layer
+    hidden: tuple[int, ...] = ()  # widths of the Linear layers before the last
+    m: int = 0  # connections swapped per dendrite at each resampling (0: never)
+    every: int = 1  # optimizer steps between resamplings
+
+    @property
+    def width(self) -> int:
+        """What the first Linear reads."""
+        if not self.n:
+            return self.in_dim
+        return self.n if self.soma else self.n * self.d
+
+
+def _not_batchable(name: str, why: str) -> ValueError:
+    return ValueError(
+        f"model family {name!r} cannot be trained as a population ({why}); families that "
+        f"can: {', '.join(POPULATION_FAMILIES)}. Train its trials one at a time with train_model."
+    )
+
+
+def _parse(net: nn.Module, name: str) -> tuple[_Arch, DendriticLayer | None, list[nn.Linear]]:
+    """Read ``[DendriticLayer [LeakyReLU]] Linear (LeakyReLU Linear)*`` out of a built member."""
+    mods = list(net.children()) if isinstance(net, nn.Sequential) else []
+    layer: DendriticLayer | None = None
+    post_act = False
+    i = 0
+
+    def leaky(mod: nn.Module) -> bool:
+        return isinstance(mod, nn.LeakyReLU) and mod.negative_slope == _SLOPE
+
+    if mods and isinstance(mods[0], DendriticLayer):
+        layer, i = mods[0], 1
+        if i < len(mods) and leaky(mods[i]):
+            post_act, i = True, i + 1
+    linears: list[nn.Linear] = []
+    while i < len(mods):
+        lin = mods[i]
+        if not isinstance(lin, nn.Linear) or lin.bias is None:
+            raise _not_batchable(name, f"unexpected layer {type(lin).__name__}")
+        linears.append(lin)
+        i += 1
+        if i < len(mods):
+            if not leaky(mods[i]) or i + 1 == len(mods):
+                raise _not_batchable(name, f"unexpected layer {type(mods[i]).__name__}")
+            i += 1
+    if not linears:
+        raise _not_batchable(name, "no Linear readout")
+    for p in net.parameters():
+        if p.dtype != torch.float32:
+            raise _not_batchable(name, f"parameters of dtype {p.dtype}, only float32 is stacked")
+    first = linears[0].in_features
+    arch = _Arch(
+        in_dim=layer.in_dim if layer is not None else first,
+        n_classes=linears[-1].out_features,
+        hidden=tuple(lin.out_features for lin in linears[:-1]),
+        post_act=post_act,
+    )
+    if layer is not None:
+        m = layer.n_to_resample() if layer.synaptic_resampling else 0
+        arch = _Arch(
+            in_dim=arch.in_dim, n_classes=arch.n_classes, hidden=arch.hidden, post_act=post_act,
+            n=layer.n_neurons, d=layer.n_dendrites, k=layer.n_dendrite_inputs,
+            soma=layer.soma_enabled, m=max(0, m), every=layer.steps_to_resample,
+        )
+    if arch.width != first:
+        raise _not_batchable(name, "the first Linear does not read the layer before it")
+    return arch, layer, linears
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """The padded sizes a population's stacked tensors are laid out for."""
+
+    in_dim: int
+    n_classes: int
+    n: int
+    d: int
+    k: int
+    soma_on: bool  # some member has a soma
+    soma_off: bool  # some member has none
+    post_act: bool
+    hidden: int
+    depth: int
+
+    @classmethod
+    def of(cls, archs: Iterable[_Arch]) -> _Dims:
+        a = list(archs)
+        dend = [x for x in a if x.n]
+        return cls(
+            in_dim=a[0].in_dim,
+            n_classes=a[0].n_classes,
+            n=max((x.n for x in dend), default=0),
+            d=max((x.d for x in dend), default=0),
+            k=max((x.k for x in dend), default=0),
+            soma_on=any(x.soma for x in dend),
+            soma_off=any(not x.soma for x in dend),
+            post_act=a[0].post_act,
+            hidden=max((h for x in a for h in x.hidden), default=0),
+            depth=max(len(x.hidden) for x in a),
+        )
+
+    @property
+    def rows(self) -> int:
+        return self.n * self.d
+
+    @property
+    def feat(self) -> int:
+        if not self.n:
+            return self.in_dim
+        return self.rows if self.soma_off else self.n
+
+    def covers(self, o: _Dims) -> bool:
+        return (
+            self.n >= o.n and self.d >= o.d and self.k >= o.k and self.hidden >= o.hidden
+            and self.depth >= o.depth and self.soma_on >= o.soma_on
+            and self.soma_off >= o.soma_off
+        )
+
+    def layout(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Name -> (offset, shape) of every parameter in one member's flat row."""
+        shapes: list[tuple[str, tuple[int, ...]]] = []
+        if self.n:
+            shapes += [("dw", (self.rows, self.k)), ("db", (self.rows,))]
+            if self.soma_on:
+                shapes += [("sw", (self.n, self.d)), ("sb", (self.n,))]
+        width = self.feat
+        for j in range(self.depth):
+            shapes += [(f"w{j}", (self.hidden, width)), (f"b{j}", (self.hidden,))]
+            width = self.hidden
+        shapes += [("wo", (self.n_classes, width)), ("bo", (self.n_classes,))]
+        out, off = {}, 0
+        for name, shape in shapes:
+            out[name] = (off, shape)
+            off += math.prod(shape)
+        return out
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for _, s in self.layout().values())
+
+    @property
+    def volume(self) -> int:
+        """Per-member work of a step, roughly: flat parameters plus the dense dendrite matrix."""
+        return self.numel + self.rows * self.in_dim
+
+
+def _region(
+    t: torch.Tensor, name: str, arch: _Arch, dims: _Dims
+) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """The part of a padded slot ``t`` that holds a member's tensor ``name``, and its own shape."""
+    n, d = arch.n, arch.d
+    if name in ("dw", "didx"):  # a dendrite's row sits on the padded (neuron, dendrite) grid
+        return t.view(dims.n, dims.d, -1)[:n, :d, : arch.k], (n * d, arch.k)
+    if name == "db":
+        return t.view(dims.n, dims.d)[:n, :d], (n * d,)
+    if name == "sw":
+        return (t[:n, :d], (n, d)) if arch.soma else None
+    if name == "sb":
+        return (t[:n], (n,)) if arch.soma else None
+    if name[1:] == "o":
+        rows, first = arch.n_classes, not arch.hidden
+        cols = arch.hidden[-1] if arch.hidden else arch.width
+    else:
+        j = int(name[1:])
+        if j >= len(arch.hidden):
+            return None
+        rows, first = arch.hidden[j], j == 0
+        cols = arch.hidden[j - 1] if j else arch.width
+    if name[0] == "b":
+        return t[:rows], (rows,)
+    if first and arch.n and not arch.soma:  # reads dendrites, which sit on the grid
+        return t.view(t.shape[0], dims.n, dims.d)[:rows, :n, :d], (rows, n * d)
+    return t[:rows, :cols], (rows, cols)
+
+
+# -- members ---------------------------------------------------------------------------------
+@dataclass
+class _State:
+    """A member's tensors in its own shapes while it is outside a stack."""
+
+    params: dict[str, torch.Tensor]
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    indices: torch.Tensor | None
+
+
+@dataclass
+class _Plan:
+    """A member's random draws for one epoch: the data order and the resampling draws."""
+
+    perm: torch.Tensor  # int32, (n_train,)
+    events: dict[int, tuple[torch.Tensor, torch.Tensor]]  # step -> (scores, fresh weights)
+
+
+def _make_plan(
+    data_gen: torch.Generator, layer_gen: torch.Generator | None, arch: _Arch,
+    n: int, n_steps: int, steps0: int,
+) -> _Plan:
+    """Draw what train_model and DendriticLayer.resample would draw, in the same order."""
+    perm = torch.randperm(n, generator=data_gen).to(torch.int32)
+    events: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if arch.m > 0 and layer_gen is not None:
+        b = 1.0 / math.sqrt(arch.k)
+        for t in range(1, n_steps + 1):
+            if (steps0 + t) % arch.every == 0:
+                scores = torch.rand(arch.n * arch.d, arch.in_dim, generator=layer_gen)
+                fresh = torch.empty(arch.n * arch.d, arch.m).uniform_(-b, b, generator=layer_gen)
+                events[t] = (scores, fresh)
+    return _Plan(perm, events)
+
+
+@dataclass(eq=False)
+class _Member:
+    index: int
+    arch: _Arch
+    seed: int
+    lr: float
+    weight_decay: float
+    data_gen: torch.Generator
+    layer_gen: torch.Generator | None
+    result: TrainResult
+    state: _State | None = None  # set while the member waits outside a stack
+    epoch: int = 0  # epochs finished
+    steps: int = 0  # optimizer steps at the last finished epoch
+    plans: deque[Future[_Plan]] = field(default_factory=deque)
+    plan_steps: int = 0  # steps at the start of the next plan to draw
+    current: _Plan | None = None  # the plan of the epoch in progress (kept for a retry)
+    start: float = 0.0
+
+
+# -- the stacked population ---------------------------------------------------------------------
+class _Stack:
+    """The population's tensors: one row per member, each padded to ``dims``.
+
+    Parameters and Adam's moments live in flat ``(K, P)`` buffers; ``views`` are the
+    per-parameter leaves the forward pass differentiates. Dendritic connections live in
+    ``idx`` with ``kmask`` marking the real ones.
+    """
+
+    def __init__(
+        self, dims: _Dims, members: list[_Member], p: torch.Tensor, m: torch.Tensor,
+        v: torch.Tensor, idx: torch.Tensor | None, kmask: torch.Tensor | None, steps: torch.Tensor,
+    ) -> None:
+        self.dims, self.members = dims, members
+        self.p, self.m, self.v, self.idx, self.kmask, self.steps = p, m, v, idx, kmask, steps
+        self.K = len(members)
+        dev = p.device
+        self.layout = dims.layout()
+        self.views: dict[str, torch.Tensor] = {}
+        self.plain: dict[str, torch.Tensor] = {}
+        for name, (off, shape) in self.layout.items():
+            size = math.prod(shape)
+            self.plain[name] = p[:, off : off + size].view(self.K, *shape)
+            self.views[name] = self.plain[name].detach().requires_grad_(True)
+        f64 = dict(dtype=torch.float64, device=dev)
+        self.lr = torch.tensor([x.lr for x in members], **f64)
+        self.wd = torch.tensor([x.weight_decay for x in members], device=dev).unsqueeze(1)
+        self.any_wd = any(x.weight_decay != 0 for x in members)
+        self.soma = torch.tensor([x.arch.soma for x in members], device=dev)
+        depth = [len(x.arch.hidden) for x in members]
+        self.active = torch.tensor([[j < h for j in range(dims.depth)] for h in depth], device=dev)
+        self.full = [all(j < h for h in depth) for j in range(dims.depth)]
+
+    # -- building ---------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls, dims: _Dims, members: list[_Member], states: list[_State], device: torch.device
+    ) -> _Stack:
+        """Stack members' own tensors into padded rows (on the CPU when they are there)."""
+        where = device if any(s.params["bo"].device != torch.device("cpu") for s in states) else "cpu"
+        K, P = len(states), dims.numel
+        bufs = [torch.zeros(K, P, device=where) for _ in range(3)]
+        idx = kmask = None
+        if dims.n:
+            idx = torch.zeros(K, dims.rows, dims.k, dtype=torch.long, device=where)
+            kmask = torch.zeros(K, dims.rows, dims.k, device=where)
+        layout = dims.layout()
+        for i, (mem, st) in enumerate(zip(members, states, strict=True)):
+            for name, (off, shape) in layout.items():
+                for buf, src in zip(bufs, (st.params, st.exp_avg, st.exp_avg_sq), strict=True):
+                    reg = _region(buf[i, off : off + math.prod(shape)].view(shape), name, mem.arch, dims)
+                    if reg is not None:
+                        reg[0].copy_(src[name].reshape(reg[0].shape))
+            if idx is not None and kmask is not None and st.indices is not None:
+                reg = _region(idx[i], "didx", mem.arch, dims)
+                assert reg is not None
+                reg[0].copy_(st.indices.reshape(reg[0].shape))
+                reg = _region(kmask[i], "didx", mem.arch, dims)
+                assert reg is not None
+                reg[0].fill_(1.0)
+        steps = torch.tensor([float(x.steps) for x in members], dtype=torch.float64)
+        moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
+        return cls(dims, members, *moved)  # type: ignore[arg-type]
+
+    def state(self, i: int) -> _State:
+        """Row ``i`` back in the member's own shapes (copies)."""
+        arch = self.members[i].arch
+        out: list[dict[str, torch.Tensor]] = [{}, {}, {}]
+        for name, (off, shape) in self.layout.items():
+            for d, buf in zip(out, (self.p, self.m, self.v), strict=True):
+                reg = _region(buf[i, off : off + math.prod(shape)].view(shape), name, arch, self.dims)
+                if reg is not None:
+                    d[name] = reg[0].reshape(reg[1]).clone()
+        indices = None
+        if self.idx is not None and arch.n:
+            reg = _region(self.idx[i], "didx", arch, self.dims)
+            assert reg is not None
+            indices = reg[0].reshape(reg[1]).clone()
+        return _State(out[0], out[1], out[2], indices)
+
+    def select(self, rows: list[int]) -> _Stack:
+        if rows == list(range(self.K)):
+            return self
+        r = torch.tensor(rows, dtype=torch.long, device=self.p.device)
+        pick = [t.index_select(0, r) if t is not None else None
+                for t in (self.p, self.m, self.v, self.idx, self.kmask, self.steps)]
+        return _Stack(self.dims, [self.members[i] for i in rows], *pick)  # type: ignore[arg-type]
+
+    def cat(self, other: _Stack) -> _Stack:
+        if not self.K:
+            return other
+        both = [torch.cat([a, b]) if a is not None and b is not None else None
+                for a, b in zip((self.p, self.m, self.v, self.idx, self.kmask, self.steps),
+                                (other.p, other.m, other.v, other.idx, other.kmask, other.steps),
+                                strict=True)]
+        return _Stack(self.dims, self.members + other.members, *both)  # type: ignore[arg-type]
+
+    def snapshot(self) -> tuple[torch.Tensor | None, ...]:
+        return tuple(t.clone() if t is not None else None
+                     for t in (self.p, self.m, self.v, self.idx, self.steps))
+
+    @torch.no_grad()
+    def restore(self, snap: tuple[torch.Tensor | None, ...]) -> None:
+        for t, s in zip((self.p, self.m, self.v, self.idx, self.steps), snap, strict=True):
+            if t is not None and s is not None:
+                t.copy_(s)
+
+    def real_mask(self) -> torch.Tensor:
+        """True where a flat parameter entry belongs to its member (padding is False)."""
+        mask = torch.zeros(self.p.shape, dtype=torch.bool)
+        for i, mem in enumerate(self.members):
+            for name, (off, shape) in self.layout.items():
+                reg = _region(mask[i, off : off + math.prod(shape)].view(shape), name, mem.arch, self.dims)
+                if reg is not None:
+                    reg[0].fill_(True)
+        return mask.to(self.p.device)
+
+    # -- forward ----------------------------------------------------------------------------
+    def _dense(self) -> torch.Tensor:
+        """Each dendrite's compact weights scattered into a dense ``(K, rows, in_dim)`` matrix."""
+        dims = self.dims
+        assert self.idx is not None and self.kmask is not None
+        w = self.views["dw"] * self.kmask  # padded connections: zero value, zero gradient
+        dense = w.new_zeros(self.K, dims.rows, dims.in_dim)
+        return dense.scatter_add(2, self.idx, w)
+
+    def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
+        """``x @ w^T + b`` per member; a shared ``x`` (evaluation) is one large product."""
+        if not shared:
+            return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        rows = w.shape[1]
+        z = x @ w.reshape(self.K * rows, -1).t()
+        return z.view(len(x), self.K, rows).transpose(0, 1) + b.unsqueeze(1)
+
+    def logits(self, x: torch.Tensor, shared: bool, dense: torch.Tensor | None = None) -> torch.Tensor:
+        """Outputs ``(K, batch, classes)`` for member batches ``x`` (K, B, in) or one shared ``x``."""
+        dims, P = self.dims, self.views
+        if dims.n:
+            if dense is None:
+                dense = self._dense()
+            h = F.leaky_relu(self._first(x, dense, P["db"], shared), _SLOPE)
+            if dims.soma_on:
+                K, B = h.shape[:2]
+                s = (h.reshape(K, B, dims.n, dims.d) * P["sw"].unsqueeze(1)).sum(-1)
+                s = F.leaky_relu(s + P["sb"].unsqueeze(1), _SLOPE)
+                if dims.soma_off:
+                    s = F.pad(s, (0, dims.rows - dims.n))
+                    h = torch.where(self.soma[:, None, None], s, h)
+                else:
+                    h = s
+            if dims.post_act:
+                h = F.leaky_relu(h, _SLOPE)
+            start = 0
+        else:
+            h = F.leaky_relu(self._first(x, P["w0"], P["b0"], shared), _SLOPE)
+            start = 1
+        for j in range(start, dims.depth):
+            y = F.leaky_relu(torch.baddbmm(P[f"b{j}"].unsqueeze(1), h, P[f"w{j}"].transpose(1, 2)), _SLOPE)
+            h = y if self.full[j] else torch.where(self.active[:, j, None, None], y, h)
+        return torch.baddbmm(P["bo"].unsqueeze(1), h, P["wo"].transpose(1, 2))
+
+    # -- training ---------------------------------------------------------------------------
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward and Adam for every member; returns (mean losses, correct counts)."""
+        out = self.logits(xb, shared=False)
+        K, B, C = out.shape
+        ce = F.cross_entropy(out.reshape(K * B, C), yb.reshape(-1), reduction="none")
+        loss = ce.view(K, B).mean(1)
+        leaves = list(self.views.values())
+        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+        with torch.no_grad():
+            g = torch.cat([
+                (gr if gr is not None else torch.zeros_like(lf)).reshape(K, -1)
+                for gr, lf in zip(grads, leaves, strict=True)
+            ], dim=1)
+            self._adam(g)
+            correct = (out.argmax(2) == yb).sum(1)
+        return loss.detach(), correct
+
+    @torch.no_grad()
+    def _adam(self, g: torch.Tensor) -> None:
+        """torch.optim.Adam's update, with per-member learning rate, decay and step count."""
+        self.steps += 1
+        bc1 = 1 - torch.pow(_BETA1, self.steps)
+        step_size = (self.lr / bc1).float().unsqueeze(1)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(_BETA2, self.steps)).float().unsqueeze(1)
+        if self.any_wd:
+            g = torch.addcmul(g, self.wd, self.p)
+        self.m.lerp_(g, 1 - _BETA1)
+        self.v.mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
+        denom = (self.v.sqrt() / bc2_sqrt).add_(_EPS)
+        self.p.sub_((self.m / denom).mul_(step_size))
+
+    @torch.no_grad()
+    def resample(self, groups: list[_Group]) -> None:
+        """DendriticLayer.resample for the members due now, batched by (inputs, swaps)."""
+        assert self.idx is not None
+        off, shape = self.layout["dw"]
+        size = math.prod(shape)
+        views = [t[:, off : off + size].view(self.K, *shape) for t in (self.p, self.m, self.v)]
+        for grp in groups:
+            r, k = grp.rows, grp.k
+            w = views[0][r][..., :k]
+            weakest = w.abs().topk(grp.m, dim=2, largest=False).indices
+            scores = grp.scores
+            ind = self.idx[r][..., :k]
+            scores.scatter_(2, ind, -1.0)  # inputs in use are never drawn
+            ind.scatter_(2, weakest, scores.topk(grp.m, dim=2).indices)
+            self.idx[r, :, :k] = ind
+            w.scatter_(2, weakest, grp.fresh)
+            views[0][r, :, :k] = w
+            for buf in views[1:]:
+                s = buf[r][..., :k]
+                s.scatter_(2, weakest, 0.0)
+                buf[r, :, :k] = s
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss and number correct of every member on a shared ``(x, y)``."""
+        dims = self.dims
+        dense = self._dense() if dims.n else None
+        width = max(dims.rows, dims.feat, dims.hidden, dims.n_classes, 1)
+        chunk = max(1, min(4096, _EVAL_BYTES // (self.K * width * 4 * 4)))
+        total = torch.zeros(self.K, device=x.device)
+        correct = torch.zeros(self.K, device=x.device)
+        for i in range(0, len(x), chunk):
+            xb, yb = x[i : i + chunk], y[i : i + chunk]
+            out = self.logits(xb, shared=True, dense=dense)
+            K, B, C = out.shape
+            ce = F.cross_entropy(out.reshape(K * B, C), yb.repeat(K), reduction="none")
+            total += ce.view(K, B).sum(1)
+            correct += (out.argmax(2) == yb).sum(1)
+        return total, correct
+
+
+@dataclass
+class _Group:
+    """Members resampling at one step that share (inputs per dendrite, swaps per dendrite)."""
+
+    rows: torch.Tensor
+    k: int
+    m: int
+    scores: torch.Tensor  # (g, rows, in_dim)
+    fresh: torch.Tensor  # (g, rows, m)
+
+
+# -- the scheduler -------------------------------------------------------------------------------
+class _Population:
+    """Keeps up to ``size`` members training; refills, evaluates, reports and recovers."""
+
+    def __init__(
+        self, family: str, configs: Iterable[dict[str, Any]], data: Dataset, n_epochs: int,
+        batch_size: int, device: torch.device, seed: int, size: int | str,
+        on_epoch: OnMemberEpoch | None, on_result: OnResult | None,
+    ) -> None:
+        self.family, self.data, self.n_epochs, self.batch_size = family, data, n_epochs, batch_size
+        self.device, self.seed, self.on_epoch, self.on_result = device, seed, on_epoch, on_result
+        self.configs: Iterator[dict[str, Any]] = iter(configs)
+        self.n_configs = len(configs) if isinstance(configs, Sequence) else None
+        self.size_arg = size
+        self.size = 0
+        self.n_train = len(data.x_train)
+        self.n_steps = math.ceil(self.n_train / batch_size)
+        self.results: list[TrainResult] = []
+        self.pending: deque[_Member] = deque()  # requeued after an out-of-memory error
+        self.exhausted = False
+        self.stack: _Stack | None = None
+        cuda = device.type == "cuda"
+        workers = min(8, os.cpu_count() or 1) if cuda else 1
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="population")
+        self.workers = workers
+
+    # -- members --------------------------------------------------------------------------
+    def _new_member(self, config: dict[str, Any]) -> _Member:
+        index = len(self.results)
+        if not isinstance(config, dict):
+            raise ValueError(f"config {index} must be a dict of parameters, got {type(config).__name__}")
+        params = {k: v for k, v in config.items() if k not in _TRAIN_KEYS}
+        lr = float(config.get("lr", 1e-3))
+        wd = float(config.get("weight_decay", 0.0))
+        mseed = int(config.get("seed", self.seed + index))
+        if lr <= 0 or not math.isfinite(lr):
+            raise ValueError(f"config {index}: lr must be a positive number, got {lr!r}")
+        if wd < 0 or not math.isfinite(wd):
+            raise ValueError(f"config {index}: weight_decay must be >= 0, got {wd!r}")
+        d = self.data
+        for key, value in (("in_dim", d.in_dim), ("n_classes", d.n_classes)):
+            if params.setdefault(key, value) != value:
+                raise ValueError(
+                    f"config {index}: {key}={params[key]!r} does not match the dataset's {value}; "
+                    f"leave it out and it is taken from the data"
+                )
+        net = create_model(self.family, seed=mseed, **params)
+        arch, layer, linears = _parse(net, self.family)
+        ps: dict[str, torch.Tensor] = {}
+        if layer is not None:
+            ps["dw"], ps["db"] = layer.weight, layer.bias
+            if layer.soma_enabled:
+                ps["sw"], ps["sb"] = layer.soma_weight, layer.soma_bias
+        for j, lin in enumerate(linears):
+            tag = "o" if j == len(linears) - 1 else str(j)
+            ps[f"w{tag}"], ps[f"b{tag}"] = lin.weight, lin.bias
+        ps = {k: v.detach().clone() for k, v in ps.items()}
+        state = _State(
+            ps, {k: torch.zeros_like(v) for k, v in ps.items()},
+            {k: torch.zeros_like(v) for k, v in ps.items()},
+            layer.indices.clone() if layer is not None else None,
+        )
+        result = TrainResult(n_params=count_parameters(net), device=str(self.device), seed=mseed)
+        mem = _Member(
+            index=index, arch=arch, seed=mseed, lr=lr, weight_decay=wd,
+            data_gen=torch.Generator().manual_seed(mseed),
+            layer_gen=layer._generator if layer is not None else None,
+            result=result, state=state,
+        )
+        self.results.append(result)
+        self._prefetch(mem)
+        return mem
+
+    def _prefetch(self, mem: _Member) -> None:
+        """Queue the draws of the member's next epoch (one at a time: generators are sequential)."""
+        planned = mem.epoch + len(mem.plans) + (mem.current is not None)
+        if planned < self.n_epochs and not mem.plans:
+            steps0 = mem.plan_steps
+            mem.plan_steps += self.n_steps
+            mem.plans.append(self.pool.submit(
+                _make_plan, mem.data_gen, mem.layer_gen, mem.arch, self.n_train, self.n_steps, steps0
+            ))
+
+    def _take(self) -> _Member | None:
+        if self.pending:
+            return self.pending.popleft()
+        if self.exhausted:
+            return None
+        try:
+            config = next(self.configs)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        return self._new_member(config)
+
+    # -- sizing ---------------------------------------------------------------------------
+    def _member_bytes(self, dims: _Dims) -> int:
+        """A generous estimate of one member's device memory during an epoch."""
+        B, f = self.batch_size, 4
+        width = dims.rows + dims.feat + 2 * dims.hidden * max(1, dims.depth) + dims.n_classes
+        total = f * 7 * dims.numel  # parameters, gradient, moments, the epoch's copy
+        total += f * 3 * dims.rows * dims.in_dim  # dense matrix, its gradient, scatter
+        total += f * 2 * B * dims.in_dim + 8 * B  # the gathered batch
+        total += f * 8 * B * width  # activations and their gradients
+        total += 8 * 3 * dims.rows * dims.k  # connections, their copy, the mask
+        total += 4 * self.n_train  # the epoch's data order
+        total += f * 2 * dims.rows * dims.in_dim  # resampling draws
+        return int(total)
+
+    def _initial_size(self, first: _Member) -> int:
+        if isinstance(self.size_arg, int):
+            return self.size_arg
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            dims = _Dims.of([first.arch])
+            size = int(0.6 * free) // max(1, 2 * self._member_bytes(dims))
+            size = max(1, min(_AUTO_MAX, size))
+        else:
+            size = _AUTO_CPU
+        return min(size, self.n_configs) if self.n_configs is not None else size
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> list[TrainResult]:
+        try:
+            self._run()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return self.results
+
+    def _run(self) -> None:
+        first = self._take()
+        if first is None:
+            return
+        self.size = self._initial_size(first)
+        incoming = [first]
+        while True:
+            survivors = self.stack.members if self.stack is not None else []
+            while len(survivors) + len(incoming) < self.size:
+                mem = self._take()
+                if mem is None:
+                    break
+                incoming.append(mem)
+            if not survivors and not incoming:
+                return
+            self._restack(incoming)
+            incoming = []
+            assert self.stack is not None
+            ended = self._epoch(self.stack)
+            if ended is None:  # out of memory: the population was halved, retry
+                continue
+            keep = [i for i, mem in enumerate(self.stack.members) if mem not in ended]
+            self.stack = self.stack.select(keep)
+
+    def _restack(self, incoming: list[_Member]) -> None:
+        stack = self.stack
+        if not incoming and stack is not None:
+            return
+        everyone = (stack.members if stack is not None else []) + incoming
+        needed = _Dims.of(m.arch for m in everyone)
+        states = [m.state for m in incoming]
+        assert all(s is not None for s in states)
+        if stack is None or not stack.dims.covers(needed) or stack.dims.volume > 1.25 * needed.volume:
+            old = [stack.state(i) for i in range(stack.K)] if stack is not None else []
+            self.stack = _Stack.build(needed, everyone, old + states, self.device)  # type: ignore[operator]
+        else:
+            self.stack = stack.cat(_Stack.build(stack.dims, incoming, states, self.device))  # type: ignore[arg-type]
+        now = time.perf_counter()
+        for m in incoming:
+            m.state = None
+            if not m.start:
+                m.start = now
+
+    def _shrink(self, stack: _Stack) -> None:
+        """After an out-of-memory error: halve the population, requeue who no longer fits."""
+        if stack.K <= 1:
+            raise torch.OutOfMemoryError(
+                "train_population ran out of device memory with a single member; "
+                "use a smaller batch_size or model"
+            )
+        self.size = max(1, min(self.size, stack.K) // 2)
+        evicted = list(range(self.size, stack.K))
+        for i in reversed(evicted):
+            mem = stack.members[i]
+            mem.state = stack.state(i)
+            self.pending.appendleft(mem)
+        self.stack = stack.select(list(range(self.size)))
+        logger.warning(
+            "train_population: out of device memory with %d members; continuing with %d "
+            "(the others wait for a free slot and resume where they were)", stack.K, self.size,
+        )
+
+    def _assemble(self, stack: _Stack) -> tuple[torch.Tensor, dict[int, list[_Group]]]:
+        """Gather the members' plans for this epoch into device tensors."""
+        plans = []
+        for mem in stack.members:
+            if mem.current is None:
+                mem.current = mem.plans.popleft().result()
+            self._prefetch(mem)
+            plans.append(mem.current)
+        dev, cuda = self.device, self.device.type == "cuda"
+        perms = torch.empty(stack.K, self.n_train, dtype=torch.int32, pin_memory=cuda)
+        self._stack_rows([p.perm for p in plans], perms)
+        order = perms.to(dev, non_blocking=cuda)
+        by_step: dict[int, dict[tuple[int, int], list[int]]] = {}
+        for i, (mem, plan) in enumerate(zip(stack.members, plans, strict=True)):
+            for t in plan.events:
+                by_step.setdefault(t, {}).setdefault((mem.arch.k, mem.arch.m), []).append(i)
+        dims = stack.dims
+        events: dict[int, list[_Group]] = {}
+        for t, groups in sorted(by_step.items()):
+            out = []
+            for (k, m), rows in groups.items():
+                g = len(rows)
+                same = all((stack.members[i].arch.n, stack.members[i].arch.d) == (dims.n, dims.d)
+                           for i in rows)
+                new = torch.empty if same else torch.zeros
+                scores = new(g, dims.rows, dims.in_dim, pin_memory=cuda)
+                fresh = new(g, dims.rows, m, pin_memory=cuda)
+                if same:
+                    self._stack_rows([plans[i].events[t][0] for i in rows], scores)
+                    self._stack_rows([plans[i].events[t][1] for i in rows], fresh)
+                else:
+                    for j, i in enumerate(rows):
+                        a = stack.members[i].arch
+                        sc, fr = plans[i].events[t]
+                        scores[j].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(sc.view(a.n, a.d, -1))
+                        fresh[j].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(fr.view(a.n, a.d, -1))
+                out.append(_Group(
+                    rows=torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=cuda), k=k, m=m,
+                    scores=scores.to(dev, non_blocking=cuda), fresh=fresh.to(dev, non_blocking=cuda),
+                ))
+            events[t] = out
+        return order, events
+
+    def _stack_rows(self, rows: list[torch.Tensor], out: torch.Tensor) -> None:
+        """``torch.stack(rows, out=out)``, split over the worker threads when it is large."""
+        n = len(rows)
+        parts = min(self.workers, max(1, out.numel() // (1 << 22)), n)
+        if parts <= 1:
+            torch.stack(rows, out=out)
+            return
+        cuts = [n * j // parts for j in range(parts + 1)]
+        futures = [self.pool.submit(torch.stack, rows[a:b], out=out[a:b])
+                   for a, b in zip(cuts, cuts[1:], strict=False)]
+        for fut in futures:
+            fut.result()
+
+    def _train(self, stack: _Stack) -> torch.Tensor:
+        """Run one epoch's steps and the evaluations; returns the (6, K) sums on the CPU.
+
+        Rows: train loss sum, train correct, then validation and test (loss sum, correct),
+        divided by the split sizes in double precision afterwards, as train_model does.
+        """
+        d = self.data
+        x, y = d.x_train, d.y_train
+        B, K = self.batch_size, stack.K
+        order, events = self._assemble(stack)
+        loss_sum = torch.zeros(K, device=self.device)
+        correct = torch.zeros(K, device=self.device)
+        for t in range(1, self.n_steps + 1):
+            if _step_hook is not None:
+                _step_hook(K)
+            idx = order[:, (t - 1) * B : t * B].reshape(-1)
+            b = len(idx) // K
+            xb = x.index_select(0, idx).view(K, b, -1)
+            yb = y.index_select(0, idx).view(K, b)
+            loss, right = stack.train_step(xb, yb)
+            loss_sum += loss * b
+            correct += right
+            if t in events:
+                stack.resample(events[t])
+        val_loss, val_acc = stack.evaluate(d.x_val, d.y_val)
+        test_loss, test_acc = stack.evaluate(d.x_test, d.y_test)
+        return torch.stack([loss_sum, correct, val_loss, val_acc, test_loss, test_acc]).cpu()
+
+    def _epoch(self, stack: _Stack) -> set[_Member] | None:
+        """One epoch of every member; returns those that ended, or None after halving."""
+        t0 = time.perf_counter()
+        snap = None
+        table = None
+        try:
+            snap = stack.snapshot()
+            table = self._train(stack)
+        except torch.OutOfMemoryError:
+            pass  # handled below, once the failed step's tensors are released
+        if table is None:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if snap is not None:
+                stack.restore(snap)
+            del snap
+            self._shrink(stack)
+            return None
+        del snap
+        seconds = time.perf_counter() - t0
+        ended: set[_Member] = set()
+        now = time.perf_counter()
+        d = self.data
+        sizes = [self.n_train, self.n_train, len(d.x_val), len(d.x_val), len(d.x_test), len(d.x_test)]
+        rows = [[v / max(1, n) for v in row] for row, n in zip(table.tolist(), sizes, strict=True)]
+        for i, mem in enumerate(stack.members):
+            mem.current = None
+            mem.epoch += 1
+            mem.steps += self.n_steps
+            res = mem.result
+            tl, ta, vl, va, sl, sa = (row[i] for row in rows)
+            stop = False
+            if not math.isfinite(tl):
+                res.status = "diverged"
+                res.error = f"training loss became non-finite ({tl}) in epoch {mem.epoch}"
+                stop = True
+            else:
+                metrics = {
+                    "epoch": mem.epoch, "train_loss": tl, "train_accuracy": ta,
+                    "val_loss": vl, "val_accuracy": va, "test_loss": sl, "test_accuracy": sa,
+                    "seconds": seconds, "n_params": res.n_params,
+                }
+                res.history.append(metrics)
+                if self.on_epoch is not None and self.on_epoch(mem.index, mem.epoch, metrics):
+                    res.status, stop = "stopped", True
+                elif mem.epoch >= self.n_epochs:
+                    res.status, stop = "completed", True
+            if stop:
+                res.wall_time = now - mem.start
+                for fut in mem.plans:
+                    fut.cancel()
+                mem.plans.clear()
+                ended.add(mem)
+                if self.on_result is not None:
+                    self.on_result(mem.index, res)
+        return ended
+
+
+def train_population(
+    model: str,
+    configs: Sequence[dict[str, Any]] | Iterator[dict[str, Any]],
+    data: Dataset,
+    n_epochs: int,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    on_epoch: OnMemberEpoch | None = None,
+    *,
+    population_size: int | str | None = None,
+    on_result: OnResult | None = None,
+) -> list[TrainResult]:
+    """Train many models of one family at once, each exactly as :func:`train_model` would.
+
+    ``configs`` holds one dict per member: the family's parameters (sizes, resampling
+    settings) plus the training hyperparameters ``lr`` (default 1e-3), ``weight_decay``
+    (default 0) and ``seed`` (default ``seed + index``, the member's position in
+    ``configs``). Member ``i`` is ``create_model(model, seed=s, in_dim=..., n_classes=...,
+    **sizes)`` trained like ``train_model(it, data, n_epochs, lr, weight_decay, batch_size,
+    seed=s)``: the same initial weights, data order, Adam updates, synaptic resampling and
+    per-epoch metrics, within floating-point tolerance.
+
+    ``configs`` may be an iterator: it is read lazily, one config whenever a slot is free.
+    Up to ``population_size`` members train at once (an int, or ``"auto"``/``None``: sized
+    from the device's free memory on CUDA, 8 on the CPU, never more than a sequence's
+    length); a member that ends frees its slot for the next config at once, so members
+    started at different times run side by side with different epoch counters.
+
+    After each of a member's epochs ``on_epoch(index, epoch, metrics)`` is called; a truthy
+    return stops that member (status ``"stopped"``). A non-finite training loss ends only
+    that member (``"diverged"``). ``on_result(index, result)`` is called as soon as a member
+    ends. If the device runs out of memory, the population is halved and no member is lost
+    (see the module's docstring). Returns one :class:`TrainResult` per config, in the order
+    the configs were read.
+
+    Only the families in ``POPULATION_FAMILIES`` can be stacked; any other raises a
+    ValueError (train those one at a time with ``train_model``).
+    """
+    family = get_family(model)  # unknown names list the known ones
+    if family.name not in POPULATION_FAMILIES:
+        raise _not_batchable(family.name, "its layers are not the stacked kinds")
+    if data.task != "classification" or data.n_classes is None:
+        raise ValueError(
+            f"train_population trains classifiers; dataset {data.name!r} is a {data.task} task. "
+            f"Use train_model for it."
+        )
+    if not isinstance(n_epochs, int) or n_epochs < 1:
+        raise ValueError(f"n_epochs must be an integer >= 1, got {n_epochs!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    size: int | str = "auto" if population_size is None else population_size
+    if size != "auto" and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ValueError(f"population_size must be a positive integer or 'auto', got {population_size!r}")
+    dev = resolve_device(device)
+    pop = _Population(
+        family.name, configs, data.to(dev), n_epochs, batch_size, dev, seed, size, on_epoch, on_result
+    )
+    return pop.run()

@@ -22,7 +22,7 @@ where the first layer has ``i = in_dim`` and the stacked ones ``i = h``.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -166,7 +166,7 @@ class DIRUCell(nn.Module):
         :class:`DIRU` project the whole input sequence outside its time loop.
         """
         i, d = self.input_size, self.compartment_size
-        comps = list(self.compartments)
+        comps = cast(list[DendriteCompartment], list(self.compartments))
         gate = self.global_gate
         w_ih = torch.cat([c.weight_ih[:d] for c in comps] + [c.weight_ih[d:] for c in comps]
                          + [gate.weight[:, :i]])
@@ -252,7 +252,7 @@ class DIRU(_SequenceRegressor):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         seq = x
-        for layer, cell in enumerate(self.cells):
+        for layer, cell in enumerate(cast(list[DIRUCell], list(self.cells))):
             if layer > 0:
                 seq = self.dropout(seq)
             fused = cell.fused_weights()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ FAMILIES = ["diru", "lstm", "gru"]
 TASKS = ["multi_sine", "delay_recall", "lorenz"]
 
 
-def _small(name: str, **kw: object) -> core.Dataset:
+def _small(name: str, **kw: Any) -> core.Dataset:
     return load_dataset(name, seed=0, n_samples=60, n_test=20, seq_len=12, **kw)
 
 
@@ -160,9 +161,12 @@ def test_negative_global_gate_bias_starts_the_cell_retaining_its_state() -> None
     torch.manual_seed(0)
     model = DIRU(2, 6, 1, num_layers=2, global_gate_bias=-4.0)
     for cell in model.cells:
+        assert isinstance(cell, DIRUCell)
         assert torch.equal(cell.global_gate.bias, torch.full((6,), -4.0))
     x, h = torch.randn(100, 6), torch.randn(100, 6)
-    gate = torch.sigmoid(model.cells[1].global_gate(torch.cat([x, h], dim=1)))
+    cell = model.cells[1]
+    assert isinstance(cell, DIRUCell)
+    gate = torch.sigmoid(cell.global_gate(torch.cat([x, h], dim=1)))
     assert gate.mean() < 0.1  # sigmoid(-4) ~ 0.02: mostly the previous state is kept
 
 
@@ -194,7 +198,7 @@ def test_baselines_take_the_diru_interface() -> None:
     ],
 )
 def test_invalid_family_arguments_raise_value_error_naming_them(
-    family: str, params: dict[str, object], named: str
+    family: str, params: dict[str, Any], named: str
 ) -> None:
     with pytest.raises(ValueError, match=named):
         create_model(family, **params)
@@ -349,7 +353,7 @@ def test_bad_generator_arguments_raise_value_error_naming_them() -> None:
     ],
 )
 def test_short_diru_training_lowers_validation_mse(
-    name: str, kwargs: dict[str, object], return_sequences: bool, bound: float
+    name: str, kwargs: dict[str, Any], return_sequences: bool, bound: float
 ) -> None:
     kwargs = {"n_samples": 400, "n_test": 20, **kwargs}
     d = load_dataset(name, seed=0, **kwargs)
@@ -358,7 +362,7 @@ def test_short_diru_training_lowers_validation_mse(
     before, _ = evaluate(model, d.x_val, d.y_val, "regression")
     result = train_model(model, d, n_epochs=10, lr=1e-2, batch_size=64, device="cpu",
                          eval_test=False)
-    assert result.status == "completed"
+    assert result.status == "completed" and result.val_loss is not None
     if name == "delay_recall":
         assert result.val_loss < bound
     else:

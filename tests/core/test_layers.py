@@ -1,0 +1,144 @@
+"""DendriticLayer: connectivity, forward, exact counts and synaptic resampling invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from core import DendriticLayer, count_parameters, register_dendritic_hooks
+from torch import nn
+
+
+def _layer(**kw: object) -> DendriticLayer:
+    args = {"in_dim": 50, "n_neurons": 4, "n_dendrite_inputs": 8, "n_dendrites": 3, "seed": 1}
+    args.update(kw)
+    return DendriticLayer(**args)  # type: ignore[arg-type]
+
+
+def test_seed_positional_order_works() -> None:
+    layer = DendriticLayer(784, 10, 32, 23, synaptic_resampling=True)
+    assert (layer.in_dim, layer.n_neurons, layer.n_dendrite_inputs, layer.n_dendrites) == (784, 10, 32, 23)
+
+
+def test_each_dendrite_sees_k_distinct_inputs() -> None:
+    layer = _layer()
+    assert layer.indices.shape == (12, 8)
+    for row in layer.indices:
+        assert len(set(row.tolist())) == 8
+        assert int(row.min()) >= 0 and int(row.max()) < 50
+
+
+def test_connectivity_is_seeded() -> None:
+    assert torch.equal(_layer(seed=3).indices, _layer(seed=3).indices)
+    assert not torch.equal(_layer(seed=3).indices, _layer(seed=4).indices)
+
+
+@pytest.mark.parametrize("soma", [True, False])
+def test_count_matches_seed_formula(soma: bool) -> None:
+    n, d, k = 4, 3, 8
+    layer = _layer(soma_enabled=soma)
+    expected = k * d * n + d * n + d * n + n if soma else k * d * n + d * n
+    assert count_parameters(layer) == expected == DendriticLayer.count(n, k, d, soma)
+
+
+def test_forward_matches_the_definition() -> None:
+    layer = _layer()
+    x = torch.randn(5, 50)
+    dense = torch.zeros(12, 50).scatter(1, layer.indices, layer.weight.detach())
+    dend = nn.functional.leaky_relu(x @ dense.t() + layer.bias, 0.1).view(5, 4, 3)
+    soma = nn.functional.leaky_relu((dend * layer.soma_weight).sum(-1) + layer.soma_bias, 0.1)
+    assert torch.allclose(layer(x), soma, atol=1e-6)
+    no_soma = _layer(soma_enabled=False)
+    assert no_soma(x).shape == (5, 12)
+
+
+def test_gather_and_scatter_compute_the_same() -> None:
+    a, b = _layer(impl="gather"), _layer(impl="scatter")
+    x = torch.randn(7, 50)
+    ya, yb = a(x), b(x)
+    assert torch.allclose(ya, yb, atol=1e-6)
+    ya.sum().backward()
+    yb.sum().backward()
+    assert torch.allclose(a.weight.grad, b.weight.grad, atol=1e-5)
+
+
+def test_bad_sizes_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="n_dendrite_inputs"):
+        DendriticLayer(10, 2, 11, 2)
+    with pytest.raises(ValueError, match="n_neurons"):
+        DendriticLayer(10, 0, 4, 2)
+    with pytest.raises(ValueError, match="percentage_resample"):
+        DendriticLayer(10, 2, 4, 2, percentage_resample=1.5)
+
+
+def test_resample_swaps_only_the_weakest_and_keeps_k_distinct() -> None:
+    layer = _layer(n_dendrite_inputs=8, percentage_resample=0.25)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn_like(layer.weight))
+    before_idx = layer.indices.clone()
+    before_w = layer.weight.detach().clone()
+    m = math.floor(8 * 0.25)
+    weakest = before_w.abs().topk(m, dim=1, largest=False).indices
+    swapped = layer.resample()
+    assert swapped == 12 * m
+    bound = 1 / math.sqrt(8)
+    for r in range(12):
+        row = layer.indices[r].tolist()
+        assert len(set(row)) == 8  # still exactly k distinct inputs
+        for slot in range(8):
+            if slot in weakest[r].tolist():
+                # a new input, never one the dendrite already used, with a fresh weight
+                assert row[slot] not in before_idx[r].tolist()
+                assert abs(float(layer.weight.detach()[r, slot])) <= bound
+            else:
+                assert row[slot] == int(before_idx[r, slot])
+                assert float(layer.weight.detach()[r, slot]) == float(before_w[r, slot])
+
+
+def test_resample_resets_adam_state_of_swapped_slots_only() -> None:
+    layer = _layer()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(16, 50)).pow(2).sum().backward()
+        opt.step()
+    weakest = layer.weight.abs().topk(2, dim=1, largest=False).indices
+    layer.resample(opt)
+    state = opt.state[layer.weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        picked = state[key].gather(1, weakest)
+        assert torch.all(picked == 0)
+        assert state[key].abs().sum() > 0  # the other slots keep their state
+
+
+def test_nothing_changes_when_resampling_is_off() -> None:
+    layer = _layer(synaptic_resampling=False, steps_to_resample=1)
+    idx = layer.indices.clone()
+    assert layer.resample() == 0
+    for _ in range(5):
+        layer.step_resampling(None)
+    assert torch.equal(layer.indices, idx)
+
+
+def test_register_dendritic_hooks_resamples_in_a_plain_loop() -> None:
+    model = nn.Sequential(_layer(steps_to_resample=4), nn.Linear(4, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    register_dendritic_hooks(model[0], opt)
+    idx = model[0].indices.clone()
+    x, y = torch.randn(32, 50), torch.randint(0, 3, (32,))
+    for step in range(1, 6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step == 3:
+            assert torch.equal(model[0].indices, idx)
+    # 4 backward passes happened; the swap lands at the next forward (after the step)
+    model(x)
+    assert model[0].n_swapped == 12 * 2
+    assert not torch.equal(model[0].indices, idx)
+
+
+def test_register_dendritic_hooks_needs_a_dendritic_layer() -> None:
+    with pytest.raises(ValueError, match="DendriticLayer"):
+        register_dendritic_hooks(nn.Linear(3, 3))
