@@ -8,12 +8,14 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
-from fastapi import FastAPI, Request, status
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import studies
 
+from ._errors import spec_error_items
 from ._settings import Settings
 from .deps import presented_token, token_ok
 from .routes import health, workers
@@ -26,23 +28,55 @@ _DB_DOWN = "the database is unavailable right now; the request was not carried o
 
 
 class _BodyLimit:
-    """Refuse request bodies over the configured size before reading them (413)."""
+    """Refuse request bodies over the configured size (413).
+
+    A declared ``Content-Length`` over the limit is refused before anything is read; a body
+    sent without one (chunked) is counted as it arrives and refused once it passes the limit.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
+    def _too_large(self) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"request body over the limit of {self.max_bytes} bytes", "field": "body"},
+            status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                resp = JSONResponse(
-                    {"detail": f"request body over the limit of {self.max_bytes} bytes",
-                     "field": "body"},
-                    status_code=status.HTTP_413_CONTENT_TOO_LARGE,
-                )
-                await resp(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI passes an HTTPException raised while it reads the body through
+                    # to its handlers, which answer with this status and detail.
+                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                                        detail=f"request body over the limit of {self.max_bytes} bytes")
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except HTTPException as exc:
+            if started or exc.status_code != status.HTTP_413_CONTENT_TOO_LARGE:
+                raise
+            await self._too_large()(scope, receive, send)
 
 
 class _DashboardGuard:
@@ -109,6 +143,19 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
             {"detail": [{"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}]},
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Not FastAPI's default: that reports the spec's cross-field errors at the body's
+        # root and echoes the whole request back.
+        return JSONResponse({"detail": spec_error_items(exc.errors(), root=("body",))},
+                            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The trace goes to the server log (uvicorn writes it), never to the client.
+        return JSONResponse({"detail": "internal error; the server log has the details"},
+                            status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
 
     app.include_router(health.router)
     app.include_router(studies_routes.router)

@@ -101,8 +101,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.storage_url
-    studies.open_storage(url)  # fail fast, with a clear message, on a bad URL
-    if args.demo:
+    reachable = True
+    try:
+        # Fail fast on a URL that can never work; the same storage object serves the app.
+        studies.open_storage(url, heartbeat_interval=settings.heartbeat_interval,
+                             grace_period=settings.grace_period)
+    except studies.StorageError as exc:
+        if not _unreachable(exc):
+            raise
+        # A database that is down may come back: serve, and answer 503 until it does.
+        reachable = False
+        print(f"warning: {exc}; serving anyway, requests answer 503 until it is back", flush=True)
+    if args.demo and reachable:
         spec = _demo_spec(settings.data_dir)
         try:
             studies.create_study(spec, url, spec.name, load_if_exists=True)
@@ -120,6 +130,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         _stop_workers(procs)
     return 0
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A storage error from a database that did not answer (not from a malformed URL)."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    return isinstance(exc.__cause__, sa.exc.DBAPIError | sqlite3.Error)
 
 
 # -- worker ---------------------------------------------------------------------------------
@@ -163,14 +182,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     import studies
 
     storage = args.storage or studies.default_storage_url(args.out or ".")
-    studies.open_storage(storage)
     overrides = {"dataset": args.dataset, "max_params": args.max_params, "n_trials": args.n_trials,
                  "n_epochs": args.n_epochs, "subset_size": args.subset_size, "name": args.name}
     if args.spec:
+        # Check the spec before the storage is opened: bad input writes nothing.
         spec = _read_spec(args.spec, overrides)
         if spec.name is None:
             spec = spec.model_copy(update={"name": Path(args.spec).stem})
             spec = studies.StudySpec.model_validate(spec.model_dump())
+        studies.open_storage(storage)
         study = studies.run_study(spec, storage, spec.name, device=args.device, data_dir=args.data_dir)
         _summary(study)
         if args.out:
@@ -321,7 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"dendro: error: {exc}", file=sys.stderr)
     except pydantic.ValidationError as exc:
-        errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+        from ._errors import spec_error_items
+
+        errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}"
+                         for e in spec_error_items(exc.errors()))
         print(f"dendro: error: invalid spec: {errs}", file=sys.stderr)
     except Exception as exc:  # user-facing errors of the layers below
         import core

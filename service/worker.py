@@ -104,22 +104,24 @@ class Worker:
             self._beat_now()
 
     # -- choosing work ------------------------------------------------------------------------
-    def _runnable(self) -> list[str]:
+    def _runnable(self) -> list[tuple[str, int]]:
         assert self._storage is not None
-        names = []
+        found = []
         for s in self._storage.get_all_studies():
             if self.config.studies and s.study_name not in self.config.studies:
                 continue
             attrs = s.user_attrs
             if studies.SPEC_ATTR in attrs and attrs.get(studies.STATE_ATTR) == "running":
-                names.append(s.study_name)
+                found.append((s.study_name, s._study_id))
         # Fair between studies: the one served least recently goes first.
-        random.shuffle(names)
-        names.sort(key=lambda n: self._served.get(n, 0.0))
-        return names
+        random.shuffle(found)
+        found.sort(key=lambda f: self._served.get(f[0], 0.0))
+        return found
 
-    def _study(self, name: str) -> tuple[optuna.Study, studies.StudySpec]:
-        if name not in self._studies:
+    def _study(self, name: str, study_id: int) -> tuple[optuna.Study, studies.StudySpec]:
+        cached = self._studies.get(name)
+        # A study deleted and created again under its name is another study.
+        if cached is None or cached[0]._study_id != study_id:
             seed = int.from_bytes(os.urandom(4), "little")
             self._studies[name] = studies.load_study(name, self._storage, sampler_seed=seed)
         return self._studies[name]
@@ -127,20 +129,35 @@ class Worker:
     def _should_stop(self, study: optuna.Study) -> str | bool:
         if self.stop_requested.is_set():
             return "the worker is shutting down"
-        if studies.study_state(study) != "running":
+        try:
+            state = studies.study_state(study)
+        except KeyError:
+            return "the study was deleted"
+        if state != "running":
             return "the study was stopped"
         return False
+
+    def _deleted(self, name: str, study_id: int) -> bool:
+        assert self._storage is not None
+        try:
+            return self._storage.get_study_id_from_name(name) != study_id
+        except KeyError:
+            return True
 
     def run_once(self) -> bool:
         """Run at most one trial; True if one ran."""
         self._connect()
-        for name in self._runnable():
+        assert self._storage is not None
+        for name, study_id in self._runnable():
             try:
-                study, spec = self._study(name)
+                study, spec = self._study(name, study_id)
                 trial = studies.ask_trial(study, spec)
-            except studies.StudyNotFoundError:
+            except (studies.StudyNotFoundError, KeyError):
+                # Deleted between the listing and the ask.
                 self._studies.pop(name, None)
-                continue
+                if self._deleted(name, study_id):
+                    continue
+                raise
             if trial is None:
                 continue
             self._served[name] = time.time()
@@ -153,6 +170,13 @@ class Worker:
                     should_stop=lambda s=study: self._should_stop(s),
                     worker=f"{self.host}:{os.getpid()}",
                 )
+            except KeyError:
+                # The study (and so this trial) was deleted while it trained: nothing to tell.
+                self._studies.pop(name, None)
+                if not self._deleted(name, study_id):
+                    raise
+                log.info("study %s was deleted while trial %d ran; dropped it", name, trial.number)
+                return True
             finally:
                 self._current = None
             if out.state not in ("infeasible",):

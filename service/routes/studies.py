@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import studies
 
+from .._errors import finite_json
 from ..deps import ReadAuth, SettingsDep, StorageDep, WriteAuth
 from ..models import ErrorBody, StudiesPublic, StudyProgress, StudyPublic, TrialPublic, TrialsPublic
 
@@ -268,13 +269,8 @@ def export_study(
         body = studies.study_to_csv(study)
         return Response(body, media_type="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
-    return JSONResponse(json.loads(json.dumps(studies.study_to_json(study), default=_json_default)))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float):
-        return None
-    return str(o)
+    # Strict JSON has no NaN: a diverged trial's loss is null.
+    return JSONResponse(finite_json(json.loads(json.dumps(studies.study_to_json(study), default=str))))
 
 
 @router.get(

