@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import core  # noqa: E402
 from _baseline import seed_style_train  # noqa: E402
+
+import core  # noqa: E402
 
 
 def main() -> None:

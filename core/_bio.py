@@ -1,4 +1,4 @@
-"""Bio-inspired plasticity rules (synaptic diversity, stabilisation, turnover, Dale, homeostasis)."""
+"""Bio-inspired plasticity rules: synaptic diversity, stabilisation, turnover, Dale, homeostasis."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
+Layer = nn.Linear | nn.Conv2d
 
 # Magnitudes below this count as zero when a rule divides by a weight, a spread or an activity.
 _TINY = 1e-12
@@ -48,7 +49,8 @@ class Distribution(StrEnum):
 
 @dataclass(frozen=True)
 class BioConfig:
-    """Every option of the bio rules; the defaults are those of the seed project.
+    """Every option of the bio rules. The seed's options keep the seed's defaults; the
+    ``homeostatic_*`` options are new here (the seed documents ``scale_grad`` but has none).
 
     Fuzzy learning rates (synaptic diversity), with ``nu = fuzzy_learning_rate_factor_nu``;
     every factor is finally clamped to ``[fuzzy_lr_min, fuzzy_lr_max]``:
@@ -202,6 +204,9 @@ class BioModule(nn.Module):
     holds no reference back to its parent (copies and pickles stay simple).
     """
 
+    fuzzy_lr: torch.Tensor
+    activity_level: torch.Tensor
+    activity_rate: torch.Tensor
     dale_sign: torch.Tensor | None
 
     def __init__(
@@ -210,7 +215,9 @@ class BioModule(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"bio rules apply to nn.Linear and nn.Conv2d, got {type(layer).__name__}")
+            raise TypeError(
+                f"bio rules apply to nn.Linear and nn.Conv2d, got {type(layer).__name__}"
+            )
         self.config = config
         self.layer_index = layer_index
         self.n_layers = n_layers
@@ -231,8 +238,10 @@ class BioModule(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"distribution={c.distribution.value}, layer={self.layer_index + 1}/{self.n_layers}, "
-                f"dale={self.dale_sign is not None}, splits={self.splits}")
+        return (
+            f"distribution={c.distribution.value}, layer={self.layer_index + 1}/{self.n_layers}, "
+            f"dale={self.dale_sign is not None}, splits={self.splits}"
+        )
 
     @property
     def tracks_activity(self) -> bool:
@@ -291,7 +300,7 @@ class BioModule(nn.Module):
             rates = _uniform_around_one(w, spread)
         return rates.clamp(c.fuzzy_lr_min, c.fuzzy_lr_max)
 
-    def fuzzy_learning_rates(self, layer: nn.Module) -> bool:
+    def fuzzy_learning_rates(self, layer: Layer) -> bool:
         """g <- g * f: each weight's gradient times its own rate factor (synaptic diversity).
 
         Returns whether the weight had a gradient.
@@ -303,7 +312,7 @@ class BioModule(nn.Module):
         return True
 
     @torch.no_grad()
-    def update_fuzzy_learning_rates(self, layer: nn.Module) -> None:
+    def update_fuzzy_learning_rates(self, layer: Layer) -> None:
         """Count a step; for dynamic ``temporal``/``activity`` rates, update them when due."""
         self.steps += 1
         c = self.config
@@ -325,7 +334,7 @@ class BioModule(nn.Module):
 
     # -- stabilisation, turnover, volume, Dale, homeostasis ------------------------------------
     @torch.no_grad()
-    def crystallize(self, layer: nn.Module) -> bool:
+    def crystallize(self, layer: Layer) -> bool:
         """f <- f * dampening_factor where |g| / |w| < crystal_thresh or |g| > mean|w|.
 
         The first test finds synapses that barely move for their size (settled); the second
@@ -343,7 +352,7 @@ class BioModule(nn.Module):
         return True
 
     @torch.no_grad()
-    def rejuvenate_weights(self, layer: nn.Module) -> torch.Tensor:
+    def rejuvenate_weights(self, layer: Layer) -> torch.Tensor:
         """Replace weak synapses by new ones (spine turnover); returns how many were replaced.
 
         Weight w is replaced with probability p = exp(-dre * |w| / std(w)) (``dre`` =
@@ -363,7 +372,7 @@ class BioModule(nn.Module):
         p = torch.exp(-self.config.rejuvenation_parameter_dre * mag / spread)
         mask = torch.bernoulli(p).bool()
         # Log-normal parameters (mu, sigma) whose mean and std are those of |w|.
-        sigma2 = torch.log1p(mag.var() / mean_mag.square()) if mag.numel() > 1 else mag.new_zeros(())
+        sigma2 = torch.log1p(mag.var() / mean_mag.square())
         mu = torch.log(mean_mag) - 0.5 * sigma2
         new_mag = torch.exp(mu + sigma2.sqrt() * torch.randn_like(mag))
         if self.dale_sign is not None:
@@ -373,7 +382,7 @@ class BioModule(nn.Module):
         w.copy_(torch.where(mask, sign * new_mag, w))
         return mask.sum()
 
-    def volume_dependent_lr(self, layer: nn.Module) -> bool:
+    def volume_dependent_lr(self, layer: Layer) -> bool:
         """g <- g * |N(m, (lr_variability * m)^2)|, m = base_lr * exp(-stability_factor * v).
 
         v = |w| / (1 + |w|) is the synapse's relative "volume" in [0, 1): big spines learn
@@ -391,7 +400,7 @@ class BioModule(nn.Module):
         return True
 
     @torch.no_grad()
-    def enforce_dales_principle(self, layer: nn.Module) -> bool:
+    def enforce_dales_principle(self, layer: Layer) -> bool:
         """w <- s * relu(s * w) with s the presynaptic sign: wrong-signed synapses become 0.
 
         Returns False when the layer was converted without ``apply_dales_principle``.
@@ -402,7 +411,7 @@ class BioModule(nn.Module):
         return True
 
     @torch.no_grad()
-    def scale_grad(self, layer: nn.Module) -> bool:
+    def scale_grad(self, layer: Layer) -> bool:
         """Homeostatic synaptic scaling, added to the gradient (Turrigiano-style).
 
         Rule, per output unit i (a row of a Linear weight, an output channel of a Conv2d)::
@@ -466,11 +475,12 @@ _MODEL_METHODS = (
 )
 
 
-def bio_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def bio_layers(model: nn.Module) -> list[tuple[str, Layer]]:
     """The converted layers of ``model`` as ``(qualified name, layer)``, in module order."""
     return [
         (name, m) for name, m in model.named_modules()
-        if isinstance(m._modules.get("bio_mod"), BioModule)
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        and isinstance(m._modules.get("bio_mod"), BioModule)
     ]
 
 
@@ -573,7 +583,8 @@ class BioConverter:
             original_init(module, *args, **kwargs)
             converter._convert_layers(module)
 
-        setattr(cls, "__init__", __init__)  # noqa: B010 - assigning to __init__ directly upsets type checkers
+        # setattr: type checkers reject assigning to a method of a class.
+        setattr(cls, "__init__", __init__)  # noqa: B010
         for rule in _MODEL_METHODS:
             setattr(cls, rule, _model_method(rule))
         return cls
@@ -643,7 +654,7 @@ class BioStepHook:
                 f"got {self.rejuvenate_every!r}"
             )
 
-    def _layers(self, model: nn.Module) -> list[tuple[nn.Module, BioModule]]:
+    def _layers(self, model: nn.Module) -> list[tuple[Layer, BioModule]]:
         layers = [(layer, _bio(layer)) for _, layer in bio_layers(model)]
         if not layers:
             raise RuntimeError(

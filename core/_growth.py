@@ -1,4 +1,4 @@
-"""Dendrite growth on any model: zero-initialised dendrite sets added to its Linear/Conv2d layers."""
+"""Dendrite growth on any model: zero-initialised dendrite sets on its Linear/Conv2d layers."""
 
 from __future__ import annotations
 
@@ -81,12 +81,15 @@ class DendriteSets(nn.Module):
     def __init__(self, layer: nn.Linear | nn.Conv2d, activation: str = "tanh") -> None:
         super().__init__()
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"dendrites grow on nn.Linear and nn.Conv2d, got {type(layer).__name__}")
+            raise TypeError(
+                f"dendrites grow on nn.Linear and nn.Conv2d, got {type(layer).__name__}"
+            )
         _check_activation(activation)
         self.activation = activation
         self.is_conv = isinstance(layer, nn.Conv2d)
         self.n_out = int(layer.weight.shape[0])
-        self.branch_size = layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
+        bias = layer.bias.numel() if layer.bias is not None else 0
+        self.branch_size = layer.weight.numel() + bias
         self.hooked = False
         if isinstance(layer, nn.Conv2d):
             self._spec: dict[str, Any] = dict(
@@ -271,7 +274,9 @@ class GrowthConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, got {self.mode!r}")
+            raise ValueError(
+                f"mode must be one of {', '.join(map(repr, _MODES))}, got {self.mode!r}"
+            )
         for name, low in (("patience", 1), ("fixed_start", 1), ("fixed_every", 1),
                           ("max_retries", 0)):
             v = getattr(self, name)
@@ -281,10 +286,13 @@ class GrowthConfig:
             raise ValueError(f"max_sets must be a positive integer or None, got {self.max_sets!r}")
         if not (self.improvement_threshold >= 0 and math.isfinite(self.improvement_threshold)):
             raise ValueError(
-                f"improvement_threshold must be a finite number >= 0, got {self.improvement_threshold!r}"
+                "improvement_threshold must be a finite number >= 0, "
+                f"got {self.improvement_threshold!r}"
             )
         if self.metric is not None and not (isinstance(self.metric, str) or callable(self.metric)):
-            raise ValueError(f"metric must be a metric name, a callable or None, got {self.metric!r}")
+            raise ValueError(
+                f"metric must be a metric name, a callable or None, got {self.metric!r}"
+            )
         _check_activation(self.activation)
         layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
         if not layers:

@@ -326,6 +326,8 @@ class _Member:
     plan_steps: int = 0  # steps at the start of the next plan to draw
     current: _Plan | None = None  # the plan of the epoch in progress (kept for a retry)
     start: float = 0.0
+    net: nn.Module | None = None  # the built module, which receives the trained weights
+    own: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # -- the stacked population ---------------------------------------------------------------------
@@ -601,36 +603,50 @@ class _Population:
         self.workers = workers
 
     # -- members --------------------------------------------------------------------------
-    def _new_member(self, config: dict[str, Any]) -> _Member:
+    def _new_member(self, config: dict[str, Any]) -> _Member | None:
+        """Build the member of the next config, or record it as failed if the config is wrong."""
         index = len(self.results)
+        try:
+            return self._build_member(index, config)
+        except (ValueError, TypeError) as exc:
+            seed = config.get("seed", self.seed + index) if isinstance(config, dict) else None
+            result = TrainResult(status="failed", error=f"config {index}: {exc}",
+                                 device=str(self.device), seed=seed if isinstance(seed, int) else 0)
+            logger.warning("train_population: member %d failed to build: %s", index, exc)
+            self.results.append(result)
+            if self.on_result is not None:
+                self.on_result(index, result)
+            return None
+
+    def _build_member(self, index: int, config: dict[str, Any]) -> _Member:
         if not isinstance(config, dict):
-            raise ValueError(f"config {index} must be a dict of parameters, got {type(config).__name__}")
+            raise TypeError(f"a config must be a dict of parameters, got {type(config).__name__}")
         params = {k: v for k, v in config.items() if k not in _TRAIN_KEYS}
         lr = float(config.get("lr", 1e-3))
         wd = float(config.get("weight_decay", 0.0))
         mseed = int(config.get("seed", self.seed + index))
         if lr <= 0 or not math.isfinite(lr):
-            raise ValueError(f"config {index}: lr must be a positive number, got {lr!r}")
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
         if wd < 0 or not math.isfinite(wd):
-            raise ValueError(f"config {index}: weight_decay must be >= 0, got {wd!r}")
+            raise ValueError(f"weight_decay must be >= 0, got {wd!r}")
         d = self.data
         for key, value in (("in_dim", d.in_dim), ("n_classes", d.n_classes)):
             if params.setdefault(key, value) != value:
                 raise ValueError(
-                    f"config {index}: {key}={params[key]!r} does not match the dataset's {value}; "
-                    f"leave it out and it is taken from the data"
+                    f"{key}={params[key]!r} does not match the dataset's {value}; leave it out "
+                    f"and it is taken from the data"
                 )
         net = create_model(self.family, seed=mseed, **params)
         arch, layer, linears = _parse(net, self.family)
-        ps: dict[str, torch.Tensor] = {}
+        own: dict[str, torch.Tensor] = {}  # the module's tensors, written back when it ends
         if layer is not None:
-            ps["dw"], ps["db"] = layer.weight, layer.bias
+            own["dw"], own["db"] = layer.weight, layer.bias
             if layer.soma_enabled:
-                ps["sw"], ps["sb"] = layer.soma_weight, layer.soma_bias
+                own["sw"], own["sb"] = layer.soma_weight, layer.soma_bias
         for j, lin in enumerate(linears):
             tag = "o" if j == len(linears) - 1 else str(j)
-            ps[f"w{tag}"], ps[f"b{tag}"] = lin.weight, lin.bias
-        ps = {k: v.detach().clone() for k, v in ps.items()}
+            own[f"w{tag}"], own[f"b{tag}"] = lin.weight, lin.bias
+        ps = {k: v.detach().clone() for k, v in own.items()}
         state = _State(
             ps, {k: torch.zeros_like(v) for k, v in ps.items()},
             {k: torch.zeros_like(v) for k, v in ps.items()},
@@ -641,11 +657,27 @@ class _Population:
             index=index, arch=arch, seed=mseed, lr=lr, weight_decay=wd,
             data_gen=torch.Generator().manual_seed(mseed),
             layer_gen=layer._generator if layer is not None else None,
-            result=result, state=state,
+            result=result, state=state, net=net, own=own,
         )
         self.results.append(result)
         self._prefetch(mem)
         return mem
+
+    @torch.no_grad()
+    def _keep_weights(self, stack: _Stack, i: int) -> None:
+        """Write row ``i`` into the member's module and attach its ``state_dict`` to the result."""
+        mem = stack.members[i]
+        if mem.net is None:
+            return
+        st = stack.state(i)
+        for name, t in mem.own.items():
+            t.copy_(st.params[name])
+        layer = mem.net[0] if isinstance(mem.net[0], DendriticLayer) else None
+        if layer is not None and st.indices is not None:
+            layer.indices.copy_(st.indices)
+            layer.n_backward = mem.steps
+        mem.result.state_dict = mem.net.state_dict()  # type: ignore[attr-defined]
+        mem.net, mem.own = None, {}
 
     def _prefetch(self, mem: _Member) -> None:
         """Queue the draws of the member's next epoch (one at a time: generators are sequential)."""
@@ -662,12 +694,15 @@ class _Population:
             return self.pending.popleft()
         if self.exhausted:
             return None
-        try:
-            config = next(self.configs)
-        except StopIteration:
-            self.exhausted = True
-            return None
-        return self._new_member(config)
+        while True:
+            try:
+                config = next(self.configs)
+            except StopIteration:
+                self.exhausted = True
+                return None
+            mem = self._new_member(config)
+            if mem is not None:
+                return mem
 
     # -- sizing ---------------------------------------------------------------------------
     def _member_bytes(self, dims: _Dims) -> int:
@@ -898,6 +933,9 @@ class _Population:
                     res.status, stop = "completed", True
             if stop:
                 res.wall_time = now - mem.start
+                if res.status != "diverged":
+                    self._keep_weights(stack, i)
+                mem.net, mem.own = None, {}
                 for fut in mem.plans:
                     fut.cancel()
                 mem.plans.clear()

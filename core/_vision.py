@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torchvision
+import torchvision  # type: ignore[import-untyped]
 from torch import nn
 
 from ._registry import register_model
@@ -36,7 +36,9 @@ def _bn(c: int) -> int:
     return 2 * c
 
 
-def _resnet_count(blocks: tuple[int, ...], bottleneck: bool, in_channels: int, n_classes: int) -> int:
+def _resnet_count(
+    blocks: tuple[int, ...], bottleneck: bool, in_channels: int, n_classes: int
+) -> int:
     expansion = 4 if bottleneck else 1
     total = _conv(in_channels, 64, 3) + _bn(64)
     width = 64
@@ -106,7 +108,9 @@ _GRID = 4
 def _count_small_cnn(
     *, in_channels: int, n_classes: int, width: int, hidden_dim: int, **_: Any
 ) -> int:
-    _check_positive(in_channels=in_channels, n_classes=n_classes, width=width, hidden_dim=hidden_dim)
+    _check_positive(
+        in_channels=in_channels, n_classes=n_classes, width=width, hidden_dim=hidden_dim
+    )
     features = 2 * width * _GRID * _GRID
     return (
         _conv(in_channels, width, 3) + _bn(width)
@@ -121,7 +125,9 @@ def small_cnn(
     *, in_channels: int = 1, n_classes: int = 10, width: int = 32, hidden_dim: int = 128
 ) -> nn.Module:
     """Two conv blocks (3x3 conv, BatchNorm, ReLU, 2x2 max pool; width, 2*width) -> MLP head."""
-    _check_positive(in_channels=in_channels, n_classes=n_classes, width=width, hidden_dim=hidden_dim)
+    _check_positive(
+        in_channels=in_channels, n_classes=n_classes, width=width, hidden_dim=hidden_dim
+    )
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
         nn.BatchNorm2d(width),

@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,55 +28,56 @@ _DB_DOWN = "the database is unavailable right now; the request was not carried o
 
 
 class _BodyLimit:
-    """Refuse request bodies over the configured size (413).
+    """Refuse request bodies over the configured size (413) before the app sees them.
 
-    A declared ``Content-Length`` over the limit is refused before anything is read; a body
-    sent without one (chunked) is counted as it arrives and refused once it passes the limit.
+    A declared ``Content-Length`` over the limit is refused before anything is read. A
+    chunked body, whose size is not declared, is read here up to the limit and handed on
+    whole, so that the dashboard's WSGI app is guarded as well as our routes.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
-    def _too_large(self) -> JSONResponse:
-        return JSONResponse(
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = JSONResponse(
             {"detail": f"request body over the limit of {self.max_bytes} bytes", "field": "body"},
             status_code=status.HTTP_413_CONTENT_TOO_LARGE,
         )
+        await resp(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._too_large()(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            # The server never passes on more than the declared length.
+            if length.isdigit() and int(length) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
-        received = 0
-        started = False
-
-        async def counted() -> Message:
-            nonlocal received
+        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            await self.app(scope, receive, send)
+            return
+        parts, size, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    # FastAPI passes an HTTPException raised while it reads the body through
-                    # to its handlers, which answer with this status and detail.
-                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
-                                        detail=f"request body over the limit of {self.max_bytes} bytes")
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        pending: list[Message] = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
 
-        try:
-            await self.app(scope, counted, tracked)
-        except HTTPException as exc:
-            if started or exc.status_code != status.HTTP_413_CONTENT_TOO_LARGE:
-                raise
-            await self._too_large()(scope, receive, send)
+        await self.app(scope, replay, send)
 
 
 class _DashboardGuard:

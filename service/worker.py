@@ -122,8 +122,14 @@ class Worker:
         cached = self._studies.get(name)
         # A study deleted and created again under its name is another study.
         if cached is None or cached[0]._study_id != study_id:
+            # Each worker seeds its own sampler, or all of them would propose the same points;
+            # but a grid sampler's seed orders the grid, and every worker must map a grid id
+            # to the same point, so the grid keeps the spec's seed.
             seed = int.from_bytes(os.urandom(4), "little")
-            self._studies[name] = studies.load_study(name, self._storage, sampler_seed=seed)
+            study, spec = studies.load_study(name, self._storage, sampler_seed=seed)
+            if spec.sampler == "grid":
+                study.sampler = studies.make_sampler(spec)
+            self._studies[name] = (study, spec)
         return self._studies[name]
 
     def _should_stop(self, study: optuna.Study) -> str | bool:
@@ -177,6 +183,12 @@ class Worker:
                     raise
                 log.info("study %s was deleted while trial %d ran; dropped it", name, trial.number)
                 return True
+            except (sa.exc.DBAPIError, studies.StorageError):
+                raise  # run() backs off and retries; the trial's heartbeat lapses and it is retried
+            except Exception as exc:  # noqa: BLE001 - one trial's error must not stop the worker
+                log.exception("study %s trial %d raised; the worker goes on", name, trial.number)
+                self._fail_if_running(study, trial, f"{exc.__class__.__name__}: {exc}")
+                return True
             finally:
                 self._current = None
             if out.state not in ("infeasible",):
@@ -185,6 +197,15 @@ class Worker:
                      out.values if out.values else (out.reason or ""))
             return True
         return False
+
+    @staticmethod
+    def _fail_if_running(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+        try:
+            if study._storage.get_trial(trial._trial_id).state == optuna.trial.TrialState.RUNNING:
+                trial.set_user_attr("fail_reason", reason)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except Exception as exc:  # noqa: BLE001 - its heartbeat lapses and it is retried
+            log.warning("could not fail trial %d: %s", trial.number, exc)
 
     def run(self) -> int:
         """The loop; returns an exit code."""

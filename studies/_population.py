@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import core
 import optuna
 import torch
 from optuna.trial import TrialState
+
+import core
 
 from ._artifacts import ModelStore
 from ._runner import (

@@ -190,10 +190,13 @@ def list_trials(
     state: Annotated[Literal["complete", "pruned", "failed", "running", "waiting", "infeasible"] | None,
                      Query(description="Only trials in this state.")] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    limit: Annotated[int | None, Query(ge=1, description="Page size (default 50, at most the "
+                                       "server's max_page_size).")] = None,
     history: Annotated[bool, Query(description="Include per-epoch history.")] = False,
 ) -> TrialsPublic:
     """Trials in number order, paged; filter by state."""
+    # The default page never exceeds the server's limit, so a plain GET always works.
+    limit = limit if limit is not None else min(50, settings.max_page_size)
     if limit > settings.max_page_size:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,

@@ -78,6 +78,17 @@ def test_class_decorator_converts_every_instance() -> None:
     a.fuzzy_learning_rates()  # a method of the class now
 
 
+def test_config_defaults_are_the_seed_projects() -> None:
+    c = BioConfig()
+    assert (c.fuzzy_learning_rate_factor_nu, c.dampening_factor, c.crystal_thresh,
+            c.rejuvenation_parameter_dre, c.weight_splitting_Gamma, c.apply_dales_principle,
+            c.base_lr, c.stability_factor, c.lr_variability) == (
+        0.16, 0.6, 4.5e-05, 8.0, 0, False, 0.1, 2.0, 0.2)
+    assert (c.fuzzy_lr_distribution, c.fuzzy_lr_min, c.fuzzy_lr_max, c.fuzzy_lr_dynamic,
+            c.fuzzy_lr_decay, c.fuzzy_lr_update_freq) == (
+        Distribution.UNIFORM, 0.5, 2.0, False, 0.9995, 100)
+
+
 def test_converter_options_api() -> None:
     conv = BioConverter(BioConfig(dampening_factor=0.7), crystal_thresh=1e-3)
     assert conv.get_config().dampening_factor == 0.7 and conv.config.crystal_thresh == 1e-3
@@ -124,7 +135,8 @@ def test_fuzzy_learning_rates_multiply_each_gradient_by_its_factor() -> None:
 
 def _rates(distribution: str, shape: tuple[int, int] = (200, 200), **cfg: object) -> torch.Tensor:
     torch.manual_seed(0)
-    layer = BioConverter(fuzzy_lr_distribution=distribution, **cfg)(nn.Linear(shape[1], shape[0]))  # type: ignore[arg-type]
+    converter = BioConverter(fuzzy_lr_distribution=distribution, **cfg)  # type: ignore[arg-type]
+    layer = converter(nn.Linear(shape[1], shape[0]))
     return layer.bio_mod.fuzzy_lr
 
 

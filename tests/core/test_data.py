@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from core import (
     FASHION_MNIST_SYSTEM_DIR,
     DatasetNotFoundError,

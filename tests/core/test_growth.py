@@ -237,9 +237,10 @@ def test_growth_trainer_uses_real_validation_metrics_and_rejects_bad_options() -
         GrowthConfig(mode="sometimes")
     with pytest.raises(ValueError, match="patience"):
         GrowthConfig(patience=0)
+    sgd = torch.optim.SGD(_mlp().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="rebuilds its optimizer"):
         train_with_growth(_mlp(), _toy_data(), n_epochs=1, device="cpu",
-                          optimizer=torch.optim.SGD(_mlp().parameters(), lr=0.1))  # type: ignore[arg-type]
+                          optimizer=sgd)  # type: ignore[arg-type]
 
 
 # -- image families --------------------------------------------------------------------------
@@ -272,8 +273,8 @@ def test_image_family_counts_match_hand_formulas() -> None:
     ("name", "params", "size", "layers"),
     [
         ("small_cnn", {"width": 4, "hidden_dim": 8}, 28, ("*",)),
-        ("resnet18", {"in_channels": 1}, 16, ("*",)),
-        ("resnet50", {}, 16, ("layer4.2.*", "fc")),
+        ("resnet18", {"in_channels": 1}, 8, ("*",)),
+        ("resnet50", {}, 8, ("layer4.2.*", "fc")),
     ],
 )
 def test_image_families_run_and_grow(
@@ -358,7 +359,8 @@ def test_growth_on_an_image_family_trained_on_cifar_files(tmp_path: Path) -> Non
                               n_classes=ds.n_classes, width=4, hidden_dim=8)
     result = train_with_growth(
         model, ds, n_epochs=3, batch_size=8, device="cpu",
-        growth=GrowthConfig(mode="fixed", fixed_start=1, fixed_every=1, metric=lambda m: m["epoch"]),
+        growth=GrowthConfig(mode="fixed", fixed_start=1, fixed_every=1,
+                            metric=lambda m: m["epoch"]),
     )
     assert [h["n_dendrite_sets"] for h in result.history] == [0, 1, 2]
     assert result.n_params == count_parameters(model) == result.history[-1]["n_params"]

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from core import DendriticLayer, count_parameters, register_dendritic_hooks
 from torch import nn
+
+from core import DendriticLayer, count_parameters, register_dendritic_hooks
 
 
 def _layer(**kw: object) -> DendriticLayer:

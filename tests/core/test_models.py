@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from core import (
     UnknownNameError,
     analytic_parameter_count,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from core import (
     calculate_eigenvalues,
     compare_models,

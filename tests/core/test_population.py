@@ -1,0 +1,288 @@
+"""train_population: every member trains exactly as train_model would train it alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import core
+from core import _population
+from core._population import POPULATION_FAMILIES, _Population, train_population
+
+EPOCHS = 2
+BATCH = 128
+METRICS = ("train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy")
+
+
+@pytest.fixture(scope="module")
+def data() -> core.Dataset:
+    return core.load_dataset("digits")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """These models are tiny: intra-op threads only wait on each other on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _solo(
+    family: str, config: dict[str, Any], data: core.Dataset, n_epochs: int = EPOCHS,
+    stop_at: int | None = None, device: str = "cpu",
+) -> core.TrainResult:
+    cfg = dict(config)
+    lr, wd, seed = cfg.pop("lr", 1e-3), cfg.pop("weight_decay", 0.0), cfg.pop("seed")
+    model = core.create_model(family, seed=seed, in_dim=data.in_dim, n_classes=data.n_classes, **cfg)
+    on_epoch = None if stop_at is None else (lambda epoch, _m: epoch >= stop_at)
+    result = core.train_model(model, data, n_epochs, lr, wd, BATCH, device=device, seed=seed,
+                              on_epoch=on_epoch)
+    result.state_dict = model.state_dict()  # type: ignore[attr-defined]
+    return result
+
+
+def _assert_same(got: core.TrainResult, want: core.TrainResult, data: core.Dataset) -> None:
+    assert got.status == want.status
+    assert got.seed == want.seed
+    assert got.n_params == want.n_params
+    assert got.epochs_run == want.epochs_run
+    sizes = {"train": len(data.x_train), "val": len(data.x_val), "test": len(data.x_test)}
+    for g, w in zip(got.history, want.history, strict=True):
+        assert g["epoch"] == w["epoch"]
+        for key in METRICS:
+            if key.endswith("accuracy"):  # a prediction may flip on a rounding difference
+                assert g[key] == pytest.approx(w[key], abs=1.5 / sizes[key.split("_")[0]]), key
+            else:
+                assert g[key] == pytest.approx(w[key], rel=1e-4), key
+    if want.status != "diverged":  # the trained weights, and the connections resampling chose
+        got_sd, want_sd = got.state_dict, want.state_dict  # type: ignore[attr-defined]
+        assert list(got_sd) == list(want_sd)
+        for name, value in want_sd.items():
+            if value.dtype.is_floating_point:
+                torch.testing.assert_close(got_sd[name], value, rtol=1e-4, atol=1e-5)
+            else:
+                assert torch.equal(got_sd[name], value), name
+
+
+def _check_family(family: str, configs: list[dict[str, Any]], data: core.Dataset) -> None:
+    results = train_population(family, configs, data, EPOCHS, BATCH, device="cpu")
+    assert len(results) == len(configs)
+    for config, got in zip(configs, results, strict=True):
+        assert got.status == "completed"
+        _assert_same(got, _solo(family, config, data), data)
+
+
+def test_dendritic_simple_members_of_different_sizes_match_train_model(data: core.Dataset) -> None:
+    _check_family("dendritic_simple", [
+        # resampling every few steps, so that it happens several times in two epochs
+        dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=4, lr=3e-3, seed=1),
+        dict(n_neurons=6, n_dendrites=2, n_dendrite_inputs=24, steps_to_resample=7,
+             percentage_resample=0.5, lr=1e-2, weight_decay=1e-3, seed=2),
+        dict(n_neurons=3, n_dendrites=5, n_dendrite_inputs=8, synaptic_resampling=False, seed=3),
+        dict(n_neurons=5, n_dendrites=4, n_dendrite_inputs=64, steps_to_resample=3, seed=4),
+    ], data)
+
+
+def test_soma_disabled_members_match_train_model(data: core.Dataset) -> None:
+    _check_family("soma_disabled", [
+        dict(n_neurons=2, n_dendrites=5, n_dendrite_inputs=16, hidden_dim=8, steps_to_resample=6,
+             seed=5),
+        dict(n_neurons=1, n_dendrites=7, n_dendrite_inputs=20, hidden_dim=12, steps_to_resample=3,
+             lr=5e-3, seed=6),
+    ], data)
+
+
+def test_dendritic_with_hidden_mixing_soma_on_and_off_matches_train_model(
+    data: core.Dataset,
+) -> None:
+    _check_family("dendritic_with_hidden", [
+        dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, hidden_dim=8, steps_to_resample=6,
+             seed=7),
+        dict(n_neurons=6, n_dendrites=2, n_dendrite_inputs=12, hidden_dim=5, soma_enabled=False,
+             steps_to_resample=4, lr=5e-3, seed=8),
+    ], data)
+
+
+def test_vanilla_mlp_members_of_different_depth_match_train_model(data: core.Dataset) -> None:
+    _check_family("vanilla_mlp", [
+        dict(hidden_dim=16, n_hidden_layers=1, seed=9),
+        dict(hidden_dim=8, n_hidden_layers=3, lr=4e-3, weight_decay=1e-2, seed=10),
+        dict(hidden_dim=12, n_hidden_layers=2, seed=11),
+    ], data)
+
+
+def test_member_seed_defaults_to_population_seed_plus_index(data: core.Dataset) -> None:
+    cfg = dict(hidden_dim=8, n_hidden_layers=1)
+    results = train_population("vanilla_mlp", [cfg, cfg], data, 1, BATCH, device="cpu", seed=40)
+    assert [r.seed for r in results] == [40, 41]
+    _assert_same(results[1], _solo("vanilla_mlp", {**cfg, "seed": 41}, data, 1), data)
+
+
+def test_padding_holds_zeros_and_receives_no_gradient(data: core.Dataset) -> None:
+    configs = [
+        dict(n_neurons=2, n_dendrites=2, n_dendrite_inputs=8, hidden_dim=3, steps_to_resample=2,
+             lr=1e-2, weight_decay=1e-2, seed=1),
+        dict(n_neurons=5, n_dendrites=4, n_dendrite_inputs=32, hidden_dim=9, soma_enabled=False,
+             steps_to_resample=3, seed=2),
+    ]
+    checked = []
+    pop: _Population
+
+    def inspect(index: int, epoch: int, metrics: dict[str, Any]) -> None:
+        stack = pop.stack
+        assert stack is not None
+        pad = ~stack.real_mask()
+        for buf in (stack.p, stack.m, stack.v):
+            assert torch.count_nonzero(buf[pad]) == 0
+        assert stack.kmask is not None and (stack.kmask.sum() == 2 * 2 * 8 + 5 * 4 * 32)
+        xb = data.x_train[:16].expand(stack.K, 16, -1)
+        out = stack.logits(xb, shared=False)
+        loss = F.cross_entropy(out.reshape(-1, 10), data.y_train[:16].repeat(stack.K))
+        grads = torch.autograd.grad(loss, list(stack.views.values()))
+        flat = torch.cat([g.reshape(stack.K, -1) for g in grads], dim=1)
+        assert torch.count_nonzero(flat[pad]) == 0
+        assert torch.count_nonzero(flat[~pad]) > 0
+        checked.append(index)
+
+    pop = _Population("dendritic_with_hidden", configs, data, EPOCHS, BATCH, torch.device("cpu"),
+                      0, 2, inspect, None)
+    results = pop.run()
+    assert len(checked) == 2 * EPOCHS
+    _assert_same(results[0], _solo("dendritic_with_hidden", configs[0], data), data)
+
+
+def test_iterator_of_seven_configs_with_three_slots_refills_each_freed_slot(
+    data: core.Dataset,
+) -> None:
+    n_epochs = 3
+    stop_at = [1, 3, 2, 1, 2, 3, 1]  # pruning at different epochs frees slots at different times
+    configs = [
+        dict(n_neurons=3 + i % 3, n_dendrites=2 + i % 2, n_dendrite_inputs=12 + 4 * i,
+             steps_to_resample=3 + i, seed=100 + i)
+        for i in range(7)
+    ]
+    finished: list[int] = []
+    live_when_read: list[int] = []
+
+    def lazily() -> Iterator[dict[str, Any]]:
+        for i, cfg in enumerate(configs):
+            live_when_read.append(i - len(finished))  # members running when this one is read
+            yield cfg
+
+    def prune(index: int, epoch: int, metrics: dict[str, Any]) -> bool:
+        return epoch >= stop_at[index] < n_epochs
+
+    results = train_population(
+        "dendritic_simple", lazily(), data, n_epochs, BATCH, device="cpu", on_epoch=prune,
+        population_size=3, on_result=lambda index, result: finished.append(index),
+    )
+    assert len(results) == 7
+    assert [r.seed for r in results] == [100 + i for i in range(7)]
+    # read only when a slot is free: at the epoch ends, members 0 | 3, 2 | 4, 6 | 1, 5 end
+    assert live_when_read == [0, 1, 2, 2, 1, 2, 2]
+    assert sorted(finished) == list(range(7))
+    for i, r in enumerate(results):
+        assert r.epochs_run == stop_at[i]
+        assert r.status == ("completed" if stop_at[i] == n_epochs else "stopped")
+    # members that joined late (different epoch counters, steps and resampling times)
+    for i in (4, 5, 6):
+        stop = stop_at[i] if stop_at[i] < n_epochs else None
+        _assert_same(results[i], _solo("dendritic_simple", configs[i], data, n_epochs, stop), data)
+
+
+def test_non_finite_member_diverges_alone(data: core.Dataset) -> None:
+    configs = [
+        dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=5, seed=1),
+        dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, lr=1e12, seed=2),
+        dict(n_neurons=5, n_dendrites=2, n_dendrite_inputs=20, steps_to_resample=4, seed=3),
+    ]
+    ended: list[tuple[int, str]] = []
+    results = train_population("dendritic_simple", configs, data, EPOCHS, BATCH, device="cpu",
+                               on_result=lambda i, r: ended.append((i, r.status)))
+    assert results[1].status == "diverged"
+    assert results[1].epochs_run == 0 and "non-finite" in (results[1].error or "")
+    assert ended[0] == (1, "diverged")  # reported as soon as it ended, before the others
+    for i in (0, 2):
+        _assert_same(results[i], _solo("dendritic_simple", configs[i], data), data)
+
+
+def test_out_of_memory_halves_population_and_loses_no_member(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    configs = [
+        dict(n_neurons=3 + i, n_dendrites=2, n_dendrite_inputs=10 + 3 * i, steps_to_resample=3 + i,
+             seed=i)
+        for i in range(5)
+    ]
+    sizes: list[int] = []
+
+    def fault(k: int) -> None:
+        sizes.append(k)
+        if len(sizes) == 5:  # mid-epoch, after some steps changed the weights
+            raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(_population, "_step_hook", fault)
+    results = train_population("dendritic_simple", configs, data, EPOCHS, BATCH, device="cpu",
+                               population_size=4)
+    monkeypatch.setattr(_population, "_step_hook", None)
+    assert sizes[0] == 4 and max(sizes[5:]) == 2
+    assert [r.status for r in results] == ["completed"] * 5
+    for cfg, r in zip(configs, results, strict=True):
+        _assert_same(r, _solo("dendritic_simple", cfg, data), data)
+
+
+def test_auto_population_size_on_cpu_runs_a_few_members_at_once(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sizes: list[int] = []
+    monkeypatch.setattr(_population, "_step_hook", sizes.append)
+    configs = [dict(hidden_dim=4, n_hidden_layers=1)] * 10
+    results = train_population("vanilla_mlp", iter(configs), data, 1, BATCH, device="cpu")
+    assert len(results) == 10
+    assert max(sizes) == _population._AUTO_CPU
+
+
+def test_unbatchable_family_is_a_value_error_naming_the_batchable_ones(
+    data: core.Dataset,
+) -> None:
+    others = [name for name in core.list_models() if name not in POPULATION_FAMILIES]
+    assert others
+    with pytest.raises(ValueError, match="dendritic_simple, dendritic_with_hidden"):
+        train_population(others[0], [{}], data, 1)
+
+
+def test_a_bad_config_fails_alone_and_bad_arguments_are_value_errors(data: core.Dataset) -> None:
+    configs = [dict(in_dim=3), dict(hidden_dim=4, lr=-1.0), dict(hidden_dim=4), dict(width=2)]
+    reported: list[int] = []
+    results = train_population("vanilla_mlp", configs, data, 1, device="cpu",
+                               on_result=lambda i, r: reported.append(i))
+    assert [r.status for r in results] == ["failed", "failed", "completed", "failed"]
+    assert "in_dim" in (results[0].error or "") and "lr" in (results[1].error or "")
+    assert "hidden_dim" in (results[3].error or "")  # the family's parameters are listed
+    assert sorted(reported) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="population_size"):
+        train_population("vanilla_mlp", [{}], data, 1, device="cpu", population_size=0)
+    with pytest.raises(ValueError, match="n_epochs"):
+        train_population("vanilla_mlp", [{}], data, 0, device="cpu")
+    assert train_population("vanilla_mlp", [], data, 1, device="cpu") == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_members_match_train_model_on_cuda(data: core.Dataset) -> None:
+    configs = [
+        dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=4, lr=3e-3, seed=1),
+        dict(n_neurons=6, n_dendrites=2, n_dendrite_inputs=24, soma_enabled=False,
+             steps_to_resample=7, weight_decay=1e-3, seed=2),
+        dict(n_neurons=3, n_dendrites=5, n_dendrite_inputs=64, steps_to_resample=3, seed=3),
+    ]
+    results = train_population("dendritic_simple", configs, data, EPOCHS, BATCH, device="cuda")
+    for cfg, got in zip(configs, results, strict=True):
+        want = _solo("dendritic_simple", cfg, data, device="cuda")
+        got.state_dict = {k: v.cpu() for k, v in got.state_dict.items()}  # type: ignore[attr-defined]
+        want.state_dict = {k: v.cpu() for k, v in want.state_dict.items()}  # type: ignore[attr-defined]
+        _assert_same(got, want, data)
