@@ -1,7 +1,7 @@
 """train_population against the seed-style loop and train_model: model-epochs per second.
 
     python bench/bench_population.py [--device cpu|cuda] [--epochs 2] [--populations 8]
-                                     [--data-dir DIR] [--subset N] [--profile]
+                                     [--data-dir DIR] [--subset N] [--threads N] [--profile]
 
 dendritic_simple with 12 neurons, 6 dendrites, 96 inputs per dendrite, batch 256, on
 Fashion-MNIST. Rows: (a) the seed-style loop (bench/_baseline.py: DataLoader over CPU
@@ -58,7 +58,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--profile", action="store_true", help="profile one epoch of the largest K")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = core.resolve_device(args.device)
     pops = [int(x) for x in (args.populations or ("64,256,1024" if dev.type == "cuda" else "8")).split(",")]
     data = core.load_dataset("fashion-mnist", data_dir=args.data_dir, subset_size=args.subset)
@@ -104,6 +107,12 @@ def main() -> None:
             _population(data, max(pops), 1, args, dev)
         key = "cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as cprof:
+            _population(data, max(pops), 1, args, dev)
+        pstats.Stats(cprof).sort_stats("cumulative").print_stats(30)
 
 
 if __name__ == "__main__":

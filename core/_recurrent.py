@@ -51,9 +51,9 @@ def _compartment_size(hidden_size: int, num_compartments: int) -> int:
 
 
 def _check_sequence(x: torch.Tensor, input_size: int) -> None:
-    if x.dim() != 3 or x.shape[-1] != input_size:
+    if x.dim() != 3 or x.shape[-1] != input_size or x.shape[1] < 1:
         raise ValueError(
-            f"expected a batch-first sequence of shape (batch, time, {input_size}), got "
+            f"expected a batch-first sequence of shape (batch, time >= 1, {input_size}), got "
             f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0) for one sequence"
         )
 

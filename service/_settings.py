@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -37,6 +38,13 @@ class Settings(BaseSettings):
     heartbeat_interval: int = Field(default=5, ge=1, description="Seconds between trial heartbeats.")
     grace_period: int = Field(default=20, ge=2, description="Seconds without a beat before a trial is retried.")
     worker_timeout: float = Field(default=30.0, description="Seconds without a beat before a worker is shown dead.")
+
+    @field_validator("storage", "api_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        # `DENDRO_API_TOKEN=` (as compose writes an unset variable) means no token, not an
+        # empty one that every write would have to present.
+        return None if isinstance(v, str) and not v.strip() else v
 
     @property
     def storage_url(self) -> str:

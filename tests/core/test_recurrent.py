@@ -211,10 +211,12 @@ def test_invalid_model_arguments_and_inputs_raise_value_error() -> None:
         DIRU(2, 4, 1, dropout=1.0)
     with pytest.raises(ValueError, match="num_compartments"):
         DIRUCell(2, 4, num_compartments=0)
-    with pytest.raises(ValueError, match=r"\(batch, time, 2\)"):
+    with pytest.raises(ValueError, match=r"\(batch, time >= 1, 2\)"):
         DIRU(2, 4, 1)(torch.randn(5, 2))
-    with pytest.raises(ValueError, match=r"\(batch, time, 2\)"):
+    with pytest.raises(ValueError, match=r"\(batch, time >= 1, 2\)"):
         LSTMModel(2, 4, 1)(torch.randn(1, 5, 3))
+    with pytest.raises(ValueError, match="time >= 1"):
+        GRUModel(2, 4, 1)(torch.randn(1, 0, 2))
 
 
 # -- generators ---------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""Workers under stop, resume, delete, SIGKILL and SIGTERM: studies end with exactly n_trials, none RUNNING."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import torch
+from service_helpers import FAST_RETRY, Api, Procs, tiny_spec, unique, wait_for
+
+pytestmark = pytest.mark.slow
+
+#: long enough to be caught mid-trial, about 0.1 s an epoch on one core
+LONG_EPOCHS = 20
+
+
+def _by_number(api: Api, name: str) -> dict[int, dict[str, Any]]:
+    return {t["number"]: t for t in api.trials(name)}
+
+
+def _finished(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [t for t in trials if t["state"] in ("complete", "pruned")]
+
+
+def test_stop_ends_running_trials_within_an_epoch_and_resume_finishes_the_study(
+    sqlite_api: Api, procs: Procs
+) -> None:
+    api, name = sqlite_api, unique("stop")
+    api.create(tiny_spec(name, n_trials=2, n_epochs=LONG_EPOCHS))
+    worker = procs.worker(api.storage, "--studies", name, "--idle-exit", "3")
+    (cut,) = wait_for(lambda: api.running(name), 90, "a trial to start")
+
+    stopped = api.http.post(f"/v1/studies/{name}/stop")
+    assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
+    t0 = time.monotonic()
+    wait_for(lambda: not api.running(name), 10, "the running trial to stop", interval=0.05)
+    # One epoch is about 0.1 s; the worker answers at the end of the epoch it is in.
+    assert time.monotonic() - t0 < 5
+    cut = _by_number(api, name)[cut["number"]]
+    assert cut["state"] == "failed"
+    assert cut["fail_reason"] == "stopped: the study was stopped"
+    assert cut["metrics"]["epochs_run"] < LONG_EPOCHS
+    (requeued,) = api.trials(name, state="waiting")
+
+    # No trial starts while the study is stopped (the worker polls every second).
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert not api.running(name)
+        time.sleep(0.1)
+    assert api.study(name)["progress"]["finished"] == 0
+    assert api.http.post(f"/v1/studies/{name}/stop").status_code == 409
+
+    resumed = api.http.post(f"/v1/studies/{name}/resume")
+    assert resumed.status_code == 200 and resumed.json()["state"] == "running"
+    assert api.http.post(f"/v1/studies/{name}/resume").status_code == 409
+    done = api.wait_done(name, 90)
+    assert done["state"] == "done"
+    assert done["progress"]["finished"] == 2 and done["progress"]["running"] == 0
+    trials = api.trials(name)
+    assert len(_finished(trials)) == 2
+    rerun = next(t for t in trials if t["number"] == requeued["number"])
+    assert rerun["state"] in ("complete", "pruned") and rerun["params"] == cut["params"], \
+        "the cut point was queued and run again"
+    assert procs.wait_exit(worker, 30) == 0
+
+    # Delete: the study, its trials and its kept weights are gone.
+    best = done["best_trial"]
+    r = api.http.get(f"/v1/studies/{name}/trials/{best}/model")
+    assert r.status_code == 200
+    assert "state_dict" in torch.load(io.BytesIO(r.content), weights_only=True)
+    assert api.http.delete(f"/v1/studies/{name}").status_code == 204
+    for path in (f"/v1/studies/{name}", f"/v1/studies/{name}/trials", f"/v1/studies/{name}/trials/{best}/model"):
+        assert api.http.get(path).status_code == 404, path
+    assert name not in [s["name"] for s in api.http.get("/v1/studies").json()["data"]]
+
+
+def test_a_study_deleted_while_its_trial_trains_does_not_take_the_worker_down(
+    sqlite_api: Api, procs: Procs
+) -> None:
+    api, name = sqlite_api, unique("gone")
+    api.create(tiny_spec(name, n_trials=1, n_epochs=LONG_EPOCHS))
+    worker = procs.worker(api.storage, "--studies", name, "--idle-exit", "2")
+    wait_for(lambda: api.running(name), 90, "a trial to start")
+    assert api.http.delete(f"/v1/studies/{name}").status_code == 204
+
+    # The same name again is a new study: the worker must not reuse what it knew of the old.
+    api.create(tiny_spec(name, n_trials=1, n_epochs=2))
+    done = api.wait_done(name, 60)
+    assert done["progress"]["finished"] == 1 and done["progress"]["total"] == 1
+    assert procs.wait_exit(worker, 30) == 0
+    log = procs.log(worker)
+    assert "was deleted while trial 0 ran" in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("storage", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_worker_killed_mid_trial_loses_nothing(storage: str, request: pytest.FixtureRequest,
+                                                 procs: Procs) -> None:
+    api: Api = request.getfixturevalue(f"{'pg' if storage == 'postgres' else 'sqlite'}_api")
+    name = unique("kill")
+    api.create(tiny_spec(name, n_trials=2, n_epochs=LONG_EPOCHS))
+    doomed = procs.worker(api.storage, "--studies", name, env=FAST_RETRY)
+    (killed,) = wait_for(lambda: api.running(name), 90, "a trial to start")
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait(10)
+    assert [t["number"] for t in api.running(name)] == [killed["number"]], "left RUNNING, for now"
+
+    # Its heartbeat has stopped: after the grace period the next worker fails it and runs its
+    # point again.
+    rescuer = procs.worker(api.storage, "--studies", name, "--idle-exit", "2", env=FAST_RETRY)
+    done = api.wait_done(name, 120)
+    assert procs.wait_exit(rescuer, 30) == 0
+
+    p = done["progress"]
+    assert p["finished"] == 2 and p["running"] == 0 and p["waiting"] == 0
+    assert done["state"] == "done"
+    trials = _by_number(api, name)
+    assert trials[killed["number"]]["state"] == "failed"
+    retried = [t for t in _finished(list(trials.values())) if t["params"] == trials[killed["number"]]["params"]]
+    assert len(retried) == 1 and retried[0]["number"] > killed["number"]
+    assert "Traceback" not in procs.log(rescuer)
+
+
+def test_sigterm_fails_the_trial_visibly_and_exits_0_and_max_trials_ends_a_worker(
+    pg_api: Api, procs: Procs
+) -> None:
+    api, name = pg_api, unique("term")
+    api.create(tiny_spec(name, n_trials=2, n_epochs=LONG_EPOCHS))
+    first = procs.worker(api.storage, "--studies", name)
+    (cut,) = wait_for(lambda: api.running(name), 90, "a trial to start")
+    first.send_signal(signal.SIGTERM)
+    assert procs.wait_exit(first, 30) == 0
+    assert "stopping after the current epoch" in procs.log(first)
+
+    cut = _by_number(api, name)[cut["number"]]
+    assert cut["state"] == "failed"
+    assert "shutting down" in cut["fail_reason"]
+    assert cut["metrics"]["epochs_run"] < LONG_EPOCHS
+    assert len(api.trials(name, state="waiting")) == 1, "its point is queued again"
+
+    # --max-trials 1 (and no --idle-exit): the worker runs the queued point, then exits.
+    second = procs.worker(api.storage, "--studies", name, "--max-trials", "1")
+    assert procs.wait_exit(second, 90) == 0
+    s = api.study(name)
+    assert s["state"] == "running" and s["progress"]["finished"] == 1 and s["progress"]["running"] == 0
+    (rerun,) = _finished(api.trials(name))
+    assert rerun["params"] == cut["params"]
+    assert api.http.post(f"/v1/studies/{name}/stop").status_code == 200
+    assert api.http.delete(f"/v1/studies/{name}").status_code == 204
