@@ -44,6 +44,8 @@ def population_supported(spec: StudySpec) -> str | None:
     """None if ``spec`` can run in population mode, else the reason it cannot."""
     if ARCH_KEY in spec.space:
         return "the architecture is searched (a population trains one family)"
+    if spec.bio is not None or spec.growth is not None:
+        return "bio rules and dendrite growth train one model at a time"
     if spec.seeds_per_trial != 1:
         return "seeds_per_trial > 1"
     if spec.optimizer != "adam" or "optimizer" in spec.space:

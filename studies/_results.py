@@ -89,7 +89,10 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     if not done:
         return None
     i, maximize = _primary(study)
-    key: Callable[[FrozenTrial], float] = lambda t: float(t.values[i])  # noqa: E731
+
+    def key(t: FrozenTrial) -> float:
+        return float(t.values[i])
+
     return max(done, key=key) if maximize else min(done, key=key)
 
 

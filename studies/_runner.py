@@ -21,7 +21,7 @@ import core
 
 from ._artifacts import ModelStore
 from ._space import grid_of, suggest
-from ._spec import OBJECTIVES, StudySpec, count_point, split_params
+from ._spec import OBJECTIVES, StudySpec, build_extras, count_point, split_params
 from ._storage import default_storage_url, heartbeat, open_storage, rdb, study_lock
 from .exceptions import StateError, StudyExistsError, StudyNotFoundError
 
@@ -519,12 +519,7 @@ def execute_trial(
                 exact = core.count_parameters(model)
                 if exact != n:
                     raise AssertionError(f"analytic count {n} != built model's {exact} for {family}")
-                res = core.train_model(
-                    model, data, n_epochs=spec.n_epochs, lr=train_args["lr"],
-                    weight_decay=train_args["weight_decay"], batch_size=spec.batch_size,
-                    device=dev, seed=seed, on_epoch=on_epoch if k == 0 else None,
-                    optimizer=train_args["optimizer"],
-                )
+                res = _train(model, data, spec, train_args, dev, seed, on_epoch if k == 0 else None)
                 results.append(res)
                 if res.status != "completed":
                     break
@@ -553,8 +548,8 @@ def execute_trial(
         study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
         return out
     metrics = {
-        "val_accuracy": _mean([r.val_accuracy for r in results]),
-        "val_loss": _mean([r.val_loss for r in results]),
+        "val_accuracy": _mean([_final(r).get("val_accuracy") for r in results]),
+        "val_loss": _mean([_final(r).get("val_loss") for r in results]),
     }
     values = _objective_values(spec, metrics, n)
     if not all(math.isfinite(v) for v in values):
@@ -576,6 +571,36 @@ def execute_trial(
     return TrialOutcome(trial.number, "complete", values=values, n_params=n, attrs=attrs)
 
 
+def _train(
+    model: torch.nn.Module, data: core.Dataset, spec: StudySpec, train_args: dict[str, Any],
+    dev: torch.device, seed: int, on_epoch: Callable[[int, dict[str, Any]], bool] | None,
+) -> core.TrainResult:
+    """core.train_model, with the spec's bio rules and dendrite growth when it asks for them."""
+    bio_config, bio_hook, growth = build_extras(train_args)
+    hooks = []
+    if bio_config is not None:
+        model = core.BioConverter(bio_config)(model)
+        hooks.append(bio_hook)
+    common = dict(n_epochs=spec.n_epochs, lr=train_args["lr"], weight_decay=train_args["weight_decay"],
+                  batch_size=spec.batch_size, device=dev, seed=seed, on_epoch=on_epoch,
+                  optimizer=train_args["optimizer"], step_hooks=hooks)
+    if growth is None:
+        return core.train_model(model, data, **common)
+    res = core.train_with_growth(model, data, growth=growth, max_params=spec.max_params, **common)
+    # Growth hands back its best checkpoint: report that epoch's metrics as the result.
+    best = max((h.get("best_epoch") or 0 for h in res.history), default=0)
+    res.final_epoch = best or None  # type: ignore[attr-defined]
+    return res
+
+
+def _final(r: core.TrainResult) -> dict[str, Any]:
+    """The metrics of the model a run hands back: its last epoch, or growth's restored best."""
+    if not r.history:
+        return {}
+    best = getattr(r, "final_epoch", None)
+    return r.history[best - 1] if best else r.history[-1]
+
+
 def _mean(xs: list[float | None]) -> float:
     vals = [x for x in xs if x is not None]
     return float(sum(vals) / len(vals)) if vals else float("nan")
@@ -583,29 +608,33 @@ def _mean(xs: list[float | None]) -> float:
 
 def _result_attrs(results: list[core.TrainResult], dev: torch.device, worker: str | None) -> dict[str, Any]:
     r = results[0]
+    f = _final(r)
     attrs: dict[str, Any] = {
-        "val_accuracy": r.val_accuracy,
-        "test_accuracy": r.test_accuracy,
-        "train_accuracy": r.train_accuracy,
-        "val_loss": r.val_loss,
-        "test_loss": r.test_loss,
-        "train_loss": r.train_loss,
+        "val_accuracy": f.get("val_accuracy"),
+        "test_accuracy": f.get("test_accuracy"),
+        "train_accuracy": f.get("train_accuracy"),
+        "val_loss": f.get("val_loss"),
+        "test_loss": f.get("test_loss"),
+        "train_loss": f.get("train_loss"),
         "wall_time": sum(x.wall_time for x in results),
         "seconds_per_epoch": r.seconds_per_epoch,
         "epochs_run": r.epochs_run,
         "device": str(dev),
         "seed": r.seed,
+        "final_epoch": getattr(r, "final_epoch", None) or r.epochs_run,
+        # growth adds parameters while training (never beyond max_params)
+        "n_params_final": (r.history[-1].get("n_params") if r.history else None),
         "history": [
             {k: (round(v, 6) if isinstance(v, float) else v) for k, v in h.items()} for h in r.history
         ],
     }
     if len(results) > 1:
         attrs["seed_results"] = [
-            {"seed": x.seed, "val_accuracy": x.val_accuracy, "test_accuracy": x.test_accuracy,
-             "val_loss": x.val_loss, "test_loss": x.test_loss} for x in results
+            {"seed": x.seed, **{k: _final(x).get(k) for k in ("val_accuracy", "test_accuracy", "val_loss", "test_loss")}}
+            for x in results
         ]
-        attrs["test_accuracy_mean"] = _mean([x.test_accuracy for x in results])
-        attrs["test_loss_mean"] = _mean([x.test_loss for x in results])
+        attrs["test_accuracy_mean"] = _mean([_final(x).get("test_accuracy") for x in results])
+        attrs["test_loss_mean"] = _mean([_final(x).get("test_loss") for x in results])
     # Optuna keeps user attributes as JSON: make sure nothing else slips in.
     return json.loads(json.dumps(attrs, default=float))
 

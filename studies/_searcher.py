@@ -23,7 +23,7 @@ from ._results import _atomic_write, trained_trials
 from ._runner import progress, run_study
 from ._space import grid_of
 from ._spec import ARCH_KEY, StudySpec, count_point
-from ._storage import default_storage_url, open_storage
+from ._storage import _redact, default_storage_url, open_storage
 from .exceptions import SpecError
 
 __all__ = ["SearchResult", "HyperparameterSearcher", "hyperparameter_tuning", "TUNING_METRICS"]
@@ -267,7 +267,8 @@ class HyperparameterSearcher:
             "dataset": self.dataset, "subset_size": self.subset_size, "max_params": self.max_params,
             "n_epochs": self.n_epochs, "lr": self.lr, "weight_decay": self.weight_decay,
             "optimizer": self.optimizer, "batch_size": self.batch_size, "n_classes": self.n_classes,
-            "seed": self.seed, "storage": _redact(storage), "studies": list(self._studies),
+            "seed": self.seed, "storage": _redact(storage) if "://" in storage else storage,
+            "studies": list(self._studies),
         }
 
     def save_results(self, path: str | Path) -> Path:
@@ -286,13 +287,6 @@ class HyperparameterSearcher:
 
 def _json_default(o: Any) -> Any:
     return str(o)
-
-
-def _redact(url: str) -> str:
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 # -- the seed-000 grid over a user's own factory ------------------------------------------------

@@ -24,6 +24,7 @@ __all__ = [
     "split_params",
     "count_point",
     "smallest_point",
+    "build_extras",
 ]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -83,6 +84,16 @@ class StudySpec(BaseModel):
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
     timeout: float | None = Field(default=None, gt=0, description="Seconds for the whole study.")
     keep_models: int = Field(default=5, ge=0, description="Keep the weights of this many best trials.")
+    bio: dict[str, Any] | None = Field(
+        default=None,
+        description="Bio-inspired training rules on top of the family (core.BioConfig options and "
+        "core.BioStepHook switches); search them as 'bio.<option>' in search_space.",
+    )
+    growth: dict[str, Any] | None = Field(
+        default=None,
+        description="Grow dendrite sets while training (core.GrowthConfig options); search them "
+        "as 'growth.<option>'. Growth never takes the model over max_params.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -186,7 +197,10 @@ def _check(spec: StudySpec) -> None:
         if unknown:
             raise SpecError(f"search_space.{ARCH_KEY}", f"unknown model famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: {', '.join(core.list_models())}")
     io_keys = {"in_dim", "n_classes", "in_channels", "out_dim"}
+    _check_extras(spec, space)
     for key in list(space) + list(spec.model_params):
+        if "." in key and key.split(".", 1)[0] in _EXTRAS:
+            continue
         where = "search_space" if key in space else "model_params"
         if key in io_keys:
             raise SpecError(f"{where}.{key}", f"{key!r} comes from the dataset and cannot be set")
@@ -226,6 +240,53 @@ def _check(spec: StudySpec) -> None:
             )
 
 
+def _bio_keys() -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(core.BioConfig)} | {
+        f.name for f in dataclasses.fields(core.BioStepHook) if f.init
+    }
+
+
+def _growth_keys() -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(core.GrowthConfig)} - {"metric"}
+
+
+_EXTRAS = {"bio": _bio_keys, "growth": _growth_keys}
+
+
+def _check_extras(spec: StudySpec, space: dict[str, ParamDef]) -> None:
+    for section, keys_of in _EXTRAS.items():
+        allowed = keys_of()
+        fixed = getattr(spec, section) or {}
+        searched = [k.split(".", 1)[1] for k in space if k.startswith(section + ".")]
+        for key, where in [(k, section) for k in fixed] + [(k, f"search_space.{section}") for k in searched]:
+            if key not in allowed:
+                raise SpecError(f"{where}.{key}", f"unknown {section} option {key!r}; allowed: {', '.join(sorted(allowed))}")
+        if searched and getattr(spec, section) is None:
+            raise SpecError(f"search_space.{section}.{searched[0]}",
+                            f"searching {section} options needs '{section}' in the spec (use {{}} for the defaults)")
+        if getattr(spec, section) is not None:
+            try:
+                _extra_objects(section, dict(fixed))
+            except (TypeError, ValueError) as exc:
+                raise SpecError(section, str(exc)) from None
+
+
+def _extra_objects(section: str, options: dict[str, Any]) -> Any:
+    """Build the core objects of a bio/growth section, raising on bad values."""
+    import dataclasses
+
+    if section == "growth":
+        return core.GrowthConfig(**options)
+    hook_keys = {f.name for f in dataclasses.fields(core.BioStepHook) if f.init}
+    hook = core.BioStepHook(**{k: v for k, v in options.items() if k in hook_keys})
+    config = core.BioConfig(**{k: v for k, v in options.items() if k not in hook_keys})
+    return config, hook
+
+
 def split_params(
     spec: StudySpec, params: dict[str, Any]
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -240,14 +301,26 @@ def split_params(
     info = spec.info
     model_args = dict(core.data_params(family, info.input_shape, info.n_classes, info.out_dim))
     for k, v in {**spec.model_params, **params}.items():
-        if k in fam.accepts and k not in TRAIN_KEYS and k != ARCH_KEY:
+        if k in fam.accepts and k not in TRAIN_KEYS and k != ARCH_KEY and "." not in k:
             model_args[k] = v
-    train = {
+    train: dict[str, Any] = {
         "lr": float(params.get("lr", spec.lr)),
         "weight_decay": float(params.get("weight_decay", spec.weight_decay)),
         "optimizer": str(params.get("optimizer", spec.optimizer)),
     }
+    for section in _EXTRAS:
+        fixed = getattr(spec, section)
+        if fixed is not None:
+            searched = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(section + ".")}
+            train[section] = {**fixed, **searched}
     return family, model_args, train
+
+
+def build_extras(train: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(BioConfig, BioStepHook, GrowthConfig) for a trial's training settings; None where unused."""
+    bio = _extra_objects("bio", train["bio"]) if "bio" in train else (None, None)
+    growth = _extra_objects("growth", train["growth"]) if "growth" in train else None
+    return bio[0], bio[1], growth
 
 
 def count_point(spec: StudySpec, params: dict[str, Any]) -> int:
