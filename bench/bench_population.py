@@ -67,7 +67,8 @@ def main() -> None:
     data = core.load_dataset("fashion-mnist", data_dir=args.data_dir, subset_size=args.subset)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# fashion-mnist {data.sizes()} on {dev} ({name}), torch {torch.__version__}; "
-          f"dendritic_simple {SIZES}, batch {args.batch_size}, lr {args.lr}, {args.epochs} epochs")
+          f"dendritic_simple {SIZES}, batch {args.batch_size}, lr {args.lr}, {args.epochs} epochs, "
+          f"tf32 matmul {torch.backends.cuda.matmul.allow_tf32}")
 
     # a warm-up, so that no row pays for CUDA/cuBLAS initialisation
     core.train_population("dendritic_simple", [dict(SIZES)], data, 1, args.batch_size, device=dev)

@@ -90,7 +90,7 @@ class DendriticLayer(nn.Module):
         n_dend = n_neurons * n_dendrites
         # Distinct inputs per dendrite: the first k of a random permutation of the inputs.
         scores = torch.rand(n_dend, in_dim, generator=self._generator)
-        indices = scores.argsort(dim=1)[:, :n_dendrite_inputs].contiguous()
+        indices = scores.topk(n_dendrite_inputs, dim=1, largest=False).indices.contiguous()
         self.register_buffer("indices", indices)
         self.weight = nn.Parameter(torch.empty(n_dend, n_dendrite_inputs))
         self.bias = nn.Parameter(torch.empty(n_dend))

@@ -10,10 +10,10 @@ How the members stay exactly themselves:
 
 * **Padding.** Each weight is stored in a slot of the population's padded shape; a member's
   own values sit in one corner (a dendritic layer's rows on a padded (neuron, dendrite)
-  grid). Padded weights, biases and Adam moments are zero and stay zero: the connections of a
-  dendrite are masked before they are scattered into the dense matrix, so the gradient of a
-  padded connection is exactly zero; every other padded unit sees zero weights, produces
-  LeakyReLU(0) = 0 and receives a zero gradient. A zero gradient, zero moments and a zero
+  grid). Padded weights, biases and Adam moments are zero and stay zero: a padded
+  connection of a dendrite points at a sink element outside the dense matrix, so it adds
+  nothing and its gradient is exactly zero; every other padded unit sees zero weights,
+  produces LeakyReLU(0) = 0 and receives a zero gradient. A zero gradient, zero moments and a zero
   weight give an Adam update of exactly zero, with or without weight decay. Members of
   different depth (``vanilla_mlp``) skip the layers they lack; a population that mixes
   dendritic layers with and without a soma selects each member's path.
@@ -33,7 +33,12 @@ How the members stay exactly themselves:
   epoch, every member goes back to that copy (its last consistent state), the population
   size is halved, and the members that no longer fit are requeued, ahead of new configs,
   to resume from that state when a slot frees. No member is lost or restarted; their
-  callbacks see each epoch once.
+  callbacks see each epoch once. (Only the training epoch is guarded: running out of memory
+  while the population is being rebuilt at an epoch boundary is raised.)
+* **Results.** A member that did not diverge gets ``result.state_dict``: its module's
+  trained weights and connections (CPU tensors), as ``train_model`` would have left the
+  model. A config that cannot be built ends as status ``"failed"`` with the reason in
+  ``error`` and does not stop the others.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from torch.nn import functional as F
 
 from ._data import Dataset
 from ._layers import DendriticLayer
-from ._registry import count_parameters, create_model, get_family
+from ._registry import count_parameters, get_family
 from ._train import TrainResult, resolve_device
 
 __all__ = ["train_population", "POPULATION_FAMILIES"]
@@ -77,8 +82,8 @@ _SLOPE = 0.1
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
 _TRAIN_KEYS = ("lr", "weight_decay", "seed")
 _AUTO_CPU = 8
-# "auto" never goes past this: the throughput has flattened out well before (see
-# bench/bench_population.py) and a study learns sooner from fewer concurrent trials.
+# "auto" never goes past this: 1024 default-sized members already keep an H100 busy (see
+# bench/bench_population.py), and a study learns sooner from fewer concurrent trials.
 _AUTO_MAX = 1024
 _EVAL_BYTES = 1 << 28  # bound on one evaluation chunk's activations
 
@@ -331,6 +336,40 @@ class _Member:
 
 
 # -- the stacked population ---------------------------------------------------------------------
+class _DendriteMatmul(torch.autograd.Function):
+    """``x @ dense^T + b`` where ``dense`` holds each dendrite's weights at its inputs.
+
+    ``dense`` lives in a flat buffer whose last element is a sink: padded connections point
+    there, so they write nothing anyone reads and their gradient is that of the sink, zero.
+    The caller keeps the buffer zero wherever no connection points (see ``_Stack.resample``).
+    The backward is one batched product for the dense gradient, laid out ``(K, in, rows)``
+    as autograd's baddbmm backward lays it out (cuBLAS is a third faster on it than on the
+    other orientation, measured on an H100), and a flat ``take`` of the connected entries
+    (``flat_t``: the same connections in that layout).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, flat: torch.Tensor,
+        flat_t: torch.Tensor, buf: torch.Tensor,
+    ) -> torch.Tensor:
+        K, rows = b.shape
+        buf.put_(flat, w)
+        dense = buf[:-1].view(K, rows, -1)
+        ctx.save_for_backward(x, flat_t)
+        ctx.shape = (K, rows, dense.shape[2])
+        return torch.baddbmm(b.unsqueeze(1), x, dense.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, gz: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, flat_t = ctx.saved_tensors
+        K, rows, n_in = ctx.shape
+        gd = gz.new_empty(K * n_in * rows + 1)
+        gd[-1:].zero_()
+        torch.bmm(x.transpose(1, 2), gz, out=gd[:-1].view(K, n_in, rows))
+        return None, gd.take(flat_t), gz.sum(1), None, None, None
+
+
 class _Stack:
     """The population's tensors: one row per member, each padded to ``dims``.
 
@@ -362,21 +401,47 @@ class _Stack:
         depth = [len(x.arch.hidden) for x in members]
         self.active = torch.tensor([[j < h for j in range(dims.depth)] for h in depth], device=dev)
         self.full = [all(j < h for h in depth) for j in range(dims.depth)]
+        self.flat: torch.Tensor | None = None
+        self.flat_t: torch.Tensor | None = None
+        self.buf: torch.Tensor | None = None
+        if dims.n and self.K:
+            self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev)
+            self._index()
+
+    def _index(self) -> None:
+        """Flat positions of every connection in the dense buffer (padding: the sink)."""
+        assert self.idx is not None and self.kmask is not None and self.buf is not None
+        K, R, n_in = self.K, self.dims.rows, self.dims.in_dim
+        k = torch.arange(K, device=self.idx.device).view(K, 1, 1)
+        r = torch.arange(R, device=self.idx.device).view(1, R, 1)
+        real, sink = self.kmask > 0, K * R * n_in
+        self.flat = torch.where(real, (k * R + r) * n_in + self.idx, sink)  # (K, rows, in)
+        self.flat_t = torch.where(real, (k * n_in + self.idx) * R + r, sink)  # (K, in, rows)
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def build(
         cls, dims: _Dims, members: list[_Member], states: list[_State], device: torch.device
     ) -> _Stack:
-        """Stack members' own tensors into padded rows (on the CPU when they are there)."""
-        where = device if any(s.params["bo"].device != torch.device("cpu") for s in states) else "cpu"
+        """Stack members' own tensors (on the CPU) into padded rows on ``device``."""
         K, P = len(states), dims.numel
-        bufs = [torch.zeros(K, P, device=where) for _ in range(3)]
+        layout = dims.layout()
+        if K and all(_Dims.of([m.arch]) == dims for m in members):  # no padding: plain stacking
+            bufs = [torch.cat([torch.stack([d[name] for d in ds]).reshape(K, -1) for name in layout], 1)
+                    for ds in ([st.params for st in states], [st.exp_avg for st in states],
+                               [st.exp_avg_sq for st in states])]
+            idx = kmask = None
+            if dims.n:
+                idx = torch.stack([st.indices for st in states])  # type: ignore[misc]
+                kmask = torch.ones(K, dims.rows, dims.k)
+            steps = torch.tensor([float(x.steps) for x in members], dtype=torch.float64)
+            moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
+            return cls(dims, members, *moved)  # type: ignore[arg-type]
+        bufs = [torch.zeros(K, P) for _ in range(3)]
         idx = kmask = None
         if dims.n:
-            idx = torch.zeros(K, dims.rows, dims.k, dtype=torch.long, device=where)
-            kmask = torch.zeros(K, dims.rows, dims.k, device=where)
-        layout = dims.layout()
+            idx = torch.zeros(K, dims.rows, dims.k, dtype=torch.long)
+            kmask = torch.zeros(K, dims.rows, dims.k)
         for i, (mem, st) in enumerate(zip(members, states, strict=True)):
             for name, (off, shape) in layout.items():
                 for buf, src in zip(bufs, (st.params, st.exp_avg, st.exp_avg_sq), strict=True):
@@ -394,21 +459,29 @@ class _Stack:
         moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
         return cls(dims, members, *moved)  # type: ignore[arg-type]
 
-    def state(self, i: int) -> _State:
-        """Row ``i`` back in the member's own shapes (copies)."""
-        arch = self.members[i].arch
-        out: list[dict[str, torch.Tensor]] = [{}, {}, {}]
-        for name, (off, shape) in self.layout.items():
-            for d, buf in zip(out, (self.p, self.m, self.v), strict=True):
-                reg = _region(buf[i, off : off + math.prod(shape)].view(shape), name, arch, self.dims)
-                if reg is not None:
-                    d[name] = reg[0].reshape(reg[1]).clone()
-        indices = None
-        if self.idx is not None and arch.n:
-            reg = _region(self.idx[i], "didx", arch, self.dims)
-            assert reg is not None
-            indices = reg[0].reshape(reg[1]).clone()
-        return _State(out[0], out[1], out[2], indices)
+    def states(self, rows: list[int], moments: bool = True) -> list[_State]:
+        """Rows back in the members' own shapes, on the CPU (one transfer per buffer)."""
+        if not rows:
+            return []
+        r = torch.tensor(rows, dtype=torch.long, device=self.p.device)
+        bufs = [t.index_select(0, r).cpu() for t in ((self.p, self.m, self.v) if moments else (self.p,))]
+        idx = self.idx.index_select(0, r).cpu() if self.idx is not None else None
+        out = []
+        for j, i in enumerate(rows):
+            arch = self.members[i].arch
+            parts: list[dict[str, torch.Tensor]] = [{}, {}, {}]
+            for name, (off, shape) in self.layout.items():
+                for d, buf in zip(parts, bufs, strict=False):
+                    reg = _region(buf[j, off : off + math.prod(shape)].view(shape), name, arch, self.dims)
+                    if reg is not None:
+                        d[name] = reg[0].reshape(reg[1]).clone()
+            indices = None
+            if idx is not None and arch.n:
+                reg = _region(idx[j], "didx", arch, self.dims)
+                assert reg is not None
+                indices = reg[0].reshape(reg[1]).clone()
+            out.append(_State(parts[0], parts[1], parts[2], indices))
+        return out
 
     def select(self, rows: list[int]) -> _Stack:
         if rows == list(range(self.K)):
@@ -436,6 +509,9 @@ class _Stack:
         for t, s in zip((self.p, self.m, self.v, self.idx, self.steps), snap, strict=True):
             if t is not None and s is not None:
                 t.copy_(s)
+        if self.buf is not None:
+            self.buf.zero_()
+            self._index()
 
     def real_mask(self) -> torch.Tensor:
         """True where a flat parameter entry belongs to its member (padding is False)."""
@@ -448,13 +524,12 @@ class _Stack:
         return mask.to(self.p.device)
 
     # -- forward ----------------------------------------------------------------------------
+    @torch.no_grad()
     def _dense(self) -> torch.Tensor:
-        """Each dendrite's compact weights scattered into a dense ``(K, rows, in_dim)`` matrix."""
-        dims = self.dims
-        assert self.idx is not None and self.kmask is not None
-        w = self.views["dw"] * self.kmask  # padded connections: zero value, zero gradient
-        dense = w.new_zeros(self.K, dims.rows, dims.in_dim)
-        return dense.scatter_add(2, self.idx, w)
+        """The current dense ``(K, rows, in_dim)`` dendrite matrix (a view of the buffer)."""
+        assert self.flat is not None and self.buf is not None
+        self.buf.put_(self.flat, self.plain["dw"])
+        return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
 
     def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
         """``x @ w^T + b`` per member; a shared ``x`` (evaluation) is one large product."""
@@ -468,9 +543,12 @@ class _Stack:
         """Outputs ``(K, batch, classes)`` for member batches ``x`` (K, B, in) or one shared ``x``."""
         dims, P = self.dims, self.views
         if dims.n:
-            if dense is None:
-                dense = self._dense()
-            h = F.leaky_relu(self._first(x, dense, P["db"], shared), _SLOPE)
+            if shared:
+                z = self._first(x, self._dense() if dense is None else dense, P["db"], True)
+            else:
+                assert self.flat is not None and self.flat_t is not None and self.buf is not None
+                z = _DendriteMatmul.apply(x, P["dw"], P["db"], self.flat, self.flat_t, self.buf)
+            h = F.leaky_relu(z, _SLOPE)
             if dims.soma_on:
                 K, B = h.shape[:2]
                 s = (h.reshape(K, B, dims.n, dims.d) * P["sw"].unsqueeze(1)).sum(-1)
@@ -545,6 +623,9 @@ class _Stack:
                 s = buf[r][..., :k]
                 s.scatter_(2, weakest, 0.0)
                 buf[r, :, :k] = s
+        if self.buf is not None:  # connections moved: the old positions must read zero
+            self.buf.zero_()
+            self._index()
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -552,7 +633,8 @@ class _Stack:
         dims = self.dims
         dense = self._dense() if dims.n else None
         width = max(dims.rows, dims.feat, dims.hidden, dims.n_classes, 1)
-        chunk = max(1, min(4096, _EVAL_BYTES // (self.K * width * 4 * 4)))
+        budget = _EVAL_BYTES * (4 if x.device.type == "cuda" else 1)
+        chunk = max(1, min(4096, budget // (self.K * width * 4 * 4)))
         total = torch.zeros(self.K, device=x.device)
         correct = torch.zeros(self.K, device=x.device)
         for i in range(0, len(x), chunk):
@@ -598,7 +680,9 @@ class _Population:
         self.exhausted = False
         self.stack: _Stack | None = None
         cuda = device.type == "cuda"
-        workers = min(8, os.cpu_count() or 1) if cuda else 1
+        # Enough threads to draw the next epoch's random numbers while the device works,
+        # few enough to leave cores to the main thread's own intra-op work.
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if cuda else 1
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="population")
         self.workers = workers
 
@@ -636,7 +720,14 @@ class _Population:
                     f"{key}={params[key]!r} does not match the dataset's {value}; leave it out "
                     f"and it is taken from the data"
                 )
-        net = create_model(self.family, seed=mseed, **params)
+        family = get_family(self.family)
+        resolved = family.resolve(params)  # unknown parameters: a ValueError listing the known
+        # create_model(family, seed=mseed, **params) draws from the CPU generator alone; its
+        # torch.manual_seed also reseeds every CUDA device (about a millisecond a member on a
+        # GPU host) without changing the weights, so only the CPU generator is seeded here.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(mseed)
+            net = family.build(**resolved)
         arch, layer, linears = _parse(net, self.family)
         own: dict[str, torch.Tensor] = {}  # the module's tensors, written back when it ends
         if layer is not None:
@@ -660,24 +751,23 @@ class _Population:
             result=result, state=state, net=net, own=own,
         )
         self.results.append(result)
-        self._prefetch(mem)
         return mem
 
     @torch.no_grad()
-    def _keep_weights(self, stack: _Stack, i: int) -> None:
-        """Write row ``i`` into the member's module and attach its ``state_dict`` to the result."""
-        mem = stack.members[i]
-        if mem.net is None:
-            return
-        st = stack.state(i)
-        for name, t in mem.own.items():
-            t.copy_(st.params[name])
-        layer = mem.net[0] if isinstance(mem.net[0], DendriticLayer) else None
-        if layer is not None and st.indices is not None:
-            layer.indices.copy_(st.indices)
-            layer.n_backward = mem.steps
-        mem.result.state_dict = mem.net.state_dict()  # type: ignore[attr-defined]
-        mem.net, mem.own = None, {}
+    def _keep_weights(self, stack: _Stack, rows: list[int]) -> None:
+        """Write these rows into their members' modules; attach each ``state_dict`` to the result."""
+        for i, st in zip(rows, stack.states(rows, moments=False), strict=True):
+            mem = stack.members[i]
+            if mem.net is None:
+                continue
+            for name, t in mem.own.items():
+                t.copy_(st.params[name])
+            layer = mem.net[0] if isinstance(mem.net[0], DendriticLayer) else None
+            if layer is not None and st.indices is not None:
+                layer.indices.copy_(st.indices)
+                layer.n_backward = mem.steps
+            mem.result.state_dict = mem.net.state_dict()
+            mem.net, mem.own = None, {}
 
     def _prefetch(self, mem: _Member) -> None:
         """Queue the draws of the member's next epoch (one at a time: generators are sequential)."""
@@ -771,7 +861,7 @@ class _Population:
         states = [m.state for m in incoming]
         assert all(s is not None for s in states)
         if stack is None or not stack.dims.covers(needed) or stack.dims.volume > 1.25 * needed.volume:
-            old = [stack.state(i) for i in range(stack.K)] if stack is not None else []
+            old = stack.states(list(range(stack.K))) if stack is not None else []
             self.stack = _Stack.build(needed, everyone, old + states, self.device)  # type: ignore[operator]
         else:
             self.stack = stack.cat(_Stack.build(stack.dims, incoming, states, self.device))  # type: ignore[arg-type]
@@ -780,6 +870,8 @@ class _Population:
             m.state = None
             if not m.start:
                 m.start = now
+            # Drawn once the newcomers are built: drawing alongside the building only slows both.
+            self._prefetch(m)
 
     def _shrink(self, stack: _Stack) -> None:
         """After an out-of-memory error: halve the population, requeue who no longer fits."""
@@ -790,9 +882,9 @@ class _Population:
             )
         self.size = max(1, min(self.size, stack.K) // 2)
         evicted = list(range(self.size, stack.K))
-        for i in reversed(evicted):
+        for i, st in reversed(list(zip(evicted, stack.states(evicted), strict=True))):
             mem = stack.members[i]
-            mem.state = stack.state(i)
+            mem.state = st
             self.pending.appendleft(mem)
         self.stack = stack.select(list(range(self.size)))
         logger.warning(
@@ -806,7 +898,6 @@ class _Population:
         for mem in stack.members:
             if mem.current is None:
                 mem.current = mem.plans.popleft().result()
-            self._prefetch(mem)
             plans.append(mem.current)
         dev, cuda = self.device, self.device.type == "cuda"
         perms = torch.empty(stack.K, self.n_train, dtype=torch.int32, pin_memory=cuda)
@@ -841,6 +932,8 @@ class _Population:
                     scores=scores.to(dev, non_blocking=cuda), fresh=fresh.to(dev, non_blocking=cuda),
                 ))
             events[t] = out
+        for mem in stack.members:  # after the stacking above, which shares the workers
+            self._prefetch(mem)
         return order, events
 
     def _stack_rows(self, rows: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -904,7 +997,7 @@ class _Population:
             return None
         del snap
         seconds = time.perf_counter() - t0
-        ended: set[_Member] = set()
+        ended: list[int] = []
         now = time.perf_counter()
         d = self.data
         sizes = [self.n_train, self.n_train, len(d.x_val), len(d.x_val), len(d.x_test), len(d.x_test)]
@@ -933,16 +1026,17 @@ class _Population:
                     res.status, stop = "completed", True
             if stop:
                 res.wall_time = now - mem.start
-                if res.status != "diverged":
-                    self._keep_weights(stack, i)
-                mem.net, mem.own = None, {}
                 for fut in mem.plans:
                     fut.cancel()
                 mem.plans.clear()
-                ended.add(mem)
-                if self.on_result is not None:
-                    self.on_result(mem.index, res)
-        return ended
+                ended.append(i)
+        self._keep_weights(stack, [i for i in ended if stack.members[i].result.status != "diverged"])
+        for i in ended:
+            mem = stack.members[i]
+            mem.net, mem.own = None, {}
+            if self.on_result is not None:
+                self.on_result(mem.index, mem.result)
+        return {stack.members[i] for i in ended}
 
 
 def train_population(
@@ -976,10 +1070,13 @@ def train_population(
 
     After each of a member's epochs ``on_epoch(index, epoch, metrics)`` is called; a truthy
     return stops that member (status ``"stopped"``). A non-finite training loss ends only
-    that member (``"diverged"``). ``on_result(index, result)`` is called as soon as a member
-    ends. If the device runs out of memory, the population is halved and no member is lost
-    (see the module's docstring). Returns one :class:`TrainResult` per config, in the order
-    the configs were read.
+    that member (``"diverged"``); a config that cannot be built (unknown parameter, bad
+    size, bad ``lr``) ends only that member (``"failed"``, with the reason in ``error``).
+    ``on_result(index, result)`` is called as soon as a member ends. If the device runs out
+    of memory, the population is halved and no member is lost (see the module's docstring).
+    Returns one :class:`TrainResult` per config, in the order the configs were read; each
+    member that did not diverge or fail also carries ``result.state_dict``, the trained
+    module's weights (CPU tensors).
 
     Only the families in ``POPULATION_FAMILIES`` can be stacked; any other raises a
     ValueError (train those one at a time with ``train_model``).

@@ -55,6 +55,8 @@ class TrainResult:
     device: str = "cpu"
     seed: int = 0
     name: str = ""
+    #: trained weights (CPU tensors), where the trainer hands them back (train_population)
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def _last(self, key: str) -> Any:
         return self.history[-1][key] if self.history else None
@@ -93,6 +95,7 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("state_dict", None)
         for k in ("train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy",
                   "test_accuracy", "epochs_run", "seconds_per_epoch"):
             d[k] = getattr(self, k)

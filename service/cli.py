@@ -122,6 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"demo study not created: {exc}")
     base = f"http://{settings.host}:{settings.port}"
     print(f"API docs:  {base}/v1/docs\nDashboard: {base}/dashboard\nStorage:   {url}", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again; with the
+    # default action that would kill this process before the local workers are stopped.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     procs = _start_workers(args.workers, url, settings.device, settings.data_dir) if args.workers else []
     if procs:
         print(f"started {len(procs)} local worker(s) on {settings.device}", flush=True)
@@ -129,7 +132,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     finally:
         _stop_workers(procs)
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -198,6 +206,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             print("wrote " + ", ".join(str(p) for p in paths))
         return 0
     kw = {k: v for k, v in overrides.items() if v is not None and k != "name"}
+    studies.get_preset(args.preset)  # an unknown name fails here, before anything is written
     result = studies.run_preset(args.preset, storage=storage, out_dir=args.out, device=args.device,
                                 data_dir=args.data_dir, **kw)
     print(result if isinstance(result, str) else json.dumps(result, indent=2, default=str)[:4000])

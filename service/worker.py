@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 import optuna
 import sqlalchemy as sa
@@ -57,7 +59,7 @@ class Worker:
         self.host = socket.gethostname()
         self._storage: optuna.storages.RDBStorage | None = None
         self._registry: WorkerRegistry | None = None
-        self._studies: dict[str, tuple[optuna.Study, studies.StudySpec]] = {}
+        self._studies: dict[str, tuple[Any, optuna.Study, studies.StudySpec]] = {}
         self._served: dict[str, float] = {}
         self._current: tuple[str, int] | None = None
 
@@ -104,7 +106,8 @@ class Worker:
             self._beat_now()
 
     # -- choosing work ------------------------------------------------------------------------
-    def _runnable(self) -> list[tuple[str, int]]:
+    def _runnable(self) -> list[tuple[str, Any]]:
+        """Running studies as (name, identity), the least recently served first."""
         assert self._storage is not None
         found = []
         for s in self._storage.get_all_studies():
@@ -112,16 +115,17 @@ class Worker:
                 continue
             attrs = s.user_attrs
             if studies.SPEC_ATTR in attrs and attrs.get(studies.STATE_ATTR) == "running":
-                found.append((s.study_name, s._study_id))
+                # SQLite reuses the id of a deleted study: with the spec, the pair tells a
+                # study created again under its old name from the one this worker knew.
+                found.append((s.study_name, (s._study_id, json.dumps(attrs[studies.SPEC_ATTR], sort_keys=True))))
         # Fair between studies: the one served least recently goes first.
         random.shuffle(found)
         found.sort(key=lambda f: self._served.get(f[0], 0.0))
         return found
 
-    def _study(self, name: str, study_id: int) -> tuple[optuna.Study, studies.StudySpec]:
+    def _study(self, name: str, identity: Any) -> tuple[optuna.Study, studies.StudySpec]:
         cached = self._studies.get(name)
-        # A study deleted and created again under its name is another study.
-        if cached is None or cached[0]._study_id != study_id:
+        if cached is None or cached[0] != identity:
             # Each worker seeds its own sampler, or all of them would propose the same points;
             # but a grid sampler's seed orders the grid, and every worker must map a grid id
             # to the same point, so the grid keeps the spec's seed.
@@ -129,8 +133,8 @@ class Worker:
             study, spec = studies.load_study(name, self._storage, sampler_seed=seed)
             if spec.sampler == "grid":
                 study.sampler = studies.make_sampler(spec)
-            self._studies[name] = (study, spec)
-        return self._studies[name]
+            self._studies[name] = (identity, study, spec)
+        return self._studies[name][1:]
 
     def _should_stop(self, study: optuna.Study) -> str | bool:
         if self.stop_requested.is_set():
@@ -143,10 +147,11 @@ class Worker:
             return "the study was stopped"
         return False
 
-    def _deleted(self, name: str, study_id: int) -> bool:
+    def _trial_gone(self, trial_id: int, started: Any) -> bool:
+        """Whether the trial was deleted (with its study) since it started."""
         assert self._storage is not None
         try:
-            return self._storage.get_study_id_from_name(name) != study_id
+            return self._storage.get_trial(trial_id).datetime_start != started
         except KeyError:
             return True
 
@@ -154,32 +159,39 @@ class Worker:
         """Run at most one trial; True if one ran."""
         self._connect()
         assert self._storage is not None
-        for name, study_id in self._runnable():
+        for name, identity in self._runnable():
             try:
-                study, spec = self._study(name, study_id)
+                study, spec = self._study(name, identity)
                 trial = studies.ask_trial(study, spec)
             except (studies.StudyNotFoundError, KeyError):
-                # Deleted between the listing and the ask.
+                # Deleted between the listing and the ask (Optuna: "record does not exist").
+                log.info("study %s is gone", name)
                 self._studies.pop(name, None)
-                if self._deleted(name, study_id):
-                    continue
-                raise
+                continue
             if trial is None:
                 continue
+            # Beat for the trial from now on: Optuna never counts a RUNNING trial without any
+            # beat as stale, and execute_trial only starts beating once the data is loaded,
+            # so a worker killed while loading would leave its trial RUNNING forever.
+            if self._storage.get_heartbeat_interval():
+                self._storage.record_heartbeat(trial._trial_id)
+            started = self._storage.get_trial(trial._trial_id).datetime_start
             self._served[name] = time.time()
             self._current = (name, trial.number)
             self._beat_now()
             try:
-                out = studies.execute_trial(
-                    study, trial, spec, device=self.config.device, data_dir=self.config.data_dir,
-                    model_store=studies.ModelStore(self._storage.engine),
-                    should_stop=lambda s=study: self._should_stop(s),
-                    worker=f"{self.host}:{os.getpid()}",
-                )
+                with studies.heartbeat(self._storage, trial._trial_id):
+                    out = studies.execute_trial(
+                        study, trial, spec, device=self.config.device, data_dir=self.config.data_dir,
+                        model_store=studies.ModelStore(self._storage.engine),
+                        should_stop=lambda s=study: self._should_stop(s),
+                        worker=f"{self.host}:{os.getpid()}",
+                    )
             except KeyError:
-                # The study (and so this trial) was deleted while it trained: nothing to tell.
+                # Optuna's "record does not exist": the study, and so this trial, was deleted
+                # while it trained; there is nothing left to tell.
                 self._studies.pop(name, None)
-                if not self._deleted(name, study_id):
+                if not self._trial_gone(trial._trial_id, started):
                     raise
                 log.info("study %s was deleted while trial %d ran; dropped it", name, trial.number)
                 return True

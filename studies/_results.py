@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import io
@@ -11,7 +12,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,17 @@ _ATTR_COLUMNS = (
     "val_accuracy", "test_accuracy", "train_accuracy", "val_loss", "test_loss", "train_loss",
     "wall_time", "epochs_run", "seed", "device",
 )
+
+
+@contextlib.contextmanager
+def optuna_quiet() -> Iterator[None]:
+    """Optuna's INFO lines (a line per trial, per in-memory study) hushed for a while."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 # -- which trials count ----------------------------------------------------------------------
@@ -212,7 +224,8 @@ def _empty(title: str, why: str) -> go.Figure:
 
 def _view(study: optuna.Study, trials: Sequence[FrozenTrial]) -> optuna.Study:
     """An in-memory study of ``trials`` only, so Optuna's plots never see infeasible points."""
-    view = optuna.create_study(directions=study.directions)
+    with optuna_quiet():
+        view = optuna.create_study(directions=study.directions)
     view.add_trials(list(trials))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import torch
@@ -19,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import core
 
-from ._results import _atomic_write, trained_trials
+from ._results import _atomic_write, optuna_quiet, trained_trials
 from ._runner import progress, run_study
 from ._space import grid_of
 from ._spec import ARCH_KEY, StudySpec, count_point
@@ -31,7 +30,7 @@ __all__ = ["SearchResult", "HyperparameterSearcher", "hyperparameter_tuning", "T
 log = logging.getLogger(__name__)
 
 #: what ``hyperparameter_tuning`` can select on, and which way is better
-TUNING_METRICS = {
+TUNING_METRICS: dict[str, Literal["minimize", "maximize"]] = {
     "val_accuracy": "maximize",
     "test_accuracy": "maximize",
     "train_accuracy": "maximize",
@@ -83,17 +82,6 @@ def _rank_key(r: SearchResult) -> tuple[float, int]:
 
 def _ranked(trials: list[FrozenTrial]) -> list[SearchResult]:
     return sorted((SearchResult.from_trial(t) for t in trials), key=_rank_key)
-
-
-@contextlib.contextmanager
-def _optuna_quiet() -> Iterator[None]:
-    """Optuna logs a line per trial; the progress bar says it better."""
-    before = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(before)
 
 
 class HyperparameterSearcher:
@@ -187,7 +175,7 @@ class HyperparameterSearcher:
     def run(self, kind: str, spec: StudySpec) -> list[SearchResult]:
         """Run (or resume) ``spec`` as this searcher's study for ``kind``; its ranked results."""
         name = self._name(kind, spec)
-        with _optuna_quiet():
+        with optuna_quiet():
             study = run_study(spec, self.storage, name, show_progress=self.verbose,
                               device=self.device, data_dir=self.data_dir)
         self._studies[name] = study
@@ -338,7 +326,7 @@ def hyperparameter_tuning(
         digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
         study_name = f"tuning-{digest}"
     st = storage if storage is not None else default_storage_url(".")
-    with _optuna_quiet():
+    with optuna_quiet():
         study = optuna.create_study(
             storage=open_storage(st) if isinstance(st, str) else st,
             study_name=study_name,
@@ -372,7 +360,7 @@ def hyperparameter_tuning(
     total = math.prod(len(v) for v in grid.values())
     done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     if done < total:
-        with _optuna_quiet():
+        with optuna_quiet():
             study.optimize(objective, n_trials=total - done, catch=(core.TrainingDivergedError,),
                            show_progress_bar=verbose)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

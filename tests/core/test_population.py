@@ -117,10 +117,13 @@ def test_vanilla_mlp_members_of_different_depth_match_train_model(data: core.Dat
 
 
 def test_member_seed_defaults_to_population_seed_plus_index(data: core.Dataset) -> None:
-    cfg = dict(hidden_dim=8, n_hidden_layers=1)
-    results = train_population("vanilla_mlp", [cfg, cfg], data, 1, BATCH, device="cpu", seed=40)
+    # equal sizes: the population needs no padding (its plain-stacking path)
+    cfg = dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=4)
+    results = train_population("dendritic_simple", [cfg, cfg], data, EPOCHS, BATCH, device="cpu",
+                               seed=40)
     assert [r.seed for r in results] == [40, 41]
-    _assert_same(results[1], _solo("vanilla_mlp", {**cfg, "seed": 41}, data, 1), data)
+    for i, r in enumerate(results):
+        _assert_same(r, _solo("dendritic_simple", {**cfg, "seed": 40 + i}, data), data)
 
 
 def test_padding_holds_zeros_and_receives_no_gradient(data: core.Dataset) -> None:

@@ -135,10 +135,10 @@ class Procs:
         return self.start("worker", "worker", "--storage", storage, "--device", "cpu",
                           "--data-dir", str(self.folder), *args, env=env)
 
-    def serve(self, storage: str, env: dict[str, str] | None = None, timeout: float = 90.0) -> Api:
+    def serve(self, storage: str, *args: str, env: dict[str, str] | None = None, timeout: float = 90.0) -> Api:
         port = free_port()
         proc = self.start("serve", "serve", "--host", "127.0.0.1", "--port", str(port),
-                          "--storage", storage, "--data-dir", str(self.folder), env=env)
+                          "--storage", storage, "--data-dir", str(self.folder), *args, env=env)
         api = Api(proc, f"http://127.0.0.1:{port}", self.logs[proc.pid], storage)
 
         def up() -> bool:

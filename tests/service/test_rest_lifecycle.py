@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -236,3 +239,38 @@ def test_kept_weights_download_as_a_torch_file_that_rebuilds_the_model(finished:
 
     as_json = http.get(f"/v1/studies/{name}/trials/{best}/model", params={"format": "json"})
     assert as_json.status_code == 200 and as_json.json() == {"trial": best, "config": config}
+
+
+def test_serve_with_local_workers_runs_a_study_and_stops_them_with_it(tmp_path: Path) -> None:
+    """The embedded default: `dendro serve --workers 2` on a SQLite file, then SIGTERM."""
+    procs = Procs(tmp_path)
+    pids: set[int] = set()
+    try:
+        api = procs.serve(f"sqlite:///{tmp_path / 'local.db'}", "--workers", "2", "--device", "cpu")
+        name = unique("local")
+        api.create(tiny_spec(name, n_trials=4))
+
+        def done() -> bool:
+            pids.update(w["pid"] for w in api.http.get("/v1/workers").json()["data"])
+            p = api.study(name)["progress"]
+            return p["finished"] >= 4 and p["running"] == 0
+
+        wait_for(done, 120, "the local workers to finish the study", interval=0.25)
+        assert len(pids) == 2
+        assert api.study(name)["progress"]["total"] == 4
+
+        api.proc.send_signal(signal.SIGTERM)
+        assert procs.wait_exit(api.proc, 60) == 0
+        for pid in pids:  # the workers went with the API
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        log = api.log_text()
+        assert "started 2 local worker(s) on cpu" in log
+        assert "database is locked" not in log and "Traceback" not in log
+    finally:
+        procs.close()
+        for pid in pids:  # the API starts them in sessions of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
