@@ -61,6 +61,10 @@ class TrialPublic(BaseModel):
     values: list[float] | None
     params: dict[str, Any]
     n_params: int | None
+    last_step: int | None = Field(
+        default=None,
+        description="The last epoch reported so far (single objective): how far a running trial is.",
+    )
     metrics: dict[str, Any]
     fail_reason: str | None
     datetime_start: str | None

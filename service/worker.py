@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -184,7 +185,7 @@ class Worker:
                     out = studies.execute_trial(
                         study, trial, spec, device=self.config.device, data_dir=self.config.data_dir,
                         model_store=studies.ModelStore(self._storage.engine),
-                        should_stop=lambda s=study: self._should_stop(s),
+                        should_stop=functools.partial(self._should_stop, study),
                         worker=f"{self.host}:{os.getpid()}",
                     )
             except KeyError:

@@ -25,6 +25,7 @@ from ._runner import (
     study_spec,
     study_state,
 )
+from ._population import execute_population, population_supported
 from ._space import ParamDef, grid_of, parse_space, suggest
 from ._spec import (
     NAME_PATTERN,
@@ -34,6 +35,7 @@ from ._spec import (
     StudySpec,
     count_point,
     smallest_point,
+    split_params,
 )
 from ._storage import default_storage_url, heartbeat, open_storage, sqlite_path, study_lock
 from .exceptions import (
@@ -57,6 +59,9 @@ __all__ = [
     "progress",
     "ask_trial",
     "execute_trial",
+    "execute_population",
+    "population_supported",
+    "split_params",
     "is_infeasible",
     "load_data",
     "make_sampler",

@@ -73,7 +73,7 @@ class BudgetAwareSampler(optuna.samplers.BaseSampler):
     NSGA-II and GP keep per-draw state and are left unwrapped.
     """
 
-    def __init__(self, base: optuna.samplers.BaseSampler, spec: StudySpec, max_draws: int = 10) -> None:
+    def __init__(self, base: optuna.samplers.BaseSampler, spec: StudySpec, max_draws: int = 30) -> None:
         if spec.max_params is None:
             raise ValueError("BudgetAwareSampler needs a spec with max_params")
         if max_draws < 1:
@@ -161,8 +161,8 @@ def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.Ba
     """The spec's sampler. ``seed`` defaults to the spec's; workers pass their own."""
     # The budget reaches the samplers as a constraint set on each trial (set_constraint),
     # so they learn where it ends; TPE and random also draw only feasible points when they
-    # can (BudgetAwareSampler): plain constrained TPE wasted 14-29% of its asks on the
-    # seed's space at max_params=8000 (bench/bench_budget.py).
+    # can (BudgetAwareSampler): plain constrained TPE wasted 13-29% of its asks on the
+    # seed's space at max_params=8000, with these draws 0-6% (bench/bench_budget.py).
     seed = spec.seed if seed is None else seed
     s = spec.sampler
     if s in ("tpe", "random"):
@@ -513,16 +513,8 @@ def execute_trial(
     model = None
     try:
         with heartbeat(study._storage, trial._trial_id):
-            for k in range(spec.seeds_per_trial):
-                seed = trial_seed(spec, trial.number, k)
-                model = core.create_model(family, seed=seed, **model_args)
-                exact = core.count_parameters(model)
-                if exact != n:
-                    raise AssertionError(f"analytic count {n} != built model's {exact} for {family}")
-                res = _train(model, data, spec, train_args, dev, seed, on_epoch if k == 0 else None)
-                results.append(res)
-                if res.status != "completed":
-                    break
+            results, model = _train_seeds(spec, trial.number, family, model_args, train_args, n,
+                                          data, dev, on_epoch)
     except torch.cuda.OutOfMemoryError as exc:
         return _fail(study, trial, f"out of memory on {dev}: {str(exc).splitlines()[0]}")
     except Exception as exc:  # noqa: BLE001 - a broken trial must not take the worker down
@@ -569,6 +561,26 @@ def execute_trial(
     with study_lock(study._storage, study.study_name):
         _mark_done_if_finished(study, spec, progress(study))
     return TrialOutcome(trial.number, "complete", values=values, n_params=n, attrs=attrs)
+
+
+def _train_seeds(
+    spec: StudySpec, number: int, family: str, model_args: dict[str, Any], train_args: dict[str, Any],
+    n: int, data: core.Dataset, dev: torch.device, on_epoch: Callable[[int, dict[str, Any]], bool],
+) -> tuple[list[core.TrainResult], torch.nn.Module | None]:
+    """Build and train the trial's model once per seed (reports from the first); the last model."""
+    results: list[core.TrainResult] = []
+    model = None
+    for k in range(spec.seeds_per_trial):
+        seed = trial_seed(spec, number, k)
+        model = core.create_model(family, seed=seed, **model_args)
+        exact = core.count_parameters(model)
+        if exact != n:
+            raise AssertionError(f"analytic count {n} != built model's {exact} for {family}")
+        res = _train(model, data, spec, train_args, dev, seed, on_epoch if k == 0 else None)
+        results.append(res)
+        if res.status != "completed":
+            break
+    return results, model
 
 
 def _train(

@@ -21,9 +21,10 @@ from ..models import ErrorBody, StudiesPublic, StudyProgress, StudyPublic, Trial
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
-_E404 = {404: {"model": ErrorBody, "description": "No study (or trial) of that name"}}
-_E409 = {409: {"model": ErrorBody, "description": "The name exists or the state does not allow it"}}
-_E401 = {401: {"model": ErrorBody, "description": "The API token is missing or wrong"}}
+_Responses = dict[int | str, dict[str, Any]]
+_E404: _Responses = {404: {"model": ErrorBody, "description": "No study (or trial) of that name"}}
+_E409: _Responses = {409: {"model": ErrorBody, "description": "The name exists or the state does not allow it"}}
+_E401: _Responses = {401: {"model": ErrorBody, "description": "The API token is missing or wrong"}}
 TRIAL_STATES = ("complete", "pruned", "failed", "running", "waiting", "infeasible")
 
 
@@ -117,6 +118,7 @@ def _trial_public(t: FrozenTrial, with_history: bool) -> TrialPublic:
         values=[_finite(v) for v in t.values] if t.values is not None else None,  # type: ignore[misc]
         params=t.params,
         n_params=t.user_attrs.get("n_params"),
+        last_step=max(t.intermediate_values) if t.intermediate_values else None,
         metrics=metrics,
         fail_reason=t.user_attrs.get("fail_reason"),
         datetime_start=t.datetime_start.isoformat() if t.datetime_start else None,
@@ -227,7 +229,7 @@ def best_trials(name: str, storage: StorageDep) -> list[TrialPublic]:
     return [_trial_public(t, False) for t in sorted(_pareto(trials, directions), key=lambda t: t.number)]
 
 
-def _change_state(name: str, storage: optuna.storages.BaseStorage, action: str) -> StudyPublic:
+def _change_state(name: str, storage: optuna.storages.RDBStorage, action: str) -> StudyPublic:
     study = _load(storage, name)
     try:
         studies.set_study_state(study, action)

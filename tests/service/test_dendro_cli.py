@@ -148,3 +148,13 @@ def test_the_installed_command_exits_2_on_an_impossible_budget(specs: Path) -> N
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert "smallest model has" in r.stderr and "Traceback" not in r.stderr
     assert not (specs / "out.db").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_loads_no_web_code(tmp_path: Path) -> None:
+    probe = ("import sys, service.cli, service.worker; "
+             "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'optuna_dashboard') if m in sys.modules))")
+    r = subprocess.run([str(DENDRO.with_name("python")), "-c", probe], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -256,7 +256,7 @@ def test_serve_with_local_workers_runs_a_study_and_stops_them_with_it(tmp_path: 
             return p["finished"] >= 4 and p["running"] == 0
 
         wait_for(done, 120, "the local workers to finish the study", interval=0.25)
-        assert len(pids) == 2
+        wait_for(lambda: done() and len(pids) == 2, 60, "both local workers to register")
         assert api.study(name)["progress"]["total"] == 4
 
         api.proc.send_signal(signal.SIGTERM)

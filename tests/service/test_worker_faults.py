@@ -33,7 +33,8 @@ def test_stop_ends_running_trials_within_an_epoch_and_resume_finishes_the_study(
     api.create(tiny_spec(name, n_trials=2, n_epochs=LONG_EPOCHS))
     # Idle longer than the stopped spell below, or the worker would leave before the resume.
     procs.worker(api.storage, "--studies", name, "--idle-exit", "8")
-    (cut,) = wait_for(lambda: api.running(name), 90, "a trial to start")
+    (cut,) = wait_for(lambda: [t for t in api.running(name) if t["last_step"] is not None], 90,
+                      "a trial to train its first epoch", interval=0.05)
 
     stopped = api.http.post(f"/v1/studies/{name}/stop")
     assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
