@@ -6,12 +6,40 @@ Optuna and PyTorch only: no web code lives here.
 from __future__ import annotations
 
 from ._artifacts import ModelStore
+from ._population import execute_population, population_supported
+from ._presets import (
+    PRESETS,
+    SEED_ARCHITECTURES,
+    Preset,
+    PresetResult,
+    budget_space,
+    compare_architectures,
+    get_preset,
+    list_presets,
+    optimize_for_budget,
+    quick_prototype_search,
+    register_preset,
+    run_preset,
+    thorough_optimization,
+)
+from ._results import (
+    EXPORT_FORMATS,
+    PLOT_KINDS,
+    best_trial,
+    export_study,
+    make_plot,
+    study_to_csv,
+    study_to_json,
+    trained_trials,
+)
 from ._runner import (
     SPEC_ATTR,
     STATE_ATTR,
     STATES,
+    BudgetAwareSampler,
     TrialOutcome,
     ask_trial,
+    budget_gate,
     create_study,
     execute_trial,
     is_infeasible,
@@ -25,7 +53,7 @@ from ._runner import (
     study_spec,
     study_state,
 )
-from ._population import execute_population, population_supported
+from ._searcher import TUNING_METRICS, HyperparameterSearcher, SearchResult, hyperparameter_tuning
 from ._space import ParamDef, grid_of, parse_space, suggest
 from ._spec import (
     NAME_PATTERN,
@@ -49,6 +77,33 @@ from .exceptions import (
 )
 
 __all__ = [
+    "HyperparameterSearcher",
+    "SearchResult",
+    "hyperparameter_tuning",
+    "TUNING_METRICS",
+    "PLOT_KINDS",
+    "EXPORT_FORMATS",
+    "study_to_json",
+    "study_to_csv",
+    "make_plot",
+    "export_study",
+    "best_trial",
+    "trained_trials",
+    "Preset",
+    "PresetResult",
+    "PRESETS",
+    "register_preset",
+    "get_preset",
+    "list_presets",
+    "run_preset",
+    "budget_space",
+    "quick_prototype_search",
+    "optimize_for_budget",
+    "compare_architectures",
+    "thorough_optimization",
+    "SEED_ARCHITECTURES",
+    "budget_gate",
+    "BudgetAwareSampler",
     "StudySpec",
     "run_study",
     "create_study",
