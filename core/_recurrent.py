@@ -343,13 +343,21 @@ def diru(
     hidden_size: int = 32,
     num_layers: int = 1,
     num_compartments: int = 4,
+    dropout: float = 0.0,
+    global_gate_bias: float | None = None,
     return_sequences: bool = False,
 ) -> nn.Module:
-    """Dendrite-inspired recurrent unit: gated compartments, soma integration, global gate."""
+    """Dendrite-inspired recurrent unit: gated compartments, soma integration, global gate.
+
+    ``dropout`` acts between stacked layers (none with ``num_layers=1``), as in the
+    baselines; ``global_gate_bias`` is the global gates' initial bias (None: PyTorch's
+    uniform draw). Neither changes the parameter count.
+    """
     _check_family(in_dim, out_dim, hidden_size, num_layers)
     _check_positive(num_compartments=num_compartments)
     return DIRU(in_dim, hidden_size, out_dim, num_compartments=num_compartments,
-                num_layers=num_layers, return_sequences=return_sequences)
+                num_layers=num_layers, dropout=dropout, return_sequences=return_sequences,
+                global_gate_bias=global_gate_bias)
 
 
 @register_model("lstm", count=_count_lstm, input_kind="sequence", task="regression")
@@ -359,11 +367,15 @@ def lstm(
     out_dim: int = 1,
     hidden_size: int = 32,
     num_layers: int = 1,
+    dropout: float = 0.0,
     return_sequences: bool = False,
 ) -> nn.Module:
-    """LSTM baseline (nn.LSTM) with a linear readout."""
+    """LSTM baseline (nn.LSTM) with a linear readout.
+
+    ``dropout`` acts between stacked layers (none with ``num_layers=1``).
+    """
     _check_family(in_dim, out_dim, hidden_size, num_layers)
-    return LSTMModel(in_dim, hidden_size, out_dim, num_layers=num_layers,
+    return LSTMModel(in_dim, hidden_size, out_dim, num_layers=num_layers, dropout=dropout,
                      return_sequences=return_sequences)
 
 
@@ -374,9 +386,13 @@ def gru(
     out_dim: int = 1,
     hidden_size: int = 32,
     num_layers: int = 1,
+    dropout: float = 0.0,
     return_sequences: bool = False,
 ) -> nn.Module:
-    """GRU baseline (nn.GRU) with a linear readout."""
+    """GRU baseline (nn.GRU) with a linear readout.
+
+    ``dropout`` acts between stacked layers (none with ``num_layers=1``).
+    """
     _check_family(in_dim, out_dim, hidden_size, num_layers)
-    return GRUModel(in_dim, hidden_size, out_dim, num_layers=num_layers,
+    return GRUModel(in_dim, hidden_size, out_dim, num_layers=num_layers, dropout=dropout,
                     return_sequences=return_sequences)

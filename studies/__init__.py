@@ -6,6 +6,7 @@ Optuna and PyTorch only: no web code lives here.
 from __future__ import annotations
 
 from ._artifacts import ModelStore
+from ._extra_presets import BIO_SPACE, GROWTH_SPACE, bio_rules_search, growth_search
 from ._population import execute_population, population_supported
 from ._presets import (
     PRESETS,
@@ -102,6 +103,10 @@ __all__ = [
     "compare_architectures",
     "thorough_optimization",
     "SEED_ARCHITECTURES",
+    "bio_rules_search",
+    "growth_search",
+    "BIO_SPACE",
+    "GROWTH_SPACE",
     "budget_gate",
     "BudgetAwareSampler",
     "StudySpec",

@@ -20,9 +20,9 @@ import core
 
 pytestmark = pytest.mark.slow
 
-N_NEURONS, N_DENDRITES = [4, 6, 8, 10], [2, 3]
+N_NEURONS, N_DENDRITES = [4, 6, 8], [2, 3]
 GRID = {"n_neurons": N_NEURONS, "n_dendrites": N_DENDRITES, "n_dendrite_inputs": [8], "lr": [0.01]}
-N_TRIALS = 6  # of 8 grid points: test_dendro_cli exhausts a grid
+N_TRIALS = len(N_NEURONS) * len(N_DENDRITES)  # the whole grid
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _finished_trials(f: Finished) -> list[dict[str, Any]]:
     return [t for t in f.api.trials(f.name) if t["state"] in ("complete", "pruned")]
 
 
-def test_launch_answers_201_with_the_queued_study(finished: Finished) -> None:
+def test_launch_answers_201_with_the_running_study(finished: Finished) -> None:
     c = finished.created
     assert c["name"] == finished.name
     assert c["state"] == "running"
@@ -92,8 +92,7 @@ def test_workers_finish_exactly_n_trials_and_leave_none_running(finished: Finish
 def test_two_workers_share_the_trials_without_running_a_grid_point_twice(finished: Finished) -> None:
     trials = _finished_trials(finished)
     points = [(t["params"]["n_neurons"], t["params"]["n_dendrites"]) for t in trials]
-    assert len(set(points)) == len(points) == N_TRIALS
-    assert set(points) <= set(itertools.product(N_NEURONS, N_DENDRITES))
+    assert sorted(points) == sorted(itertools.product(N_NEURONS, N_DENDRITES))
     by_worker = {t["metrics"].get("worker") for t in trials}
     assert len(by_worker) >= 1 and None not in by_worker
 

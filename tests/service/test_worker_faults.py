@@ -9,8 +9,11 @@ import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import torch
 from service_helpers import FAST_RETRY, Api, Procs, tiny_spec, unique, wait_for
+
+import studies
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +83,11 @@ def test_stop_ends_running_trials_within_an_epoch_and_resume_finishes_the_study(
     for path in (f"/v1/studies/{name}", f"/v1/studies/{name}/trials", f"/v1/studies/{name}/trials/{best}/model"):
         assert api.http.get(path).status_code == 404, path
     assert name not in [s["name"] for s in api.http.get("/v1/studies").json()["data"]]
+    engine = sa.create_engine(api.storage)
+    try:
+        assert studies.ModelStore(engine).get(name, best) is None, "its weights are gone too"
+    finally:
+        engine.dispose()
 
 
 def test_a_study_deleted_while_its_trial_trains_does_not_take_the_worker_down(
@@ -133,6 +141,7 @@ def test_a_worker_killed_mid_trial_loses_nothing(storage: str, request: pytest.F
     assert "Traceback" not in procs.log(rescuer)
 
 
+@pytest.mark.postgres
 def test_sigterm_fails_the_trial_visibly_and_exits_0_and_max_trials_ends_a_worker(
     pg_api: Api, procs: Procs
 ) -> None:
