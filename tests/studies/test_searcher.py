@@ -141,7 +141,7 @@ def test_hyperparameter_tuning_trains_each_grid_point_of_a_factory_once(sqlite_u
 
 
 def test_presets_are_found_by_either_spelling_and_unknown_names_list_them() -> None:
-    assert set(PRESETS) == {"quick-prototype", "optimize-budget", "compare-architectures", "thorough"}
+    assert {"quick-prototype", "optimize-budget", "compare-architectures", "thorough"} <= set(PRESETS)
     assert get_preset("optimize-budget") is get_preset("optimize_for_budget") is get_preset("Optimize_Budget")
     assert get_preset("quick_prototype_search").name == "quick-prototype"
     with pytest.raises(studies.SpecError) as info:
