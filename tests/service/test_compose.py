@@ -58,7 +58,8 @@ def _compose_client() -> str | None:
         return "no docker client on this machine"
     probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30)
     if probe.returncode != 0:
-        return f"the docker client has no compose plugin: {(probe.stderr or probe.stdout).strip()[:120]}"
+        said = (probe.stderr or probe.stdout).strip().splitlines()
+        return f"the docker client has no compose plugin ({said[0] if said else probe.returncode})"
     return None
 
 

@@ -33,11 +33,18 @@ def test_stop_ends_running_trials_within_an_epoch_and_resume_finishes_the_study(
     sqlite_api: Api, procs: Procs
 ) -> None:
     api, name = sqlite_api, unique("stop")
-    api.create(tiny_spec(name, n_trials=2, n_epochs=LONG_EPOCHS))
+    api.create(tiny_spec(name, n_trials=3, n_epochs=LONG_EPOCHS))
     # Idle longer than the stopped spell below, or the worker would leave before the resume.
     procs.worker(api.storage, "--studies", name, "--idle-exit", "8")
-    (cut,) = wait_for(lambda: [t for t in api.running(name) if t["last_step"] is not None], 90,
-                      "a trial to train its first epoch", interval=0.05)
+
+    def second_trial_training() -> list[dict[str, Any]]:
+        # After one finished trial the worker has its data in memory: a running trial that
+        # passed its budget check (n_params is set) trains at once.
+        if api.study(name)["progress"]["finished"] < 1:
+            return []
+        return [t for t in api.running(name) if t["n_params"]]
+
+    (cut,) = wait_for(second_trial_training, 90, "a second trial to start training", interval=0.05)
 
     stopped = api.http.post(f"/v1/studies/{name}/stop")
     assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
@@ -58,7 +65,7 @@ def test_stop_ends_running_trials_within_an_epoch_and_resume_finishes_the_study(
     while time.monotonic() < deadline:
         assert not api.running(name)
         time.sleep(0.1)
-    assert api.study(name)["progress"]["finished"] == 0
+    assert api.study(name)["progress"]["finished"] == 1
     assert api.http.post(f"/v1/studies/{name}/stop").status_code == 409
 
     resumed = api.http.post(f"/v1/studies/{name}/resume")
@@ -67,9 +74,9 @@ def test_stop_ends_running_trials_within_an_epoch_and_resume_finishes_the_study(
     api.wait_done(name, 90)
     # The worker marks the study done just after it tells the last trial.
     done = wait_for(lambda: (s := api.study(name))["state"] == "done" and s, 10, "the study to be done")
-    assert done["progress"]["finished"] == 2 and done["progress"]["running"] == 0
+    assert done["progress"]["finished"] == 3 and done["progress"]["running"] == 0
     trials = api.trials(name)
-    assert len(_finished(trials)) == 2
+    assert len(_finished(trials)) == 3
     rerun = next(t for t in trials if t["number"] == requeued["number"])
     assert rerun["state"] in ("complete", "pruned") and rerun["params"] == cut["params"], \
         "the cut point was queued and run again"
@@ -90,10 +97,13 @@ def test_stop_ends_running_trials_within_an_epoch_and_resume_finishes_the_study(
         engine.dispose()
 
 
+# On PostgreSQL: SQLite reuses a deleted study's ids and, without foreign_keys=ON, keeps a
+# heartbeat row written just after the delete, which the new study's first trial collides with.
+@pytest.mark.postgres
 def test_a_study_deleted_while_its_trial_trains_does_not_take_the_worker_down(
-    sqlite_api: Api, procs: Procs
+    pg_api: Api, procs: Procs
 ) -> None:
-    api, name = sqlite_api, unique("gone")
+    api, name = pg_api, unique("gone")
     api.create(tiny_spec(name, n_trials=1, n_epochs=LONG_EPOCHS))
     worker = procs.worker(api.storage, "--studies", name, "--idle-exit", "2")
     wait_for(lambda: api.running(name), 90, "a trial to start")
