@@ -275,6 +275,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _population_arg(value: str) -> str:
+    v = value.strip().lower()
+    if v == "auto" or (v.isdigit() and int(v) >= 1):
+        return v
+    raise argparse.ArgumentTypeError(f"--population must be a positive integer or 'auto', got {value!r}")
+
+
 # -- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dendro", description=__doc__)
@@ -298,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--studies", help="comma-separated study names to serve (default: all)")
     w.add_argument("--max-trials", type=int)
     w.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
-    w.add_argument("--population", help="train K trials at once: an integer or 'auto'")
+    w.add_argument("--population", type=_population_arg,
+                   help="train K trials of a study at once on the device: an integer or 'auto'")
     w.set_defaults(func=cmd_worker)
 
     se = sub.add_parser("search", help="run a whole search in this process")

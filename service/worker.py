@@ -163,6 +163,10 @@ class Worker:
         for name, identity in self._runnable():
             try:
                 study, spec = self._study(name, identity)
+                if self.config.population and studies.population_supported(spec) is None:
+                    if self._run_population(name, study, spec):
+                        return True
+                    continue
                 trial = studies.ask_trial(study, spec)
             except (studies.StudyNotFoundError, KeyError):
                 # Deleted between the listing and the ask (Optuna: "record does not exist").
@@ -210,6 +214,38 @@ class Worker:
                      out.values if out.values else (out.reason or ""))
             return True
         return False
+
+    def _population_size(self) -> int | str:
+        p = str(self.config.population).strip().lower()
+        return "auto" if p == "auto" else int(p)
+
+    def _run_population(self, name: str, study: optuna.Study, spec: studies.StudySpec) -> bool:
+        """Train this study's trials K at a time until it has none left; True if any ran."""
+        assert self._storage is not None
+        left = None
+        if self.config.max_trials is not None:
+            left = max(0, self.config.max_trials - self.trials_done)
+        self._served[name] = time.time()
+        self._current = (name, -1)
+        self._beat_now()
+        try:
+            outs = studies.execute_population(
+                study, spec, population_size=self._population_size(), device=self.config.device,
+                data_dir=self.config.data_dir, model_store=studies.ModelStore(self._storage.engine),
+                should_stop=functools.partial(self._should_stop, study),
+                worker=f"{self.host}:{os.getpid()}", max_trials=left,
+            )
+        finally:
+            self._current = None
+        trained = [o for o in outs if o.state != "infeasible"]
+        self.trials_done += len(trained)
+        if outs:
+            states: dict[str, int] = {}
+            for o in outs:
+                states[o.state] = states.get(o.state, 0) + 1
+            log.info("study %s: population of up to %s ran %d trials %s", name,
+                     self.config.population, len(outs), states)
+        return bool(outs)
 
     @staticmethod
     def _fail_if_running(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
