@@ -93,6 +93,8 @@ def open_storage(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = _make_rdb(url, heartbeat_interval, grace_period, max_retry)
+            if path is not None:
+                _sqlite_foreign_keys(storage.engine)
         except StorageError:
             raise
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as exc:
@@ -101,6 +103,22 @@ def open_storage(
             raise StorageError(f"cannot reach the database at {_redact(url)}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
         _STORAGES[key] = storage
         return storage
+
+
+def _sqlite_foreign_keys(engine: sa.Engine) -> None:
+    """Enforce foreign keys on SQLite as PostgreSQL does.
+
+    Without it a heartbeat that lands just after its study was deleted leaves an orphan row,
+    SQLite reuses the trial id, and every later ask of that id fails.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_con: Any, record: Any) -> None:
+        cur = dbapi_con.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    engine.dispose()  # connections opened before the listener reconnect with it
 
 
 def _make_rdb(
