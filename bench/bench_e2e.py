@@ -1,0 +1,115 @@
+"""End to end: one worker runs a whole Fashion-MNIST study; where does the time go?
+
+    python bench/bench_e2e.py --device cuda --trials 2000 --population auto --data-dir DIR
+
+The seed's space under ``max_params=8000``, 15 epochs, batch 256, TPE and the median pruner,
+run by one ``dendro worker`` (in this process, so it can be timed). The worker's main thread
+is split into sampler time (Optuna sampler methods), storage time (the storage's public
+methods, outermost calls only) and the rest (training on the device and the population's
+own bookkeeping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+import studies
+from service.worker import Worker, WorkerConfig
+
+_TOTALS: dict[str, float] = defaultdict(float)
+_DEPTH = threading.local()
+
+
+def _timed(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread() or getattr(_DEPTH, "on", False):
+            return fn(*args, **kwargs)
+        _DEPTH.on = True
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _TOTALS[kind] += time.perf_counter() - t0
+            _DEPTH.on = False
+
+    return wrapper
+
+
+def _instrument() -> None:
+    from studies import _fast
+
+    samplers = {optuna.samplers.TPESampler, optuna.samplers.RandomSampler, studies.BudgetAwareSampler}
+    samplers |= {c for c in vars(_fast).values() if isinstance(c, type) and issubclass(c, optuna.samplers.BaseSampler)}
+    for cls in samplers:
+        for name in ("sample_relative", "sample_independent", "infer_relative_search_space",
+                     "before_trial", "after_trial"):
+            if name in vars(cls):
+                setattr(cls, name, _timed("sampler", vars(cls)[name]))
+    storage_classes = [optuna.storages.RDBStorage]
+    storage_classes += [c for c in vars(_fast).values()
+                        if isinstance(c, type) and issubclass(c, optuna.storages.BaseStorage)]
+    for cls in storage_classes:
+        for name, fn in list(vars(cls).items()):
+            if callable(fn) and not name.startswith("_"):
+                setattr(cls, name, _timed("storage", fn))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--trials", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--population", default="auto")
+    ap.add_argument("--storage", default="sqlite:////tmp/bench_e2e.db")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--max-params", type=int, default=8000)
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = studies.StudySpec(
+        name=f"e2e-{int(time.time())}", model="dendritic_simple", dataset=args.dataset,
+        max_params=args.max_params, n_trials=args.trials, n_epochs=args.epochs, batch_size=256,
+        sampler="tpe", pruner="median",
+        search_space={
+            "n_neurons": {"type": "int", "low": 5, "high": 20},
+            "n_dendrites": {"type": "int", "low": 3, "high": 15},
+            "n_dendrite_inputs": {"type": "int", "low": 16, "high": 256, "log": True},
+            "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        },
+    )
+    studies.create_study(spec, args.storage, spec.name)
+    _instrument()
+    worker = Worker(WorkerConfig(storage=args.storage, device=args.device, studies=[spec.name],
+                                 idle_exit=1.0, population=args.population, data_dir=args.data_dir))
+    studies.load_data(spec, args.data_dir)  # the dataset is read once; not part of the study's time
+    t0 = time.perf_counter()
+    worker.run()
+    wall = time.perf_counter() - t0 - 1.0  # the idle wait before exiting
+    study, _ = studies.load_study(spec.name, args.storage)
+    c = studies.progress(study)
+    rest = wall - _TOTALS["sampler"] - _TOTALS["storage"]
+    epochs = sum(t.user_attrs.get("epochs_run", 0) for t in study.get_trials(deepcopy=False))
+    print(f"# {spec.name}: {args.dataset}, max_params={args.max_params}, {args.epochs} epochs, TPE + median "
+          f"pruner, population={args.population}, device={args.device}")
+    print(f"progress: {c}")
+    print(f"wall {wall:.1f}s for {c['finished']} finished trials ({c['infeasible']} infeasible asks), "
+          f"{epochs} model-epochs -> {epochs / wall:.0f} model-epochs/s")
+    for k, v in (("sampler", _TOTALS["sampler"]), ("storage", _TOTALS["storage"]),
+                 ("training + population bookkeeping", rest)):
+        print(f"  {k:<36} {v:8.1f}s  {100 * v / wall:5.1f}%  {1000 * v / max(1, c['total']):7.1f} ms/trial")
+    best = study.best_trial
+    print(f"best val {best.value:.4f} test {best.user_attrs.get('test_accuracy'):.4f} "
+          f"params {best.user_attrs.get('n_params')} {best.params}")
+
+
+if __name__ == "__main__":
+    main()
