@@ -6,6 +6,13 @@ Optuna and PyTorch only: no web code lives here.
 from __future__ import annotations
 
 from ._artifacts import ModelStore
+from ._diru import (
+    SEED_CLAIMS,
+    RecurrentComparison,
+    diru_vs_lstm,
+    epochs_to_converge,
+    recurrent_space,
+)
 from ._extra_presets import BIO_SPACE, GROWTH_SPACE, bio_rules_search, growth_search
 from ._population import execute_population, population_supported
 from ._presets import (
@@ -103,6 +110,11 @@ __all__ = [
     "compare_architectures",
     "thorough_optimization",
     "SEED_ARCHITECTURES",
+    "diru_vs_lstm",
+    "recurrent_space",
+    "epochs_to_converge",
+    "RecurrentComparison",
+    "SEED_CLAIMS",
     "bio_rules_search",
     "growth_search",
     "BIO_SPACE",
