@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
+import statistics
 import threading
 import time
 from collections import defaultdict
@@ -73,6 +75,8 @@ def main() -> None:
     ap.add_argument("--data-dir")
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--max-params", type=int, default=8000)
+    ap.add_argument("--retrain-seeds", type=int, default=0, help="re-train the best with this many seeds")
+    ap.add_argument("--final-epochs", type=int, default=30)
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = studies.StudySpec(
@@ -91,6 +95,8 @@ def main() -> None:
     worker = Worker(WorkerConfig(storage=args.storage, device=args.device, studies=[spec.name],
                                  idle_exit=1.0, population=args.population, data_dir=args.data_dir))
     studies.load_data(spec, args.data_dir)  # the dataset is read once; not part of the study's time
+    # SIGTERM (e.g. `timeout`) stops the worker at the next epoch and still prints the figures.
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop_requested.set())
     t0 = time.perf_counter()
     worker.run()
     wall = time.perf_counter() - t0 - 1.0  # the idle wait before exiting
@@ -108,7 +114,23 @@ def main() -> None:
         print(f"  {k:<36} {v:8.1f}s  {100 * v / wall:5.1f}%  {1000 * v / max(1, c['total']):7.1f} ms/trial")
     best = study.best_trial
     print(f"best val {best.value:.4f} test {best.user_attrs.get('test_accuracy'):.4f} "
-          f"params {best.user_attrs.get('n_params')} {best.params}")
+          f"params {best.user_attrs.get('n_params')} {best.params}", flush=True)
+    if args.retrain_seeds:
+        import core
+
+        family, model_args, train = studies.split_params(spec, best.params)
+        data = studies.load_data(spec, args.data_dir)
+        accs = []
+        for seed in range(args.retrain_seeds):
+            m = core.create_model(family, seed=seed, **model_args)
+            r = core.train_model(m, data, n_epochs=args.final_epochs, lr=train["lr"], batch_size=256,
+                                 device=args.device, seed=seed)
+            accs.append(r.test_accuracy)
+            print(f"retrain seed {seed}: test {r.test_accuracy:.4f} val {r.val_accuracy:.4f} params {r.n_params}",
+                  flush=True)
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"RESULT best re-trained {args.final_epochs} epochs x {len(accs)} seeds: mean test "
+              f"{statistics.mean(accs):.4f} std {sd:.4f}", flush=True)
 
 
 if __name__ == "__main__":
