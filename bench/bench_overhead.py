@@ -222,7 +222,7 @@ def insert_trials(storage: optuna.storages.BaseStorage, study_id: int,
     if not trials:
         return
     engine = rdb(storage).engine
-    utc = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    utc = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
     with engine.begin() as con:
         con.execute(sa.insert(models.TrialModel.__table__), [
             {"study_id": study_id, "number": t.number, "state": t.state,
@@ -266,7 +266,7 @@ class Split:
         "get_trial_system_attrs", "get_trial_user_attrs", "record_heartbeat", "_get_stale_trial_ids",
         "get_best_trial", "get_n_trials",
         # the fast path's own round trips
-        "refresh", "flush", "create_trials", "reserve",
+        "refresh", "flush", "ask_many", "tell_many",
     )
 
     def __init__(self) -> None:
@@ -301,9 +301,7 @@ class Split:
 
     def wrap_lock(self, module: Any) -> None:
         """The study lock's enter and exit are storage round trips (PostgreSQL) or a flock."""
-        original = getattr(module, "study_lock", None)
-        if original is None:
-            return
+        original = module.study_lock
         timed = self._timed
 
         @contextlib.contextmanager
@@ -389,9 +387,6 @@ def run_one(path: str, url: str, size: int, window: int, seed: int, k: int) -> d
     insert_trials(storage, storage.get_study_id_from_name(name), past)
     if path != "plain":
         study, spec = studies.load_study(name, storage, sampler_seed=seed)
-        fast = getattr(_runner, "_fast_storage", None)  # what the first ask puts under the study
-        if fast is not None:
-            fast(study)
     study.get_trials(deepcopy=False)  # a running worker has the history cached
     split = Split()
     split.watch(study)

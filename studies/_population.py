@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import deque
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,24 +16,24 @@ from optuna.trial import TrialState
 
 import core
 
-from . import _fast
 from ._artifacts import ModelStore
 from ._runner import (
     TrialOutcome,
-    _after_tell,
     _fail,
-    _fast_storage,
+    _mark_done_if_finished,
     _objective_values,
     _record_infeasible,
     _report_metric,
     _result_attrs,
     _set_budget_constraint,
-    ask_trials,
+    ask_trial,
     load_data,
+    progress,
     trial_seed,
 )
 from ._space import suggest
 from ._spec import ARCH_KEY, OBJECTIVES, StudySpec, count_point, split_params
+from ._storage import rdb, study_lock
 
 __all__ = ["execute_population", "population_supported"]
 
@@ -66,6 +66,45 @@ class _Member:
     stopped_by: str | None = None
 
 
+class _Beats:
+    """One thread beating for every trial in the population (not one thread per trial)."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage) -> None:
+        self.storage = rdb(storage)
+        self.ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        interval = getattr(self.storage, "get_heartbeat_interval", lambda: None)()
+        self.thread = None
+        if interval:
+            self.thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+            self.thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            with self.lock:
+                ids = list(self.ids)
+            for tid in ids:
+                with contextlib.suppress(Exception):
+                    self.storage.record_heartbeat(tid)
+
+    def add(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.add(trial_id)
+        if self.thread is not None:
+            with contextlib.suppress(Exception):
+                self.storage.record_heartbeat(trial_id)
+
+    def remove(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.discard(trial_id)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
 def execute_population(
     study: optuna.Study,
     spec: StudySpec,
@@ -91,50 +130,25 @@ def execute_population(
     data = load_data(spec, data_dir, flatten=True)
     members: list[_Member] = []
     outcomes: list[TrialOutcome] = []
-    fs = _fast_storage(study)
-    beats = _fast.Beats(study._storage)
-    queue: deque[optuna.Trial] = deque()  # asked, not yet drawn
-    started: list[int] = []  # drawn since the last write of their params
-    ended = 0  # members ended since the last ask: the slots the next ask fills
+    beats = _Beats(study._storage)
     asked = 0
-
-    def batch() -> int:
-        """How many trials to ask: the slots that freed (all of them at first, for an int K)."""
-        nonlocal ended
-        n = ended if asked else (population_size if isinstance(population_size, int) else 1)
-        ended = 0
-        n = max(1, n)
-        return n if max_trials is None else min(n, max_trials - asked)
 
     def configs() -> Iterator[dict[str, Any]]:
         nonlocal asked
-        while True:
-            if not queue:
-                if max_trials is not None and asked >= max_trials:
-                    return
-                if should_stop is not None and should_stop():
-                    return
-                # Without a FastStorage this asks one trial at a time, as ask_trial does.
-                got = ask_trials(study, spec, batch() if fs is not None else 1)
-                if not got:
-                    return
-                asked += len(got)
-                if fs is not None:  # created with their heartbeat rows; beaten while they wait
-                    for t in got:
-                        beats.add(t._trial_id, now=False)
-                queue.extend(got)
-            # A trial asked is drawn and trained even if a stop came meanwhile: its first
-            # epoch stops it, failed and re-queued like any member a stop cuts short.
-            trial = queue.popleft()
+        while max_trials is None or asked < max_trials:
+            if should_stop is not None and should_stop():
+                return
+            trial = ask_trial(study, spec)
+            if trial is None:
+                return
+            asked += 1
             params = suggest(trial, spec.space)
             try:
                 n = count_point(spec, params)
             except ValueError as exc:
-                beats.remove(trial._trial_id)
                 outcomes.append(_record_infeasible(study, trial, spec, None, f"the point builds no model: {exc}"))
                 continue
             if spec.max_params is not None and n > spec.max_params:
-                beats.remove(trial._trial_id)
                 outcomes.append(_record_infeasible(
                     study, trial, spec, n, f"{n} parameters exceed max_params={spec.max_params}"))
                 continue
@@ -146,18 +160,11 @@ def execute_population(
                 trial.set_user_attr("worker", worker)
             seed = trial_seed(spec, trial.number)
             members.append(_Member(trial, params, n, model_args, seed))
-            if fs is None:
-                beats.add(trial._trial_id)
-            started.append(trial._trial_id)
+            beats.add(trial._trial_id)
             yield {**model_args, "lr": train_args["lr"], "weight_decay": train_args["weight_decay"],
                    "seed": seed}
 
     def on_epoch(i: int, epoch: int, metrics: dict[str, Any]) -> bool:
-        if fs is not None and started:
-            # The members drawn since the last epoch start training: their params and
-            # attributes, and the tells held back, in one write.
-            fs.flush(started)
-            started.clear()
         m = members[i]
         if len(spec.objectives) == 1:
             m.trial.report(_report_metric(spec, metrics), epoch)
@@ -171,30 +178,23 @@ def execute_population(
         return False
 
     def on_result(i: int, result: core.TrainResult) -> None:
-        nonlocal ended
         m = members[i]
         beats.remove(m.trial._trial_id)
-        ended += 1
-        outcomes.append(_finish(study, spec, m, result, dev, worker, model_store, fs is None))
+        outcomes.append(_finish(study, spec, m, result, dev, worker, model_store))
 
-    # Tells are held back and written together: at the next ask, the next epoch, or the end.
-    deferring = fs.deferring() if fs is not None else contextlib.nullcontext()
     try:
-        with deferring:
-            core.train_population(
-                spec.model, configs(), data, spec.n_epochs, batch_size=spec.batch_size, device=dev,
-                seed=spec.seed, on_epoch=on_epoch, population_size=population_size, on_result=on_result,
-            )
+        core.train_population(
+            spec.model, configs(), data, spec.n_epochs, batch_size=spec.batch_size, device=dev,
+            seed=spec.seed, on_epoch=on_epoch, population_size=population_size, on_result=on_result,
+        )
     finally:
         beats.close()
-    if fs is not None:
-        _after_tell(study, spec)
     return outcomes
 
 
 def _finish(
     study: optuna.Study, spec: StudySpec, m: _Member, result: core.TrainResult,
-    dev: torch.device, worker: str | None, model_store: ModelStore | None, check_done: bool = True,
+    dev: torch.device, worker: str | None, model_store: ModelStore | None,
 ) -> TrialOutcome:
     trial, n = m.trial, m.n_params
     if result.status == "failed":
@@ -228,6 +228,6 @@ def _finish(
             )
         except Exception as exc:  # noqa: BLE001 - the trial is told; weights are a bonus
             log.warning("could not keep the weights of trial %s: %s", trial.number, exc)
-    if check_done:
-        _after_tell(study, spec)
+    with study_lock(study._storage, study.study_name):
+        _mark_done_if_finished(study, spec, progress(study))
     return TrialOutcome(trial.number, "complete", values=values, n_params=n, attrs=attrs)
