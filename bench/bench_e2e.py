@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
+import importlib.util
 import signal
 import statistics
 import threading
@@ -47,17 +49,16 @@ def _timed(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _instrument() -> None:
-    from studies import _fast
-
+    extra = vars(importlib.import_module("studies._fast")) if importlib.util.find_spec("studies._fast") else {}
     samplers = {optuna.samplers.TPESampler, optuna.samplers.RandomSampler, studies.BudgetAwareSampler}
-    samplers |= {c for c in vars(_fast).values() if isinstance(c, type) and issubclass(c, optuna.samplers.BaseSampler)}
+    samplers |= {c for c in extra.values() if isinstance(c, type) and issubclass(c, optuna.samplers.BaseSampler)}
     for cls in samplers:
         for name in ("sample_relative", "sample_independent", "infer_relative_search_space",
                      "before_trial", "after_trial"):
             if name in vars(cls):
                 setattr(cls, name, _timed("sampler", vars(cls)[name]))
     storage_classes = [optuna.storages.RDBStorage]
-    storage_classes += [c for c in vars(_fast).values()
+    storage_classes += [c for c in extra.values()
                         if isinstance(c, type) and issubclass(c, optuna.storages.BaseStorage)]
     for cls in storage_classes:
         for name, fn in list(vars(cls).items()):
