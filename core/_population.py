@@ -673,6 +673,7 @@ class _Population:
         self.n_configs = len(configs) if isinstance(configs, Sequence) else None
         self.size_arg = size
         self.size = 0
+        self.max_size = _AUTO_MAX  # "auto" is capped here (train_population's max_population)
         self.n_train = len(data.x_train)
         self.n_steps = math.ceil(self.n_train / batch_size)
         self.results: list[TrainResult] = []
@@ -815,9 +816,9 @@ class _Population:
             free, _ = torch.cuda.mem_get_info(self.device)
             dims = _Dims.of([first.arch])
             size = int(0.6 * free) // max(1, 2 * self._member_bytes(dims))
-            size = max(1, min(_AUTO_MAX, size))
+            size = max(1, min(self.max_size, size))
         else:
-            size = _AUTO_CPU
+            size = min(_AUTO_CPU, self.max_size)
         return min(size, self.n_configs) if self.n_configs is not None else size
 
     # -- the loop ---------------------------------------------------------------------------
@@ -1051,6 +1052,7 @@ def train_population(
     *,
     population_size: int | str | None = None,
     on_result: OnResult | None = None,
+    max_population: int | None = None,
 ) -> list[TrainResult]:
     """Train many models of one family at once, each exactly as :func:`train_model` would.
 
@@ -1065,7 +1067,7 @@ def train_population(
     ``configs`` may be an iterator: it is read lazily, one config whenever a slot is free.
     Up to ``population_size`` members train at once (an int, or ``"auto"``/``None``: sized
     from the device's free memory on CUDA, 8 on the CPU, never more than a sequence's
-    length); a member that ends frees its slot for the next config at once, so members
+    length, never more than ``max_population`` if given); a member that ends frees its slot for the next config at once, so members
     started at different times run side by side with different epoch counters.
 
     After each of a member's epochs ``on_epoch(index, epoch, metrics)`` is called; a truthy
@@ -1096,8 +1098,16 @@ def train_population(
     size: int | str = "auto" if population_size is None else population_size
     if size != "auto" and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
         raise ValueError(f"population_size must be a positive integer or 'auto', got {population_size!r}")
+    if max_population is not None and (
+        not isinstance(max_population, int) or isinstance(max_population, bool) or max_population < 1
+    ):
+        raise ValueError(f"max_population must be a positive integer, got {max_population!r}")
+    if isinstance(size, int) and max_population is not None and size > max_population:
+        raise ValueError(f"population_size={size} is over max_population={max_population}")
     dev = resolve_device(device)
     pop = _Population(
         family.name, configs, data.to(dev), n_epochs, batch_size, dev, seed, size, on_epoch, on_result
     )
+    if max_population is not None:
+        pop.max_size = max_population
     return pop.run()

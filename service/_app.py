@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
 
@@ -15,8 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import studies
 
-from ._errors import spec_error_items
+from ._errors import db_unreachable, spec_error_items
 from ._settings import Settings
+from ._snapshots import Snapshots
 from .deps import presented_token, token_ok
 from .routes import health, workers
 from .routes import studies as studies_routes
@@ -25,6 +27,8 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("dendro.api")
 _DB_DOWN = "the database is unavailable right now; the request was not carried out. Retry shortly."
+_NAME_RULE = ("a study name is 1-64 characters: letters, digits, '.', '_' or '-', starting with a "
+              "letter or digit")
 
 
 class _BodyLimit:
@@ -128,15 +132,28 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     )
     app.state.settings = settings
     app.state.storage = storage
+    app.state.snapshots = Snapshots()
+
+    def _db_down_response(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database error on %s %s: %s", request.method, request.url.path, exc.__class__.__name__)
+        return JSONResponse({"detail": _DB_DOWN}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                            headers={"Retry-After": "5"})
 
     @app.exception_handler(studies.StorageError)
     @app.exception_handler(sa.exc.OperationalError)
     @app.exception_handler(sa.exc.InterfaceError)
     @app.exception_handler(sa.exc.DBAPIError)
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database error on %s %s: %s", request.method, request.url.path, exc.__class__.__name__)
-        return JSONResponse({"detail": _DB_DOWN}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-                            headers={"Retry-After": "5"})
+        return _db_down_response(request, exc)
+
+    @app.exception_handler(optuna.exceptions.StorageInternalError)
+    async def _storage_internal(request: Request, exc: Exception) -> JSONResponse:
+        # Optuna wraps a lost connection in its own error: that is the database being down.
+        if db_unreachable(exc):
+            return _db_down_response(request, exc)
+        log.error("storage error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error; the server log has the details"},
+                            status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
 
     @app.exception_handler(studies.SpecError)
     async def _spec(request: Request, exc: studies.SpecError) -> JSONResponse:
@@ -149,8 +166,11 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Not FastAPI's default: that reports the spec's cross-field errors at the body's
         # root and echoes the whole request back.
-        return JSONResponse({"detail": spec_error_items(exc.errors(), root=("body",))},
-                            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+        items = spec_error_items(exc.errors(), root=("body",))
+        for item in items:
+            if item["loc"] == ["path", "name"]:
+                item["msg"] = _NAME_RULE
+        return JSONResponse({"detail": items}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -161,6 +181,23 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     app.include_router(health.router)
     app.include_router(studies_routes.router)
     app.include_router(workers.router)
+
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+    @app.api_route("/v1", methods=methods, include_in_schema=False)
+    @app.api_route("/v1/{rest:path}", methods=methods, include_in_schema=False)
+    def _no_endpoint(request: Request) -> JSONResponse:
+        # Without this, what our routes do not match under /v1 (a name with a '/', a wrong
+        # method) would reach the dashboard, whose errors are HTML pages.
+        allowed = sorted(m.upper() for path, ops in app.openapi()["paths"].items()
+                         if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", path), request.url.path)
+                         for m in ops)
+        if allowed:
+            return JSONResponse({"detail": f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"},
+                                status_code=status.HTTP_405_METHOD_NOT_ALLOWED,
+                                headers={"Allow": ", ".join(allowed)})
+        return JSONResponse({"detail": f"no endpoint {request.url.path}; see /v1/docs"},
+                            status_code=status.HTTP_404_NOT_FOUND)
 
     if dashboard:
         from a2wsgi import WSGIMiddleware
@@ -183,4 +220,39 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
         app.mount("/", _DashboardGuard(_dashboard, settings))
 
     app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    app.openapi = lambda: _with_limits(app, settings)  # type: ignore[method-assign]
     return app
+
+
+def _with_limits(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The OpenAPI schema with this server's limits and the API's own rules written in.
+
+    A study launched through the API needs a name (a URL path segment, so the pattern) and a
+    parameter budget, and its counts are bounded by the settings: clients (and schemathesis)
+    read the real limits from the schema. The routes still check them, naming the limit.
+    """
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                         description=app.description, routes=app.routes)
+    spec = schema["components"]["schemas"]["StudySpec"]
+    props = spec["properties"]
+    props["name"] = {**{k: v for k, v in props["name"].items() if k != "anyOf"}, "type": "string",
+                     "pattern": studies.NAME_PATTERN, "minLength": 1, "maxLength": 64}
+    props["max_params"] = {**{k: v for k, v in props["max_params"].items() if k != "anyOf"},
+                           "type": "integer", "minimum": 1, "maximum": settings.max_params}
+    props["n_trials"]["maximum"] = settings.max_trials
+    props["n_epochs"]["maximum"] = settings.max_epochs
+    spec["required"] = sorted({*spec.get("required", []), "name", "max_params"})
+    for param in schema["paths"]["/v1/studies/{name}/trials"]["get"]["parameters"]:
+        if param["name"] == "limit":
+            param["schema"] = {"type": "integer", "minimum": 1, "maximum": settings.max_page_size,
+                               "description": param["schema"].get("description", "")}
+    schema["paths"]["/v1/studies"]["post"]["responses"]["400"] = {
+        "description": "The body is not JSON",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    app.openapi_schema = schema
+    return schema

@@ -6,9 +6,17 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import optuna
+import sqlalchemy as sa
+
 import studies
 
-__all__ = ["spec_error_items", "finite_json"]
+#: errors that mean "the database did not answer": the API answers 503, a worker backs off
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError, studies.StorageError,
+    optuna.exceptions.StorageInternalError,
+)
+__all__ = ["spec_error_items", "finite_json", "db_unreachable", "DB_ERRORS"]
 
 _PYDANTIC_PREFIX = "Value error, "
 
@@ -47,3 +55,21 @@ def finite_json(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [finite_json(v) for v in obj]
     return obj
+
+
+def db_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is a lost or refused database connection.
+
+    Optuna reports those as ``StorageInternalError`` ("exceeding max length"...), with the
+    driver's error as its cause.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.DisconnectionError):
+            return True
+        if isinstance(cur, sa.exc.DBAPIError) and cur.connection_invalidated:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False

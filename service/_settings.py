@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     heartbeat_interval: int = Field(default=5, ge=1, description="Seconds between trial heartbeats.")
     grace_period: int = Field(default=20, ge=2, description="Seconds without a beat before a trial is retried.")
     worker_timeout: float = Field(default=30.0, description="Seconds without a beat before a worker is shown dead.")
+    # Fault injection for the reliability tests, off by default: a worker raises CUDA's
+    # out-of-memory error after the first epoch of these trial numbers (of any study it
+    # serves), through the same path as a real one. E.g. DENDRO_FAULT_OOM_TRIALS='[2]'.
+    fault_oom_trials: list[int] = Field(default_factory=list, description="Testing only: trial "
+                                        "numbers whose training raises an injected out-of-memory error.")
 
     @field_validator("storage", "api_token", mode="before")
     @classmethod
@@ -45,6 +50,16 @@ class Settings(BaseSettings):
         # `DENDRO_API_TOKEN=` (as compose writes an unset variable) means no token, not an
         # empty one that every write would have to present.
         return None if isinstance(v, str) and not v.strip() else v
+
+    @property
+    def storage_url_redacted(self) -> str:
+        """The storage URL with its password hidden, for logs and messages."""
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(self.storage_url).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - a malformed URL is reported where it is opened
+            return "<storage URL>"
 
     @property
     def storage_url(self) -> str:

@@ -117,11 +117,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             studies.create_study(spec, url, spec.name, load_if_exists=True)
             print(f"demo study {spec.name!r} ({spec.dataset}, max_params={spec.max_params}, "
-                  f"{spec.n_trials} trials) is in {url}")
+                  f"{spec.n_trials} trials) is in {settings.storage_url_redacted}")
         except studies.StudyExistsError as exc:
             print(f"demo study not created: {exc}")
     base = f"http://{settings.host}:{settings.port}"
-    print(f"API docs:  {base}/v1/docs\nDashboard: {base}/dashboard\nStorage:   {url}", flush=True)
+    print(f"API docs:  {base}/v1/docs\nDashboard: {base}/dashboard\n"
+          f"Storage:   {settings.storage_url_redacted}", flush=True)
     # uvicorn shuts down gracefully on SIGTERM and then raises the signal again; with the
     # default action that would kill this process before the local workers are stopped.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -154,6 +155,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import Worker, WorkerConfig
 
     settings = _settings(args)
+    population = args.population
+    if population is not None and population != "auto" and int(population) > settings.max_population:
+        raise CliError(f"--population {population} is over this server's limit max_population="
+                       f"{settings.max_population} (DENDRO_MAX_POPULATION); use at most that, or 'auto'")
     worker = Worker(WorkerConfig(
         storage=settings.storage_url,
         device=settings.device,
@@ -161,12 +166,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_trials=args.max_trials,
         idle_exit=args.idle_exit,
         data_dir=str(settings.data_dir),
-        population=args.population,
+        population=population,
+        max_population=settings.max_population,
         heartbeat_interval=settings.heartbeat_interval,
         grace_period=settings.grace_period,
+        oom_trials=frozenset(settings.fault_oom_trials),
     ))
     worker.install_signal_handlers()
-    log.info("worker %s on %s, storage %s", worker.config.worker_id, settings.device, settings.storage_url)
+    if worker.config.oom_trials:
+        log.warning("fault injection: trials %s will raise out-of-memory", sorted(worker.config.oom_trials))
+    log.info("worker %s on %s, storage %s", worker.config.worker_id, settings.device,
+             settings.storage_url_redacted)
     return worker.run()
 
 
@@ -248,7 +258,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         _summary(study)
         return 0
     out = args.out or "."
-    paths = studies.export_study(study, out, formats=tuple(args.format.split(",")))
+    try:
+        # Each file is written whole or not at all (studies.export_study writes a temporary
+        # file and renames it): a full or read-only disk leaves no partial file behind.
+        paths = studies.export_study(study, out, formats=tuple(args.format.split(",")))
+    except OSError as exc:
+        where = exc.filename or out
+        raise CliError(f"cannot write the export to {where}: {exc.strerror or exc}; "
+                       "no partially written file was left") from None
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -9,8 +9,9 @@ import optuna
 from fastapi import Depends, HTTPException, Request, status
 
 from ._settings import Settings
+from ._snapshots import Snapshots
 
-__all__ = ["SettingsDep", "StorageDep", "WriteAuth", "ReadAuth", "token_ok"]
+__all__ = ["SettingsDep", "StorageDep", "SnapshotsDep", "WriteAuth", "ReadAuth", "token_ok"]
 
 
 def _settings(request: Request) -> Settings:
@@ -21,8 +22,13 @@ def _storage(request: Request) -> optuna.storages.RDBStorage:
     return request.app.state.storage()
 
 
+def _snapshots(request: Request) -> Snapshots:
+    return request.app.state.snapshots
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StorageDep = Annotated[optuna.storages.RDBStorage, Depends(_storage)]
+SnapshotsDep = Annotated[Snapshots, Depends(_snapshots)]
 
 
 def token_ok(presented: str | None, expected: str) -> bool:

@@ -18,10 +18,10 @@ from types import FrameType
 from typing import Any
 
 import optuna
-import sqlalchemy as sa
 
 import studies
 
+from ._errors import DB_ERRORS
 from ._workers_table import WorkerRegistry
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -39,8 +39,12 @@ class WorkerConfig:
     poll_interval: float = 1.0
     data_dir: str | None = None
     population: int | str | None = None
+    #: "auto" never trains more members at once than this (DENDRO_MAX_POPULATION)
+    max_population: int | None = None
     heartbeat_interval: int = 5
     grace_period: int = 20
+    #: testing only (DENDRO_FAULT_OOM_TRIALS): trial numbers whose training raises out-of-memory
+    oom_trials: frozenset[int] = frozenset()
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
@@ -63,6 +67,7 @@ class Worker:
         self._studies: dict[str, tuple[Any, optuna.Study, studies.StudySpec]] = {}
         self._served: dict[str, float] = {}
         self._current: tuple[str, int] | None = None
+        self._state_unread = False  # the last look at a study's state failed (logged once)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -137,13 +142,27 @@ class Worker:
             self._studies[name] = (identity, study, spec)
         return self._studies[name][1:]
 
-    def _should_stop(self, study: optuna.Study) -> str | bool:
+    def _should_stop(self, study: optuna.Study, number: int | None = None) -> str | bool:
+        if number is not None and number in self.config.oom_trials:
+            import torch
+
+            # Raised inside training, after an epoch: the trial takes the path of a real one.
+            raise torch.cuda.OutOfMemoryError(f"injected by DENDRO_FAULT_OOM_TRIALS for trial {number}")
         if self.stop_requested.is_set():
             return "the worker is shutting down"
         try:
             state = studies.study_state(study)
         except KeyError:
             return "the study was deleted"
+        except DB_ERRORS as exc:
+            # The database is away: keep training rather than throw the epochs away. The tell
+            # waits for it (run() backs off), or the trial's lapsed heartbeat re-queues it.
+            if not self._state_unread:
+                log.warning("cannot read the state of study %s (%s); training on", study.study_name,
+                            exc.__class__.__name__)
+            self._state_unread = True
+            return False
+        self._state_unread = False
         if state != "running":
             return "the study was stopped"
         return False
@@ -189,7 +208,7 @@ class Worker:
                     out = studies.execute_trial(
                         study, trial, spec, device=self.config.device, data_dir=self.config.data_dir,
                         model_store=studies.ModelStore(self._storage.engine),
-                        should_stop=functools.partial(self._should_stop, study),
+                        should_stop=functools.partial(self._should_stop, study, trial.number),
                         worker=f"{self.host}:{os.getpid()}",
                     )
             except KeyError:
@@ -200,7 +219,7 @@ class Worker:
                     raise
                 log.info("study %s was deleted while trial %d ran; dropped it", name, trial.number)
                 return True
-            except (sa.exc.DBAPIError, studies.StorageError):
+            except DB_ERRORS:
                 raise  # run() backs off and retries; the trial's heartbeat lapses and it is retried
             except Exception as exc:  # noqa: BLE001 - one trial's error must not stop the worker
                 log.exception("study %s trial %d raised; the worker goes on", name, trial.number)
@@ -231,10 +250,17 @@ class Worker:
         try:
             outs = studies.execute_population(
                 study, spec, population_size=self._population_size(), device=self.config.device,
+                max_population=self.config.max_population,
                 data_dir=self.config.data_dir, model_store=studies.ModelStore(self._storage.engine),
                 should_stop=functools.partial(self._should_stop, study),
                 worker=f"{self.host}:{os.getpid()}", max_trials=left,
             )
+        except DB_ERRORS:
+            raise  # run() backs off; the members' heartbeats lapse and they are retried
+        except Exception:  # noqa: BLE001 - one population's error must not stop the worker
+            log.exception("study %s: a population raised; the worker goes on", name)
+            self.stop_requested.wait(self.config.poll_interval)
+            return True
         finally:
             self._current = None
         trained = [o for o in outs if o.state != "infeasible"]
@@ -269,8 +295,7 @@ class Worker:
                 try:
                     ran = self.run_once()
                     backoff = 1.0
-                except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError,
-                        studies.StorageError) as exc:
+                except DB_ERRORS as exc:
                     log.warning("database unavailable (%s); retrying in %.0fs",
                                 exc.__class__.__name__, backoff)
                     self._studies.clear()

@@ -73,7 +73,14 @@ from ._spec import (
     smallest_point,
     split_params,
 )
-from ._storage import default_storage_url, heartbeat, open_storage, sqlite_path, study_lock
+from ._storage import (
+    default_storage_url,
+    delete_study,
+    heartbeat,
+    open_storage,
+    sqlite_path,
+    study_lock,
+)
 from .exceptions import (
     BudgetError,
     SpecError,
@@ -85,6 +92,7 @@ from .exceptions import (
 )
 
 __all__ = [
+    "delete_study",
     "HyperparameterSearcher",
     "SearchResult",
     "hyperparameter_tuning",

@@ -116,6 +116,7 @@ def execute_population(
     should_stop: Callable[[], bool | str] | None = None,
     worker: str | None = None,
     max_trials: int | None = None,
+    max_population: int | None = None,
 ) -> list[TrialOutcome]:
     """Run trials of ``study`` K at a time with :func:`core.train_population`.
 
@@ -186,6 +187,7 @@ def execute_population(
         core.train_population(
             spec.model, configs(), data, spec.n_epochs, batch_size=spec.batch_size, device=dev,
             seed=spec.seed, on_epoch=on_epoch, population_size=population_size, on_result=on_result,
+            max_population=max_population,
         )
     finally:
         beats.close()

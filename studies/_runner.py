@@ -218,7 +218,8 @@ def create_study(
     if name is None:
         raise ValueError("the study needs a name: set spec.name or pass study_name")
     if spec.name != name:
-        spec = spec.model_copy(update={"name": name})
+        # validate the name the same way a spec's name is validated (model_copy would not)
+        spec = StudySpec.model_validate({**spec.model_dump(), "name": name})
     try:
         study = optuna.create_study(
             storage=st,
@@ -425,6 +426,8 @@ def trial_seed(spec: StudySpec, number: int, k: int = 0) -> int:
 
 def _set_budget_constraint(trial: optuna.Trial, spec: StudySpec, n: int | None) -> None:
     if spec.max_params is not None:
+        if "constraints:max_params" in trial.storage.get_trial_system_attrs(trial._trial_id):
+            return  # a retried trial carries its constraint over already
         # <= 0 is feasible; an unbuildable point counts as far over budget.
         trial.set_constraint("max_params", float(n - spec.max_params) if n is not None else 1e9)
 

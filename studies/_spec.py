@@ -98,7 +98,7 @@ class StudySpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not _NAME_RE.match(v):
+        if v is not None and not _NAME_RE.fullmatch(v):
             raise ValueError(
                 "a study name is 1-64 characters: letters, digits, '.', '_' or '-', starting with "
                 f"a letter or digit; got {v!r}"

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "study_lock",
     "rdb",
     "heartbeat",
+    "delete_study",
     "HEARTBEAT_INTERVAL",
     "GRACE_PERIOD",
 ]
@@ -52,11 +54,15 @@ def sqlite_path(url: str) -> Path | None:
     return Path(u.database)
 
 
+#: how long a SQLite connection waits for another writer before "database is locked"
+_SQLITE_BUSY_MS = 60_000
+
+
 def _engine_kwargs(url: str) -> dict[str, Any]:
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
         # Readers and one writer at a time: wait for the lock instead of failing at once.
-        return {"connect_args": {"timeout": 60}}
+        return {"connect_args": {"timeout": _SQLITE_BUSY_MS / 1000}}
     return {"pool_pre_ping": True, "pool_recycle": 300}
 
 
@@ -218,3 +224,82 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[N
     finally:
         stop.set()
         t.join(timeout=5)
+
+
+#: words of the driver errors that mean "another transaction holds it": retried
+_CONTENTION = ("locked", "deadlock", "busy", "lock timeout", "could not obtain lock")
+
+
+def delete_study(storage: str | optuna.storages.BaseStorage, study_name: str, timeout: float = 10.0) -> None:
+    """Delete a study and every row of it in one transaction, even while workers write to it.
+
+    ``optuna.delete_study`` reads the study's rows, then deletes them one by one; a row a
+    worker inserts in between (a heartbeat, a report) makes the last delete fail, and Optuna
+    rolls back and returns as if it had succeeded. Here the study is locked first (SQLite:
+    the database's write lock, taken by the first statement; PostgreSQL: the study's and its
+    trials' rows, ``FOR UPDATE``, which a new child row waits for), then each table is
+    emptied of the study's rows with one statement. Workers' writes wait for the commit and
+    then fail as writes to a deleted study do. Raises KeyError if there is no such study and
+    StorageError if it could not be done within ``timeout`` seconds (retried meanwhile).
+    """
+    from optuna.storages._rdb import models
+
+    backend = rdb(storage if not isinstance(storage, str) else open_storage(storage))
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        optuna.delete_study(study_name=study_name, storage=backend)
+        return
+    tables = models.BaseModel.metadata.tables
+    deadline = time.monotonic() + timeout
+    pause = 0.02
+    while True:
+        try:
+            _delete_rows(backend.engine, study_name, tables, deadline)
+            return
+        except sa.exc.DBAPIError as exc:  # a deadlock or a busy database: try again
+            if not any(w in str(exc.orig).lower() for w in _CONTENTION):
+                raise  # the database is down or refused the statement: not ours to retry
+            if time.monotonic() + pause > deadline:
+                raise StorageError(f"could not delete study {study_name!r} within {timeout:.0f} s: "
+                                   f"{type(exc.orig).__name__}") from exc
+            log.info("deleting study %s: %s; retrying", study_name, type(exc.orig).__name__)
+            time.sleep(pause)
+            pause = min(0.5, pause * 2)
+
+
+def _delete_rows(engine: sa.Engine, study_name: str, tables: Any, deadline: float) -> None:
+    from optuna.storages._rdb import models
+
+    studies_t, trials_t = tables["studies"], tables["trials"]
+    pg = engine.dialect.name == "postgresql"
+    # wait for other writers no longer than the time left
+    wait_ms = max(1, int(1000 * (deadline - time.monotonic())))
+    with engine.connect() as con:
+        if not pg:
+            con.exec_driver_sql(f"PRAGMA busy_timeout = {wait_ms}")
+            con.commit()
+        try:
+            with con.begin():
+                if pg:
+                    con.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+                by_name = studies_t.c.study_name == study_name
+                if not pg:  # a write first: from here on no one else writes until the commit
+                    con.execute(sa.update(studies_t).where(by_name).values(study_name=studies_t.c.study_name))
+                find = sa.select(studies_t.c.study_id).where(by_name)
+                sid = con.execute(find.with_for_update() if pg else find).scalar()
+                if sid is None:
+                    raise KeyError(f"no study named {study_name!r}")
+                trial_ids = sa.select(trials_t.c.trial_id).where(trials_t.c.study_id == sid)
+                if pg:
+                    con.execute(trial_ids.with_for_update()).all()
+                for t in reversed(models.BaseModel.metadata.sorted_tables):
+                    parents = {fk.column.table.name: fk.parent for fk in t.foreign_keys}
+                    if "trials" in parents:
+                        con.execute(t.delete().where(parents["trials"].in_(trial_ids)))
+                    elif "studies" in parents:
+                        con.execute(t.delete().where(parents["studies"] == sid))
+                con.execute(studies_t.delete().where(studies_t.c.study_id == sid))
+        finally:
+            if not pg:
+                with contextlib.suppress(Exception):
+                    con.exec_driver_sql(f"PRAGMA busy_timeout = {_SQLITE_BUSY_MS}")
+                    con.commit()

@@ -4,28 +4,40 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import re
 from typing import Annotated, Any, Literal
 
 import optuna
 import torch
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse
 from optuna.trial import FrozenTrial, TrialState
 
 import studies
 
 from .._errors import finite_json
-from ..deps import ReadAuth, SettingsDep, StorageDep, WriteAuth
+from .._snapshots import Snapshot, Snapshots
+from ..deps import ReadAuth, SettingsDep, SnapshotsDep, StorageDep, WriteAuth
 from ..models import ErrorBody, StudiesPublic, StudyProgress, StudyPublic, TrialPublic, TrialsPublic
 
-router = APIRouter(prefix="/v1/studies", tags=["studies"])
-
 _Responses = dict[int | str, dict[str, Any]]
+#: every route reads the database: while it is down the answer is a 503 to retry
+DB_DOWN: _Responses = {503: {"model": ErrorBody, "description": "The database is unavailable; retry later"}}
+log = logging.getLogger("dendro.api")
+router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=DB_DOWN)
+
 _E404: _Responses = {404: {"model": ErrorBody, "description": "No study (or trial) of that name"}}
 _E409: _Responses = {409: {"model": ErrorBody, "description": "The name exists or the state does not allow it"}}
 _E401: _Responses = {401: {"model": ErrorBody, "description": "The API token is missing or wrong"}}
+_E413: _Responses = {413: {"model": ErrorBody, "description": "The request body is over the server's limit"}}
+_NAME_RE = re.compile(studies.NAME_PATTERN)
 TRIAL_STATES = ("complete", "pruned", "failed", "running", "waiting", "infeasible")
+#: a study name in a URL: checked before anything is looked up, so no request reaches the
+#: database, a file name or a header with a name that no study could have
+Name = Annotated[str, Path(pattern=studies.NAME_PATTERN, min_length=1, max_length=64,
+                             description="The study name: letters, digits, '.', '_', '-'; at most 64.")]
 
 
 def _study_id(storage: optuna.storages.BaseStorage, name: str) -> int:
@@ -39,19 +51,30 @@ def _finite(v: float | None) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
 
-def _study_public(storage: optuna.storages.BaseStorage, frozen: Any) -> StudyPublic | None:
-    attrs = frozen.user_attrs
+def _snapshot(snapshots: Snapshots, storage: optuna.storages.BaseStorage, name: str) -> Snapshot:
+    try:
+        return snapshots.get(storage, name)
+    except KeyError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no study named {name!r}") from None
+
+
+def _study_public(snap: Snapshot) -> StudyPublic | None:
+    """The study as the API shows it, or None for a study dendro did not create.
+
+    One study's rows, read by id and shared by concurrent readers (see ``Snapshots``):
+    ``get_all_studies`` read every study of the storage with all its attributes, which made
+    one study's page cost as much as the whole list (bench/bench_load.py).
+    """
+    attrs = snap.user_attrs
     if studies.SPEC_ATTR not in attrs:
         return None
-    trials = storage.get_all_trials(frozen._study_id, deepcopy=False)
-    counts = _progress(trials)
-    directions = [d.name.lower() for d in frozen.directions]
+    directions, trials = snap.directions, snap.trials
     spec = attrs[studies.SPEC_ATTR]
     out = StudyPublic(
-        name=frozen.study_name,
+        name=snap.name,
         state=str(attrs.get(studies.STATE_ATTR, "running")),
         n_trials=int(spec.get("n_trials", 0)),
-        progress=StudyProgress(**counts),
+        progress=StudyProgress(**_progress(trials)),
         directions=directions,
         objectives=list(attrs.get("dendro.objectives", [])),
         spec=spec,
@@ -143,16 +166,25 @@ def _limit_error(field: str, message: str) -> HTTPException:
     status_code=status.HTTP_201_CREATED,
     response_model=StudyPublic,
     dependencies=[WriteAuth],
-    responses={**_E409, **_E401},
+    responses={**_E409, **_E401, **_E413},
 )
-def create_study(spec: studies.StudySpec, storage: StorageDep, settings: SettingsDep) -> StudyPublic:
+def create_study(spec: studies.StudySpec, storage: StorageDep, settings: SettingsDep,
+                 snapshots: SnapshotsDep) -> StudyPublic:
     """Create a study from a spec; workers start pulling its trials at once."""
     if spec.name is None:
         raise _limit_error("name", "a study launched through the API needs a name")
+    # The spec's own check lets a trailing newline through (Python's `$`); a name must be
+    # whole, because it ends up in file names and headers.
+    if not _NAME_RE.fullmatch(spec.name):
+        raise _limit_error("name", "a study name is 1-64 characters: letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit")
+    if spec.max_params is None:
+        raise _limit_error("max_params", "this server trains models of at most "
+                           f"{settings.max_params} parameters (its limit max_params): set max_params")
     for field, value, limit in (
         ("n_trials", spec.n_trials, settings.max_trials),
         ("n_epochs", spec.n_epochs, settings.max_epochs),
-        ("max_params", spec.max_params or 0, settings.max_params),
+        ("max_params", spec.max_params, settings.max_params),
     ):
         if value > limit:
             raise _limit_error(field, f"{field}={value} is over this server's limit of {limit}")
@@ -160,25 +192,31 @@ def create_study(spec: studies.StudySpec, storage: StorageDep, settings: Setting
         studies.create_study(spec, storage, spec.name)
     except studies.StudyExistsError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
-    sid = storage.get_study_id_from_name(spec.name)
-    frozen = next(s for s in storage.get_all_studies() if s._study_id == sid)
-    out = _study_public(storage, frozen)
+    snapshots.forget(spec.name)
+    out = _study_public(_snapshot(snapshots, storage, spec.name))
     assert out is not None
     return out
 
 
 @router.get("", response_model=StudiesPublic, dependencies=[ReadAuth], responses=_E401)
-def list_studies(storage: StorageDep) -> StudiesPublic:
+def list_studies(storage: StorageDep, snapshots: SnapshotsDep) -> StudiesPublic:
     """Every study with its state, progress and best value."""
-    data = [p for s in storage.get_all_studies() if (p := _study_public(storage, s)) is not None]
+    data = []
+    for s in storage.get_all_studies():
+        if studies.SPEC_ATTR not in s.user_attrs:
+            continue
+        try:
+            p = _study_public(snapshots.get(storage, s.study_name))
+        except KeyError:
+            continue  # deleted since the listing
+        if p is not None:
+            data.append(p)
     return StudiesPublic(data=data, count=len(data))
 
 
 @router.get("/{name}", response_model=StudyPublic, dependencies=[ReadAuth], responses={**_E404, **_E401})
-def get_study(name: str, storage: StorageDep) -> StudyPublic:
-    sid = _study_id(storage, name)
-    frozen = next((s for s in storage.get_all_studies() if s._study_id == sid), None)
-    out = _study_public(storage, frozen) if frozen is not None else None
+def get_study(name: Name, storage: StorageDep, snapshots: SnapshotsDep) -> StudyPublic:
+    out = _study_public(_snapshot(snapshots, storage, name))
     if out is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"study {name!r} was not created by dendro")
     return out
@@ -186,12 +224,13 @@ def get_study(name: str, storage: StorageDep) -> StudyPublic:
 
 @router.get("/{name}/trials", response_model=TrialsPublic, dependencies=[ReadAuth], responses={**_E404, **_E401})
 def list_trials(
-    name: str,
+    name: Name,
     storage: StorageDep,
     settings: SettingsDep,
+    snapshots: SnapshotsDep,
     state: Annotated[Literal["complete", "pruned", "failed", "running", "waiting", "infeasible"] | None,
                      Query(description="Only trials in this state.")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int | None, Query(ge=1, description="Page size (default 50, at most the "
                                        "server's max_page_size).")] = None,
     history: Annotated[bool, Query(description="Include per-epoch history.")] = False,
@@ -205,7 +244,7 @@ def list_trials(
             detail=[{"loc": ["query", "limit"], "msg": f"limit is at most {settings.max_page_size}",
                      "type": "value_error.limit"}],
         )
-    trials = storage.get_all_trials(_study_id(storage, name), deepcopy=False)
+    trials = _snapshot(snapshots, storage, name).trials
     if state is not None:
         trials = [t for t in trials if _trial_state(t) == state]
     page = trials[offset : offset + limit]
@@ -214,48 +253,65 @@ def list_trials(
 
 
 @router.get("/{name}/best", response_model=list[TrialPublic], dependencies=[ReadAuth], responses={**_E404, **_E401})
-def best_trials(name: str, storage: StorageDep) -> list[TrialPublic]:
+def best_trials(name: Name, storage: StorageDep, snapshots: SnapshotsDep) -> list[TrialPublic]:
     """The best trial (one objective) or the Pareto front (two); empty until one completes."""
-    sid = _study_id(storage, name)
-    frozen = next(s for s in storage.get_all_studies() if s._study_id == sid)
-    trials = [t for t in storage.get_all_trials(sid, deepcopy=False)
-              if t.state == TrialState.COMPLETE and t.values is not None]
+    snap = _snapshot(snapshots, storage, name)
+    trials = [t for t in snap.trials if t.state == TrialState.COMPLETE and t.values is not None]
     if not trials:
         return []
-    directions = [d.name.lower() for d in frozen.directions]
+    directions = snap.directions
     if len(directions) == 1:
         pick = max if directions[0] == "maximize" else min
         return [_trial_public(pick(trials, key=lambda t: t.values[0]), True)]
     return [_trial_public(t, False) for t in sorted(_pareto(trials, directions), key=lambda t: t.number)]
 
 
-def _change_state(name: str, storage: optuna.storages.RDBStorage, action: str) -> StudyPublic:
+def _change_state(name: str, storage: optuna.storages.RDBStorage, snapshots: Snapshots,
+                  action: str) -> StudyPublic:
     study = _load(storage, name)
     try:
         studies.set_study_state(study, action)
     except studies.StateError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
-    return get_study(name, storage)
+    finally:
+        snapshots.forget(name)
+    return get_study(name, storage, snapshots)
 
 
 @router.post("/{name}/stop", response_model=StudyPublic, dependencies=[WriteAuth], responses={**_E404, **_E409, **_E401})
-def stop_study(name: str, storage: StorageDep) -> StudyPublic:
+def stop_study(name: Name, storage: StorageDep, snapshots: SnapshotsDep) -> StudyPublic:
     """No new trials; running trials stop within one epoch (and are queued again)."""
-    return _change_state(name, storage, "stop")
+    return _change_state(name, storage, snapshots, "stop")
 
 
 @router.post("/{name}/resume", response_model=StudyPublic, dependencies=[WriteAuth], responses={**_E404, **_E409, **_E401})
-def resume_study(name: str, storage: StorageDep) -> StudyPublic:
-    return _change_state(name, storage, "resume")
+def resume_study(name: Name, storage: StorageDep, snapshots: SnapshotsDep) -> StudyPublic:
+    return _change_state(name, storage, snapshots, "resume")
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAuth], responses={**_E404, **_E401})
-def delete_study(name: str, storage: StorageDep) -> Response:
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAuth],
+               responses={**_E404, **_E401, **_E409})
+def delete_study(name: Name, storage: StorageDep, snapshots: SnapshotsDep) -> Response:
     """Delete the study, its trials and its kept weights."""
     _study_id(storage, name)
-    optuna.delete_study(study_name=name, storage=storage)
+    try:
+        studies.delete_study(storage, name, timeout=_DELETE_SECONDS)
+    except KeyError:
+        pass  # deleted meanwhile by another request: gone all the same
+    except studies.StorageError as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"study {name!r} could not be deleted within {_DELETE_SECONDS:.0f} s while its "
+            f"workers wrote to it ({exc}); stop it, then retry",
+        ) from None
+    finally:
+        snapshots.forget(name)
     studies.ModelStore(storage.engine).delete_study(name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+#: how long a delete keeps retrying while the study's workers hold its rows
+_DELETE_SECONDS = 10.0
 
 
 @router.get(
@@ -264,7 +320,7 @@ def delete_study(name: str, storage: StorageDep) -> Response:
     responses={**_E404, **_E401, 200: {"content": {"application/json": {}, "text/csv": {}}}},
 )
 def export_study(
-    name: str, storage: StorageDep, format: Annotated[Literal["json", "csv"], Query()] = "json"
+    name: Name, storage: StorageDep, format: Annotated[Literal["json", "csv"], Query()] = "json"
 ) -> Response:
     """The whole study as JSON (the seed's results shape) or CSV (one row a trial)."""
     study = _load(storage, name)
@@ -284,7 +340,7 @@ def export_study(
     responses={**_E404, **_E401, 200: {"content": {"application/json": {}, "text/html": {}}}},
 )
 def plot(
-    name: str, kind: str, storage: StorageDep,
+    name: Name, kind: str, storage: StorageDep,
     format: Annotated[Literal["json", "html"], Query()] = "json",
 ) -> Response:
     """A plotly figure of the study: JSON for your own front end, or a standalone HTML page."""
@@ -307,7 +363,8 @@ def plot(
     responses={**_E404, **_E401, 200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
 )
 def trial_model(
-    name: str, number: int, storage: StorageDep,
+    name: Name, number: Annotated[int, Path(ge=0, le=2**31 - 1, description="The trial number.")],
+    storage: StorageDep,
     format: Annotated[Literal["pt", "json"], Query()] = "pt",
 ) -> Response:
     """The kept weights and config of a trial: a ``torch.load``-able file, or the config as JSON."""

@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/workers", tags=["workers"])
 
 
 @router.get("", response_model=WorkersPublic, dependencies=[ReadAuth],
-            responses={401: {"model": ErrorBody}})
+            responses={401: {"model": ErrorBody}, 503: {"model": ErrorBody}})
 def list_workers(storage: StorageDep, settings: SettingsDep, include_dead: bool = False) -> WorkersPublic:
     """Live workers: host, device, current trial and last heartbeat."""
     rows = WorkerRegistry(storage.engine).list(None if include_dead else settings.worker_timeout)

@@ -248,6 +248,13 @@ def test_auto_population_size_on_cpu_runs_a_few_members_at_once(
     results = train_population("vanilla_mlp", iter(configs), data, 1, BATCH, device="cpu")
     assert len(results) == 10
     assert max(sizes) == _population._AUTO_CPU
+    sizes.clear()
+    results = train_population("vanilla_mlp", iter(configs), data, 1, BATCH, device="cpu",
+                               max_population=3)
+    assert len(results) == 10 and max(sizes) == 3  # "auto" stays under the server's limit
+    with pytest.raises(ValueError, match="max_population"):
+        train_population("vanilla_mlp", configs, data, 1, device="cpu", population_size=4,
+                         max_population=3)
 
 
 def test_unbatchable_family_is_a_value_error_naming_the_batchable_ones(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,6 +96,10 @@ def test_export_leaves_only_the_finished_files(finished: tuple[optuna.Study, Stu
     with pytest.raises(ValueError, match="json, csv, html"):
         export_study(study, tmp_path / "bad", formats=("json", "xlsx"))
     assert not (tmp_path / "bad").exists()
+    # exports get the mode a plain open() would give them, not mkstemp's private 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in paths} == {0o666 & ~umask}
 
 
 @pytest.mark.parametrize("kind", PLOT_KINDS)

@@ -99,6 +99,16 @@ def test_the_same_name_with_a_different_spec_is_refused(
         run_study(tiny_spec(n_epochs=2), sqlite_url, show_progress=False)
 
 
+def test_a_study_name_is_validated_wherever_it_comes_from(
+    sqlite_url: str, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    with pytest.raises(ValueError, match="study name"):
+        StudySpec.model_validate({**tiny_spec().model_dump(), "name": "ok\n../x"})  # fullmatch
+    with pytest.raises(ValueError, match="study name"):
+        studies.create_study(tiny_spec(), sqlite_url, study_name="../../etc/passwd")
+    assert optuna.get_all_study_names(sqlite_url) == []
+
+
 def test_grid_search_visits_each_grid_point_once_even_when_some_are_infeasible(
     sqlite_url: str, tiny_spec: Callable[..., StudySpec],
 ) -> None:
