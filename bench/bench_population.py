@@ -1,7 +1,7 @@
 """train_population against the seed-style loop and train_model: model-epochs per second.
 
     python bench/bench_population.py [--device cpu|cuda] [--epochs 2] [--populations 8]
-                                     [--data-dir DIR] [--subset N] [--threads N] [--profile]
+                                     [--data-dir DIR] [--subset N] [--threads N] [--profile] [--tf32]
 
 dendritic_simple with 12 neurons, 6 dendrites, 96 inputs per dendrite, batch 256, on
 Fashion-MNIST. Rows: (a) the seed-style loop (bench/_baseline.py: DataLoader over CPU
@@ -59,7 +59,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--profile", action="store_true", help="profile one epoch of the largest K")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="TF32 matrix products for every row (as TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "
+                         "does for a worker); the default is exact fp32")
     args = ap.parse_args()
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = core.resolve_device(args.device)
@@ -94,11 +100,11 @@ def main() -> None:
         rows.append((f"(c) train_population K={k}", k, k * args.epochs / wall, k / last, acc,
                      abs((res[0].test_accuracy or 0.0) - (single.test_accuracy or 0.0))))
 
-    print(f"{'trainer':30s} {'model-epochs/s':>14s} {'steady':>9s} {'vs (a)':>9s} "
+    print(f"{'trainer':30s} {'model-epochs/s':>14s} {'steady':>9s} {'vs (a)':>9s} {'steady vs (a)':>13s} "
           f"{'test acc':>9s} {'|d acc| m0':>10s}")
     for label, _k, rate, steady, acc, d0 in rows:
-        print(f"{label:30s} {rate:14.2f} {steady:9.2f} {rate / base_rate:8.1f}x {acc:9.4f} "
-              f"{'' if d0 is None else f'{d0:10.4f}'}")
+        print(f"{label:30s} {rate:14.2f} {steady:9.2f} {rate / base_rate:8.1f}x {steady / base_rate:12.1f}x "
+              f"{acc:9.4f} {'' if d0 is None else f'{d0:10.4f}'}")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -73,7 +73,7 @@ def _start_workers(n: int, storage: str, device: str, data_dir: Path) -> list[su
     procs = []
     for _ in range(n):
         cmd = [sys.executable, "-m", "service.cli", "worker", "--storage", storage, "--device", device,
-               "--data-dir", str(data_dir)]
+               "--data-dir", str(data_dir), "--exit-with-parent", str(os.getpid())]
         procs.append(subprocess.Popen(cmd, start_new_session=True))
     return procs
 
@@ -171,6 +171,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         heartbeat_interval=settings.heartbeat_interval,
         grace_period=settings.grace_period,
         oom_trials=frozenset(settings.fault_oom_trials),
+        parent_pid=args.exit_with_parent,
     ))
     worker.install_signal_handlers()
     if worker.config.oom_trials:
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--studies", help="comma-separated study names to serve (default: all)")
     w.add_argument("--max-trials", type=int)
     w.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
+    w.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     w.add_argument("--population", type=_population_arg,
                    help="train K trials of a study at once on the device: an integer or 'auto'")
     w.set_defaults(func=cmd_worker)

@@ -45,6 +45,8 @@ class WorkerConfig:
     grace_period: int = 20
     #: testing only (DENDRO_FAULT_OOM_TRIALS): trial numbers whose training raises out-of-memory
     oom_trials: frozenset[int] = frozenset()
+    #: a worker that ``dendro serve`` started: stop (as on SIGTERM) once that process is gone
+    parent_pid: int | None = None
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
@@ -108,8 +110,16 @@ class Worker:
             log.debug("worker beat failed: %s", exc)
 
     def _beat_loop(self) -> None:
-        while not self.stop_requested.wait(5.0):
-            self._beat_now()
+        last = time.monotonic()
+        while not self.stop_requested.wait(1.0):
+            if self.config.parent_pid and os.getppid() != self.config.parent_pid:
+                log.warning("the dendro serve that started this worker (pid %d) is gone: stopping",
+                            self.config.parent_pid)
+                self.stop_requested.set()
+                return
+            if time.monotonic() - last >= 5.0:
+                last = time.monotonic()
+                self._beat_now()
 
     # -- choosing work ------------------------------------------------------------------------
     def _runnable(self) -> list[tuple[str, Any]]:

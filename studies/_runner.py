@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -9,7 +10,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from optuna.trial import TrialState
 
 import core
 
+from . import _fast
 from ._artifacts import ModelStore
 from ._space import grid_of, suggest
 from ._spec import OBJECTIVES, StudySpec, build_extras, count_point, split_params
@@ -37,6 +39,7 @@ __all__ = [
     "progress",
     "ask_trial",
     "execute_trial",
+    "ask_trials",
     "run_study",
     "make_sampler",
     "make_pruner",
@@ -167,7 +170,7 @@ def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.Ba
     s = spec.sampler
     if s in ("tpe", "random"):
         base: optuna.samplers.BaseSampler = (
-            optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+            _fast.FastTPESampler(seed=seed, multivariate=True, n_startup_trials=10)
             if s == "tpe"
             else optuna.samplers.RandomSampler(seed=seed)
         )
@@ -301,36 +304,70 @@ def is_infeasible(t: optuna.trial.FrozenTrial) -> bool:
     return bool(t.user_attrs.get("infeasible", False))
 
 
-def progress(study: optuna.Study) -> dict[str, Any]:
-    """Counts of trials by state; ``finished`` (complete + pruned, trained) is what n_trials counts."""
-    trials = study.get_trials(deepcopy=False)
-    c = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "infeasible": 0}
-    for t in trials:
-        if is_infeasible(t):
-            c["infeasible"] += 1
-        elif t.state == TrialState.COMPLETE:
-            c["complete"] += 1
-        elif t.state == TrialState.PRUNED:
-            c["pruned"] += 1
-        elif t.state == TrialState.FAIL:
-            c["failed"] += 1
-        elif t.state == TrialState.RUNNING:
-            c["running"] += 1
-        elif t.state == TrialState.WAITING:
-            c["waiting"] += 1
+_KINDS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
+          TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+
+
+def _kind(t: optuna.trial.FrozenTrial) -> str:
+    """What ``progress`` counts a trial as."""
+    return "infeasible" if is_infeasible(t) else _KINDS[t.state]
+
+
+def _counts(kinds: dict[str, int]) -> dict[str, Any]:
+    c = {k: int(kinds.get(k, 0)) for k in ("complete", "pruned", "failed", "running", "waiting", "infeasible")}
     c["finished"] = c["complete"] + c["pruned"]
-    c["total"] = len(trials)
+    c["total"] = sum(int(v) for v in kinds.values())
     return c
 
 
-def _mark_done_if_finished(study: optuna.Study, spec: StudySpec, counts: dict[str, Any]) -> bool:
-    started = float(study.user_attrs.get(STARTED_ATTR, time.time()))
-    timed_out = spec.timeout is not None and time.time() - started > spec.timeout
+def progress(study: optuna.Study) -> dict[str, Any]:
+    """Counts of trials by state; ``finished`` (complete + pruned, trained) is what n_trials counts."""
+    fs = _fast.of(study)
+    if fs is not None:
+        fs.refresh()  # incremental: finished trials are counted once, when first read
+        return _counts(fs.kinds())
+    kinds: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        k = _kind(t)
+        kinds[k] = kinds.get(k, 0) + 1
+    return _counts(kinds)
+
+
+def _mark_done_if_finished(
+    study: optuna.Study, spec: StudySpec, counts: dict[str, Any], attrs: dict[str, Any] | None = None
+) -> bool:
+    """Mark the study done when it has its trials or its time is up. ``attrs``: the study's
+    user attributes when the caller has just read them."""
+    timed_out = False
+    if spec.timeout is not None:
+        started = float((study.user_attrs if attrs is None else attrs).get(STARTED_ATTR, time.time()))
+        timed_out = time.time() - started > spec.timeout
     if counts["finished"] >= spec.n_trials or timed_out:
-        if study_state(study) == "running":
+        state = study_state(study) if attrs is None else str(attrs.get(STATE_ATTR, "running"))
+        if state == "running":
             study.set_user_attr(STATE_ATTR, "done")
         return True
     return False
+
+
+def _fast_storage(study: optuna.Study) -> _fast.FastStorage | None:
+    """The study's FastStorage, put under it on first use where its sampler and pruner allow.
+
+    The sampler must read the study only through ``get_trials`` and write nothing but the
+    asked trial's own attributes: TPE and random, budget-aware or not. (TPE's constant liar,
+    Optuna 5's default, writes the trial's relative params as system attributes; they reach
+    the database with its params.) Grid, CMA-ES, QMC, NSGA-II and GP keep state of their own
+    in the storage, and Hyperband and successive halving write rungs while trials run: those
+    studies take Optuna's plain path.
+    """
+    fs = _fast.of(study)
+    if fs is not None:
+        return fs
+    s = study.sampler
+    base = s.base if isinstance(s, BudgetAwareSampler) else s
+    if type(base) not in (optuna.samplers.TPESampler, _fast.FastTPESampler, optuna.samplers.RandomSampler):
+        return None
+    return _fast.attach(study, classify=_kind)
 
 
 def ask_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
@@ -339,6 +376,52 @@ def ask_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
     Runs under the study lock, so concurrent workers never take more than ``n_trials``.
     Trials of dead workers (no heartbeat) are failed first and re-queued.
     """
+    trials = ask_trials(study, spec, 1)
+    return trials[0] if trials else None
+
+
+def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Trial]:
+    """Ask up to ``n`` trials at once (fewer, or none, near the end of the study).
+
+    With a FastStorage (see :func:`_fast_storage`) the checks and the trials' creation are
+    done once for the batch, each trial is sampled when its caller draws its params, and
+    every trial is created with its heartbeat.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    fs = _fast_storage(study)
+    if fs is None:
+        out = []
+        for _ in range(n):
+            trial = _ask_plain(study, spec)
+            if trial is None:
+                break
+            out.append(trial)
+        return out
+    fs.flush()  # tells this worker holds back reach the database before anyone counts
+    with study_lock(study._storage, study.study_name):
+        attrs = fs.refresh(study_attrs=True) or {}
+        if fs.get_heartbeat_interval() and fs.others_running():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            attrs = fs.refresh(study_attrs=True) or {}
+        if attrs.get(STATE_ATTR, "running") != "running":
+            return []
+        counts = _counts(fs.kinds())
+        if _mark_done_if_finished(study, spec, counts, attrs):
+            return []
+        n = min(n, spec.n_trials - counts["finished"] - counts["running"])
+        if n <= 0:
+            return []
+        if n > counts["waiting"]:
+            fs.reserve(n - counts["waiting"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            return [study.ask() for _ in range(n)]
+
+
+def _ask_plain(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
     with study_lock(study._storage, study.study_name):
         backend = rdb(study._storage)
         if isinstance(backend, optuna.storages.RDBStorage) and backend.get_heartbeat_interval():
@@ -362,6 +445,26 @@ def ask_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
             # We beat ourselves (storage.heartbeat) instead of going through Study.optimize.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             return study.ask()
+
+
+def _after_tell(study: optuna.Study, spec: StudySpec) -> None:
+    """Mark the study done if that tell was its last trial.
+
+    With a FastStorage the lock and a read are taken only when the trials it knows of could
+    add up to ``n_trials`` (or the study has a timeout); a study that another worker's tell
+    completes unseen is marked done by the next ask, which always reads.
+    """
+    fs = _fast.of(study)
+    if fs is not None:
+        c = _counts(fs.kinds())
+        if spec.timeout is None and c["finished"] + c["running"] + c["waiting"] < spec.n_trials:
+            return
+    with study_lock(study._storage, study.study_name):
+        if fs is None:
+            _mark_done_if_finished(study, spec, progress(study))
+        else:
+            attrs = fs.refresh(study_attrs=True) or {}
+            _mark_done_if_finished(study, spec, _counts(fs.kinds()), attrs)
 
 
 def _grid_exhausted(study: optuna.Study, spec: StudySpec) -> bool:
@@ -496,6 +599,9 @@ def execute_trial(
     trial.set_user_attr("family", family)
     if worker:
         trial.set_user_attr("worker", worker)
+    fs = _fast.of(trial)
+    if fs is not None:
+        fs.flush([trial._trial_id])  # its params and attributes, in one write, before training
     dev = core.resolve_device(device)
     data = load_data(spec, data_dir, flatten=core.get_family(family).input_kind == "flat")
     stopped_by: list[str] = []
@@ -515,7 +621,7 @@ def execute_trial(
     results: list[core.TrainResult] = []
     model = None
     try:
-        with heartbeat(study._storage, trial._trial_id):
+        with _beating(study, trial):
             results, model = _train_seeds(spec, trial.number, family, model_args, train_args, n,
                                           data, dev, on_epoch)
     except torch.cuda.OutOfMemoryError as exc:
@@ -561,9 +667,21 @@ def execute_trial(
             )
         except Exception as exc:  # noqa: BLE001 - the trial is told; weights are a bonus
             log.warning("could not keep the weights of trial %s: %s", trial.number, exc)
-    with study_lock(study._storage, study.study_name):
-        _mark_done_if_finished(study, spec, progress(study))
+    _after_tell(study, spec)
     return TrialOutcome(trial.number, "complete", values=values, n_params=n, attrs=attrs)
+
+
+@contextlib.contextmanager
+def _beating(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Heartbeats for the trial while it trains; a FastStorage wrote its first with the trial."""
+    fs = _fast.of(trial)
+    if fs is None:
+        with heartbeat(study._storage, trial._trial_id):
+            yield
+        return
+    with _fast.Beats(fs) as beats:
+        beats.add(trial._trial_id, now=not fs.has_heartbeat(trial._trial_id))
+        yield
 
 
 def _train_seeds(

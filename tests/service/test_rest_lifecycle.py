@@ -240,6 +240,36 @@ def test_kept_weights_download_as_a_torch_file_that_rebuilds_the_model(finished:
     assert as_json.status_code == 200 and as_json.json() == {"trial": best, "config": config}
 
 
+def test_local_workers_stop_on_their_own_when_serve_is_sigkilled(tmp_path: Path) -> None:
+    """`dendro serve` killed without a chance to stop its workers: they notice and exit."""
+    procs = Procs(tmp_path)
+    pids: set[int] = set()
+    try:
+        api = procs.serve(f"sqlite:///{tmp_path / 'orphan.db'}", "--workers", "1", "--device", "cpu")
+        wait_for(lambda: pids.update(w["pid"] for w in api.http.get("/v1/workers").json()["data"]) or pids,
+                 60, "the local worker to register")
+        os.killpg(api.proc.pid, signal.SIGKILL)  # its own group only: the worker has a session of its own
+        api.proc.wait(10)
+
+        def gone() -> bool:
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                    return False
+                except ProcessLookupError:
+                    pass
+            return True
+
+        wait_for(gone, 30, "the orphaned worker to exit")
+    finally:
+        procs.close()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_serve_with_local_workers_runs_a_study_and_stops_them_with_it(tmp_path: Path) -> None:
     """The embedded default: `dendro serve --workers 2` on a SQLite file, then SIGTERM."""
     procs = Procs(tmp_path)

@@ -104,7 +104,8 @@ def test_a_study_deleted_while_its_trial_trains_does_not_take_the_worker_down(
     pg_api: Api, procs: Procs
 ) -> None:
     api, name = pg_api, unique("gone")
-    api.create(tiny_spec(name, n_trials=1, n_epochs=LONG_EPOCHS))
+    # Long enough that the delete always lands mid-trial (it stops the trial at its next epoch).
+    api.create(tiny_spec(name, n_trials=1, n_epochs=10 * LONG_EPOCHS))
     worker = procs.worker(api.storage, "--studies", name, "--idle-exit", "2")
     wait_for(lambda: api.running(name), 90, "a trial to start")
     assert api.http.delete(f"/v1/studies/{name}").status_code == 204

@@ -1,0 +1,455 @@
+"""The worker's fast path (studies._fast) writes what Optuna's plain path writes, with fewer trips."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import sqlalchemy as sa
+from optuna.trial import TrialState
+
+import core
+import studies
+from studies import StudySpec, _fast, _population, _runner
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+# -- an instant trainer: metrics are a function of the point ------------------------------------
+def _curve(point: dict[str, Any], n_epochs: int) -> list[dict[str, Any]]:
+    rng = random.Random(json.dumps(point, sort_keys=True))
+    final = 0.5 + 0.05 * math.log(point["n_neurons"] * point["n_dendrites"]) + rng.gauss(0, 0.02)
+    out = []
+    for e in range(1, n_epochs + 1):
+        acc = final - 0.3 * math.exp(-e / rng.uniform(1, 3)) + rng.gauss(0, 0.01)
+        out.append({"epoch": e, "train_loss": 1 - acc, "train_accuracy": acc, "val_loss": 1 - acc,
+                    "val_accuracy": acc, "test_loss": 1 - acc, "test_accuracy": acc, "seconds": 0.0})
+    return out
+
+
+def _run(history: list[dict[str, Any]], seed: int, n: int, on_epoch: Callable[..., bool] | None,
+         ) -> core.TrainResult:
+    res = core.TrainResult(n_params=n, device="cpu", seed=seed)
+    for m in history:
+        res.history.append({**m, "n_params": n})
+        if on_epoch is not None and on_epoch(m["epoch"], m):
+            res.status = "stopped"
+            break
+    return res
+
+
+def _fake_train_seeds(spec: StudySpec, number: int, family: str, model_args: dict[str, Any],
+                      train_args: dict[str, Any], n: int, data: Any, dev: Any,
+                      on_epoch: Callable[..., bool]) -> tuple[list[core.TrainResult], None]:
+    point = {k: model_args[k] for k in ("n_neurons", "n_dendrites", "n_dendrite_inputs")}
+    return [_run(_curve(point, spec.n_epochs), _runner.trial_seed(spec, number), n, on_epoch)], None
+
+
+def _fake_train_population(model: str, configs: Any, data: Any, n_epochs: int, batch_size: int = 128,
+                           device: Any = None, seed: int = 0, on_epoch: Any = None, *,
+                           population_size: Any = None, on_result: Any = None,
+                           max_population: Any = None) -> list[core.TrainResult]:
+    """core.train_population's scheduling (slots refilled as members end), without training."""
+    size = population_size if isinstance(population_size, int) else 8
+    it = iter(configs)
+    results: list[core.TrainResult] = []
+    active: list[tuple[int, list[dict[str, Any]]]] = []
+    exhausted = False
+    while True:
+        while len(active) < size and not exhausted:
+            cfg = next(it, None)
+            if cfg is None:
+                exhausted = True
+                break
+            point = {k: cfg[k] for k in ("n_neurons", "n_dendrites", "n_dendrite_inputs")}
+            results.append(core.TrainResult(device="cpu", seed=cfg["seed"]))
+            active.append((len(results) - 1, _curve(point, n_epochs)))
+        if not active:
+            return results
+        ended = []
+        for i, curve in active:
+            res = results[i]
+            res.history.append(curve[len(res.history)])
+            if on_epoch(i, res.history[-1]["epoch"], res.history[-1]):
+                res.status = "stopped"
+                ended.append(i)
+            elif len(res.history) >= n_epochs:
+                ended.append(i)
+        for i in ended:
+            on_result(i, results[i])
+        active = [a for a in active if a[0] not in ended]
+
+
+@pytest.fixture(autouse=True)
+def instant_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_runner, "_train_seeds", _fake_train_seeds)
+    monkeypatch.setattr(_runner, "load_data", lambda *a, **k: None)
+    monkeypatch.setattr(_population, "load_data", lambda *a, **k: None)
+    monkeypatch.setattr(core, "train_population", _fake_train_population)
+
+
+@contextlib.contextmanager
+def plain_path() -> Iterator[None]:
+    """Optuna's own storage path: no FastStorage under the study."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_runner, "_fast_storage", lambda study: None)
+        mp.setattr(_population, "_fast_storage", lambda study: None)
+        yield
+
+
+# -- storages ------------------------------------------------------------------------------------
+def _pg_reachable() -> bool:
+    try:
+        engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 2})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: skip
+        return False
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fast.db'}"
+    if not _pg_reachable():
+        pytest.skip(f"PostgreSQL at {PG_URL} cannot be reached")
+    return PG_URL
+
+
+def _name(tag: str) -> str:
+    return f"fast-{tag}-{random.getrandbits(40):x}"
+
+
+def _own_storage(url: str, heartbeat: bool = True) -> optuna.storages.RDBStorage:
+    """A storage object of its own, as another worker process would have (studies.open_storage's)."""
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if not heartbeat:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=kwargs, heartbeat_interval=5, grace_period=20,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+
+
+def _stored(url: str, name: str) -> list[dict[str, Any]]:
+    """What Optuna (and its dashboard) reads back for every trial, times left out."""
+    st = _own_storage(url, heartbeat=False)
+    try:
+        trials = optuna.load_study(study_name=name, storage=st).get_trials()
+        return [{"number": t.number, "state": t.state, "params": t.params,
+                 "distributions": t.distributions, "values": t.values,
+                 "intermediate_values": t.intermediate_values, "user_attrs": t.user_attrs,
+                 "system_attrs": t.system_attrs} for t in trials]
+    finally:
+        st.engine.dispose()
+
+
+def _drop(url: str, *names: str) -> None:
+    if url.startswith("postgresql"):
+        for name in names:
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=name, storage=url)
+
+
+def _spec(tiny_spec: Callable[..., StudySpec], **kw: Any) -> StudySpec:
+    settings: dict[str, Any] = {"n_trials": 14, "n_epochs": 4, "pruner": "median", "max_params": 1500}
+    return tiny_spec(**(settings | kw))
+
+
+def _single(url: str, spec: StudySpec, name: str) -> optuna.Study:
+    st = studies.open_storage(url)
+    studies.create_study(spec, st, name)
+    study, spec = studies.load_study(name, st, sampler_seed=3)
+    while (trial := studies.ask_trial(study, spec)) is not None:
+        studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+    return study
+
+
+def _population_run(url: str, spec: StudySpec, name: str, k: int = 4) -> optuna.Study:
+    st = studies.open_storage(url)
+    studies.create_study(spec, st, name)
+    study, spec = studies.load_study(name, st, sampler_seed=3)
+    _population.execute_population(study, spec, population_size=k, device="cpu", worker="w1")
+    return study
+
+
+# -- the same rows ---------------------------------------------------------------------------------
+def test_the_fast_path_stores_exactly_what_the_plain_path_stores(
+    url: str, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    spec = _spec(tiny_spec)
+    fast, plain = _name("f"), _name("p")
+    try:
+        study = _single(url, spec, fast)
+        assert isinstance(study._storage, _fast.FastStorage)
+        with plain_path():
+            assert not isinstance(_single(url, spec, plain)._storage, _fast.FastStorage)
+        got, want = _stored(url, fast), _stored(url, plain)
+        assert got == want
+        states = {t["state"] for t in want}
+        assert TrialState.PRUNED in states and TrialState.COMPLETE in states  # the pruner pruned
+        assert all(t["intermediate_values"] for t in want if not t["user_attrs"].get("infeasible"))
+        assert all("constraints:max_params" in t["system_attrs"] for t in want)
+        assert studies.progress(study) == studies.progress(optuna.load_study(study_name=plain, storage=url))
+        assert studies.study_state(study) == "done"
+    finally:
+        _drop(url, fast, plain)
+
+
+def test_the_population_path_asks_and_tells_in_batches_and_stores_the_same(
+    url: str, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    spec = _spec(tiny_spec)
+    fast, plain = _name("pf"), _name("pp")
+    try:
+        study = _population_run(url, spec, fast)
+        fs = _fast.of(study)
+        assert fs is not None
+        with plain_path():
+            _population_run(url, spec, plain)
+        assert _stored(url, fast) == _stored(url, plain)
+        # each trial asked, started and told: far fewer writes than one per trial and epoch
+        assert fs.writes < 3 * spec.n_trials
+        assert studies.study_state(study) == "done"
+    finally:
+        _drop(url, fast, plain)
+
+
+# -- pruning ---------------------------------------------------------------------------------------
+def _count_statements(engine: sa.engine.Engine) -> list[str]:
+    seen: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    return seen
+
+
+def test_pruning_decisions_are_optunas_median_pruner_and_make_no_round_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_fast, "MAX_AGE", 3600.0)  # the view is fresh for the whole test
+    url = f"sqlite:///{tmp_path / 'prune.db'}"
+    rng = random.Random(0)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    storage = _own_storage(url, heartbeat=False)
+    studies_ = {}
+    for kind in ("plain", "fast"):
+        s = optuna.create_study(storage=storage, study_name=kind, direction="maximize", pruner=pruner)
+        for _ in range(8):  # the same history in both
+            curve = [rng.random() for _ in range(6)]
+            s.add_trial(optuna.create_trial(value=curve[-1], intermediate_values=dict(enumerate(curve, 1))))
+        rng = random.Random(0)
+        studies_[kind] = s
+    fast = optuna.load_study(study_name="fast", storage=_own_storage(url, heartbeat=False), pruner=pruner)
+    fs = _fast.attach(fast)
+    assert fs is not None
+    plain = studies_["plain"]
+    plain_direction = plain.direction
+    fs.refresh()
+    assert fast.direction == plain_direction  # read once: directions never change
+    statements = _count_statements(fs._backend.engine)
+    pruned = 0
+    for i in range(12):
+        curve = [rng.random() for _ in range(6)]
+        tp, tf = plain.ask(), fast.ask()
+        before = len(statements)
+        decisions = []
+        for step, v in enumerate(curve, 1):
+            tp.report(v, step)
+            tf.report(v, step)
+            optuna_says = pruner.prune(plain, plain._storage.get_trial(tp._trial_id))
+            decisions.append((tp.should_prune(), tf.should_prune(), optuna_says))
+            assert len(set(decisions[-1])) == 1, (i, step, decisions)
+            if decisions[-1][0]:
+                break
+        assert len(statements) == before, "reports and pruning checks went to the database"
+        state = TrialState.PRUNED if decisions[-1][0] else TrialState.COMPLETE
+        pruned += state == TrialState.PRUNED
+        value = None if state == TrialState.PRUNED else curve[-1]
+        plain.tell(tp, value, state=state)
+        fast.tell(tf, value, state=state)
+    assert 0 < pruned < 12
+    strip = [{k: v for k, v in t.items() if k != "system_attrs"} for t in _stored(url, "fast")]
+    assert strip == [{k: v for k, v in t.items() if k != "system_attrs"} for t in _stored(url, "plain")]
+
+
+# -- other writers -------------------------------------------------------------------------------
+def test_the_incremental_view_sees_what_other_storages_and_processes_write(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'view.db'}"
+    spec = _spec(tiny_spec, n_trials=50)
+    st = studies.open_storage(url)
+    studies.create_study(spec, st, "view")
+    study, spec = studies.load_study("view", st, sampler_seed=1)
+    fs = _runner._fast_storage(study)
+    assert fs is not None
+    first = studies.ask_trial(study, spec)
+    assert first is not None
+    studies.execute_trial(study, first, spec, device="cpu", worker="w1")
+
+    other = optuna.load_study(study_name="view", storage=_own_storage(url))
+    point = {"n_neurons": 3, "n_dendrites": 2, "n_dendrite_inputs": 8}
+    other.add_trial(optuna.create_trial(params=point, distributions={k: p.distribution() for k, p in spec.space.items()},
+                                        value=0.5))
+    running = other.ask()  # another worker's trial, still running
+    other.enqueue_trial(point, user_attrs={"requeued_from": 99})
+    script = ("import optuna, sys; s = optuna.load_study(study_name='view', storage=sys.argv[1]); "
+              "s.add_trial(optuna.create_trial(value=0.25, state=optuna.trial.TrialState.COMPLETE))")
+    subprocess.run([sys.executable, "-c", script, url], check=True, capture_output=True, timeout=60)
+
+    def fresh_counts() -> dict[str, Any]:
+        with plain_path():
+            return studies.progress(optuna.load_study(study_name="view", storage=_own_storage(url)))
+
+    assert studies.progress(study) == fresh_counts()
+    assert studies.progress(study)["running"] == 1 and studies.progress(study)["waiting"] == 1
+    # the view is read again when it is older than MAX_AGE, for Optuna's own readers too
+    other.tell(running, 0.75)
+    monkeypatch.setattr(_fast, "MAX_AGE", 0.0)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert running.number in {t.number for t in complete}
+    assert studies.progress(study) == fresh_counts()
+    # the next ask takes the queued point first, and this worker runs it as its own
+    trial = studies.ask_trial(study, spec)
+    assert trial is not None and trial.user_attrs["requeued_from"] == 99
+    studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+    back = other._storage.get_trial(trial._trial_id)
+    assert back.params == point
+    assert back.state in (TrialState.COMPLETE, TrialState.PRUNED) and back.intermediate_values
+    assert back.user_attrs["worker"] == "w1" and back.user_attrs["requeued_from"] == 99
+    assert studies.progress(study) == fresh_counts()
+
+
+def test_two_workers_racing_for_the_last_trials_never_overshoot(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    spec = _spec(tiny_spec, n_trials=24, pruner="none", n_epochs=2)
+    studies.create_study(spec, studies.open_storage(url), "race")
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            study, sp = studies.load_study("race", _own_storage(url), sampler_seed=i)
+            start.wait()
+            if i == 0:
+                _population.execute_population(study, sp, population_size=4, device="cpu", worker="pop")
+            else:
+                while (trial := studies.ask_trial(study, sp)) is not None:
+                    studies.execute_trial(study, trial, sp, device="cpu", worker=f"w{i}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    c = studies.progress(optuna.load_study(study_name="race", storage=_own_storage(url)))
+    assert c["finished"] == spec.n_trials
+    assert c["running"] == c["waiting"] == c["failed"] == 0
+    assert c["total"] == spec.n_trials + c["infeasible"]
+
+
+def test_a_dead_workers_trial_keeps_its_params_and_is_retried(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    url = f"sqlite:///{tmp_path / 'dead.db'}"
+    spec = _spec(tiny_spec, n_trials=3)
+    st = studies.open_storage(url)
+    studies.create_study(spec, st, "dead")
+    study, spec = studies.load_study("dead", st, sampler_seed=1)
+    trial = studies.ask_trial(study, spec)
+    assert trial is not None
+    params = studies.suggest(trial, spec.space)
+    trial.set_user_attr("n_params", 1)
+    _fast.of(trial).flush([trial._trial_id])  # what execute_trial does before training
+    trial.report(0.5, 1)  # buffered: dies with the worker
+    # The worker dies. Its trial is RUNNING with params and a heartbeat, and goes stale.
+    raw = _own_storage(url)
+    with raw.engine.begin() as con:
+        con.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'"))
+    other, sp = studies.load_study("dead", _own_storage(url), sampler_seed=2)
+    retry = studies.ask_trial(other, sp)
+    assert retry is not None and retry.number != trial.number
+    assert retry.params == params  # re-queued with its point
+    dead = raw.get_trial(trial._trial_id)
+    assert dead.state == TrialState.FAIL and dead.params == params and not dead.intermediate_values
+
+
+# -- the sampler -----------------------------------------------------------------------------------
+def test_fast_tpe_proposes_exactly_what_optunas_tpe_proposes() -> None:
+    space = {"a": optuna.distributions.IntDistribution(5, 20),
+             "b": optuna.distributions.IntDistribution(16, 256, log=True),
+             "c": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    proposals = []
+    for cls in (optuna.samplers.TPESampler, _fast.FastTPESampler):
+        sampler = cls(seed=5, multivariate=True, n_startup_trials=10)
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        points = []
+        for i in range(70):
+            trial = study.ask(space)
+            points.append(trial.params)
+            trial.set_constraint("budget", trial.params["a"] * trial.params["b"] - 2000.0)
+            if i % 7 == 3:
+                continue  # left running: constant liar sees it
+            if i % 5 == 1:
+                trial.report(trial.params["c"] * 100, 1)
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, math.log(trial.params["b"]) - trial.params["a"] / 7)
+        proposals.append(points)
+    assert proposals[0] == proposals[1]
+
+
+def test_a_burst_of_asks_shares_tpe_fits_only_when_asked_to() -> None:
+    space = {"a": optuna.distributions.IntDistribution(5, 20),
+             "c": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    fits = []
+    for stale in (0, 4):
+        sampler = _fast.FastTPESampler(seed=1, multivariate=True, n_startup_trials=5)
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        for _ in range(20):
+            t = study.ask(space)
+            study.tell(t, t.params["c"] * t.params["a"])
+        calls = []
+        fit = sampler._fit
+        sampler._fit = lambda *a, _fit=fit, _calls=calls: _calls.append(1) or _fit(*a)  # type: ignore[method-assign]
+        sampler.max_stale_lies = stale
+        burst = [study.ask(space) for _ in range(10)]  # all left running: each one a lie
+        assert len({(t.params["a"], t.params["c"]) for t in burst}) == 10
+        # a finished trial always refits, stale lies or not
+        study.tell(burst[0], 0.0)
+        study.ask(space)
+        fits.append(len(calls))
+    assert fits == [11, 2 + 1]  # exact: one fit an ask; 4 stale lies: one per 5 asks, then the tell
+
+
+def test_the_log_cdf_memo_returns_optunas_values_bit_for_bit() -> None:
+    from optuna.samplers._tpe import _truncnorm
+
+    rng = np.random.default_rng(0)
+    memo = _fast._ExactMemo(_truncnorm._log_ndtr_single.__wrapped__, limit=4000, merge=64)
+    for _ in range(30):
+        x = np.concatenate([rng.normal(0, 8, 300), rng.choice([-0.0, 0.0, 6.5, -25.0, -40.0, np.nan, np.inf, -np.inf], 20),
+                            rng.normal(0, 8, 100).round(1)]).reshape(-1, 20)
+        want = _truncnorm._log_ndtr(x)
+        got = memo(x)
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    assert memo.tables[0].size + memo.tables[2].size > 0
