@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -54,6 +56,8 @@ class Result:
     trials_before: int = 0
     trials_after: int = 0
     error_samples: list[str] = field(default_factory=list)
+    by_path: dict[str, list[float]] = field(default_factory=dict)
+    server: list[float] = field(default_factory=list)
 
     def pct(self, q: float) -> float:
         xs = sorted(self.latencies)
@@ -69,6 +73,14 @@ def _free_port() -> int:
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DENDRO_")}
     return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _wait(check: Any, timeout: float, what: str) -> Any:
@@ -100,6 +112,10 @@ async def _client(http: httpx.AsyncClient, paths: list[str], stop_at: float, res
             if len(res.error_samples) < 5:
                 res.error_samples.append(f"{path}: {exc!r}")
         res.latencies.append(time.perf_counter() - t0)
+        with contextlib.suppress(Exception):  # the API's own share (its Server-Timing header)
+            res.server.append(float(r.headers["server-timing"].split("dur=")[1]) / 1000)
+        res.by_path.setdefault(path.rsplit("/", 1)[-1] if path.count("/") > 3 else "study", []).append(
+            res.latencies[-1])
         res.errors += not ok
         if interval:
             await asyncio.sleep(interval)
@@ -119,7 +135,8 @@ def run_one(storage: str, args: argparse.Namespace) -> Result:
     url = args.pg_url if storage == "postgres" else f"sqlite:///{folder / 'load.db'}"
     port = _free_port()
     procs: list[subprocess.Popen[bytes]] = []
-    api_env = _env({"PYTHONPATH": args.api_src} if args.api_src else None)
+    api_env = _env({**({"PYTHONPATH": args.api_src} if args.api_src else {}),
+                    "DENDRO_SNAPSHOT_MAX_AGE": str(args.snapshot_max_age)})
     api_cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--storage", url, "--data-dir", str(folder)]
     log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed with the processes
@@ -143,13 +160,25 @@ def run_one(storage: str, args: argparse.Namespace) -> Result:
         r = http.post("/v1/studies", json=spec)
         r.raise_for_status()
         wlog = open(folder / "workers.log", "wb")  # noqa: SIM115
-        for _ in range(args.workers):
-            cmd = [str(BIN / "dendro"), "worker", "--storage", url, "--device", "cpu", "--studies", name,
-                   "--data-dir", str(folder)]
-            if args.nice:
-                cmd = ["nice", "-n", str(args.nice), *cmd]
-            procs.append(subprocess.Popen(cmd, stdout=wlog, stderr=subprocess.STDOUT, env=_env(),
-                                          start_new_session=True))
+        cmd = [str(BIN / "dendro"), "worker", "--storage", url, "--device", "cpu", "--studies", name,
+               "--data-dir", str(folder)]
+        if args.nice:
+            cmd = ["nice", "-n", str(args.nice), *cmd]
+        # The cores shared out, as `dendro serve --workers N` does: no oversubscribed torch threads.
+        threads = str(max(1, (os.cpu_count() or 1) // args.workers))
+        if args.worker_sessions:  # each worker a session (and so a scheduler group) of its own
+            for _ in range(args.workers):
+                procs.append(subprocess.Popen(cmd, stdout=wlog, stderr=subprocess.STDOUT,
+                                              env=_env({"OMP_NUM_THREADS": threads}), start_new_session=True))
+        else:  # the workers together in one session, as on a machine of their own
+            line = " ".join(shlex.quote(c) for c in cmd)
+            group = subprocess.Popen(["bash", "-c", f"for i in $(seq {args.workers}); do {line} & done; wait"],
+                                     stdout=wlog, stderr=subprocess.STDOUT,
+                                     env=_env({"OMP_NUM_THREADS": threads}), start_new_session=True)
+            procs.append(group)
+            if args.nice:  # with autogroup scheduling a session's niceness is its group's
+                with contextlib.suppress(OSError):
+                    Path(f"/proc/{group.pid}/autogroup").write_text(str(args.nice))
         # Measure with the workers training and a few finished trials to show.
         _wait(lambda: http.get(f"/v1/studies/{name}").json()["progress"]["finished"] >= args.warm_trials,
               180, "the first trials")
@@ -159,13 +188,15 @@ def run_one(storage: str, args: argparse.Namespace) -> Result:
         http.post(f"/v1/studies/{name}/stop")
     finally:
         for p in procs[1:]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)  # the workers stop at their next epoch
+        deadline = time.monotonic() + 30
         for p in procs[1:]:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
+            while time.monotonic() < deadline and _group_alive(p.pid):
+                time.sleep(0.2)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
         try:
             if storage == "postgres":
                 http.delete(f"/v1/studies/{name}")
@@ -195,17 +226,28 @@ def main() -> None:
     p.add_argument("--api-src", help="run the API from this source tree (before/after figures)")
     p.add_argument("--nice", type=int, default=0, help="niceness of the worker processes")
     p.add_argument("--keep", action="store_true", help="keep the servers' logs")
+    p.add_argument("--snapshot-max-age", type=float, default=0.0,
+                   help="the API's DENDRO_SNAPSHOT_MAX_AGE (0: a fresh read for every request)")
+    p.add_argument("--worker-sessions", action="store_true",
+                   help="start each worker in a session of its own: with the kernel's autogroup "
+                        "scheduling each then gets as much CPU as the API (worst case on one machine)")
     args = p.parse_args()
 
     results = [run_one(s.strip(), args) for s in args.storages.split(",") if s.strip()]
     print(f"\n{args.clients} clients x {args.duration:.0f} s polling study, trials (50 a page) and best; "
-          f"{args.workers} workers training on the CPU (nice {args.nice}); {os.cpu_count()} cores")
+          f"{args.workers} workers training on the CPU (nice {args.nice}, "
+          f"{'a session each' if args.worker_sessions else 'one session'}); {os.cpu_count()} cores; "
+          f"DENDRO_SNAPSHOT_MAX_AGE={args.snapshot_max_age}")
     print(f"{'storage':<10} {'requests':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'errors':>7} {'trials done meanwhile':>22}")
     for r in results:
         print(f"{r.storage:<10} {len(r.latencies):>9} {len(r.latencies) / r.seconds:>8.0f} {r.pct(0.50):>8.1f} "
               f"{r.pct(0.99):>8.1f} {max(r.latencies) * 1000:>8.1f} {r.errors:>7} "
               f"{r.trials_after - r.trials_before:>22}")
+        for path, xs in sorted([*r.by_path.items(), ("(server)", r.server)]):
+            xs = sorted(xs)
+            print(f"  {path:<8} {len(xs):>9} {'':>8} {xs[len(xs) // 2] * 1000:>8.1f} "
+                  f"{xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1000:>8.1f} {xs[-1] * 1000:>8.1f}")
         for e in r.error_samples:
             print(f"  error: {e}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from typing import Any
 
 import optuna
@@ -29,6 +30,30 @@ log = logging.getLogger("dendro.api")
 _DB_DOWN = "the database is unavailable right now; the request was not carried out. Retry shortly."
 _NAME_RULE = ("a study name is 1-64 characters: letters, digits, '.', '_' or '-', starting with a "
               "letter or digit")
+
+
+class _ServerTiming:
+    """``Server-Timing: app;dur=<ms>`` on every response: the time from the request reaching
+    the app to its response headers, to tell the server's share of a latency from the
+    network's and the client's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+
+        async def timed(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                ms = 1000 * (time.perf_counter() - t0)
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"server-timing", f"app;dur={ms:.1f}".encode())]}
+            await send(message)
+
+        await self.app(scope, receive, timed)
 
 
 class _BodyLimit:
@@ -132,7 +157,7 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     )
     app.state.settings = settings
     app.state.storage = storage
-    app.state.snapshots = Snapshots()
+    app.state.snapshots = Snapshots(max_age=settings.snapshot_max_age)
 
     def _db_down_response(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database error on %s %s: %s", request.method, request.url.path, exc.__class__.__name__)
@@ -220,6 +245,7 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
         app.mount("/", _DashboardGuard(_dashboard, settings))
 
     app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(_ServerTiming)
     app.openapi = lambda: _with_limits(app, settings)  # type: ignore[method-assign]
     return app
 

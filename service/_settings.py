@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_population: int = Field(default=4_096, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1_024)
     max_page_size: int = Field(default=1_000, ge=1)
+    #: seconds a study read may serve later GETs (workers' writes show up at most twice this
+    #: late; this API's own writes at once); 0, the default, reads for every request
+    snapshot_max_age: float = Field(default=0.0, ge=0.0, le=60.0)
     heartbeat_interval: int = Field(default=5, ge=1, description="Seconds between trial heartbeats.")
     grace_period: int = Field(default=20, ge=2, description="Seconds without a beat before a trial is retried.")
     worker_timeout: float = Field(default=30.0, description="Seconds without a beat before a worker is shown dead.")

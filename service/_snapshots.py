@@ -20,6 +20,11 @@ _DIRECTIONS = sa.text("SELECT direction FROM study_directions WHERE study_id = :
 _STATES = sa.text("SELECT trial_id, state FROM trials WHERE study_id = :sid")
 
 
+#: while a read of a study is under way, a snapshot up to this many ``max_age`` old serves
+#: the requests that arrive meanwhile instead of making them wait for the read
+_STALE_WHILE_READING = 2
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """One study as read from ``taken`` (monotonic seconds) on: attributes, directions, trials."""
@@ -42,14 +47,20 @@ class _Slot:
     snap: Snapshot | None = None
     reading: bool = False
     read_started: float = field(default=-1.0)
+    #: a snapshot taken before this (monotonic seconds) is never served: a write came after it
+    not_before: float = field(default=-1.0)
 
 
 class Snapshots:
     """Reads of one study, shared by the requests that arrive while one is under way.
 
-    Every response reflects the database as of its request or later (no cache to go stale):
-    a request waits for a read that began after it arrived, or begins one. So however many
-    clients poll a study, at most one read of it is under way at a time, and each read
+    Every response reflects the database as of ``max_age`` seconds before its request or
+    later (up to 2 x ``max_age`` while a fresher read is under way, rather than queue behind
+    it), and always every write made through this API before it (a write calls
+    :meth:`forget`): a request takes a snapshot that young, or waits for a read that began
+    after it arrived, or begins one. With ``max_age=0`` every response reflects the database
+    as of its request. So however many clients poll a study, at most one read of it is under
+    way at a time (and at most one every ``max_age`` seconds), and each read
     fetches only what may have changed since the previous one: the trials that are new or
     unfinished (a finished trial never changes), found from one small query of ids and
     states. Before this, each poll loaded every trial of the study through Optuna's ORM, and
@@ -57,7 +68,8 @@ class Snapshots:
     of seconds (bench/bench_load.py).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_age: float = 0.0) -> None:
+        self.max_age = max_age
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
         # Striped: a condition a name would grow with every name a client asks for.
@@ -70,10 +82,15 @@ class Snapshots:
         with cond:
             while True:
                 slot = self._slots.setdefault(name, _Slot())
-                if slot.snap is not None and slot.snap.taken >= arrived:
+                oldest = max(arrived - self.max_age, slot.not_before)
+                if slot.snap is not None and slot.snap.taken >= oldest:
                     return slot.snap
                 if not slot.reading:
                     break
+                if (self.max_age and slot.snap is not None
+                        and slot.snap.taken >= max(arrived - _STALE_WHILE_READING * self.max_age,
+                                                   slot.not_before)):
+                    return slot.snap  # a fresher one is being read: don't queue behind it
                 cond.wait()  # for the read under way; it is ours if it began after we came
             slot.reading, slot.read_started = True, time.monotonic()
             prev = slot.snap
@@ -98,6 +115,7 @@ class Snapshots:
                 del self._slots[name]
             elif slot is not None:
                 slot.snap = None
+                slot.not_before = time.monotonic()  # the read under way began before the write
 
 
 def _read(storage: optuna.storages.BaseStorage, name: str, prev: Snapshot | None, taken: float) -> Snapshot:
