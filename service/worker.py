@@ -111,7 +111,8 @@ class Worker:
 
     def _beat_loop(self) -> None:
         last = time.monotonic()
-        while not self.stop_requested.wait(1.0):
+        # a worker that watches its parent looks every second; the others wake only to beat
+        while not self.stop_requested.wait(1.0 if self.config.parent_pid else 5.0):
             if self.config.parent_pid and os.getppid() != self.config.parent_pid:
                 log.warning("the dendro serve that started this worker (pid %d) is gone: stopping",
                             self.config.parent_pid)

@@ -242,18 +242,15 @@ def delete_study(storage: str | optuna.storages.BaseStorage, study_name: str, ti
     then fail as writes to a deleted study do. Raises KeyError if there is no such study and
     StorageError if it could not be done within ``timeout`` seconds (retried meanwhile).
     """
-    from optuna.storages._rdb import models
-
     backend = rdb(storage if not isinstance(storage, str) else open_storage(storage))
     if not isinstance(backend, optuna.storages.RDBStorage):
         optuna.delete_study(study_name=study_name, storage=backend)
         return
-    tables = models.BaseModel.metadata.tables
     deadline = time.monotonic() + timeout
     pause = 0.02
     while True:
         try:
-            _delete_rows(backend.engine, study_name, tables, deadline)
+            _delete_rows(backend.engine, study_name, deadline)
             return
         except sa.exc.DBAPIError as exc:  # a deadlock or a busy database: try again
             if not any(w in str(exc.orig).lower() for w in _CONTENTION):
@@ -266,9 +263,10 @@ def delete_study(storage: str | optuna.storages.BaseStorage, study_name: str, ti
             pause = min(0.5, pause * 2)
 
 
-def _delete_rows(engine: sa.Engine, study_name: str, tables: Any, deadline: float) -> None:
+def _delete_rows(engine: sa.Engine, study_name: str, deadline: float) -> None:
     from optuna.storages._rdb import models
 
+    tables = models.BaseModel.metadata.tables
     studies_t, trials_t = tables["studies"], tables["trials"]
     pg = engine.dialect.name == "postgresql"
     # wait for other writers no longer than the time left
