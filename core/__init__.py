@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from . import (
     _bio,
+    _dendritic_conv,
+    _files,  # noqa: F401  (the npz: and folder: datasets)
     _growth,
     _models,  # noqa: F401  (registers the families)
     _population,
     _recurrent,
+    _recurrent_population,
     _timeseries,
     _vision,
 )
@@ -30,9 +33,12 @@ from ._data import (
     dataset_info,
     list_datasets,
     load_dataset,
+    normalize,
     read_idx,
     register_dataset,
+    resolve_dataset_name,
     split_train_val,
+    standardise,
     write_idx,
 )
 from ._layers import DendriticLayer, register_dendritic_hooks
@@ -79,6 +85,9 @@ __all__ = [
     "Dataset",
     "DatasetInfo",
     "dataset_info",
+    "resolve_dataset_name",
+    "normalize",
+    "standardise",
     "data_params",
     "read_idx",
     "write_idx",
@@ -106,17 +115,21 @@ __all__ = [
 ]
 # The feature modules declare their public names in their own __all__.
 from ._bio import *  # noqa: E402, F403
+from ._dendritic_conv import *  # noqa: E402, F403
 from ._growth import *  # noqa: E402, F403
 from ._population import *  # noqa: E402, F403
 from ._recurrent import *  # noqa: E402, F403
+from ._recurrent_population import *  # noqa: E402, F403
 from ._timeseries import *  # noqa: E402, F403
 from ._vision import *  # noqa: E402, F403
 
 __all__ += [
     *_bio.__all__,
+    *_dendritic_conv.__all__,
     *_growth.__all__,
     *_population.__all__,
     *_recurrent.__all__,
+    *_recurrent_population.__all__,
     *_timeseries.__all__,
     *_vision.__all__,
 ]

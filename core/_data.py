@@ -1,10 +1,19 @@
-"""Datasets as device-ready tensors: IDX and CIFAR readers, scikit-learn digits, a registry."""
+"""Datasets as device-ready tensors: IDX and CIFAR readers, scikit-learn digits, a registry.
+
+Besides registered names, a dataset name may point at a file: ``npz:/path/data.npz`` or
+``folder:/path/images`` (see ``core/_files.py``). Every loader standardises inputs with
+statistics fitted on the training split only and hands them over as
+``Dataset.normalization``, which :func:`normalize` applies to raw inputs later.
+"""
 
 from __future__ import annotations
 
 import gzip
+import math
+import os
 import pickle
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -22,6 +31,9 @@ __all__ = [
     "load_dataset",
     "list_datasets",
     "register_dataset",
+    "resolve_dataset_name",
+    "normalize",
+    "standardise",
     "read_idx",
     "write_idx",
     "split_train_val",
@@ -39,6 +51,14 @@ class Dataset:
     ``"regression"`` (float targets). ``input_shape`` is one example's shape before any
     flattening; ``x_*`` are flattened when the dataset was loaded with ``flatten=True``.
     Validation selects models; the test split is only reported.
+
+    ``normalization`` holds the statistics the inputs were standardised with, fitted on the
+    training split only and expressed in the units of the raw data (the file's pixel values,
+    say): ``{"mean": [...], "std": [...], "shape": [...], "input_shape": [...]}``, where
+    ``mean`` and ``std`` are flat lists to be reshaped to ``shape``, which broadcasts against
+    one example of ``input_shape`` (per channel ``(C, 1, 1)``, per feature ``(D,)``). It is
+    ``None`` when the inputs were used as generated. :func:`normalize` applies it. ``classes``
+    names the classes by label where the data named them (image folders).
     """
 
     name: str
@@ -51,6 +71,8 @@ class Dataset:
     task: str = "classification"
     n_classes: int | None = None
     input_shape: tuple[int, ...] = ()
+    normalization: dict[str, Any] | None = None
+    classes: tuple[str, ...] = ()
 
     @property
     def in_dim(self) -> int:
@@ -102,6 +124,58 @@ _DATASETS: dict[str, Loader] = {}
 _INFO: dict[str, DatasetInfo] = {}
 
 
+@dataclass(frozen=True)
+class _Scheme:
+    """A family of datasets named ``scheme:path`` (``npz:``, ``folder:``), filled in by ``_files``."""
+
+    load: Callable[..., Dataset]  # load(path, subset_size=, val_fraction=, seed=, flatten=, **kw)
+    info: Callable[[Path], DatasetInfo]  # shapes and task, reading as little as it can
+    stamp: Callable[[Path], object]  # changes when the data on disk changes
+    describe: str
+
+
+_SCHEMES: dict[str, _Scheme] = {}
+_FILE_INFO: dict[str, tuple[object, DatasetInfo, float]] = {}
+_RECHECK_SECONDS = 1.0  # a budget check asks for the info many times in a row
+
+
+def _split_scheme(name: str) -> tuple[_Scheme, Path] | None:
+    scheme, sep, rest = name.partition(":")
+    if not sep or scheme not in _SCHEMES:
+        return None
+    if not rest.strip():
+        raise ValueError(f"dataset {name!r} names no path; write {_SCHEMES[scheme].describe}")
+    return _SCHEMES[scheme], Path(os.path.expanduser(rest))
+
+
+def _unknown(name: str) -> UnknownNameError:
+    forms = ", ".join(s.describe for s in _SCHEMES.values())
+    return UnknownNameError(
+        f"unknown dataset {name!r}; known: {', '.join(list_datasets())}"
+        + (f"; or a file dataset: {forms}" if forms else "")
+    )
+
+
+def resolve_dataset_name(name: str) -> str:
+    """``name`` checked and in the form a study stores: a file dataset's path made absolute.
+
+    A registered name comes back as it is. ``npz:``/``folder:`` names are checked on disk
+    (the file exists and holds a dataset; its shapes are read) and their relative paths
+    resolved against the current directory, so that every process reading the stored name
+    finds the same file. Raises :class:`UnknownNameError` (listing the known names),
+    :class:`DatasetNotFoundError` or ``ValueError`` with what is wrong and what is allowed.
+    """
+    if name in _DATASETS:
+        return name
+    found = _split_scheme(name)
+    if found is None:
+        raise _unknown(name)
+    scheme = name.partition(":")[0]
+    canonical = f"{scheme}:{found[1].absolute()}"
+    dataset_info(canonical)
+    return canonical
+
+
 def register_dataset(
     name: str, info: DatasetInfo | None = None
 ) -> Callable[[Loader], Loader]:
@@ -123,9 +197,27 @@ def register_dataset(
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """Shapes and task of a registered dataset (loads it only if it registered no info)."""
+    """Shapes and task of a dataset (loads it only if it registered no info).
+
+    For ``npz:``/``folder:`` datasets only headers and labels are read, once per version of
+    the data on disk.
+    """
     if name not in _DATASETS:
-        raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+        found = _split_scheme(name)
+        if found is None:
+            raise _unknown(name)
+        scheme, path = found
+        now = time.monotonic()
+        cached = _FILE_INFO.get(name)
+        if cached is not None and now - cached[2] < _RECHECK_SECONDS:
+            return cached[1]
+        stamp = scheme.stamp(path)
+        if cached is None or cached[0] != stamp or stamp is None:
+            info = replace(scheme.info(path), name=name)
+        else:
+            info = cached[1]
+        _FILE_INFO[name] = (stamp, info, now)
+        return info
     if name not in _INFO:
         d = load_dataset(name, flatten=False)
         _INFO[name] = DatasetInfo(
@@ -155,13 +247,23 @@ def load_dataset(
 
     ``subset_size`` keeps that many training examples (before the validation split);
     ``val_fraction`` of the training pool becomes the validation split, chosen by ``seed``.
+    ``name`` is a registered name or a file dataset, ``npz:/path/data.npz`` or
+    ``folder:/path/images`` (see :mod:`core._files` for the formats).
     """
+    found = None
     if name not in _DATASETS:
-        raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+        found = _split_scheme(name)
+        if found is None:
+            raise _unknown(name)
     if subset_size is not None and (not isinstance(subset_size, int) or subset_size < 2):
         raise ValueError(f"subset_size must be an integer >= 2 or None, got {subset_size!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if found is not None:
+        scheme, path = found
+        data = scheme.load(path, subset_size=subset_size, val_fraction=val_fraction, seed=seed,
+                           flatten=flatten, **kwargs)
+        return replace(data, name=name)
     return _DATASETS[name](
         data_dir=Path(data_dir) if data_dir is not None else None,
         subset_size=subset_size,
@@ -186,6 +288,70 @@ def split_train_val(
     return x[train], y[train], x[val], y[val]
 
 
+def standardise(
+    x_train: torch.Tensor, *others: torch.Tensor, raw_scale: float = 1.0
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Standardise with statistics of ``x_train`` alone; the tensors and those statistics.
+
+    Per channel for images ``(N, C, H, W)`` (over N, H, W), per feature for vectors
+    ``(N, D)`` and sequences ``(N, T, F)``. A feature that is constant in training keeps a
+    scale of 1 rather than blowing up what differs from it later. ``raw_scale`` is the factor
+    the loader applied to the raw values before (``1/255`` for pixels read as bytes): the
+    statistics are reported in raw units, so :func:`normalize` takes the raw data.
+    """
+    if x_train.dim() == 4:
+        dims: list[int] = [0, 2, 3]
+    elif x_train.dim() == 3:
+        dims = [0, 1]
+    else:
+        dims = [0]
+    mean = x_train.mean(dim=dims, keepdim=True)
+    std = x_train.std(dim=dims, keepdim=True) if len(x_train) > 1 else torch.ones_like(mean)
+    std = torch.where(std < 1e-6, torch.ones_like(std), std)
+    out = [((t - mean) / std).contiguous() for t in (x_train, *others)]
+    shape = list(mean.shape[1:])
+    stats = {
+        "mean": [float(v) / raw_scale for v in mean.flatten().tolist()],
+        "std": [float(v) / raw_scale for v in std.flatten().tolist()],
+        "shape": shape,
+        "input_shape": list(x_train.shape[1:]),
+    }
+    return out, stats
+
+
+def normalize(x: Any, stats: dict[str, Any] | None) -> torch.Tensor:
+    """Apply a dataset's stored ``normalization`` to raw inputs, as its loader did.
+
+    ``x`` is raw data in the units of the original files (uint8 pixels, the ``.npz``
+    arrays' values), a NumPy array or a tensor, batched: ``(N, *input_shape)`` or any
+    shape with as many values per example (``(N, H, W)`` grayscale images, flattened
+    ``(N, D)``). The result is float32 in the shape given: flatten it (``.flatten(1)``) for
+    a ``flat`` family, or reshape to ``(N, *input_shape)`` for an image family. With
+    ``stats=None`` (data used as generated) only the dtype changes. ``stats`` is
+    ``Dataset.normalization``, or ``checkpoint["config"]["normalization"]`` of a kept model::
+
+        ckpt = torch.load("trial7.pt")
+        model = core.create_model(ckpt["config"]["family"], **ckpt["config"]["model_args"])
+        model.load_state_dict(ckpt["state_dict"])
+        logits = model(core.normalize(raw, ckpt["config"]["normalization"]).flatten(1))
+    """
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float32)
+    if stats is None:
+        return t
+    input_shape = tuple(int(v) for v in stats["input_shape"])
+    per_example = math.prod(input_shape)
+    single = tuple(t.shape) == input_shape
+    if t.dim() == 0 or (not single and t[0].numel() != per_example):
+        raise ValueError(
+            f"normalize: inputs of shape {tuple(t.shape)} do not hold examples of shape "
+            f"{input_shape} ({per_example} values each); pass a batch (N, *{input_shape})"
+        )
+    mean = torch.tensor(stats["mean"], dtype=torch.float32, device=t.device).reshape(stats["shape"])
+    std = torch.tensor(stats["std"], dtype=torch.float32, device=t.device).reshape(stats["shape"])
+    batched = t.reshape(-1, *input_shape)
+    return ((batched - mean) / std).reshape(t.shape)
+
+
 def _classification(
     name: str,
     x_pool: torch.Tensor,
@@ -198,13 +364,11 @@ def _classification(
     seed: int,
     flatten: bool,
     n_classes: int,
+    raw_scale: float = 1.0,
 ) -> Dataset:
     """Split, normalise with training statistics (per channel), and flatten if asked."""
     xtr, ytr, xva, yva = split_train_val(x_pool, y_pool, subset_size, val_fraction, seed)
-    dims = [0] + list(range(2, xtr.dim()))
-    mean = xtr.mean(dim=dims, keepdim=True)
-    std = xtr.std(dim=dims, keepdim=True).clamp_min(1e-6)
-    norm = [((t - mean) / std).contiguous() for t in (xtr, xva, x_test)]
+    norm, stats = standardise(xtr, xva, x_test, raw_scale=raw_scale)
     shape = tuple(xtr.shape[1:])
     if flatten:
         norm = [t.flatten(1) for t in norm]
@@ -219,6 +383,7 @@ def _classification(
         task="classification",
         n_classes=n_classes,
         input_shape=shape,
+        normalization=stats,
     )
 
 
@@ -308,6 +473,7 @@ def _idx_dataset(
         seed=seed,
         flatten=flatten,
         n_classes=10,
+        raw_scale=1 / 255,
     )
 
 
@@ -403,6 +569,7 @@ def _cifar(
         torch.from_numpy(x_test.astype(np.float32) / 255.0),
         torch.from_numpy(y_test),
         n_classes=n_classes,
+        raw_scale=1 / 255,
         **kw,
     )
 
@@ -433,5 +600,5 @@ def _digits(*, data_dir: Path | None = None, test_fraction: float = 0.2, **kw: A
     n_test = int(round(len(x) * test_fraction))
     test, pool = perm[:n_test], perm[n_test:]
     return _classification(
-        "digits", x[pool], y[pool], x[test], y[test], n_classes=10, **kw
+        "digits", x[pool], y[pool], x[test], y[test], n_classes=10, raw_scale=1 / 16, **kw
     )

@@ -10,11 +10,58 @@ from torch import nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
 __all__ = ["DendriticLayer", "register_dendritic_hooks", "resample_layers"]
 
 _SLOPE = 0.1
+#: how a dendrite's inputs are chosen: anywhere in the input, or within one image patch
+CONNECTIVITIES = ("random", "local")
+
+
+def infer_image_shape(in_dim: int) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of a flattened square image of ``in_dim`` values with 1 or 3 channels.
+
+    ``n`` and ``3n`` cannot both be perfect squares, so the answer is unique when there is one.
+    """
+    for c in (1, 3):
+        side = math.isqrt(in_dim // c)
+        if in_dim % c == 0 and side * side * c == in_dim:
+            return (c, side, side)
+    return None
+
+
+def resolve_image_shape(input_shape: Sequence[int] | None, in_dim: int) -> tuple[int, int, int]:
+    if input_shape is None:
+        shape = infer_image_shape(in_dim)
+        if shape is None:
+            raise ValueError(
+                f"connectivity='local' needs the image shape: in_dim={in_dim} is not a square "
+                f"image of 1 or 3 channels, so pass input_shape=(C, H, W) or (H, W)"
+            )
+        return shape
+    dims = tuple(input_shape)
+    if len(dims) == 2:
+        dims = (1, *dims)
+    if (
+        len(dims) != 3
+        or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in dims)
+        or math.prod(dims) != in_dim
+    ):
+        raise ValueError(
+            f"input_shape must be (C, H, W) or (H, W) of positive integers whose product is "
+            f"in_dim={in_dim}, got {input_shape!r}"
+        )
+    return dims  # type: ignore[return-value]
+
+
+def _patch_side(k: int, image: tuple[int, int, int]) -> tuple[int, int]:
+    """(height, width) of the smallest square patch, clipped to the image, holding >= k inputs."""
+    c, h, w = image
+    side = 1
+    while min(side, h) * min(side, w) * c < k:
+        side += 1
+    return min(side, h), min(side, w)
 
 
 class DendriticLayer(nn.Module):
@@ -30,6 +77,15 @@ class DendriticLayer(nn.Module):
     Only the real connections are stored: ``weight`` has shape ``(n_neurons * n_dendrites,
     n_dendrite_inputs)`` and the ``indices`` buffer says which input each weight reads. So
     ``sum(p.numel() for p in layer.parameters())`` is exactly the number of connections.
+
+    ``connectivity`` says where a dendrite's inputs come from: ``"random"`` draws them from
+    the whole input; ``"local"`` from one patch of the image (``input_shape``, ``(C, H, W)``
+    or ``(H, W)``, inferred for square 1- or 3-channel images): the smallest square,
+    clipped to the image, whose pixels (times channels) hold at least ``n_dendrite_inputs``
+    inputs, centred on a random pixel and shifted to lie inside the image. Resampling then
+    draws replacements from the same patch. The patch origins are the ``patch_origin``
+    buffer. ``resample_reset_adam`` says whether a swapped connection's optimizer state is
+    reset (the default) or kept.
 
     ``impl`` chooses how the connections are computed: ``"gather"`` gathers the inputs of
     each dendrite and reduces them; ``"scatter"`` scatters the compact weights into a dense
@@ -49,6 +105,9 @@ class DendriticLayer(nn.Module):
         soma_enabled: bool = True,
         seed: int | None = None,
         impl: str = "auto",
+        connectivity: str = "random",
+        input_shape: Sequence[int] | None = None,
+        resample_reset_adam: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -69,6 +128,11 @@ class DendriticLayer(nn.Module):
             raise ValueError(f"percentage_resample must be in [0, 1], got {percentage_resample!r}")
         if impl not in ("auto", "gather", "scatter"):
             raise ValueError(f"impl must be one of 'auto', 'gather', 'scatter', got {impl!r}")
+        if connectivity not in CONNECTIVITIES:
+            raise ValueError(
+                f"connectivity must be one of {', '.join(map(repr, CONNECTIVITIES))}, got {connectivity!r}"
+            )
+        image = resolve_image_shape(input_shape, in_dim) if connectivity == "local" else None
         self.in_dim = in_dim
         self.n_neurons = n_neurons
         self.n_dendrite_inputs = n_dendrite_inputs
@@ -78,6 +142,8 @@ class DendriticLayer(nn.Module):
         self.steps_to_resample = steps_to_resample
         self.soma_enabled = bool(soma_enabled)
         self.impl = impl
+        self.connectivity = connectivity
+        self.resample_reset_adam = bool(resample_reset_adam)
         self.n_backward = 0
         self.n_swapped = 0
         self._pending_resample = False
@@ -88,8 +154,24 @@ class DendriticLayer(nn.Module):
         )
 
         n_dend = n_neurons * n_dendrites
-        # Distinct inputs per dendrite: the first k of a random permutation of the inputs.
+        self.image_shape: tuple[int, int, int] | None = image
+        self.patch_size: tuple[int, int] | None = None
+        if image is not None:
+            # Each dendrite reads one square patch of the image (every channel of its pixels),
+            # drawn before the inputs so that "random" layers keep their draws unchanged.
+            c, h, w = image
+            self.patch_size = _patch_side(n_dendrite_inputs, image)
+            ph, pw = self.patch_size
+            centre_y = torch.randint(0, h, (n_dend,), generator=self._generator)
+            centre_x = torch.randint(0, w, (n_dend,), generator=self._generator)
+            origin = torch.stack(
+                [(centre_y - ph // 2).clamp(0, h - ph), (centre_x - pw // 2).clamp(0, w - pw)], 1
+            )
+            self.register_buffer("patch_origin", origin)
+        # Distinct inputs per dendrite: the first k of a random permutation of its candidates.
         scores = torch.rand(n_dend, in_dim, generator=self._generator)
+        if image is not None:
+            scores.masked_fill_(~self.patch_mask(), 2.0)  # rand < 1: outside inputs come last
         indices = scores.topk(n_dendrite_inputs, dim=1, largest=False).indices.contiguous()
         self.register_buffer("indices", indices)
         self.weight = nn.Parameter(torch.empty(n_dend, n_dendrite_inputs))
@@ -101,6 +183,24 @@ class DendriticLayer(nn.Module):
             self.register_parameter("soma_weight", None)
             self.register_parameter("soma_bias", None)
         self.reset_parameters()
+
+    def patch_mask(self) -> torch.Tensor:
+        """``(n_neurons * n_dendrites, in_dim)`` booleans: the inputs each dendrite's patch holds.
+
+        Only for ``connectivity="local"``; inputs are laid out as a flattened ``(C, H, W)``.
+        """
+        if self.image_shape is None or self.patch_size is None:
+            raise ValueError("patch_mask needs connectivity='local'")
+        c, h, w = self.image_shape
+        ph, pw = self.patch_size
+        origin = self.patch_origin
+        rows = torch.arange(h, device=origin.device)
+        cols = torch.arange(w, device=origin.device)
+        y0, x0 = origin[:, :1], origin[:, 1:]
+        in_y = (rows >= y0) & (rows < y0 + ph)  # (D, H)
+        in_x = (cols >= x0) & (cols < x0 + pw)  # (D, W)
+        mask = in_y[:, :, None] & in_x[:, None, :]
+        return mask[:, None].expand(-1, c, -1, -1).reshape(len(origin), c * h * w)
 
     # -- initialisation -------------------------------------------------------------------
     def _dendrite_bound(self) -> float:
@@ -167,37 +267,31 @@ class DendriticLayer(nn.Module):
     # -- synaptic resampling --------------------------------------------------------------
     def n_to_resample(self) -> int:
         k = self.n_dendrite_inputs
-        return min(math.floor(k * self.percentage_resample), self.in_dim - k)
+        candidates = self.in_dim
+        if self.image_shape is not None and self.patch_size is not None:
+            candidates = self.image_shape[0] * self.patch_size[0] * self.patch_size[1]
+        return min(math.floor(k * self.percentage_resample), candidates - k)
 
     @torch.no_grad()
     def resample(self, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Swap the weakest connections of every dendrite for new random inputs.
 
         In each dendrite the ``floor(k * percentage_resample)`` weights of smallest
-        magnitude are dropped and as many inputs that the dendrite does not use are
-        connected, with fresh weights; the optimizer state of the swapped slots is reset.
-        Returns the number of swapped connections.
+        magnitude are dropped and as many inputs that the dendrite does not use (within its
+        patch, for ``connectivity="local"``) are connected, with fresh weights. The
+        optimizer state of the swapped slots is reset, or kept when ``resample_reset_adam``
+        is false. Returns the number of swapped connections.
         """
         m = self.n_to_resample()
         if not self.synaptic_resampling or m <= 0:
             return 0
-        dev = self.weight.device
-        weakest = self.weight.abs().topk(m, dim=1, largest=False).indices  # (D, m)
-        scores = torch.rand(self.indices.shape[0], self.in_dim, generator=self._generator)
-        scores = scores.to(dev)
-        scores.scatter_(1, self.indices, -1.0)  # inputs in use are never drawn
-        new_inputs = scores.topk(m, dim=1).indices
-        self.indices.scatter_(1, weakest, new_inputs)
-        b = self._dendrite_bound()
-        fresh = torch.empty(weakest.shape, device="cpu").uniform_(-b, b, generator=self._generator)
-        self.weight.scatter_(1, weakest, fresh.to(dev, self.weight.dtype))
-        if optimizer is not None:
-            state = optimizer.state.get(self.weight, {})
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.shape == self.weight.shape:
-                    value.scatter_(1, weakest, 0.0)
-        self.n_swapped += weakest.numel()
-        return weakest.numel()
+        swapped = swap_weakest(
+            self.weight, self.indices, self.in_dim, m, self._generator,
+            optimizer if self.resample_reset_adam else None,
+            self.patch_mask() if self.image_shape is not None else None,
+        )
+        self.n_swapped += swapped
+        return swapped
 
     def step_resampling(self, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Count one backward pass; resample when ``steps_to_resample`` have passed."""
@@ -211,7 +305,44 @@ class DendriticLayer(nn.Module):
             f"in_dim={self.in_dim}, n_neurons={self.n_neurons}, "
             f"n_dendrite_inputs={self.n_dendrite_inputs}, n_dendrites={self.n_dendrites}, "
             f"soma_enabled={self.soma_enabled}, synaptic_resampling={self.synaptic_resampling}"
+            + (f", connectivity='local', input_shape={self.image_shape}" if self.image_shape else "")
         )
+
+
+@torch.no_grad()
+def swap_weakest(
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    n_inputs: int,
+    m: int,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer | None = None,
+    allowed: torch.Tensor | None = None,
+) -> int:
+    """Reconnect the ``m`` weakest of each row's sparse connections to inputs it does not use.
+
+    ``weight`` and ``indices`` are ``(rows, k)``: row ``r`` reads inputs ``indices[r]`` (of
+    ``n_inputs``) with ``weight[r]``. The new inputs are drawn uniformly from the row's
+    unused inputs (and, with the boolean ``(rows, n_inputs)`` mask ``allowed``, only where
+    it is true), from ``generator``: first ``rand(rows, n_inputs)`` scores, then the fresh
+    weights, ``uniform(-1/sqrt(k), 1/sqrt(k))``. The optimizer state of the swapped slots,
+    when ``optimizer`` is given, is zeroed. Returns the number of swapped connections.
+    """
+    dev = weight.device
+    weakest = weight.abs().topk(m, dim=1, largest=False).indices  # (rows, m)
+    scores = torch.rand(indices.shape[0], n_inputs, generator=generator).to(dev)
+    if allowed is not None:
+        scores.masked_fill_(~allowed, -1.0)  # nor inputs outside the allowed set
+    scores.scatter_(1, indices, -1.0)  # inputs in use are never drawn
+    indices.scatter_(1, weakest, scores.topk(m, dim=1).indices)
+    b = 1.0 / math.sqrt(weight.shape[1])
+    fresh = torch.empty(weakest.shape, device="cpu").uniform_(-b, b, generator=generator)
+    weight.scatter_(1, weakest, fresh.to(dev, weight.dtype))
+    if optimizer is not None:
+        for value in optimizer.state.get(weight, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == weight.shape:
+                value.scatter_(1, weakest, 0.0)
+    return weakest.numel()
 
 
 def register_dendritic_hooks(

@@ -1,12 +1,18 @@
-"""The seed projects' model families, registered with their analytic parameter counts."""
+"""The seed projects' model families, registered with their analytic parameter counts.
+
+Every dendritic family takes the layer's ``connectivity`` (``"random"`` or ``"local"``, with
+``input_shape`` when the input is not a square 1- or 3-channel image) and
+``resample_reset_adam``; neither changes the parameter count.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from ._layers import DendriticLayer
+from ._layers import CONNECTIVITIES, DendriticLayer, resolve_image_shape
 from ._registry import register_model
 
 __all__: list[str] = []
@@ -27,6 +33,9 @@ def _dendritic(
     synaptic_resampling: bool,
     percentage_resample: float,
     steps_to_resample: int,
+    connectivity: str,
+    input_shape: Sequence[int] | None,
+    resample_reset_adam: bool,
 ) -> DendriticLayer:
     return DendriticLayer(
         in_dim,
@@ -37,6 +46,9 @@ def _dendritic(
         percentage_resample=percentage_resample,
         steps_to_resample=steps_to_resample,
         soma_enabled=soma_enabled,
+        connectivity=connectivity,
+        input_shape=input_shape,
+        resample_reset_adam=resample_reset_adam,
     )
 
 
@@ -46,7 +58,10 @@ def _check_positive(**sizes: Any) -> None:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
-def _check_dendritic(in_dim: int, n_neurons: int, n_dendrites: int, n_dendrite_inputs: int) -> None:
+def _check_dendritic(
+    in_dim: int, n_neurons: int, n_dendrites: int, n_dendrite_inputs: int,
+    connectivity: str = "random", input_shape: Sequence[int] | None = None,
+) -> None:
     _check_positive(in_dim=in_dim, n_neurons=n_neurons, n_dendrites=n_dendrites,
                     n_dendrite_inputs=n_dendrite_inputs)
     if n_dendrite_inputs > in_dim:
@@ -54,13 +69,21 @@ def _check_dendritic(in_dim: int, n_neurons: int, n_dendrites: int, n_dendrite_i
             f"n_dendrite_inputs must be at most in_dim={in_dim} (a dendrite's inputs are "
             f"distinct), got {n_dendrite_inputs}"
         )
+    # Checked in the count too, so a budget gate refuses a bad point before anything is built.
+    if connectivity not in CONNECTIVITIES:
+        raise ValueError(
+            f"connectivity must be one of {', '.join(map(repr, CONNECTIVITIES))}, got {connectivity!r}"
+        )
+    if connectivity == "local":
+        resolve_image_shape(input_shape, in_dim)
 
 
 def _count_dendritic_simple(
     *, in_dim: int, n_classes: int, n_neurons: int, n_dendrites: int, n_dendrite_inputs: int,
-    soma_enabled: bool, **_: Any,
+    soma_enabled: bool, connectivity: str = "random", input_shape: Sequence[int] | None = None,
+    **_: Any,
 ) -> int:
-    _check_dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs)
+    _check_dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs, connectivity, input_shape)
     layer = DendriticLayer.count(n_neurons, n_dendrite_inputs, n_dendrites, soma_enabled)
     width = n_neurons if soma_enabled else n_neurons * n_dendrites
     return layer + _linear(width, n_classes)
@@ -78,19 +101,24 @@ def dendritic_simple(
     synaptic_resampling: bool = True,
     percentage_resample: float = 0.25,
     steps_to_resample: int = 128,
+    connectivity: str = "random",
+    input_shape: Sequence[int] | None = None,
+    resample_reset_adam: bool = True,
 ) -> nn.Module:
     """DendriticLayer (with soma) -> Linear to the classes."""
     _check_positive(in_dim=in_dim, n_classes=n_classes)
     layer = _dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs, soma_enabled,
-                       synaptic_resampling, percentage_resample, steps_to_resample)
+                       synaptic_resampling, percentage_resample, steps_to_resample,
+                       connectivity, input_shape, resample_reset_adam)
     return nn.Sequential(layer, nn.Linear(layer.out_dim, n_classes))
 
 
 def _count_soma_disabled(
     *, in_dim: int, n_classes: int, n_neurons: int, n_dendrites: int, n_dendrite_inputs: int,
-    hidden_dim: int, **_: Any,
+    hidden_dim: int, connectivity: str = "random", input_shape: Sequence[int] | None = None,
+    **_: Any,
 ) -> int:
-    _check_dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs)
+    _check_dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs, connectivity, input_shape)
     _check_positive(hidden_dim=hidden_dim)
     layer = DendriticLayer.count(n_neurons, n_dendrite_inputs, n_dendrites, False)
     return layer + _linear(n_neurons * n_dendrites, hidden_dim) + _linear(hidden_dim, n_classes)
@@ -108,11 +136,15 @@ def soma_disabled(
     synaptic_resampling: bool = True,
     percentage_resample: float = 0.25,
     steps_to_resample: int = 128,
+    connectivity: str = "random",
+    input_shape: Sequence[int] | None = None,
+    resample_reset_adam: bool = True,
 ) -> nn.Module:
     """DendriticLayer without soma -> Linear -> LeakyReLU -> Linear."""
     _check_positive(in_dim=in_dim, n_classes=n_classes, hidden_dim=hidden_dim)
     layer = _dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs, False,
-                       synaptic_resampling, percentage_resample, steps_to_resample)
+                       synaptic_resampling, percentage_resample, steps_to_resample,
+                       connectivity, input_shape, resample_reset_adam)
     return nn.Sequential(
         layer,
         nn.Linear(layer.out_dim, hidden_dim),
@@ -123,9 +155,10 @@ def soma_disabled(
 
 def _count_with_hidden(
     *, in_dim: int, n_classes: int, n_neurons: int, n_dendrites: int, n_dendrite_inputs: int,
-    hidden_dim: int, soma_enabled: bool, **_: Any,
+    hidden_dim: int, soma_enabled: bool, connectivity: str = "random",
+    input_shape: Sequence[int] | None = None, **_: Any,
 ) -> int:
-    _check_dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs)
+    _check_dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs, connectivity, input_shape)
     _check_positive(hidden_dim=hidden_dim)
     layer = DendriticLayer.count(n_neurons, n_dendrite_inputs, n_dendrites, soma_enabled)
     width = n_neurons if soma_enabled else n_neurons * n_dendrites
@@ -145,11 +178,15 @@ def dendritic_with_hidden(
     synaptic_resampling: bool = True,
     percentage_resample: float = 0.25,
     steps_to_resample: int = 128,
+    connectivity: str = "random",
+    input_shape: Sequence[int] | None = None,
+    resample_reset_adam: bool = True,
 ) -> nn.Module:
     """DendriticLayer -> LeakyReLU -> Linear -> LeakyReLU -> Linear."""
     _check_positive(in_dim=in_dim, n_classes=n_classes, hidden_dim=hidden_dim)
     layer = _dendritic(in_dim, n_neurons, n_dendrites, n_dendrite_inputs, soma_enabled,
-                       synaptic_resampling, percentage_resample, steps_to_resample)
+                       synaptic_resampling, percentage_resample, steps_to_resample,
+                       connectivity, input_shape, resample_reset_adam)
     return nn.Sequential(
         layer,
         nn.LeakyReLU(_SLOPE),

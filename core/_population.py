@@ -35,6 +35,12 @@ How the members stay exactly themselves:
   to resume from that state when a slot frees. No member is lost or restarted; their
   callbacks see each epoch once. (Only the training epoch is guarded: running out of memory
   while the population is being rebuilt at an epoch boundary is raised.)
+* **Speed paths (CUDA).** Each stack's full-batch step is captured once as a CUDA graph and
+  replayed; ``dendritic_simple`` stacks compute everything after the dendrite product in one
+  Triton kernel (``core/_kernels.py``, no autograd); the next epoch's data orders and
+  resampling draws are stacked by a thread while the device trains. ``precision="tf32"`` or
+  ``"bf16"`` changes only the dendrite products' arithmetic. Sequences of configs of very
+  different sizes are split into size buckets (:func:`size_buckets`).
 * **Results.** A member that did not diverge gets ``result.state_dict``: its module's
   trained weights and connections (CPU tensors), as ``train_model`` would have left the
   model. A config that cannot be built ends as status ``"failed"`` with the reason in
@@ -43,13 +49,14 @@ How the members stay exactly themselves:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,12 +64,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import _kernels
 from ._data import Dataset
 from ._layers import DendriticLayer
 from ._registry import count_parameters, get_family
 from ._train import TrainResult, resolve_device
 
-__all__ = ["train_population", "POPULATION_FAMILIES"]
+__all__ = ["train_population", "POPULATION_FAMILIES", "PRECISIONS", "check_precision", "size_buckets"]
+
+#: The arithmetic a population can train in (``train_population(precision=...)``).
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+
+
+def check_precision(precision: object) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ValueError naming them."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}, got {precision!r}; "
+            f"'fp32' is exact float32 (the default), 'tf32' and 'bf16' trade a little accuracy "
+            f"for speed on CUDA"
+        )
+    return precision
 
 #: Families whose members :func:`train_population` can train together.
 POPULATION_FAMILIES: tuple[str, ...] = (
@@ -354,20 +376,23 @@ class _DendriteMatmul(torch.autograd.Function):
         flat_t: torch.Tensor, buf: torch.Tensor,
     ) -> torch.Tensor:
         K, rows = b.shape
-        buf.put_(flat, w)
+        buf.put_(flat, w.to(buf.dtype))
         dense = buf[:-1].view(K, rows, -1)
         ctx.save_for_backward(x, flat_t)
         ctx.shape = (K, rows, dense.shape[2])
-        return torch.baddbmm(b.unsqueeze(1), x, dense.transpose(1, 2))
+        if buf.dtype == torch.float32:
+            return torch.baddbmm(b.unsqueeze(1), x, dense.transpose(1, 2))
+        # bf16 operands, float32 accumulation inside the product; the bias is added in float32
+        return torch.bmm(x, dense.transpose(1, 2)).float().add_(b.unsqueeze(1))
 
     @staticmethod
     def backward(ctx: Any, gz: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, flat_t = ctx.saved_tensors
         K, rows, n_in = ctx.shape
-        gd = gz.new_empty(K * n_in * rows + 1)
+        gd = gz.new_empty(K * n_in * rows + 1, dtype=x.dtype)
         gd[-1:].zero_()
-        torch.bmm(x.transpose(1, 2), gz, out=gd[:-1].view(K, n_in, rows))
-        return None, gd.take(flat_t), gz.sum(1), None, None, None
+        torch.bmm(x.transpose(1, 2), gz.to(x.dtype), out=gd[:-1].view(K, n_in, rows))
+        return None, gd.take(flat_t).float(), gz.sum(1), None, None, None
 
 
 class _Stack:
@@ -381,8 +406,10 @@ class _Stack:
     def __init__(
         self, dims: _Dims, members: list[_Member], p: torch.Tensor, m: torch.Tensor,
         v: torch.Tensor, idx: torch.Tensor | None, kmask: torch.Tensor | None, steps: torch.Tensor,
+        lowp: torch.dtype = torch.float32,
     ) -> None:
         self.dims, self.members = dims, members
+        self.lowp = lowp  # dtype of the dense dendrite matrix and of the inputs it multiplies
         self.p, self.m, self.v, self.idx, self.kmask, self.steps = p, m, v, idx, kmask, steps
         self.K = len(members)
         dev = p.device
@@ -405,8 +432,16 @@ class _Stack:
         self.flat_t: torch.Tensor | None = None
         self.buf: torch.Tensor | None = None
         if dims.n and self.K:
-            self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev)
+            self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
             self._index()
+        # dendrites -> soma -> readout (dendritic_simple): the fused Triton head on CUDA
+        self.fused = bool(
+            dims.n and dims.soma_on and not dims.soma_off and not dims.depth and not dims.post_act
+            and self.K and _kernels.available(dev)
+        )
+        self.offsets = {name: self.layout[name][0] for name in ("sw", "sb", "wo", "bo")
+                        if name in self.layout}
+        self.offsets["C"] = dims.n_classes
 
     def _index(self) -> None:
         """Flat positions of every connection in the dense buffer (padding: the sink)."""
@@ -415,13 +450,19 @@ class _Stack:
         k = torch.arange(K, device=self.idx.device).view(K, 1, 1)
         r = torch.arange(R, device=self.idx.device).view(1, R, 1)
         real, sink = self.kmask > 0, K * R * n_in
-        self.flat = torch.where(real, (k * R + r) * n_in + self.idx, sink)  # (K, rows, in)
-        self.flat_t = torch.where(real, (k * n_in + self.idx) * R + r, sink)  # (K, in, rows)
+        flat = torch.where(real, (k * R + r) * n_in + self.idx, sink)  # (K, rows, in)
+        flat_t = torch.where(real, (k * n_in + self.idx) * R + r, sink)  # (K, in, rows)
+        if self.flat is None or self.flat_t is None:
+            self.flat, self.flat_t = flat, flat_t
+        else:  # in place: a captured training step reads these very tensors
+            self.flat.copy_(flat)
+            self.flat_t.copy_(flat_t)
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
     def build(
-        cls, dims: _Dims, members: list[_Member], states: list[_State], device: torch.device
+        cls, dims: _Dims, members: list[_Member], states: list[_State], device: torch.device,
+        lowp: torch.dtype = torch.float32,
     ) -> _Stack:
         """Stack members' own tensors (on the CPU) into padded rows on ``device``."""
         K, P = len(states), dims.numel
@@ -436,7 +477,7 @@ class _Stack:
                 kmask = torch.ones(K, dims.rows, dims.k)
             steps = torch.tensor([float(x.steps) for x in members], dtype=torch.float64)
             moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
-            return cls(dims, members, *moved)  # type: ignore[arg-type]
+            return cls(dims, members, *moved, lowp=lowp)  # type: ignore[arg-type, misc]
         bufs = [torch.zeros(K, P) for _ in range(3)]
         idx = kmask = None
         if dims.n:
@@ -457,7 +498,7 @@ class _Stack:
                 reg[0].fill_(1.0)
         steps = torch.tensor([float(x.steps) for x in members], dtype=torch.float64)
         moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
-        return cls(dims, members, *moved)  # type: ignore[arg-type]
+        return cls(dims, members, *moved, lowp=lowp)  # type: ignore[arg-type, misc]
 
     def states(self, rows: list[int], moments: bool = True) -> list[_State]:
         """Rows back in the members' own shapes, on the CPU (one transfer per buffer)."""
@@ -489,7 +530,7 @@ class _Stack:
         r = torch.tensor(rows, dtype=torch.long, device=self.p.device)
         pick = [t.index_select(0, r) if t is not None else None
                 for t in (self.p, self.m, self.v, self.idx, self.kmask, self.steps)]
-        return _Stack(self.dims, [self.members[i] for i in rows], *pick)  # type: ignore[arg-type]
+        return _Stack(self.dims, [self.members[i] for i in rows], *pick, lowp=self.lowp)  # type: ignore[arg-type, misc]
 
     def cat(self, other: _Stack) -> _Stack:
         if not self.K:
@@ -498,7 +539,7 @@ class _Stack:
                 for a, b in zip((self.p, self.m, self.v, self.idx, self.kmask, self.steps),
                                 (other.p, other.m, other.v, other.idx, other.kmask, other.steps),
                                 strict=True)]
-        return _Stack(self.dims, self.members + other.members, *both)  # type: ignore[arg-type]
+        return _Stack(self.dims, self.members + other.members, *both, lowp=self.lowp)  # type: ignore[arg-type, misc]
 
     def snapshot(self) -> tuple[torch.Tensor | None, ...]:
         return tuple(t.clone() if t is not None else None
@@ -528,7 +569,7 @@ class _Stack:
     def _dense(self) -> torch.Tensor:
         """The current dense ``(K, rows, in_dim)`` dendrite matrix (a view of the buffer)."""
         assert self.flat is not None and self.buf is not None
-        self.buf.put_(self.flat, self.plain["dw"])
+        self.buf.put_(self.flat, self.plain["dw"].to(self.buf.dtype))
         return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
 
     def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -572,6 +613,8 @@ class _Stack:
     # -- training ---------------------------------------------------------------------------
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward and Adam for every member; returns (mean losses, correct counts)."""
+        if self.fused:
+            return self._train_step_fused(xb, yb)
         out = self.logits(xb, shared=False)
         K, B, C = out.shape
         ce = F.cross_entropy(out.reshape(K * B, C), yb.reshape(-1), reduction="none")
@@ -586,6 +629,45 @@ class _Stack:
             self._adam(g)
             correct = (out.argmax(2) == yb).sum(1)
         return loss.detach(), correct
+
+    @torch.no_grad()
+    def _train_step_fused(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """train_step without autograd: the dendrite product, the fused head, the weight gradient.
+
+        The same arithmetic as the autograd path (its sums in another order): ``z`` from the
+        dense dendrite matrix, then :func:`core._kernels.soma_head` for the loss, the counts and
+        every gradient but the dendrites', which is the batched product of the inputs with
+        ``dL/dz`` read back at the connections (as ``_DendriteMatmul.backward`` does).
+        """
+        dims, K = self.dims, self.K
+        assert self.flat_t is not None
+        dense = self._dense()
+        db = self.plain["db"]
+        if dense.dtype == torch.float32:
+            z = torch.baddbmm(db.unsqueeze(1), xb, dense.transpose(1, 2))
+        else:
+            z = torch.bmm(xb, dense.transpose(1, 2)).float().add_(db.unsqueeze(1))
+        try:
+            loss, correct, gz, gsw, gsb, gwo, gbo = _kernels.soma_head(
+                z, self.p, self.offsets, dims.n, dims.d, yb)
+        except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
+            if z.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise
+            logger.warning("train_population: fused Triton head unavailable (%s); using PyTorch", exc)
+            _kernels.disable()
+            self.fused = False
+            with torch.enable_grad():
+                return self.train_step(xb, yb)
+        R, n_in = dims.rows, dims.in_dim
+        gd = gz.new_empty(K * n_in * R + 1, dtype=xb.dtype)
+        gd[-1:].zero_()
+        torch.bmm(xb.transpose(1, 2), gz.to(xb.dtype), out=gd[:-1].view(K, n_in, R))
+        g = torch.empty_like(self.p)
+        parts = {"dw": gd.take(self.flat_t), "db": gz.sum(1), "sw": gsw, "sb": gsb, "wo": gwo, "bo": gbo}
+        for name, (off, shape) in self.layout.items():
+            g[:, off : off + math.prod(shape)].view(K, *shape).copy_(parts[name])
+        self._adam(g)
+        return loss, correct
 
     @torch.no_grad()
     def _adam(self, g: torch.Tensor) -> None:
@@ -647,6 +729,44 @@ class _Stack:
         return total, correct
 
 
+class _StepGraph:
+    """A stack's full-batch training step captured as a CUDA graph and replayed every step.
+
+    The step reads the members' batch indices from ``idx`` (copied in before each replay)
+    and adds its losses and correct counts to ``loss_sum`` and ``correct``; everything else
+    it touches (parameters, moments, connections, step counts) is updated in place, by the
+    replays and by the eager resampling between them. Made with the first full step of an
+    epoch, which it runs for real on a side stream as the capture's warm-up.
+    """
+
+    def __init__(self, stack: _Stack, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor) -> None:
+        self.stack, self.x, self.y = stack, x, y
+        self.K, self.B = cols.shape
+        dev = x.device
+        self.idx = cols.reshape(-1).to(torch.long).clone()
+        self.loss_sum = torch.zeros(self.K, device=dev)
+        self.correct = torch.zeros(self.K, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self._body()  # the real step, and the warm-up the capture needs
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):
+            self._body()  # recorded, not run
+
+    def _body(self) -> None:
+        xb = self.x.index_select(0, self.idx).view(self.K, self.B, -1)
+        yb = self.y.index_select(0, self.idx).view(self.K, self.B)
+        loss, right = self.stack.train_step(xb, yb)
+        self.loss_sum.add_(loss, alpha=self.B)
+        self.correct.add_(right)
+
+    def replay(self, cols: torch.Tensor) -> None:
+        self.idx.view(self.K, self.B).copy_(cols)
+        self.graph.replay()
+
+
 @dataclass
 class _Group:
     """Members resampling at one step that share (inputs per dendrite, swaps per dendrite)."""
@@ -665,9 +785,21 @@ class _Population:
     def __init__(
         self, family: str, configs: Iterable[dict[str, Any]], data: Dataset, n_epochs: int,
         batch_size: int, device: torch.device, seed: int, size: int | str,
-        on_epoch: OnMemberEpoch | None, on_result: OnResult | None,
+        on_epoch: OnMemberEpoch | None, on_result: OnResult | None, precision: str = "fp32",
     ) -> None:
         self.family, self.data, self.n_epochs, self.batch_size = family, data, n_epochs, batch_size
+        self.precision = check_precision(precision)
+        # bf16 applies to the dendrite layer's products, which are nearly all of the work; the
+        # inputs they read are kept once in bf16 so that every step moves half the bytes.
+        low = precision == "bf16" and family != "vanilla_mlp"
+        self.lowp = torch.bfloat16 if low else torch.float32
+        self.x_train, self.x_val, self.x_test = (
+            t.to(self.lowp) for t in (data.x_train, data.x_val, data.x_test))
+        self.graphs = device.type == "cuda"  # capture each stack's training step once
+        self.graph: _StepGraph | None = None
+        # training FLOPs of the stacked layout (padding included) and of the members' own sizes
+        self.stats: dict[str, Any] = {"useful_flops": 0.0, "executed_flops": 0.0, "stacks": [],
+                                      "build_seconds": 0.0, "epoch_seconds": 0.0, "keep_seconds": 0.0}
         self.device, self.seed, self.on_epoch, self.on_result = device, seed, on_epoch, on_result
         self.configs: Iterator[dict[str, Any]] = iter(configs)
         self.n_configs = len(configs) if isinstance(configs, Sequence) else None
@@ -685,6 +817,10 @@ class _Population:
         # few enough to leave cores to the main thread's own intra-op work.
         workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if cuda else 1
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="population")
+        # one thread of its own, so that its waits on the pool's work can never deadlock
+        self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="population-stage")
+        self.ahead: tuple[_Stack, list[Future[_Plan]], Future[Any]] | None = None
+        self.staging: Future[Any] | None = None
         self.workers = workers
 
     # -- members --------------------------------------------------------------------------
@@ -826,10 +962,13 @@ class _Population:
         try:
             self._run()
         finally:
+            self.ahead = None
+            self.stager.shutdown(wait=True, cancel_futures=True)
             self.pool.shutdown(wait=True, cancel_futures=True)
         return self.results
 
     def _run(self) -> None:
+        t0 = time.perf_counter()
         first = self._take()
         if first is None:
             return
@@ -847,7 +986,11 @@ class _Population:
             self._restack(incoming)
             incoming = []
             assert self.stack is not None
+            t1 = time.perf_counter()
+            self.stats["build_seconds"] += t1 - t0
             ended = self._epoch(self.stack)
+            t0 = time.perf_counter()
+            self.stats["epoch_seconds"] += t0 - t1
             if ended is None:  # out of memory: the population was halved, retry
                 continue
             keep = [i for i, mem in enumerate(self.stack.members) if mem not in ended]
@@ -863,9 +1006,9 @@ class _Population:
         assert all(s is not None for s in states)
         if stack is None or not stack.dims.covers(needed) or stack.dims.volume > 1.25 * needed.volume:
             old = stack.states(list(range(stack.K))) if stack is not None else []
-            self.stack = _Stack.build(needed, everyone, old + states, self.device)  # type: ignore[operator]
+            self.stack = _Stack.build(needed, everyone, old + states, self.device, self.lowp)  # type: ignore[operator]
         else:
-            self.stack = stack.cat(_Stack.build(stack.dims, incoming, states, self.device))  # type: ignore[arg-type]
+            self.stack = stack.cat(_Stack.build(stack.dims, incoming, states, self.device, self.lowp))  # type: ignore[arg-type]
         now = time.perf_counter()
         for m in incoming:
             m.state = None
@@ -895,21 +1038,68 @@ class _Population:
 
     def _assemble(self, stack: _Stack) -> tuple[torch.Tensor, dict[int, list[_Group]]]:
         """Gather the members' plans for this epoch into device tensors."""
-        plans = []
+        plans, futures = [], []
         for mem in stack.members:
+            fut = None
             if mem.current is None:
-                mem.current = mem.plans.popleft().result()
+                fut = mem.plans.popleft()
+                mem.current = fut.result()
+            futures.append(fut)
             plans.append(mem.current)
+        ahead, self.ahead = self.ahead, None
+        staged = None
+        if ahead is not None and ahead[0] is stack and all(
+            a is b for a, b in zip(ahead[1], futures, strict=True)
+        ):
+            staged = ahead[2].result()  # staged on the CPU while the device ran the last epoch
+        if staged is None:
+            staged = self._stage(stack, plans)
         dev, cuda = self.device, self.device.type == "cuda"
+        perms, staged_events = staged
+        order = perms.to(dev, non_blocking=cuda)
+        events = {
+            t: [_Group(rows=torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=cuda), k=k, m=m,
+                       scores=sc.to(dev, non_blocking=cuda), fresh=fr.to(dev, non_blocking=cuda))
+                for rows, k, m, sc, fr in groups]
+            for t, groups in staged_events.items()
+        }
+        for mem in stack.members:  # after the stacking above, which shares the workers
+            self._prefetch(mem)
+        return order, events
+
+    def _stage_ahead(self, stack: _Stack) -> None:
+        """Stack the members' next plans on the CPU while the device trains this epoch.
+
+        Used by the next epoch only if it trains this very stack (no member ended or joined)
+        with these very plans; otherwise it is dropped and the next epoch stages its own.
+        """
+        if self.device.type != "cuda" or not all(mem.plans for mem in stack.members):
+            return
+        futures = [mem.plans[0] for mem in stack.members]
+        job = self.stager.submit(lambda: self._stage(stack, [f.result() for f in futures]))
+        self.ahead = (stack, futures, job)
+        self.staging = job
+
+    def _settle_staging(self) -> None:
+        """Wait for the last staging job (its pinned allocations are CUDA calls)."""
+        job, self.staging = self.staging, None
+        if job is not None:
+            try:
+                job.result()
+            except (Exception, CancelledError):  # a dropped job (cancelled plans): nothing to keep
+                pass
+
+    def _stage(self, stack: _Stack, plans: list[_Plan]) -> tuple[torch.Tensor, dict[int, list[Any]]]:
+        """The plans' data orders and resampling draws, stacked into (pinned) CPU tensors."""
+        cuda = self.device.type == "cuda"
         perms = torch.empty(stack.K, self.n_train, dtype=torch.int32, pin_memory=cuda)
         self._stack_rows([p.perm for p in plans], perms)
-        order = perms.to(dev, non_blocking=cuda)
         by_step: dict[int, dict[tuple[int, int], list[int]]] = {}
         for i, (mem, plan) in enumerate(zip(stack.members, plans, strict=True)):
             for t in plan.events:
                 by_step.setdefault(t, {}).setdefault((mem.arch.k, mem.arch.m), []).append(i)
         dims = stack.dims
-        events: dict[int, list[_Group]] = {}
+        events: dict[int, list[Any]] = {}
         for t, groups in sorted(by_step.items()):
             out = []
             for (k, m), rows in groups.items():
@@ -928,14 +1118,9 @@ class _Population:
                         sc, fr = plans[i].events[t]
                         scores[j].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(sc.view(a.n, a.d, -1))
                         fresh[j].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(fr.view(a.n, a.d, -1))
-                out.append(_Group(
-                    rows=torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=cuda), k=k, m=m,
-                    scores=scores.to(dev, non_blocking=cuda), fresh=fresh.to(dev, non_blocking=cuda),
-                ))
+                out.append((rows, k, m, scores, fresh))
             events[t] = out
-        for mem in stack.members:  # after the stacking above, which shares the workers
-            self._prefetch(mem)
-        return order, events
+        return perms, events
 
     def _stack_rows(self, rows: list[torch.Tensor], out: torch.Tensor) -> None:
         """``torch.stack(rows, out=out)``, split over the worker threads when it is large."""
@@ -957,25 +1142,42 @@ class _Population:
         divided by the split sizes in double precision afterwards, as train_model does.
         """
         d = self.data
-        x, y = d.x_train, d.y_train
+        x, y = self.x_train, d.y_train
         B, K = self.batch_size, stack.K
         order, events = self._assemble(stack)
         loss_sum = torch.zeros(K, device=self.device)
         correct = torch.zeros(K, device=self.device)
+        graph = self.graph if self.graph is not None and self.graph.stack is stack else None
+        if graph is not None:
+            graph.loss_sum.zero_()
+            graph.correct.zero_()
         for t in range(1, self.n_steps + 1):
             if _step_hook is not None:
                 _step_hook(K)
-            idx = order[:, (t - 1) * B : t * B].reshape(-1)
-            b = len(idx) // K
-            xb = x.index_select(0, idx).view(K, b, -1)
-            yb = y.index_select(0, idx).view(K, b)
-            loss, right = stack.train_step(xb, yb)
-            loss_sum += loss * b
-            correct += right
+            cols = order[:, (t - 1) * B : t * B]
+            b = cols.shape[1]
+            if graph is not None and b == B:
+                graph.replay(cols)
+            elif self.graphs and b == B and graph is None:
+                # the first full step runs for real while it warms up the capture
+                self.graph = None  # the old stack's graph and its memory go first
+                self._settle_staging()  # no other thread may call CUDA during the capture
+                graph = self.graph = _StepGraph(stack, x, y, cols)
+            else:
+                idx = cols.reshape(-1)
+                xb = x.index_select(0, idx).view(K, b, -1)
+                yb = y.index_select(0, idx).view(K, b)
+                loss, right = stack.train_step(xb, yb)
+                loss_sum += loss * b
+                correct += right
             if t in events:
                 stack.resample(events[t])
-        val_loss, val_acc = stack.evaluate(d.x_val, d.y_val)
-        test_loss, test_acc = stack.evaluate(d.x_test, d.y_test)
+        if graph is not None:
+            loss_sum += graph.loss_sum
+            correct += graph.correct
+        self._stage_ahead(stack)
+        val_loss, val_acc = stack.evaluate(self.x_val, d.y_val)
+        test_loss, test_acc = stack.evaluate(self.x_test, d.y_test)
         return torch.stack([loss_sum, correct, val_loss, val_acc, test_loss, test_acc]).cpu()
 
     def _epoch(self, stack: _Stack) -> set[_Member] | None:
@@ -989,6 +1191,7 @@ class _Population:
         except torch.OutOfMemoryError:
             pass  # handled below, once the failed step's tensors are released
         if table is None:
+            self.graph = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if snap is not None:
@@ -998,6 +1201,12 @@ class _Population:
             return None
         del snap
         seconds = time.perf_counter() - t0
+        per = 4.0 * self.n_train  # fwd + weight gradient, 2 FLOPs each, per volume element
+        self.stats["executed_flops"] += per * stack.K * stack.dims.volume
+        self.stats["useful_flops"] += per * sum(_Dims.of([m.arch]).volume for m in stack.members)
+        shape = (stack.K, stack.dims.n, stack.dims.d, stack.dims.k)
+        if not self.stats["stacks"] or self.stats["stacks"][-1] != shape:
+            self.stats["stacks"].append(shape)
         ended: list[int] = []
         now = time.perf_counter()
         d = self.data
@@ -1031,7 +1240,9 @@ class _Population:
                     fut.cancel()
                 mem.plans.clear()
                 ended.append(i)
+        t_keep = time.perf_counter()
         self._keep_weights(stack, [i for i in ended if stack.members[i].result.status != "diverged"])
+        self.stats["keep_seconds"] += time.perf_counter() - t_keep
         for i in ended:
             mem = stack.members[i]
             mem.net, mem.own = None, {}
@@ -1053,6 +1264,9 @@ def train_population(
     population_size: int | str | None = None,
     on_result: OnResult | None = None,
     max_population: int | None = None,
+    precision: str = "fp32",
+    buckets: bool = True,
+    stats: dict[str, Any] | None = None,
 ) -> list[TrainResult]:
     """Train many models of one family at once, each exactly as :func:`train_model` would.
 
@@ -1080,9 +1294,26 @@ def train_population(
     member that did not diverge or fail also carries ``result.state_dict``, the trained
     module's weights (CPU tensors).
 
+    ``precision`` chooses the arithmetic of the matrix products: ``"fp32"`` (the default)
+    is exact float32, the members equal ``train_model``'s within rounding; ``"tf32"`` lets
+    the matrix products use TF32 tensor cores; ``"bf16"`` runs the forward and backward
+    products in bfloat16 with float32 accumulation. Weights, Adam and the metrics stay
+    float32 in every mode. On the CPU every precision computes in float32.
+
+    With ``buckets`` (the default) a sequence of dendritic configs whose sizes differ a lot
+    is split into size buckets (members of similar neurons x dendrites grids), trained one
+    bucket after the other, so that padding stays small; a bucket is never smaller than
+    :data:`_MIN_BUCKET` members, and small or uniform populations stay one stack. Every
+    member trains exactly as without buckets; only the order in which members run and end
+    changes. An iterator of configs is never bucketed (it is read lazily). If ``stats`` is
+    a dict it receives ``useful_flops`` and ``executed_flops`` (training FLOPs, about 4 per
+    dense-layout weight per example, of the members' own sizes and of the padded stacks)
+    and ``stacks``: the (members, neurons, dendrites, inputs) shapes that were trained.
+
     Only the families in ``POPULATION_FAMILIES`` can be stacked; any other raises a
     ValueError (train those one at a time with ``train_model``).
     """
+    check_precision(precision)
     family = get_family(model)  # unknown names list the known ones
     if family.name not in POPULATION_FAMILIES:
         raise _not_batchable(family.name, "its layers are not the stacked kinds")
@@ -1105,9 +1336,128 @@ def train_population(
     if isinstance(size, int) and max_population is not None and size > max_population:
         raise ValueError(f"population_size={size} is over max_population={max_population}")
     dev = resolve_device(device)
-    pop = _Population(
-        family.name, configs, data.to(dev), n_epochs, batch_size, dev, seed, size, on_epoch, on_result
-    )
-    if max_population is not None:
-        pop.max_size = max_population
-    return pop.run()
+    on_device = data.to(dev)
+    groups = [list(range(len(configs)))] if isinstance(configs, Sequence) else [[]]
+    if buckets and isinstance(configs, Sequence):
+        groups = size_buckets(family.name, configs, data.in_dim, data.n_classes or 0, _MIN_BUCKET)
+    results: list[TrainResult | None] = [None] * (len(configs) if isinstance(configs, Sequence) else 0)
+    totals: dict[str, Any] = {"useful_flops": 0.0, "executed_flops": 0.0, "stacks": []}
+    for group in groups:
+        if len(groups) == 1:  # no renumbering: callbacks and seeds see the caller's indices
+            sub: Any = configs
+            on_e, on_r = on_epoch, on_result
+        else:
+            sub = [dict(configs[i], seed=configs[i].get("seed", seed + i))
+                   if isinstance(configs[i], dict) else configs[i] for i in group]
+            on_e = None if on_epoch is None else (
+                lambda j, e, m, g=group: on_epoch(g[j], e, m))  # type: ignore[misc]
+            on_r = None if on_result is None else (
+                lambda j, r, g=group: on_result(g[j], r))  # type: ignore[misc]
+        pop = _Population(
+            family.name, sub, on_device, n_epochs, batch_size, dev, seed, size, on_e, on_r, precision,
+        )
+        if max_population is not None:
+            pop.max_size = max_population
+        with _matmul_precision(precision, dev):
+            out = pop.run()
+        for key, value in pop.stats.items():
+            totals[key] = totals.get(key, 0.0) + value if key != "stacks" else totals[key] + value
+        if len(groups) == 1:
+            results = list(out)
+        else:
+            for i, res in zip(group, out, strict=True):
+                results[i] = res
+    if stats is not None:
+        stats.update(totals)
+        stats["buckets"] = len(groups)
+    return [r for r in results if r is not None]
+
+
+#: The fewest members a size bucket holds (fewer would leave a large device idle).
+_MIN_BUCKET = 128
+#: A bucket takes a member only while its members' own rows fill this share of its grid.
+_BUCKET_FILL = 0.8
+
+
+def size_buckets(
+    family: str, configs: Sequence[Any], in_dim: int, n_classes: int,
+    min_size: int = _MIN_BUCKET, fill: float = _BUCKET_FILL,
+) -> list[list[int]]:
+    """Split config indices into groups of similar dendrite grids (neurons x dendrites).
+
+    A stack pads every member to its largest neurons x dendrites grid, so a group costs
+    ``members x max neurons x max dendrites`` rows. Starting from one group per distinct
+    grid, the smallest group is merged into the one that adds the fewest padded rows until
+    every group has ``min_size`` members; then groups are merged, cheapest first, while the
+    merged group's own rows still fill ``fill`` of its padded rows. Configs whose sizes cannot
+    be read (they fail when built) join the first group. One group of every index when the
+    family has no dendritic layer, the population is small, or one stack already fills
+    ``fill`` of its rows.
+    """
+    fam = get_family(family)
+    every = list(range(len(configs)))
+    if family == "vanilla_mlp" or len(configs) < 2 * min_size:
+        return [every]
+    cells: dict[tuple[int, int], list[int]] = {}
+    bad: list[int] = []
+    for i, cfg in enumerate(configs):
+        try:
+            params = {k: v for k, v in cfg.items() if k not in _TRAIN_KEYS}
+            r = fam.resolve({"in_dim": in_dim, "n_classes": n_classes, **params})
+            cells.setdefault((int(r["n_neurons"]), int(r["n_dendrites"])), []).append(i)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            bad.append(i)
+    if not cells:
+        return [every]
+    # a group: [members, max neurons, max dendrites, own rows, indices]
+    groups: list[list[Any]] = [[len(v), n, d, n * d * len(v), v] for (n, d), v in cells.items()]
+
+    def cost(a: list[Any]) -> int:
+        return int(a[0] * a[1] * a[2])
+
+    def merged(a: list[Any], b: list[Any]) -> list[Any]:
+        return [a[0] + b[0], max(a[1], b[1]), max(a[2], b[2]), a[3] + b[3], a[4] + b[4]]
+
+    whole = groups[0]
+    for grp in groups[1:]:
+        whole = merged(whole, grp)
+    if whole[3] >= fill * cost(whole):
+        return [every]
+    while len(groups) > 1:
+        small = min(groups, key=lambda a: a[0])
+        if small[0] >= min_size:
+            break
+        best = min((b for b in groups if b is not small),
+                   key=lambda b: cost(merged(small, b)) - cost(small) - cost(b))
+        groups = [a for a in groups if a is not small and a is not best] + [merged(small, best)]
+    while len(groups) > 1:
+        pick: tuple[int, int, int] | None = None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                m = merged(groups[i], groups[j])
+                extra = cost(m) - cost(groups[i]) - cost(groups[j])
+                if m[3] >= fill * cost(m) and (pick is None or extra < pick[0]):
+                    pick = (extra, i, j)
+        if pick is None:
+            break
+        _, i, j = pick
+        groups = [a for n, a in enumerate(groups) if n not in (i, j)] + [merged(groups[i], groups[j])]
+    out = [list(a[4]) for a in groups]
+    out[0].extend(bad)
+    if len(out) == 1:
+        return [every]
+    return [sorted(g) for g in out]
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """TF32 matrix products for ``"tf32"`` on CUDA (restored after); nothing else changes."""
+    if device.type != "cuda" or precision != "tf32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

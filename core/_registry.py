@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import json
+import logging
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .exceptions import DuplicateNameError, UnknownNameError
 
@@ -24,21 +29,26 @@ __all__ = [
     "data_params",
 ]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ModelFamily:
     """A registered family: how to build it, how to count it, what it accepts.
 
     ``build(**params)`` returns the module; ``count(**params)`` returns its exact number of
-    trainable parameters without building it. ``defaults`` are the builder's keyword
-    defaults, so ``accepts`` is the full set of parameters a search may set.
+    trainable parameters without building it, or is ``None`` when the family registered no
+    count: :func:`analytic_parameter_count` then builds it on the meta device (no memory; the
+    caller's random state is left alone) and counts that, once per set of arguments.
+    ``defaults`` are the builder's keyword defaults, so ``accepts`` is the full set of
+    parameters a search may set.
     ``input_kind`` is ``"flat"`` (a vector), ``"image"`` (C, H, W) or ``"sequence"``;
     ``task`` is ``"classification"`` or ``"regression"``.
     """
 
     name: str
     build: Callable[..., nn.Module]
-    count: Callable[..., int]
+    count: Callable[..., int] | None
     defaults: dict[str, Any] = field(default_factory=dict)
     input_kind: str = "flat"
     task: str = "classification"
@@ -64,11 +74,25 @@ _MODELS: dict[str, ModelFamily] = {}
 def register_model(
     name: str,
     *,
-    count: Callable[..., int],
+    count: Callable[..., int] | None = None,
     input_kind: str = "flat",
     task: str = "classification",
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register a family builder under ``name``; ``count`` gives its analytic parameter count."""
+    """Register a family builder under ``name``.
+
+    ``count(**params)`` gives its exact parameter count without building it. Leave it out
+    and the count comes from building the family on the meta device (see
+    :func:`analytic_parameter_count`): exact, costs no memory, and is cached per arguments;
+    an analytic count is still faster when a search enumerates many points.
+    The builder's keyword arguments (with defaults) are what a search may set; ``in_dim``
+    and ``n_classes`` (``in_channels`` for ``input_kind="image"``) come from the dataset.
+    """
+    if input_kind not in ("flat", "image", "sequence"):
+        raise ValueError(f"input_kind must be 'flat', 'image' or 'sequence', got {input_kind!r}")
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    if count is not None and not callable(count):
+        raise TypeError(f"count must be a function of the family's arguments or None, got {count!r}")
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
@@ -124,9 +148,88 @@ def create_model(name: str, seed: int | None = None, **params: Any) -> nn.Module
 
 
 def analytic_parameter_count(name: str, **params: Any) -> int:
-    """Exact trainable-parameter count of ``create_model(name, **params)``, without building it."""
+    """Exact trainable-parameter count of ``create_model(name, **params)``.
+
+    From the family's registered ``count`` when it has one (nothing is built); otherwise the
+    family is built on the meta device, where tensors have shapes but no storage, and its
+    parameters are counted like :func:`count_parameters` (cached per family and arguments).
+    A builder that rejects its arguments raises its ``ValueError`` here too.
+    """
     family = get_family(name)
-    return int(family.count(**family.resolve(params)))
+    resolved = family.resolve(params)
+    if family.count is not None:
+        return int(family.count(**resolved))
+    return _meta_count(family, resolved)
+
+
+# -- counts of families without an analytic count: build on the meta device --------------------
+_META_CACHE: OrderedDict[tuple[str, str], int] = OrderedDict()
+_META_CACHE_SIZE = 4096
+_META_LOCK = threading.Lock()
+
+
+def _device_constructors() -> frozenset[Callable[..., Any]]:
+    try:  # the set torch's own ``with torch.device(...)`` redirects
+        from torch.utils._device import _device_constructors as ctors
+
+        return frozenset(ctors())
+    except Exception:  # noqa: BLE001 - a private torch helper; fall back to the common ones
+        return frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand,
+                          torch.randn, torch.randint, torch.randperm, torch.arange, torch.tensor,
+                          torch.as_tensor, torch.eye, torch.linspace})
+
+
+class _MetaBuild(TorchFunctionMode):
+    """Tensors made without an explicit device go to the meta device while a family builds.
+
+    Tensors of at most one element are made on the CPU instead: a builder may read them
+    (``int(torch.randint(...).item())`` to draw a seed, as DendriticLayer does), and they
+    cost nothing. Random draws then still move the CPU generator, so the caller forks it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ctors = _device_constructors()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.ctors and kwargs.get("device") is None:
+            out = func(*args, **{**kwargs, "device": "meta"})
+            if isinstance(out, torch.Tensor) and out.numel() <= 1:
+                out = func(*args, **{**kwargs, "device": "cpu"})
+            return out
+        return func(*args, **kwargs)
+
+
+def _cache_key(family: ModelFamily, resolved: dict[str, Any]) -> tuple[str, str]:
+    return family.name, json.dumps(resolved, sort_keys=True, default=repr)
+
+
+def _meta_count(family: ModelFamily, resolved: dict[str, Any]) -> int:
+    key = _cache_key(family, resolved)
+    with _META_LOCK:
+        if key in _META_CACHE:
+            _META_CACHE.move_to_end(key)
+            return _META_CACHE[key]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with _MetaBuild():
+                model = family.build(**resolved)
+        except Exception as meta_exc:  # noqa: BLE001 - some builders need real tensors
+            # The CPU build raises the builder's own error (e.g. a ValueError for bad sizes);
+            # only a builder that works on the CPU but not on meta gets here and succeeds.
+            log.debug("family %r did not build on the meta device (%s); counting a CPU build",
+                      family.name, meta_exc)
+            with torch.no_grad():
+                model = family.build(**resolved)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model family {family.name!r} built {type(model).__name__}, not an nn.Module")
+    n = count_parameters(model)
+    with _META_LOCK:
+        _META_CACHE[key] = n
+        while len(_META_CACHE) > _META_CACHE_SIZE:
+            _META_CACHE.popitem(last=False)
+    return n
 
 
 def data_params(name: str, input_shape: tuple[int, ...], n_classes: int | None,
@@ -135,9 +238,12 @@ def data_params(name: str, input_shape: tuple[int, ...], n_classes: int | None,
 
     ``flat`` families get ``in_dim`` (the flattened input) and ``n_classes``; ``image``
     families get ``in_channels`` and ``n_classes``; ``sequence`` families get ``in_dim``
-    (features per step) and ``out_dim``.
+    (features per step) and ``out_dim``. On a regression dataset ``n_classes`` is the number
+    of outputs (``out_dim``), so a classifier family becomes a regressor of that width.
     """
     family = get_family(name)
+    if n_classes is None and out_dim is not None:
+        n_classes = out_dim
     if family.input_kind == "image":
         io: dict[str, Any] = {"in_channels": int(input_shape[0]), "n_classes": n_classes}
     elif family.input_kind == "sequence":

@@ -80,6 +80,7 @@ def _build(
                for a in (x_pool, y_pool, x_test, y_test)]
     xtr, ytr, xva, yva = split_train_val(tensors[0], tensors[1], subset_size, val_fraction, seed)
     xte, yte = tensors[2], tensors[3]
+    normalization = None
     if standardise_features:
         f = standardise_features
         mean = xtr.reshape(-1, f).mean(0)
@@ -90,6 +91,9 @@ def _build(
             return ((grouped - mean) / std).reshape(t.shape).contiguous()
 
         xtr, ytr, xva, yva, xte, yte = map(scale, (xtr, ytr, xva, yva, xte, yte))
+        # core.normalize's format; the targets were scaled with the same statistics
+        normalization = {"mean": mean.tolist(), "std": std.tolist(), "shape": [f],
+                         "input_shape": list(xtr.shape[1:]), "targets": True}
     return Dataset(
         name=name,
         x_train=xtr,
@@ -100,6 +104,7 @@ def _build(
         y_test=yte,
         task="regression",
         input_shape=tuple(xtr.shape[1:]),
+        normalization=normalization,
     )
 
 

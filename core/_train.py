@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._data import Dataset, load_dataset
+from ._dendritic_conv import DendriticConv2d
 from ._layers import DendriticLayer
 from ._registry import count_parameters
 
@@ -24,9 +25,85 @@ __all__ = [
     "evaluate",
     "resolve_device",
     "make_optimizer",
+    "lr_multiplier",
+    "schedule_steps",
+    "shift_images",
+    "LR_SCHEDULES",
+    "AUGMENTS",
+    "MAX_SHIFT",
 ]
 
 OnEpoch = Callable[[int, dict[str, Any]], Any]
+
+#: learning-rate schedules of :func:`train_model` (see :func:`lr_multiplier`)
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+#: data augmentations of :func:`train_model`
+AUGMENTS = ("none", "shift")
+#: "shift" moves each image by up to this many pixels along each axis
+MAX_SHIFT = 2
+# onecycle starts (and its warm-up begins) at lr / _ONECYCLE_DIV and ends at lr * _ONECYCLE_END
+_ONECYCLE_DIV = 25.0
+_ONECYCLE_END = 1e-4 / _ONECYCLE_DIV
+_ONECYCLE_WARMUP = 0.3  # onecycle's warm-up, as a fraction of training, unless one is given
+
+
+def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int) -> float:
+    """The factor on the base learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    During the first ``warmup_steps`` steps the factor rises linearly and reaches 1 on the
+    last of them (``constant`` and ``cosine`` from 0, ``onecycle`` from 1/25). After it,
+    ``constant`` stays at 1, ``cosine`` follows half a cosine from 1 towards 0 over the
+    remaining steps, and ``onecycle`` the same half cosine from 1 down to 4e-6.
+    Population trainers call this too, so that both paths train on the same schedule.
+    """
+    if step < warmup_steps:
+        ramp = (step + 1) / warmup_steps
+        return ramp if schedule != "onecycle" else 1 / _ONECYCLE_DIV + (1 - 1 / _ONECYCLE_DIV) * ramp
+    if schedule == "constant":
+        return 1.0
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return cos if schedule == "cosine" else _ONECYCLE_END + (1 - _ONECYCLE_END) * cos
+
+
+def schedule_steps(
+    n_train: int, batch_size: int, n_epochs: int, lr_schedule: str, warmup_epochs: float | None
+) -> tuple[int, int]:
+    """``(total_steps, warmup_steps)`` of a run, as :func:`train_model` passes them to :func:`lr_multiplier`."""
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    warmup = warmup_epochs if warmup_epochs is not None else (
+        _ONECYCLE_WARMUP * n_epochs if lr_schedule == "onecycle" else 0.0
+    )
+    return n_epochs * steps_per_epoch, round(warmup * steps_per_epoch)
+
+
+def shift_images(x: torch.Tensor, shifts: torch.Tensor, max_shift: int = MAX_SHIFT) -> torch.Tensor:
+    """Move each image of ``x`` (``(B, C, H, W)``) by whole pixels, repeating the edges.
+
+    ``shifts`` is ``(B, 2)`` integers in ``[0, 2 * max_shift]``: the row and column offset
+    plus ``max_shift``, so ``max_shift`` leaves an image where it is. Runs on ``x``'s device.
+    """
+    b, c, h, w = x.shape
+    m = max_shift
+    padded = F.pad(x, (m, m, m, m), mode="replicate")
+    rows = shifts[:, :1] + torch.arange(h, device=x.device)  # (B, H)
+    cols = shifts[:, 1:] + torch.arange(w, device=x.device)  # (B, W)
+    flat = (rows[:, :, None] * (w + 2 * m) + cols[:, None, :]).view(b, 1, h * w)
+    return padded.flatten(2).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
+
+
+def _image_view(data: Dataset) -> tuple[int, ...]:
+    """The ``(C, H, W)`` view of one example that ``augment="shift"`` moves; else a ValueError."""
+    shape = tuple(data.input_shape) or tuple(data.x_train.shape[1:])
+    if len(shape) == 2 and data.task == "classification":
+        shape = (1, *shape)
+    if len(shape) != 3 or math.prod(shape) != math.prod(data.x_train.shape[1:]):
+        raise ValueError(
+            f"augment='shift' needs image inputs (C, H, W); dataset {data.name!r} has examples "
+            f"of shape {tuple(data.x_train.shape[1:])} (input_shape {data.input_shape}). Use "
+            f"augment='none' for it"
+        )
+    return shape
 
 
 class StepHook(Protocol):
@@ -128,8 +205,10 @@ def make_optimizer(
     raise ValueError(f"optimizer must be one of 'adam', 'adamw', 'sgd', got {optimizer!r}")
 
 
-def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+def _loss(out: torch.Tensor, y: torch.Tensor, task: str, label_smoothing: float = 0.0) -> torch.Tensor:
     if task == "classification":
+        if label_smoothing:
+            return F.cross_entropy(out, y, label_smoothing=label_smoothing)
         return F.cross_entropy(out, y)
     return F.mse_loss(out, y.view_as(out) if y.numel() == out.numel() else y)
 
@@ -172,6 +251,10 @@ def train_model(
     step_hooks: Sequence[StepHook] = (),
     eval_test: bool = True,
     name: str = "",
+    lr_schedule: str = "constant",
+    warmup_epochs: float | None = None,
+    label_smoothing: float = 0.0,
+    augment: str = "none",
 ) -> TrainResult:
     """Train ``model`` on ``data`` with the whole dataset resident on ``device``.
 
@@ -180,11 +263,33 @@ def train_model(
     After each epoch ``on_epoch(epoch, metrics)`` is called; a truthy return stops training
     with status ``"stopped"`` (this is how pruning stops a trial). A non-finite training loss
     ends the run with status ``"diverged"`` instead of raising.
+
+    The recipe: ``lr_schedule`` sets each step's learning rate to ``lr`` (or the given
+    optimizer's) times :func:`lr_multiplier`, over ``n_epochs`` planned epochs, with a linear
+    warm-up of ``warmup_epochs`` (fractions allowed; default 0, or 30% of training for
+    ``onecycle``). ``label_smoothing`` applies to the training loss only; validation and test
+    losses stay plain cross-entropy. ``augment="shift"`` moves every training image by a
+    random whole number of pixels, up to :data:`MAX_SHIFT` along each axis (edges repeated),
+    on the device; flat inputs are viewed as the dataset's ``input_shape``. The shifts of an
+    epoch are drawn right after its order, from the same seeded generator:
+    ``torch.randint(0, 2 * MAX_SHIFT + 1, (n_train, 2))``, row ``i`` for the ``i``-th example
+    visited. The defaults train exactly as before these options existed.
     """
     if n_epochs < 1:
         raise ValueError(f"n_epochs must be >= 1, got {n_epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, got {lr_schedule!r}")
+    if warmup_epochs is not None and not 0 <= warmup_epochs <= n_epochs:
+        raise ValueError(f"warmup_epochs must be in [0, n_epochs={n_epochs}], got {warmup_epochs!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if label_smoothing and data.task != "classification":
+        raise ValueError(f"label_smoothing applies to classification only; dataset {data.name!r} is {data.task}")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(map(repr, AUGMENTS))}, got {augment!r}")
+    image = _image_view(data) if augment == "shift" else None
     dev = resolve_device(device)
     model = model.to(dev)
     d = data.to(dev)
@@ -193,31 +298,45 @@ def train_model(
         if isinstance(optimizer, torch.optim.Optimizer)
         else make_optimizer(model.parameters(), lr, weight_decay, optimizer)
     )
-    dendritic = [
+    dendritic: list[DendriticLayer | DendriticConv2d] = [
         m for m in model.modules() if isinstance(m, DendriticLayer) and not m._hooked
     ]
+    dendritic += [m for m in model.modules() if isinstance(m, DendriticConv2d)]
     gen = torch.Generator().manual_seed(seed)
     result = TrainResult(n_params=count_parameters(model), device=str(dev), seed=seed, name=name)
     n = len(d.x_train)
     classify = d.task == "classification"
+    total_steps, warmup_steps = schedule_steps(n, batch_size, n_epochs, lr_schedule, warmup_epochs)
+    scheduled = lr_schedule != "constant" or warmup_steps > 0
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    step = 0
     start = time.perf_counter()
     model.train()
     for epoch in range(1, n_epochs + 1):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen).to(dev)
+        if image is not None:
+            shifts = torch.randint(0, 2 * MAX_SHIFT + 1, (n, 2), generator=gen).to(dev)
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev)
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
             xb, yb = d.x_train[idx], d.y_train[idx]
+            if image is not None:
+                xb = shift_images(xb.view(len(idx), *image), shifts[i : i + batch_size]).view(xb.shape)
             out = model(xb)
-            loss = _loss(out, yb, d.task)
+            loss = _loss(out, yb, d.task, label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for h in step_hooks:
                 h.after_backward(model)
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if scheduled:
+                f = lr_multiplier(lr_schedule, step, total_steps, warmup_steps)
+                for g, base in zip(opt.param_groups, base_lrs, strict=True):
+                    g["lr"] = base * f
+            step += 1
             opt.step()
             for h in step_hooks:
                 h.after_step(model)
@@ -250,6 +369,9 @@ def train_model(
         if on_epoch is not None and on_epoch(epoch, metrics):
             result.status = "stopped"
             break
+    if scheduled:  # hand a caller's optimizer back with the learning rates it came with
+        for g, base in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = base
     result.wall_time = time.perf_counter() - start
     return result
 

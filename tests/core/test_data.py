@@ -15,6 +15,7 @@ from core import (
     UnknownNameError,
     dataset_info,
     load_dataset,
+    normalize,
     read_idx,
     write_idx,
 )
@@ -104,3 +105,15 @@ def test_real_fashion_mnist_loads() -> None:
     d = load_dataset("fashion-mnist", subset_size=1000)
     assert d.sizes()["test"] == 10_000
     assert set(d.y_test.unique().tolist()) == set(range(10))
+
+
+def test_idx_statistics_come_from_the_training_split_in_pixel_units(tmp_path: Path) -> None:
+    _write_fake_mnist(tmp_path)
+    d = load_dataset("fashion-mnist", data_dir=tmp_path, val_fraction=0.25, flatten=False)
+    stats = d.normalization
+    assert stats is not None and stats["input_shape"] == [1, 28, 28] and stats["shape"] == [1, 1, 1]
+    # the training split's pixels, recovered in the 0..255 units of the files
+    pixels = d.x_train * stats["std"][0] + stats["mean"][0]
+    assert abs(float(pixels.mean()) - stats["mean"][0]) < 1e-2 and 100 < stats["mean"][0] < 155
+    raw = read_idx(tmp_path / "t10k-images-idx3-ubyte.gz")  # uint8, (N, 28, 28)
+    assert torch.allclose(normalize(raw, stats), d.x_test.squeeze(1), atol=1e-4)

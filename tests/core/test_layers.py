@@ -143,3 +143,98 @@ def test_register_dendritic_hooks_resamples_in_a_plain_loop() -> None:
 def test_register_dendritic_hooks_needs_a_dendritic_layer() -> None:
     with pytest.raises(ValueError, match="DendriticLayer"):
         register_dendritic_hooks(nn.Linear(3, 3))
+
+
+# -- connectivity ------------------------------------------------------------------------------
+def test_random_connectivity_draws_as_it_always_has() -> None:
+    # the first k of a seeded permutation per dendrite: kept results reproduce bit for bit
+    scores = torch.rand(12, 50, generator=torch.Generator().manual_seed(1))
+    expected = scores.topk(8, dim=1, largest=False).indices
+    assert torch.equal(_layer().indices, expected)
+    assert torch.equal(_layer(connectivity="random").indices, expected)
+    assert "patch_origin" not in dict(_layer().named_buffers())
+
+
+def _local(**kw: object) -> DendriticLayer:
+    args = {"in_dim": 784, "n_neurons": 6, "n_dendrite_inputs": 20, "n_dendrites": 5, "seed": 2,
+            "connectivity": "local"}
+    args.update(kw)
+    return DendriticLayer(**args)  # type: ignore[arg-type]
+
+
+def _in_patch(layer: DendriticLayer) -> bool:
+    c, h, w = layer.image_shape  # type: ignore[misc]
+    ph, pw = layer.patch_size  # type: ignore[misc]
+    pix = layer.indices % (h * w)
+    y, x = pix // w, pix % w
+    y0, x0 = layer.patch_origin[:, :1], layer.patch_origin[:, 1:]
+    return bool(((y >= y0) & (y < y0 + ph) & (x >= x0) & (x < x0 + pw)).all())
+
+
+def test_local_connectivity_reads_k_distinct_inputs_of_one_patch() -> None:
+    layer = _local()
+    assert layer.image_shape == (1, 28, 28)  # inferred from in_dim=784
+    assert layer.patch_size == (5, 5)  # the smallest square holding 20 pixels
+    assert _in_patch(layer)
+    assert all(len(set(row)) == 20 for row in layer.indices.tolist())
+    assert layer.patch_mask().sum(1).eq(25).all()
+    # the patches sit at different places of the image, all inside it
+    assert len({tuple(o) for o in layer.patch_origin.tolist()}) > 10
+    assert int(layer.patch_origin.min()) >= 0 and int(layer.patch_origin.max()) <= 28 - 5
+    assert torch.equal(_local().indices, layer.indices)
+
+
+def test_local_patches_span_channels_and_are_clipped_to_the_image() -> None:
+    layer = _local(in_dim=3 * 5 * 4, input_shape=(3, 5, 4), n_dendrite_inputs=40)
+    assert layer.patch_size == (4, 4)  # 3x3x3=27 < 40 <= 4x4x3, within a 5x4 image
+    assert _in_patch(layer)
+    channels = {int(i) // 20 for i in layer.indices.flatten()}
+    assert channels == {0, 1, 2}
+    assert _local(in_dim=64, input_shape=(8, 8), n_dendrite_inputs=9).image_shape == (1, 8, 8)
+
+
+def test_local_resampling_draws_from_the_same_patch() -> None:
+    layer = _local(n_dendrite_inputs=16, percentage_resample=0.25)  # 4x4 patch: no spare input
+    assert layer.n_to_resample() == 0
+    layer = _local(n_dendrite_inputs=14, percentage_resample=0.5)  # 4x4 patch: 2 spare inputs
+    assert layer.n_to_resample() == 2
+    before = layer.indices.clone()
+    for _ in range(5):
+        with torch.no_grad():
+            layer.weight.normal_()
+        assert layer.resample() == 30 * 2
+        assert _in_patch(layer)
+        assert all(len(set(row)) == 14 for row in layer.indices.tolist())
+    assert not torch.equal(layer.indices, before)
+
+
+def test_local_connectivity_counts_and_computes_like_random() -> None:
+    layer = _local()
+    assert count_parameters(layer) == DendriticLayer.count(6, 20, 5, True)
+    x = torch.randn(3, 784)
+    dense = torch.zeros(30, 784).scatter(1, layer.indices, layer.weight.detach())
+    dend = nn.functional.leaky_relu(x @ dense.t() + layer.bias, 0.1).view(3, 6, 5)
+    soma = nn.functional.leaky_relu((dend * layer.soma_weight).sum(-1) + layer.soma_bias, 0.1)
+    assert torch.allclose(layer(x), soma, atol=1e-5)
+
+
+def test_bad_connectivity_arguments_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="connectivity must be one of 'random', 'local'"):
+        _layer(connectivity="grid")
+    with pytest.raises(ValueError, match="input_shape"):
+        _layer(connectivity="local")  # 50 inputs are no square image
+    with pytest.raises(ValueError, match="input_shape"):
+        _layer(connectivity="local", input_shape=(5, 11))
+
+
+def test_resampling_keeps_adam_state_when_asked() -> None:
+    layer = _layer(resample_reset_adam=False)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(16, 50)).pow(2).sum().backward()
+        opt.step()
+    state = {k: v.clone() for k, v in opt.state[layer.weight].items()}
+    assert layer.resample(opt) > 0
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[layer.weight][key], state[key])

@@ -59,6 +59,11 @@ def _lin(i: int, o: int) -> int:
          64 * 6 * 10 + 6 * 10 + 6 * 10 + 10 + _lin(10, 8) + _lin(8, 10)),
         ("vanilla_mlp", {"hidden_dim": 64}, _lin(784, 64) + _lin(64, 10)),
         ("vanilla_mlp", {"hidden_dim": 8, "n_hidden_layers": 2}, _lin(784, 8) + _lin(8, 8) + _lin(8, 10)),
+        ("dendritic_simple", {"n_neurons": 12, "n_dendrites": 6, "n_dendrite_inputs": 96, "connectivity": "local"},
+         96 * 6 * 12 + 6 * 12 + 6 * 12 + 12 + _lin(12, 10)),
+        ("dendritic_conv", {"in_channels": 1, "n_units1": 8, "n_units2": 16, "n_dendrites": 4,
+                            "n_dendrite_inputs1": 9, "n_dendrite_inputs2": 24, "pool_grid": 2},
+         8 * 4 * (9 + 2) + 8 + 16 * 4 * (24 + 2) + 16 + 2 * (8 + 16) + _lin(16 * 2 * 2, 10)),
     ],
 )
 def test_counts_equal_hand_formulas(name: str, params: dict[str, Any], formula: int) -> None:
@@ -99,3 +104,25 @@ def test_seed_makes_models_identical_without_touching_global_rng() -> None:
     assert torch.equal(torch.rand(1), expected)
     for (_, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("name", ["dendritic_simple", "soma_disabled", "dendritic_with_hidden"])
+def test_dendritic_families_take_connectivity_without_changing_the_count(name: str) -> None:
+    model = create_model(name, seed=0, connectivity="local", resample_reset_adam=False)
+    layer = model[0]
+    assert layer.connectivity == "local" and layer.image_shape == (1, 28, 28)
+    assert not layer.resample_reset_adam
+    assert count_parameters(model) == analytic_parameter_count(name, connectivity="local")
+    assert analytic_parameter_count(name, connectivity="local") == analytic_parameter_count(name)
+    assert torch.isfinite(model(torch.randn(2, 784))).all()
+    small = create_model(name, in_dim=64, n_dendrite_inputs=9, connectivity="local",
+                         input_shape=[1, 8, 8])
+    assert small[0].patch_size == (3, 3)
+
+
+def test_bad_connectivity_is_refused_by_the_count_before_building() -> None:
+    with pytest.raises(ValueError, match="connectivity"):
+        analytic_parameter_count("dendritic_simple", connectivity="grid")
+    with pytest.raises(ValueError, match="input_shape"):
+        analytic_parameter_count("dendritic_simple", in_dim=50, n_dendrite_inputs=8,
+                                 connectivity="local")

@@ -1,0 +1,162 @@
+"""Triton kernels for population training: the soma-and-readout head, forward and backward, fused.
+
+A population of ``dendritic_simple`` members spends most of a step after the dendrite product
+in small element-wise and reduction kernels (LeakyReLU, the soma's weighted sum, its
+LeakyReLU, the readout, cross-entropy, and the gradients of each), every one a full pass over
+the (members, batch, dendrites) activations. :func:`soma_head` does all of them in one pass:
+from the dendrites' pre-activations ``z`` it computes each member's mean cross-entropy, its
+number of correct predictions, the gradient with respect to ``z`` and the gradients of the
+soma and readout parameters. Sums over the batch are written per batch block and added up
+afterwards, so the result is deterministic.
+
+Triton runs on CUDA only; :func:`available` says whether the fused head can be used, and
+callers keep their plain PyTorch path for everything else (the CPU, no Triton).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+__all__ = ["available", "disable", "soma_head"]
+
+_SLOPE = 0.1
+
+
+@functools.cache
+def _triton() -> Any:
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # pragma: no cover - depends on the machine
+        return None
+
+    @triton.jit
+    def head_kernel(
+        z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr,
+        gz_ptr, part_ptr, loss_ptr, correct_ptr,
+        B, NN, DD, C, p_stride, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
+        inv_b,
+        BB: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr,
+    ):
+        m = tl.program_id(0)
+        blk = tl.program_id(1)
+        R = NN * DD
+        offs_b = blk * BB + tl.arange(0, BB)
+        i = tl.arange(0, NP)
+        j = tl.arange(0, DP)
+        c = tl.arange(0, CP)
+        mb = offs_b < B
+        mi = i < NN
+        mj = j < DD
+        mc = c < C
+        b3 = offs_b[:, None, None]
+        i3 = i[None, :, None]
+        j3 = j[None, None, :]
+        m3 = (b3 < B) & (i3 < NN) & (j3 < DD)
+        zp = z_ptr + m.to(tl.int64) * B * R + b3 * R + i3 * DD + j3
+        z = tl.load(zp, mask=m3, other=0.0)
+        h = tl.where(z > 0, z, z * 0.1)
+        pm = p_stride * m.to(tl.int64)
+        sw = tl.load(sw_ptr + pm + sw_off + i[:, None] * DD + j[None, :],
+                     mask=mi[:, None] & mj[None, :], other=0.0)
+        sb = tl.load(sb_ptr + pm + sb_off + i, mask=mi, other=0.0)
+        s_pre = tl.sum(h * sw[None, :, :], axis=2) + sb[None, :]
+        s = tl.where(s_pre > 0, s_pre, s_pre * 0.1)
+        wo = tl.load(wo_ptr + pm + wo_off + c[:, None] * NN + i[None, :],
+                     mask=mc[:, None] & mi[None, :], other=0.0)
+        bo = tl.load(bo_ptr + pm + bo_off + c, mask=mc, other=0.0)
+        logits = tl.sum(s[:, None, :] * wo[None, :, :], axis=2) + bo[None, :]
+        logits = tl.where(mc[None, :], logits, float("-inf"))
+        y = tl.load(y_ptr + m.to(tl.int64) * B + offs_b, mask=mb, other=0)
+        mx = tl.max(logits, axis=1)
+        e = tl.exp(logits - mx[:, None])
+        se = tl.sum(e, axis=1)
+        hit = c[None, :] == y[:, None]
+        ly = tl.sum(tl.where(hit, logits, 0.0), axis=1)
+        ce = tl.where(mb, mx + tl.log(se) - ly, 0.0)
+        pred = tl.argmax(logits, axis=1)
+        right = tl.where(mb & (pred == y), 1.0, 0.0)
+        tl.store(loss_ptr + m * n_blocks + blk, tl.sum(ce, axis=0))
+        tl.store(correct_ptr + m * n_blocks + blk, tl.sum(right, axis=0))
+        dlog = (e / se[:, None] - tl.where(hit, 1.0, 0.0)) * inv_b
+        dlog = tl.where(mb[:, None] & mc[None, :], dlog, 0.0)
+        # per-block partial sums of the small parameters' gradients: sw, sb, wo, bo
+        part = part_ptr + (m.to(tl.int64) * n_blocks + blk) * part_stride
+        g_wo = tl.sum(dlog[:, :, None] * s[:, None, :], axis=0)  # (CP, NP)
+        g_bo = tl.sum(dlog, axis=0)
+        ds = tl.sum(dlog[:, :, None] * wo[None, :, :], axis=1)  # (BB, NP)
+        ds = tl.where(s_pre > 0, ds, ds * 0.1)
+        ds = tl.where(mb[:, None], ds, 0.0)
+        g_sb = tl.sum(ds, axis=0)
+        g_sw = tl.sum(ds[:, :, None] * h, axis=0)  # (NP, DP)
+        tl.store(part + i[:, None] * DP + j[None, :], g_sw)
+        tl.store(part + NP * DP + i, g_sb)
+        tl.store(part + NP * DP + NP + c[:, None] * NP + i[None, :], g_wo)
+        tl.store(part + NP * DP + NP + CP * NP + c, g_bo)
+        dh = ds[:, :, None] * sw[None, :, :]
+        dz = tl.where(z > 0, dh, dh * 0.1)
+        gp = gz_ptr + m.to(tl.int64) * B * R + b3 * R + i3 * DD + j3
+        tl.store(gp, dz, mask=m3)
+
+    return triton, head_kernel
+
+
+_DISABLED: list[bool] = []
+
+
+def disable() -> None:
+    """Stop offering the fused head in this process (after Triton failed to build it)."""
+    _DISABLED.append(True)
+
+
+def available(device: torch.device) -> bool:
+    """Whether the fused head runs here: a CUDA device and an importable Triton."""
+    return device.type == "cuda" and not _DISABLED and _triton() is not None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def soma_head(
+    z: torch.Tensor, p: torch.Tensor, offsets: dict[str, int], n: int, d: int, y: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Loss, correct counts and gradients of ``LeakyReLU -> soma -> LeakyReLU -> Linear -> CE``.
+
+    ``z`` (K, B, n*d) holds the dendrites' pre-activations (bias included) on the (neuron,
+    dendrite) grid; the soma weights (n, d) and bias (n) and the readout weight (C, n) and bias
+    (C) are read from each member's flat parameter row ``p`` (K, P) at ``offsets``
+    (``sw``, ``sb``, ``wo``, ``bo``; the readout's shape from ``offsets["C"]``). ``y`` (K, B)
+    holds the labels. Returns ``(mean loss (K,), correct (K,), dL/dz (K, B, n*d), dL/dsw
+    (K, n, d), dL/dsb (K, n), dL/dwo (K, C, n), dL/dbo (K, C))`` for the loss
+    ``sum over members of the batch-mean cross-entropy``.
+    """
+    tri = _triton()
+    assert tri is not None
+    _, kernel = tri
+    K, B, R = z.shape
+    C = offsets["C"]
+    NP, DP, CP = _pow2(n), _pow2(d), max(16, _pow2(C))
+    BB = max(1, min(64, 4096 // (NP * DP)))
+    BB = 1 << (BB.bit_length() - 1)
+    n_blocks = -(-B // BB)
+    part_stride = NP * DP + NP + CP * NP + CP
+    gz = torch.empty_like(z)
+    part = torch.empty(K, n_blocks, part_stride, device=z.device, dtype=torch.float32)
+    loss = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
+    correct = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
+    kernel[(K, n_blocks)](
+        z, p, p, p, p, y, gz, part, loss, correct,
+        B, n, d, C, p.stride(0), offsets["sw"], offsets["sb"], offsets["wo"], offsets["bo"],
+        n_blocks, part_stride, 1.0 / B,
+        BB=BB, NP=NP, DP=DP, CP=CP, num_warps=4,
+    )
+    tot = part.sum(1)
+    g_sw = tot[:, : NP * DP].view(K, NP, DP)[:, :n, :d]
+    g_sb = tot[:, NP * DP : NP * DP + n]
+    g_wo = tot[:, NP * DP + NP : NP * DP + NP + CP * NP].view(K, CP, NP)[:, :C, :n]
+    g_bo = tot[:, NP * DP + NP + CP * NP : NP * DP + NP + CP * NP + C]
+    return loss.sum(1) / B, correct.sum(1), gz, g_sw, g_sb, g_wo, g_bo

@@ -1,0 +1,184 @@
+"""train_population's speed paths: precisions, size buckets, the torch.func peer of the bench."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import core
+from core import _kernels, _population
+from core._population import PRECISIONS, size_buckets, train_population
+
+BATCH = 128
+
+
+@pytest.fixture(scope="module")
+def data() -> core.Dataset:
+    return core.load_dataset("digits")
+
+
+def _solo(config: dict[str, Any], data: core.Dataset, n_epochs: int) -> core.TrainResult:
+    cfg = dict(config)
+    lr, seed = cfg.pop("lr", 1e-3), cfg.pop("seed")
+    model = core.create_model("dendritic_simple", seed=seed, in_dim=data.in_dim,
+                              n_classes=data.n_classes, **cfg)
+    return core.train_model(model, data, n_epochs, lr, 0.0, BATCH, device="cpu", seed=seed)
+
+
+def test_unknown_precision_is_a_value_error_naming_the_allowed_ones(data: core.Dataset) -> None:
+    for bad in ("fp16", "FP32", 32, None):
+        with pytest.raises(ValueError, match="'fp32', 'tf32', 'bf16'"):
+            train_population("dendritic_simple", [{}], data, 1, device="cpu", precision=bad)  # type: ignore[arg-type]
+    assert PRECISIONS == ("fp32", "tf32", "bf16")
+
+
+def test_bf16_members_stay_close_to_fp32_and_tf32_is_fp32_on_the_cpu(data: core.Dataset) -> None:
+    configs = [dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=5,
+                    lr=5e-3, seed=s) for s in (1, 2)]
+    got = {p: train_population("dendritic_simple", configs, data, 2, BATCH, device="cpu", precision=p)
+           for p in PRECISIONS}
+    for f, t, b in zip(got["fp32"], got["tf32"], got["bf16"], strict=True):
+        assert t.history == [dict(h, seconds=t.history[i]["seconds"]) for i, h in enumerate(f.history)]
+        assert b.status == "completed"
+        assert b.train_loss == pytest.approx(f.train_loss, rel=0.05)
+        assert abs((b.test_accuracy or 0) - (f.test_accuracy or 0)) < 0.05
+
+
+def test_size_buckets_cover_every_config_once_and_fill_their_grids() -> None:
+    configs: list[dict[str, Any]] = [
+        dict(n_neurons=n, n_dendrites=d, n_dendrite_inputs=8)
+        for n in (2, 3, 12, 16) for d in (2, 3, 10, 12) for _ in range(4)
+    ]
+    configs.append(dict(n_neurons=-1))  # unreadable: fails when built, rides in the first bucket
+    groups = size_buckets("dendritic_simple", configs, 64, 10, min_size=4)
+    assert sorted(i for g in groups for i in g) == list(range(len(configs)))
+    assert 1 < len(groups) and all(len(g) >= 4 for g in groups)
+    fills = []
+    for g in groups:
+        sizes = [(configs[i]["n_neurons"], configs[i]["n_dendrites"]) for i in g if i < 64]
+        big_n, big_d = max(n for n, _ in sizes), max(d for _, d in sizes)
+        fills.append(sum(n * d for n, d in sizes) / (len(sizes) * big_n * big_d))
+    assert min(fills) >= 0.7
+    # uniform or small populations stay whole
+    assert size_buckets("dendritic_simple", configs[:4], 64, 10, min_size=4) == [[0, 1, 2, 3]]
+    assert size_buckets("vanilla_mlp", [{}] * 300, 64, 10) == [list(range(300))]
+
+
+def test_bucketed_members_train_exactly_and_report_under_their_own_index(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_population, "_MIN_BUCKET", 2)
+    configs = [
+        dict(n_neurons=2, n_dendrites=2, n_dendrite_inputs=8, steps_to_resample=3, lr=3e-3),
+        dict(n_neurons=8, n_dendrites=6, n_dendrite_inputs=12, steps_to_resample=4),
+        dict(n_neurons=2, n_dendrites=3, n_dendrite_inputs=8, steps_to_resample=5),
+        dict(n_neurons=9, n_dendrites=6, n_dendrite_inputs=10, steps_to_resample=2),
+    ]
+    seen: list[tuple[int, int]] = []
+    stats: dict[str, Any] = {}
+    results = train_population("dendritic_simple", configs, data, 1, BATCH, device="cpu", seed=7,
+                               on_epoch=lambda i, e, m: seen.append((i, e)), stats=stats)
+    assert stats["buckets"] == 2 and sorted(seen) == [(i, 1) for i in range(4)]
+    assert 0 < stats["useful_flops"] <= stats["executed_flops"]
+    whole: dict[str, Any] = {}
+    train_population("dendritic_simple", configs, data, 1, BATCH, device="cpu", seed=7,
+                     buckets=False, stats=whole)
+    assert whole["buckets"] == 1 and whole["useful_flops"] == stats["useful_flops"]
+    assert stats["executed_flops"] < whole["executed_flops"]  # less padding
+    for i, (cfg, got) in enumerate(zip(configs, results, strict=True)):
+        want = _solo(dict(cfg, seed=7 + i), data, 1)
+        assert got.seed == 7 + i
+        assert got.train_loss == pytest.approx(want.train_loss, rel=1e-4)
+        assert got.test_loss == pytest.approx(want.test_loss, rel=1e-4)
+
+
+def test_cuda_graphs_and_the_triton_head_are_not_used_on_the_cpu(data: core.Dataset) -> None:
+    pop = _population._Population("dendritic_simple", [{}], data, 1, BATCH, torch.device("cpu"),
+                                  0, 1, None, None)
+    assert not pop.graphs
+    assert not _kernels.available(torch.device("cpu"))
+
+
+_INTERPRETED = """
+import torch
+from torch.nn import functional as F
+from core import _kernels
+torch.manual_seed(0)
+K, B, n, d, C = 2, 37, 3, 5, 10  # B not a multiple of the batch block: masked rows
+offs = {"sw": 5, "sb": 5 + n * d, "wo": 5 + n * d + n, "bo": 5 + n * d + n + C * n, "C": C}
+p = torch.randn(K, offs["bo"] + C + 3)
+z, y = torch.randn(K, B, n * d), torch.randint(0, C, (K, B))
+got = _kernels.soma_head(z, p, offs, n, d, y)
+leaves = [z.clone(), p[:, offs["sw"] : offs["sb"]].reshape(K, n, d), p[:, offs["sb"] : offs["wo"]],
+          p[:, offs["wo"] : offs["bo"]].reshape(K, C, n), p[:, offs["bo"] : offs["bo"] + C]]
+zz, sw, sb, wo, bo = (t.clone().requires_grad_(True) for t in leaves)
+h = F.leaky_relu(zz, 0.1).view(K, B, n, d)
+s = F.leaky_relu((h * sw.unsqueeze(1)).sum(-1) + sb.unsqueeze(1), 0.1)
+out = torch.baddbmm(bo.unsqueeze(1), s, wo.transpose(1, 2))
+ce = F.cross_entropy(out.reshape(-1, C), y.reshape(-1), reduction="none").view(K, B).mean(1)
+want = [ce, (out.argmax(2) == y).sum(1).float(), *torch.autograd.grad(ce.sum(), [zz, sw, sb, wo, bo])]
+for g, w in zip(got, want, strict=True):
+    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+print("same")
+"""
+
+
+def test_fused_head_kernel_matches_autograd_in_the_triton_interpreter() -> None:
+    pytest.importorskip("triton", reason="Triton is not installed here")
+    # TRITON_INTERPRET must be set before Triton is first imported: a process of its own
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton head runs on CUDA only")
+def test_fused_head_members_match_train_model_on_cuda(data: core.Dataset) -> None:
+    configs = [
+        dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=4, lr=3e-3, seed=1),
+        dict(n_neurons=6, n_dendrites=2, n_dendrite_inputs=24, steps_to_resample=7, seed=2),
+    ]
+    results = train_population("dendritic_simple", configs, data, 2, BATCH, device="cuda")
+    for cfg, got in zip(configs, results, strict=True):
+        c = dict(cfg)
+        lr, seed = c.pop("lr", 1e-3), c.pop("seed")
+        model = core.create_model("dendritic_simple", seed=seed, in_dim=data.in_dim,
+                                  n_classes=data.n_classes, **c)
+        want = core.train_model(model, data, 2, lr, 0.0, BATCH, device="cuda", seed=seed)
+        for g, w in zip(got.history, want.history, strict=True):
+            for key in ("train_loss", "val_loss", "test_loss"):
+                assert g[key] == pytest.approx(w[key], rel=1e-4), key
+        assert got.state_dict is not None
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                torch.testing.assert_close(got.state_dict[name], value.cpu(), rtol=1e-4, atol=1e-5)
+            else:
+                assert torch.equal(got.state_dict[name], value.cpu()), name
+
+
+def test_the_benchs_torch_func_ensemble_trains_two_members_on_the_cpu(data: core.Dataset) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    try:
+        from _baseline import func_ensemble_train
+    finally:
+        sys.path.pop(0)
+    out = func_ensemble_train(data, 2, dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16),
+                              2, BATCH, 1e-2, torch.device("cpu"))
+    assert len(out["test_accuracy"]) == 2 and out["seconds"] >= out["last_epoch_seconds"] > 0
+    assert all(a > 0.2 for a in out["test_accuracy"])  # better than chance (0.1) after 2 epochs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_on_cuda_stays_within_a_few_points_of_fp32(data: core.Dataset) -> None:
+    configs = [dict(n_neurons=6, n_dendrites=4, n_dendrite_inputs=24, lr=5e-3, seed=s) for s in range(3)]
+    f = train_population("dendritic_simple", configs, data, 3, BATCH, device="cuda")
+    b = train_population("dendritic_simple", configs, data, 3, BATCH, device="cuda", precision="bf16")
+    for x, y in zip(f, b, strict=True):
+        assert abs((x.test_accuracy or 0) - (y.test_accuracy or 0)) < 0.05
