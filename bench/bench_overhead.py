@@ -13,7 +13,7 @@ layer. Paths:
   15 x ``trial.report`` + ``trial.should_prune()``, ``study.tell()``; TPE (multivariate, 10
   startup trials) and MedianPruner(5, 3), as ``studies.make_sampler/make_pruner`` configure.
 - ``trial``: what ``dendro worker`` runs per trial: ``studies.ask_trial`` then
-  ``studies.execute_trial`` (budget gate, attributes, heartbeat, reports and pruning, result
+  ``studies.execute_trial`` (budget gate, attributes, lease, reports and pruning, result
   attributes, tell, done check), on ``studies.open_storage(url)``, with the trainer replaced.
 - ``population``: ``execute_population`` (K members at once, slots refilled as members end)
   with ``core.train_population`` replaced by a scheduler that does no work.

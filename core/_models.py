@@ -89,7 +89,7 @@ def _count_dendritic_simple(
     return layer + _linear(width, n_classes)
 
 
-@register_model("dendritic_simple", count=_count_dendritic_simple)
+@register_model("dendritic_simple", count=_count_dendritic_simple, population="mlp")
 def dendritic_simple(
     *,
     in_dim: int = 784,
@@ -124,7 +124,7 @@ def _count_soma_disabled(
     return layer + _linear(n_neurons * n_dendrites, hidden_dim) + _linear(hidden_dim, n_classes)
 
 
-@register_model("soma_disabled", count=_count_soma_disabled)
+@register_model("soma_disabled", count=_count_soma_disabled, population="mlp")
 def soma_disabled(
     *,
     in_dim: int = 784,
@@ -165,7 +165,7 @@ def _count_with_hidden(
     return layer + _linear(width, hidden_dim) + _linear(hidden_dim, n_classes)
 
 
-@register_model("dendritic_with_hidden", count=_count_with_hidden)
+@register_model("dendritic_with_hidden", count=_count_with_hidden, population="mlp")
 def dendritic_with_hidden(
     *,
     in_dim: int = 784,
@@ -205,7 +205,7 @@ def _count_vanilla(
     return sum(_linear(a, b) for a, b in zip(widths, widths[1:], strict=False))
 
 
-@register_model("vanilla_mlp", count=_count_vanilla)
+@register_model("vanilla_mlp", count=_count_vanilla, population="mlp")
 def vanilla_mlp(
     *, in_dim: int = 784, n_classes: int = 10, hidden_dim: int = 10, n_hidden_layers: int = 1
 ) -> nn.Module:

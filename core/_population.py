@@ -67,8 +67,18 @@ from torch.nn import functional as F
 from . import _kernels
 from ._data import Dataset
 from ._layers import DendriticLayer
-from ._registry import count_parameters, get_family
-from ._train import TrainResult, resolve_device
+from ._registry import count_parameters, get_family, list_models
+from ._train import (
+    AUGMENTS,
+    LR_SCHEDULES,
+    MAX_SHIFT,
+    TrainResult,
+    _image_view,
+    lr_multiplier,
+    resolve_device,
+    schedule_steps,
+    shift_images,
+)
 
 __all__ = ["train_population", "POPULATION_FAMILIES", "PRECISIONS", "check_precision", "size_buckets"]
 
@@ -86,13 +96,9 @@ def check_precision(precision: object) -> str:
         )
     return precision
 
-#: Families whose members :func:`train_population` can train together.
-POPULATION_FAMILIES: tuple[str, ...] = (
-    "dendritic_simple",
-    "dendritic_with_hidden",
-    "soma_disabled",
-    "vanilla_mlp",
-)
+#: Families whose members :func:`train_population` can train together: those registered
+#: with ``population="mlp"`` (read from the registry when this module loads).
+POPULATION_FAMILIES: tuple[str, ...] = tuple(list_models(population="mlp"))
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +108,9 @@ OnResult = Callable[[int, TrainResult], Any]
 _SLOPE = 0.1
 # torch.optim.Adam's defaults, which make_optimizer (and so train_model) uses.
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
-_TRAIN_KEYS = ("lr", "weight_decay", "seed")
+# A config's keys that are the trainer's, not the family's (train_model's arguments).
+_TRAIN_KEYS = ("lr", "weight_decay", "seed", "batch_size", "lr_schedule", "warmup_epochs",
+               "label_smoothing", "augment")
 _AUTO_CPU = 8
 # "auto" never goes past this: 1024 default-sized members already keep an H100 busy (see
 # bench/bench_population.py), and a study learns sooner from fewer concurrent trials.
@@ -129,6 +137,7 @@ class _Arch:
     hidden: tuple[int, ...] = ()  # widths of the Linear layers before the last
     m: int = 0  # connections swapped per dendrite at each resampling (0: never)
     every: int = 1  # optimizer steps between resamplings
+    reset: bool = True  # a swapped connection's Adam moments are zeroed (resample_reset_adam)
 
     @property
     def width(self) -> int:
@@ -141,7 +150,8 @@ class _Arch:
 def _not_batchable(name: str, why: str) -> ValueError:
     return ValueError(
         f"model family {name!r} cannot be trained as a population ({why}); families that "
-        f"can: {', '.join(POPULATION_FAMILIES)}. Train its trials one at a time with train_model."
+        f"can: {', '.join(list_models(population='mlp'))}. Train its trials one at a time "
+        f"with train_model."
     )
 
 
@@ -188,6 +198,7 @@ def _parse(net: nn.Module, name: str) -> tuple[_Arch, DendriticLayer | None, lis
             in_dim=arch.in_dim, n_classes=arch.n_classes, hidden=arch.hidden, post_act=post_act,
             n=layer.n_neurons, d=layer.n_dendrites, k=layer.n_dendrite_inputs,
             soma=layer.soma_enabled, m=max(0, m), every=layer.steps_to_resample,
+            reset=layer.resample_reset_adam,
         )
     if arch.width != first:
         raise _not_batchable(name, "the first Linear does not read the layer before it")
@@ -317,23 +328,58 @@ class _Plan:
 
     perm: torch.Tensor  # int32, (n_train,)
     events: dict[int, tuple[torch.Tensor, torch.Tensor]]  # step -> (scores, fresh weights)
+    shifts: torch.Tensor | None = None  # uint8 (n_train, 2): augment="shift", in visiting order
+    lr_factors: torch.Tensor | None = None  # float64 (n_steps,): the schedule's multipliers
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """A member's training recipe beyond lr and weight decay (train_model's keyword arguments)."""
+
+    batch_size: int
+    lr_schedule: str = "constant"
+    warmup_epochs: float | None = None
+    label_smoothing: float = 0.0
+    augment: str = "none"
+    total_steps: int = 0  # of the schedule (schedule_steps)
+    warmup_steps: int = 0
+
+    @property
+    def scheduled(self) -> bool:
+        return self.lr_schedule != "constant" or self.warmup_steps > 0
 
 
 def _make_plan(
     data_gen: torch.Generator, layer_gen: torch.Generator | None, arch: _Arch,
-    n: int, n_steps: int, steps0: int,
+    n: int, n_steps: int, steps0: int, recipe: _Recipe | None = None,
+    patch: torch.Tensor | None = None,
 ) -> _Plan:
-    """Draw what train_model and DendriticLayer.resample would draw, in the same order."""
+    """Draw what train_model and DendriticLayer.resample would draw, in the same order.
+
+    The data generator gives the epoch's order, then (``augment="shift"``) its shifts, as
+    train_model draws them; the layer's generator gives each resampling's scores (outside a
+    ``connectivity="local"`` dendrite's patch set to -1, never drawn, as the layer does)
+    and fresh weights. ``steps0`` is the member's optimizer steps before this epoch.
+    """
     perm = torch.randperm(n, generator=data_gen).to(torch.int32)
+    shifts = factors = None
+    if recipe is not None and recipe.augment == "shift":
+        shifts = torch.randint(0, 2 * MAX_SHIFT + 1, (n, 2), generator=data_gen).to(torch.uint8)
+    if recipe is not None and recipe.scheduled:
+        factors = torch.tensor(
+            [lr_multiplier(recipe.lr_schedule, steps0 + t, recipe.total_steps, recipe.warmup_steps)
+             for t in range(n_steps)], dtype=torch.float64)
     events: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if arch.m > 0 and layer_gen is not None:
         b = 1.0 / math.sqrt(arch.k)
         for t in range(1, n_steps + 1):
             if (steps0 + t) % arch.every == 0:
                 scores = torch.rand(arch.n * arch.d, arch.in_dim, generator=layer_gen)
+                if patch is not None:
+                    scores.masked_fill_(~patch, -1.0)
                 fresh = torch.empty(arch.n * arch.d, arch.m).uniform_(-b, b, generator=layer_gen)
                 events[t] = (scores, fresh)
-    return _Plan(perm, events)
+    return _Plan(perm, events, shifts, factors)
 
 
 @dataclass(eq=False)
@@ -346,6 +392,9 @@ class _Member:
     data_gen: torch.Generator
     layer_gen: torch.Generator | None
     result: TrainResult
+    recipe: _Recipe
+    n_steps: int  # optimizer steps in one of its epochs (its batch size's)
+    patch: torch.Tensor | None = None  # connectivity="local": the inputs each dendrite may read
     state: _State | None = None  # set while the member waits outside a stack
     epoch: int = 0  # epochs finished
     steps: int = 0  # optimizer steps at the last finished epoch
@@ -421,7 +470,12 @@ class _Stack:
             self.plain[name] = p[:, off : off + size].view(self.K, *shape)
             self.views[name] = self.plain[name].detach().requires_grad_(True)
         f64 = dict(dtype=torch.float64, device=dev)
-        self.lr = torch.tensor([x.lr for x in members], **f64)
+        self.base_lr = torch.tensor([x.lr for x in members], **f64)
+        self.lr = self.base_lr.clone()  # this step's: the schedule rewrites it in place
+        self.scheduled = any(x.recipe.scheduled for x in members)
+        self.smooth = torch.tensor([x.recipe.label_smoothing for x in members], device=dev)
+        self.any_smooth = any(x.recipe.label_smoothing for x in members)
+        self.shift = any(x.recipe.augment == "shift" for x in members)
         self.wd = torch.tensor([x.weight_decay for x in members], device=dev).unsqueeze(1)
         self.any_wd = any(x.weight_decay != 0 for x in members)
         self.soma = torch.tensor([x.arch.soma for x in members], device=dev)
@@ -437,7 +491,7 @@ class _Stack:
         # dendrites -> soma -> readout (dendritic_simple): the fused Triton head on CUDA
         self.fused = bool(
             dims.n and dims.soma_on and not dims.soma_off and not dims.depth and not dims.post_act
-            and self.K and _kernels.available(dev)
+            and self.K and not self.any_smooth and _kernels.available(dev)
         )
         self.offsets = {name: self.layout[name][0] for name in ("sw", "sb", "wo", "bo")
                         if name in self.layout}
@@ -617,8 +671,15 @@ class _Stack:
             return self._train_step_fused(xb, yb)
         out = self.logits(xb, shared=False)
         K, B, C = out.shape
-        ce = F.cross_entropy(out.reshape(K * B, C), yb.reshape(-1), reduction="none")
-        loss = ce.view(K, B).mean(1)
+        if self.any_smooth:
+            # cross_entropy(label_smoothing=e): (1 - e) * NLL + e * mean over classes of -log p
+            logp = F.log_softmax(out, 2)
+            nll = -logp.gather(2, yb.unsqueeze(2)).squeeze(2).mean(1)
+            uniform = -logp.sum(2).mean(1)
+            loss = (1 - self.smooth) * nll + uniform * (self.smooth / C)
+        else:
+            ce = F.cross_entropy(out.reshape(K * B, C), yb.reshape(-1), reduction="none")
+            loss = ce.view(K, B).mean(1)
         leaves = list(self.views.values())
         grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
         with torch.no_grad():
@@ -701,7 +762,7 @@ class _Stack:
             self.idx[r, :, :k] = ind
             w.scatter_(2, weakest, grp.fresh)
             views[0][r, :, :k] = w
-            for buf in views[1:]:
+            for buf in views[1:]:  # resample_reset_adam=False keeps them
                 s = buf[r][..., :k]
                 s.scatter_(2, weakest, 0.0)
                 buf[r, :, :k] = s
@@ -739,11 +800,16 @@ class _StepGraph:
     epoch, which it runs for real on a side stream as the capture's warm-up.
     """
 
-    def __init__(self, stack: _Stack, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor) -> None:
+    def __init__(
+        self, stack: _Stack, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor,
+        image: tuple[int, ...] | None = None, shifts: torch.Tensor | None = None,
+    ) -> None:
         self.stack, self.x, self.y = stack, x, y
         self.K, self.B = cols.shape
         dev = x.device
         self.idx = cols.reshape(-1).to(torch.long).clone()
+        self.image = image
+        self.shifts = shifts.to(torch.long).clone() if shifts is not None else None
         self.loss_sum = torch.zeros(self.K, device=dev)
         self.correct = torch.zeros(self.K, device=dev)
         side = torch.cuda.Stream(dev)
@@ -758,13 +824,23 @@ class _StepGraph:
     def _body(self) -> None:
         xb = self.x.index_select(0, self.idx).view(self.K, self.B, -1)
         yb = self.y.index_select(0, self.idx).view(self.K, self.B)
+        if self.shifts is not None and self.image is not None:
+            xb = _shift_batch(xb, self.shifts, self.image)
         loss, right = self.stack.train_step(xb, yb)
         self.loss_sum.add_(loss, alpha=self.B)
         self.correct.add_(right)
 
-    def replay(self, cols: torch.Tensor) -> None:
+    def replay(self, cols: torch.Tensor, shifts: torch.Tensor | None = None) -> None:
         self.idx.view(self.K, self.B).copy_(cols)
+        if self.shifts is not None and shifts is not None:
+            self.shifts.copy_(shifts)
         self.graph.replay()
+
+
+def _shift_batch(xb: torch.Tensor, shifts: torch.Tensor, image: tuple[int, ...]) -> torch.Tensor:
+    """Members' batches ``(K, B, in)`` moved by ``shifts`` ``(K, B, 2)`` as train_model moves them."""
+    K, B, n_in = xb.shape
+    return shift_images(xb.reshape(K * B, *image), shifts.reshape(K * B, 2)).view(K, B, n_in)
 
 
 @dataclass
@@ -776,6 +852,7 @@ class _Group:
     m: int
     scores: torch.Tensor  # (g, rows, in_dim)
     fresh: torch.Tensor  # (g, rows, m)
+    reset: bool = True  # zero the swapped connections' Adam moments
 
 
 # -- the scheduler -------------------------------------------------------------------------------
@@ -808,10 +885,15 @@ class _Population:
         self.max_size = _AUTO_MAX  # "auto" is capped here (train_population's max_population)
         self.n_train = len(data.x_train)
         self.n_steps = math.ceil(self.n_train / batch_size)
+        self.default_batch = batch_size  # a member's batch size unless its config sets one
+        self.image: tuple[int, ...] | None = None  # (C, H, W) that augment="shift" moves
         self.results: list[TrainResult] = []
         self.pending: deque[_Member] = deque()  # requeued after an out-of-memory error
         self.exhausted = False
+        # One stack per batch size (their steps cannot be shared); ``stack``, ``graph``,
+        # ``ahead``, ``batch_size`` and ``n_steps`` are those of the one training now.
         self.stack: _Stack | None = None
+        self.stacks: dict[int, tuple[_Stack, _StepGraph | None, Any]] = {}
         cuda = device.type == "cuda"
         # Enough threads to draw the next epoch's random numbers while the device works,
         # few enough to leave cores to the main thread's own intra-op work.
@@ -850,6 +932,7 @@ class _Population:
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         if wd < 0 or not math.isfinite(wd):
             raise ValueError(f"weight_decay must be >= 0, got {wd!r}")
+        recipe = self._recipe(config)
         d = self.data
         for key, value in (("in_dim", d.in_dim), ("n_classes", d.n_classes)):
             if params.setdefault(key, value) != value:
@@ -881,14 +964,48 @@ class _Population:
             layer.indices.clone() if layer is not None else None,
         )
         result = TrainResult(n_params=count_parameters(net), device=str(self.device), seed=mseed)
+        patch = None
+        if layer is not None and layer.connectivity == "local" and arch.m > 0:
+            patch = layer.patch_mask()
         mem = _Member(
             index=index, arch=arch, seed=mseed, lr=lr, weight_decay=wd,
             data_gen=torch.Generator().manual_seed(mseed),
             layer_gen=layer._generator if layer is not None else None,
-            result=result, state=state, net=net, own=own,
+            result=result, recipe=recipe, n_steps=math.ceil(self.n_train / recipe.batch_size),
+            patch=patch, state=state, net=net, own=own,
         )
         self.results.append(result)
         return mem
+
+    def _recipe(self, config: dict[str, Any]) -> _Recipe:
+        """A config's training recipe, checked as train_model checks its arguments."""
+        bs = config.get("batch_size", self.default_batch)
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {bs!r}")
+        schedule = config.get("lr_schedule", "constant")
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, got {schedule!r}")
+        warmup = config.get("warmup_epochs")
+        if warmup is not None:
+            if isinstance(warmup, bool) or not isinstance(warmup, int | float):
+                raise ValueError(f"warmup_epochs must be a number, got {warmup!r}")
+            if not 0 <= warmup <= self.n_epochs:
+                raise ValueError(
+                    f"warmup_epochs must be in [0, n_epochs={self.n_epochs}], got {warmup!r}")
+        smoothing = config.get("label_smoothing", 0.0)
+        if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not (
+            0.0 <= smoothing < 1.0
+        ):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing!r}")
+        augment = config.get("augment", "none")
+        if augment not in AUGMENTS:
+            raise ValueError(
+                f"augment must be one of {', '.join(map(repr, AUGMENTS))}, got {augment!r}")
+        if augment == "shift" and self.image is None:
+            self.image = _image_view(self.data)  # a ValueError for inputs that are not images
+        total, warm = schedule_steps(self.n_train, bs, self.n_epochs, schedule, warmup)
+        return _Recipe(bs, schedule, warmup, float(smoothing), augment, total, warm)
 
     @torch.no_grad()
     def _keep_weights(self, stack: _Stack, rows: list[int]) -> None:
@@ -911,9 +1028,10 @@ class _Population:
         planned = mem.epoch + len(mem.plans) + (mem.current is not None)
         if planned < self.n_epochs and not mem.plans:
             steps0 = mem.plan_steps
-            mem.plan_steps += self.n_steps
+            mem.plan_steps += mem.n_steps
             mem.plans.append(self.pool.submit(
-                _make_plan, mem.data_gen, mem.layer_gen, mem.arch, self.n_train, self.n_steps, steps0
+                _make_plan, mem.data_gen, mem.layer_gen, mem.arch, self.n_train, mem.n_steps,
+                steps0, mem.recipe, mem.patch,
             ))
 
     def _take(self) -> _Member | None:
@@ -946,6 +1064,7 @@ class _Population:
         return int(total)
 
     def _initial_size(self, first: _Member) -> int:
+        self.batch_size = first.recipe.batch_size
         if isinstance(self.size_arg, int):
             return self.size_arg
         if self.device.type == "cuda":
@@ -975,26 +1094,43 @@ class _Population:
         self.size = self._initial_size(first)
         incoming = [first]
         while True:
-            survivors = self.stack.members if self.stack is not None else []
-            while len(survivors) + len(incoming) < self.size:
+            live = sum(st.K for st, _, _ in self.stacks.values())
+            while live + len(incoming) < self.size:
                 mem = self._take()
                 if mem is None:
                     break
                 incoming.append(mem)
-            if not survivors and not incoming:
+            if not live and not incoming:
                 return
-            self._restack(incoming)
+            by_batch: dict[int, list[_Member]] = {}
+            for mem in incoming:
+                by_batch.setdefault(mem.recipe.batch_size, []).append(mem)
             incoming = []
-            assert self.stack is not None
-            t1 = time.perf_counter()
-            self.stats["build_seconds"] += t1 - t0
-            ended = self._epoch(self.stack)
-            t0 = time.perf_counter()
-            self.stats["epoch_seconds"] += t0 - t1
-            if ended is None:  # out of memory: the population was halved, retry
-                continue
-            keep = [i for i, mem in enumerate(self.stack.members) if mem not in ended]
-            self.stack = self.stack.select(keep)
+            # members of different batch sizes train in their own stacks, an epoch each in turn
+            for bs in sorted(set(self.stacks) | set(by_batch)):
+                self._switch(bs)
+                self._restack(by_batch.get(bs, []))
+                assert self.stack is not None
+                t1 = time.perf_counter()
+                self.stats["build_seconds"] += t1 - t0
+                ended = self._epoch(self.stack)
+                t0 = time.perf_counter()
+                self.stats["epoch_seconds"] += t0 - t1
+                if ended is not None:  # None: out of memory, halved; the rest retry next round
+                    keep = [i for i, mem in enumerate(self.stack.members) if mem not in ended]
+                    self.stack = self.stack.select(keep)
+                self._park(bs)
+
+    def _switch(self, bs: int) -> None:
+        """Make the stack of batch size ``bs`` (if any) the one that trains next."""
+        self.batch_size, self.n_steps = bs, math.ceil(self.n_train / bs)
+        self.stack, self.graph, self.ahead = self.stacks.pop(bs, (None, None, None))
+
+    def _park(self, bs: int) -> None:
+        """Put the stack that trained back among the others (dropped when no member is left)."""
+        if self.stack is not None and self.stack.K:
+            self.stacks[bs] = (self.stack, self.graph, self.ahead)
+        self.stack, self.graph, self.ahead = None, None, None
 
     def _restack(self, incoming: list[_Member]) -> None:
         stack = self.stack
@@ -1036,8 +1172,15 @@ class _Population:
             "(the others wait for a free slot and resume where they were)", stack.K, self.size,
         )
 
-    def _assemble(self, stack: _Stack) -> tuple[torch.Tensor, dict[int, list[_Group]]]:
-        """Gather the members' plans for this epoch into device tensors."""
+    def _assemble(self, stack: _Stack) -> tuple[
+        torch.Tensor, dict[int, list[_Group]], torch.Tensor | None, torch.Tensor | None
+    ]:
+        """Gather the members' plans for this epoch into device tensors.
+
+        Returns the data orders ``(K, n_train)``, the resampling groups by step, the shifts
+        ``(K, n_train, 2)`` (uint8; None unless a member augments) and the learning rates
+        ``(n_steps, K)`` (float64; None unless a member follows a schedule).
+        """
         plans, futures = [], []
         for mem in stack.members:
             fut = None
@@ -1055,17 +1198,19 @@ class _Population:
         if staged is None:
             staged = self._stage(stack, plans)
         dev, cuda = self.device, self.device.type == "cuda"
-        perms, staged_events = staged
+        perms, shifts, lrs, staged_events = staged
         order = perms.to(dev, non_blocking=cuda)
         events = {
             t: [_Group(rows=torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=cuda), k=k, m=m,
-                       scores=sc.to(dev, non_blocking=cuda), fresh=fr.to(dev, non_blocking=cuda))
-                for rows, k, m, sc, fr in groups]
+                       scores=sc.to(dev, non_blocking=cuda), fresh=fr.to(dev, non_blocking=cuda),
+                       reset=reset)
+                for rows, (k, m, reset), sc, fr in groups]
             for t, groups in staged_events.items()
         }
         for mem in stack.members:  # after the stacking above, which shares the workers
             self._prefetch(mem)
-        return order, events
+        moved = [t.to(dev, non_blocking=cuda) if t is not None else None for t in (shifts, lrs)]
+        return order, events, moved[0], moved[1]
 
     def _stage_ahead(self, stack: _Stack) -> None:
         """Stack the members' next plans on the CPU while the device trains this epoch.
@@ -1089,20 +1234,40 @@ class _Population:
             except (Exception, CancelledError):  # a dropped job (cancelled plans): nothing to keep
                 pass
 
-    def _stage(self, stack: _Stack, plans: list[_Plan]) -> tuple[torch.Tensor, dict[int, list[Any]]]:
-        """The plans' data orders and resampling draws, stacked into (pinned) CPU tensors."""
+    def _stage(self, stack: _Stack, plans: list[_Plan]) -> tuple[
+        torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[int, list[Any]]
+    ]:
+        """The plans' data orders, shifts, learning rates and resampling draws, stacked into
+        (pinned) CPU tensors."""
         cuda = self.device.type == "cuda"
         perms = torch.empty(stack.K, self.n_train, dtype=torch.int32, pin_memory=cuda)
         self._stack_rows([p.perm for p in plans], perms)
-        by_step: dict[int, dict[tuple[int, int], list[int]]] = {}
+        shifts = lrs = None
+        if stack.shift:  # members that do not augment stay where they are (shift MAX_SHIFT)
+            shifts = torch.full((stack.K, self.n_train, 2), MAX_SHIFT, dtype=torch.uint8,
+                                pin_memory=cuda)
+            for i, plan in enumerate(plans):
+                if plan.shifts is not None:
+                    shifts[i].copy_(plan.shifts)
+        if stack.scheduled:  # each step's learning rate: base * factor, in double as train_model
+            factors = torch.ones(self.n_steps, stack.K, dtype=torch.float64)
+            for i, plan in enumerate(plans):
+                if plan.lr_factors is not None:
+                    factors[:, i] = plan.lr_factors
+            base = torch.tensor([mem.lr for mem in stack.members], dtype=torch.float64)
+            lrs = factors * base
+            if cuda:
+                lrs = lrs.pin_memory()
+        by_step: dict[int, dict[tuple[int, int, bool], list[int]]] = {}
         for i, (mem, plan) in enumerate(zip(stack.members, plans, strict=True)):
+            key = (mem.arch.k, mem.arch.m, mem.arch.reset)
             for t in plan.events:
-                by_step.setdefault(t, {}).setdefault((mem.arch.k, mem.arch.m), []).append(i)
+                by_step.setdefault(t, {}).setdefault(key, []).append(i)
         dims = stack.dims
         events: dict[int, list[Any]] = {}
         for t, groups in sorted(by_step.items()):
             out = []
-            for (k, m), rows in groups.items():
+            for (k, m, reset), rows in groups.items():
                 g = len(rows)
                 same = all((stack.members[i].arch.n, stack.members[i].arch.d) == (dims.n, dims.d)
                            for i in rows)
@@ -1118,9 +1283,9 @@ class _Population:
                         sc, fr = plans[i].events[t]
                         scores[j].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(sc.view(a.n, a.d, -1))
                         fresh[j].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(fr.view(a.n, a.d, -1))
-                out.append((rows, k, m, scores, fresh))
+                out.append((rows, (k, m, reset), scores, fresh))
             events[t] = out
-        return perms, events
+        return perms, shifts, lrs, events
 
     def _stack_rows(self, rows: list[torch.Tensor], out: torch.Tensor) -> None:
         """``torch.stack(rows, out=out)``, split over the worker threads when it is large."""
@@ -1144,7 +1309,7 @@ class _Population:
         d = self.data
         x, y = self.x_train, d.y_train
         B, K = self.batch_size, stack.K
-        order, events = self._assemble(stack)
+        order, events, shifts, lrs = self._assemble(stack)
         loss_sum = torch.zeros(K, device=self.device)
         correct = torch.zeros(K, device=self.device)
         graph = self.graph if self.graph is not None and self.graph.stack is stack else None
@@ -1156,17 +1321,22 @@ class _Population:
                 _step_hook(K)
             cols = order[:, (t - 1) * B : t * B]
             b = cols.shape[1]
+            sh = shifts[:, (t - 1) * B : t * B].long() if shifts is not None else None
+            if lrs is not None:  # the schedule: this step's rates, read by the (captured) Adam
+                stack.lr.copy_(lrs[t - 1])
             if graph is not None and b == B:
-                graph.replay(cols)
+                graph.replay(cols, sh)
             elif self.graphs and b == B and graph is None:
                 # the first full step runs for real while it warms up the capture
                 self.graph = None  # the old stack's graph and its memory go first
                 self._settle_staging()  # no other thread may call CUDA during the capture
-                graph = self.graph = _StepGraph(stack, x, y, cols)
+                graph = self.graph = _StepGraph(stack, x, y, cols, self.image, sh)
             else:
                 idx = cols.reshape(-1)
                 xb = x.index_select(0, idx).view(K, b, -1)
                 yb = y.index_select(0, idx).view(K, b)
+                if sh is not None and self.image is not None:
+                    xb = _shift_batch(xb, sh, self.image)
                 loss, right = stack.train_step(xb, yb)
                 loss_sum += loss * b
                 correct += right
@@ -1215,7 +1385,7 @@ class _Population:
         for i, mem in enumerate(stack.members):
             mem.current = None
             mem.epoch += 1
-            mem.steps += self.n_steps
+            mem.steps += mem.n_steps
             res = mem.result
             tl, ta, vl, va, sl, sa = (row[i] for row in rows)
             stop = False
@@ -1271,12 +1441,18 @@ def train_population(
     """Train many models of one family at once, each exactly as :func:`train_model` would.
 
     ``configs`` holds one dict per member: the family's parameters (sizes, resampling
-    settings) plus the training hyperparameters ``lr`` (default 1e-3), ``weight_decay``
-    (default 0) and ``seed`` (default ``seed + index``, the member's position in
-    ``configs``). Member ``i`` is ``create_model(model, seed=s, in_dim=..., n_classes=...,
-    **sizes)`` trained like ``train_model(it, data, n_epochs, lr, weight_decay, batch_size,
-    seed=s)``: the same initial weights, data order, Adam updates, synaptic resampling and
-    per-epoch metrics, within floating-point tolerance.
+    settings such as ``percentage_resample``, ``steps_to_resample``, ``connectivity`` and
+    ``resample_reset_adam``) plus the training hyperparameters ``lr`` (default 1e-3),
+    ``weight_decay`` (default 0), ``seed`` (default ``seed + index``, the member's position
+    in ``configs``) and the recipe of :func:`~core.train_model`: ``batch_size`` (default the
+    ``batch_size`` argument), ``lr_schedule`` and ``warmup_epochs``, ``label_smoothing`` and
+    ``augment``, each with train_model's default. Member ``i`` is ``create_model(model,
+    seed=s, in_dim=..., n_classes=..., **sizes)`` trained like ``train_model(it, data,
+    n_epochs, lr, weight_decay, batch_size, seed=s, lr_schedule=..., ...)``: the same initial
+    weights, data order and shifts, learning rates, Adam updates, synaptic resampling and
+    per-epoch metrics, within floating-point tolerance. Members of different batch sizes
+    train in different stacks (a sequence of configs is split by batch size, like size
+    buckets; an iterator's members of each batch size train an epoch each in turn).
 
     ``configs`` may be an iterator: it is read lazily, one config whenever a slot is free.
     Up to ``population_size`` members train at once (an int, or ``"auto"``/``None``: sized
@@ -1310,12 +1486,13 @@ def train_population(
     dense-layout weight per example, of the members' own sizes and of the padded stacks)
     and ``stacks``: the (members, neurons, dendrites, inputs) shapes that were trained.
 
-    Only the families in ``POPULATION_FAMILIES`` can be stacked; any other raises a
-    ValueError (train those one at a time with ``train_model``).
+    Only the families registered with ``population="mlp"`` (``POPULATION_FAMILIES``,
+    ``list_models(population="mlp")``) can be stacked; any other raises a ValueError (train
+    those one at a time with ``train_model``).
     """
     check_precision(precision)
     family = get_family(model)  # unknown names list the known ones
-    if family.name not in POPULATION_FAMILIES:
+    if family.population != "mlp":
         raise _not_batchable(family.name, "its layers are not the stacked kinds")
     if data.task != "classification" or data.n_classes is None:
         raise ValueError(
@@ -1338,8 +1515,15 @@ def train_population(
     dev = resolve_device(device)
     on_device = data.to(dev)
     groups = [list(range(len(configs)))] if isinstance(configs, Sequence) else [[]]
+    if isinstance(configs, Sequence):
+        groups = _batch_groups(configs, batch_size)
     if buckets and isinstance(configs, Sequence):
-        groups = size_buckets(family.name, configs, data.in_dim, data.n_classes or 0, _MIN_BUCKET)
+        groups = [
+            [group[j] for j in sub]
+            for group in groups
+            for sub in size_buckets(family.name, [configs[i] for i in group], data.in_dim,
+                                    data.n_classes or 0, _MIN_BUCKET)
+        ]
     results: list[TrainResult | None] = [None] * (len(configs) if isinstance(configs, Sequence) else 0)
     totals: dict[str, Any] = {"useful_flops": 0.0, "executed_flops": 0.0, "stacks": []}
     for group in groups:
@@ -1371,6 +1555,20 @@ def train_population(
         stats.update(totals)
         stats["buckets"] = len(groups)
     return [r for r in results if r is not None]
+
+
+def _batch_groups(configs: Sequence[Any], batch_size: int) -> list[list[int]]:
+    """Config indices by the batch size each config trains with, in order of first appearance.
+
+    A config without ``batch_size`` (or one that is not a dict: it fails when built) uses the
+    population's. One group when every config shares one batch size.
+    """
+    out: dict[Any, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        bs = cfg.get("batch_size", batch_size) if isinstance(cfg, dict) else batch_size
+        out.setdefault(bs if isinstance(bs, int) and not isinstance(bs, bool) else batch_size,
+                       []).append(i)
+    return list(out.values())
 
 
 #: The fewest members a size bucket holds (fewer would leave a large device idle).

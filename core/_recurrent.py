@@ -335,7 +335,9 @@ def _count_gru(*, in_dim: int, out_dim: int, hidden_size: int, num_layers: int,
     return _count_gated(3, in_dim, out_dim, hidden_size, num_layers)
 
 
-@register_model("diru", count=_count_diru, input_kind="sequence", task="regression")
+@register_model(
+    "diru", count=_count_diru, input_kind="sequence", task="regression", population="recurrent"
+)
 def diru(
     *,
     in_dim: int = 1,
@@ -360,7 +362,9 @@ def diru(
                 global_gate_bias=global_gate_bias)
 
 
-@register_model("lstm", count=_count_lstm, input_kind="sequence", task="regression")
+@register_model(
+    "lstm", count=_count_lstm, input_kind="sequence", task="regression", population="recurrent"
+)
 def lstm(
     *,
     in_dim: int = 1,
@@ -379,7 +383,9 @@ def lstm(
                      return_sequences=return_sequences)
 
 
-@register_model("gru", count=_count_gru, input_kind="sequence", task="regression")
+@register_model(
+    "gru", count=_count_gru, input_kind="sequence", task="regression", population="recurrent"
+)
 def gru(
     *,
     in_dim: int = 1,

@@ -78,13 +78,14 @@ from ._bio import (
 )
 from ._data import Dataset
 from ._recurrent import DIRU, DIRUCell, GRUModel, LSTMModel
-from ._registry import count_parameters, get_family
+from ._registry import count_parameters, get_family, list_models
 from ._train import TrainResult, resolve_device
 
 __all__ = ["train_recurrent_population", "RECURRENT_POPULATION_FAMILIES"]
 
-#: Families whose members :func:`train_recurrent_population` can train together.
-RECURRENT_POPULATION_FAMILIES: tuple[str, ...] = ("diru", "lstm", "gru")
+#: Families whose members :func:`train_recurrent_population` can train together: those
+#: registered with ``population="recurrent"`` (read from the registry when this module loads).
+RECURRENT_POPULATION_FAMILIES: tuple[str, ...] = tuple(list_models(population="recurrent"))
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def _own_shape(segs: Segments) -> tuple[int, ...]:
 def _not_batchable(name: str, why: str) -> ValueError:
     return ValueError(
         f"model family {name!r} cannot be trained as a recurrent population ({why}); families "
-        f"that can: {', '.join(RECURRENT_POPULATION_FAMILIES)}. Train its trials one at a time "
+        f"that can: {', '.join(list_models(population='recurrent'))}. Train its trials one at a time "
         f"with train_model."
     )
 
@@ -1216,7 +1217,7 @@ def train_recurrent_population(
     ``torch.manual_seed(seed)``; ``weight_splitting_Gamma > 1`` is not supported here.
     """
     family = get_family(model)  # unknown names list the known ones
-    if family.name not in RECURRENT_POPULATION_FAMILIES:
+    if family.population != "recurrent":
         raise _not_batchable(family.name, "it is not a recurrent family")
     if data.task != "regression" or data.x_train.dim() != 3:
         raise ValueError(

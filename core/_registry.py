@@ -43,7 +43,10 @@ class ModelFamily:
     ``defaults`` are the builder's keyword defaults, so ``accepts`` is the full set of
     parameters a search may set.
     ``input_kind`` is ``"flat"`` (a vector), ``"image"`` (C, H, W) or ``"sequence"``;
-    ``task`` is ``"classification"`` or ``"regression"``.
+    ``task`` is ``"classification"`` or ``"regression"``. ``population`` names the
+    population trainer that can stack the family's members: ``"mlp"``
+    (:func:`core.train_population`), ``"recurrent"`` (:func:`core.train_recurrent_population`),
+    or ``None`` when its trials train one at a time.
     """
 
     name: str
@@ -53,6 +56,7 @@ class ModelFamily:
     input_kind: str = "flat"
     task: str = "classification"
     description: str = ""
+    population: str | None = None
 
     @property
     def accepts(self) -> frozenset[str]:
@@ -69,6 +73,8 @@ class ModelFamily:
 
 
 _MODELS: dict[str, ModelFamily] = {}
+#: the population trainers a family may declare (``register_model(..., population=...)``)
+POPULATION_KINDS: tuple[str, ...] = ("mlp", "recurrent")
 
 
 def register_model(
@@ -77,6 +83,7 @@ def register_model(
     count: Callable[..., int] | None = None,
     input_kind: str = "flat",
     task: str = "classification",
+    population: str | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a family builder under ``name``.
 
@@ -86,11 +93,18 @@ def register_model(
     an analytic count is still faster when a search enumerates many points.
     The builder's keyword arguments (with defaults) are what a search may set; ``in_dim``
     and ``n_classes`` (``in_channels`` for ``input_kind="image"``) come from the dataset.
+    ``population`` (``"mlp"`` or ``"recurrent"``) declares which population trainer can
+    stack the family's members; leave it out for families trained one at a time.
     """
     if input_kind not in ("flat", "image", "sequence"):
         raise ValueError(f"input_kind must be 'flat', 'image' or 'sequence', got {input_kind!r}")
     if task not in ("classification", "regression"):
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    if population is not None and population not in POPULATION_KINDS:
+        raise ValueError(
+            f"population must be one of {', '.join(map(repr, POPULATION_KINDS))} or None, "
+            f"got {population!r}"
+        )
     if count is not None and not callable(count):
         raise TypeError(f"count must be a function of the family's arguments or None, got {count!r}")
 
@@ -111,15 +125,26 @@ def register_model(
             input_kind=input_kind,
             task=task,
             description=doc[0] if doc else "",
+            population=population,
         )
         return fn
 
     return deco
 
 
-def list_models() -> list[str]:
-    """Names of all registered model families, sorted."""
-    return sorted(_MODELS)
+def list_models(population: str | None = None) -> list[str]:
+    """Names of the registered model families, sorted.
+
+    With ``population`` (``"mlp"`` or ``"recurrent"``), only the families that population
+    trainer can stack.
+    """
+    if population is None:
+        return sorted(_MODELS)
+    if population not in POPULATION_KINDS:
+        raise ValueError(
+            f"population must be one of {', '.join(map(repr, POPULATION_KINDS))}, got {population!r}"
+        )
+    return sorted(name for name, fam in _MODELS.items() if fam.population == population)
 
 
 def get_family(name: str) -> ModelFamily:

@@ -1,4 +1,4 @@
-"""The app factory: REST API under /v1, Optuna's dashboard at the site root, one storage."""
+"""The app factory: REST API under /v1, our page at /, Optuna's dashboard at /dashboard, one storage."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import optuna
 import sqlalchemy as sa
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import studies
 
+from ._docs import DOCS_URL, add_docs
 from ._errors import db_unreachable, spec_error_items
+from ._page import add_page
 from ._settings import Settings
 from ._snapshots import Snapshots
 from .deps import presented_token, token_ok
@@ -150,8 +152,9 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
         version="0.1.0",
         summary="Hyperparameter optimization service for dendritic neural networks",
         description="Launch, monitor, stop and export Optuna searches over dendritic models "
-        "under a parameter budget. The Optuna dashboard is served at /dashboard.",
-        docs_url="/v1/docs",
+        "under a parameter budget. The live page is at /, the Optuna dashboard at /dashboard.",
+        # Our own docs routes (add_docs): FastAPI's load their assets from a CDN.
+        docs_url=None,
         redoc_url=None,
         openapi_url="/v1/openapi.json",
     )
@@ -206,6 +209,8 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
     app.include_router(health.router)
     app.include_router(studies_routes.router)
     app.include_router(workers.router)
+    add_docs(app)
+    add_page(app, dashboard=dashboard)
 
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -221,16 +226,12 @@ def create_app(settings: Settings | None = None, *, dashboard: bool = True) -> F
             return JSONResponse({"detail": f"{request.method} is not allowed here; allowed: {', '.join(allowed)}"},
                                 status_code=status.HTTP_405_METHOD_NOT_ALLOWED,
                                 headers={"Allow": ", ".join(allowed)})
-        return JSONResponse({"detail": f"no endpoint {request.url.path}; see /v1/docs"},
+        return JSONResponse({"detail": f"no endpoint {request.url.path}; see {DOCS_URL}"},
                             status_code=status.HTTP_404_NOT_FOUND)
 
     if dashboard:
         from a2wsgi import WSGIMiddleware
         from optuna_dashboard import wsgi as dashboard_wsgi
-
-        @app.get("/", include_in_schema=False)
-        def _root() -> RedirectResponse:
-            return RedirectResponse("/dashboard")
 
         # The dashboard's WSGI app expects the site root (/dashboard, /api/...): mounted
         # last, it only sees what our routes did not match.

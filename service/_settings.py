@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
 
@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     heartbeat_interval: int = Field(default=5, ge=1, description="Seconds between trial heartbeats.")
     grace_period: int = Field(default=20, ge=2, description="Seconds without a beat before a trial is retried.")
     worker_timeout: float = Field(default=30.0, description="Seconds without a beat before a worker is shown dead.")
+    #: modules imported first by the API and every worker (plus ``--plugin`` and the
+    #: ``dendro.plugins`` entry points): they register model families and datasets
+    plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated importable module names (DENDRO_PLUGINS).")
+    #: ``dendro serve --workers N``: seconds before restarting a local worker that died,
+    #: doubled after each quick death up to ``worker_restart_max``
+    worker_restart_min: float = Field(default=1.0, gt=0)
+    worker_restart_max: float = Field(default=60.0, gt=0)
     # Fault injection for the reliability tests, off by default: a worker raises CUDA's
     # out-of-memory error after the first epoch of these trial numbers (of any study it
     # serves), through the same path as a real one. E.g. DENDRO_FAULT_OOM_TRIALS='[2]'.
@@ -53,6 +61,18 @@ class Settings(BaseSettings):
         # `DENDRO_API_TOKEN=` (as compose writes an unset variable) means no token, not an
         # empty one that every write would have to present.
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [m.strip() for m in v.split(",") if m.strip()]
+        return v
+
+    @property
+    def storage_default(self) -> bool:
+        """Whether the storage is the data dir's ``dendro.db`` (neither a flag nor DENDRO_STORAGE)."""
+        return not self.storage
 
     @property
     def storage_url_redacted(self) -> str:

@@ -1,61 +1,42 @@
-"""The workers' registry: one row a worker process, its beat and current trial."""
+"""The workers' registry: one row a worker process (its lease), its beat and current trial.
+
+The rows are the workers' leases (``studies.Lease``): the same row that keeps a worker's
+trials alive is the one ``/v1/workers`` lists, beaten by one thread in the worker.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import sqlalchemy as sa
 
-__all__ = ["WorkerRegistry"]
+import studies
 
-_META = sa.MetaData()
-_WORKERS = sa.Table(
-    "dendro_workers",
-    _META,
-    sa.Column("worker_id", sa.String(64), primary_key=True),
-    sa.Column("host", sa.String(255), nullable=False),
-    sa.Column("pid", sa.Integer, nullable=False),
-    sa.Column("device", sa.String(64), nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("last_heartbeat", sa.Float, nullable=False),
-    sa.Column("state", sa.String(32), nullable=False),
-    sa.Column("study_name", sa.String(128), nullable=True),
-    sa.Column("trial_number", sa.Integer, nullable=True),
-    sa.Column("trials_done", sa.Integer, nullable=False, default=0),
-)
+__all__ = ["WorkerRegistry"]
 
 
 class WorkerRegistry:
-    """Rows in ``dendro_workers`` beside Optuna's tables, created on first use."""
+    """Reads (and, for tools and tests, writes) the lease rows beside Optuna's tables."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        _META.create_all(engine, checkfirst=True)
+        self._leases: dict[str, studies.Lease] = {}
 
     def register(self, worker_id: str, host: str, pid: int, device: str) -> None:
-        now = time.time()
-        with self.engine.begin() as con:
-            con.execute(_WORKERS.delete().where(_WORKERS.c.worker_id == worker_id))
-            con.execute(_WORKERS.insert().values(
-                worker_id=worker_id, host=host, pid=pid, device=device, started_at=now,
-                last_heartbeat=now, state="idle", trials_done=0,
-            ))
+        lease = studies.Lease(self.engine, lease_id=worker_id, host=host, pid=pid, device=device)
+        self._leases[worker_id] = lease.open(thread=False)
 
     def beat(self, worker_id: str, **fields: Any) -> None:
-        with self.engine.begin() as con:
-            con.execute(
-                _WORKERS.update().where(_WORKERS.c.worker_id == worker_id)
-                .values(last_heartbeat=time.time(), **fields)
-            )
+        lease = self._leases.get(worker_id) or studies.Lease(self.engine, lease_id=worker_id)
+        lease.beat(**fields)
 
     def list(self, live_within: float | None = None) -> list[dict[str, Any]]:
-        q = sa.select(_WORKERS).order_by(_WORKERS.c.started_at)
-        if live_within is not None:
-            q = q.where(_WORKERS.c.last_heartbeat >= time.time() - live_within)
-        with self.engine.connect() as con:
-            return [dict(r._mapping) for r in con.execute(q)]
+        rows = studies.list_leases(self.engine, live_within)
+        for r in rows:
+            r.pop("age", None)
+        return rows
 
     def remove(self, worker_id: str) -> None:
-        with self.engine.begin() as con:
-            con.execute(_WORKERS.delete().where(_WORKERS.c.worker_id == worker_id))
+        lease = self._leases.pop(worker_id, None) or studies.Lease(self.engine, lease_id=worker_id)
+        lease.opened = True
+        lease.close(remove=True)

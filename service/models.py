@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "ErrorBody",
@@ -16,6 +16,7 @@ __all__ = [
     "WorkerPublic",
     "WorkersPublic",
     "Health",
+    "StudyUpdate",
 ]
 
 
@@ -37,7 +38,9 @@ class StudyProgress(BaseModel):
 
 class StudyPublic(BaseModel):
     name: str
-    state: str = Field(description="queued | running | stopped | done")
+    study_id: int = Field(description="Optuna's id: the dashboard shows the study at /dashboard/studies/{study_id}.")
+    state: str = Field(description="queued | running | stopped | done | error")
+    error: str | None = Field(default=None, description="Why no worker can run the study (state error).")
     n_trials: int
     progress: StudyProgress
     directions: list[str]
@@ -101,3 +104,14 @@ class Health(BaseModel):
     status: str
     storage: str
     version: str
+    workers_alive: int = Field(description="Workers that beat within the server's worker_timeout.")
+
+
+class StudyUpdate(BaseModel):
+    """PATCH /v1/studies/{name}: more trials (or time) for a study; a done one runs again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_trials: int | None = Field(default=None, ge=1, description="The new total: more than the "
+                                 "finished trials, at most the server's max_trials.")
+    timeout: float | None = Field(default=None, gt=0, description="The new whole-study timeout in seconds.")

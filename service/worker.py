@@ -22,7 +22,6 @@ import optuna
 import studies
 
 from ._errors import DB_ERRORS
-from ._workers_table import WorkerRegistry
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -53,10 +52,13 @@ class WorkerConfig:
 class Worker:
     """Loops: choose a runnable study (fairly), ask a trial, train it on the device, tell.
 
-    A lost database connection is retried with backoff. SIGTERM/SIGINT stop the current
-    trial at its next epoch: it is failed visibly ("worker stopped") and its parameters are
-    queued again, so nothing is lost; then the worker exits. A SIGKILLed worker's trial
-    stops beating and is re-queued by the next worker that asks (Optuna heartbeats).
+    The worker holds one lease (``studies.Lease``: its row in the workers' table, beaten by
+    one thread) and every trial it asks is tied to it. A lost database connection is retried
+    with backoff. SIGTERM/SIGINT stop the current trial at its next epoch: it is failed
+    visibly ("worker stopped") and its parameters are queued again, so nothing is lost; then
+    the worker exits. A SIGKILLed worker's lease goes stale: the next worker that asks fails
+    its trials and queues their points again, once. A study whose spec or data this worker
+    cannot load is put in state ``error`` with the reason and skipped; the worker goes on.
     """
 
     def __init__(self, config: WorkerConfig) -> None:
@@ -65,7 +67,7 @@ class Worker:
         self.trials_done = 0
         self.host = socket.gethostname()
         self._storage: optuna.storages.RDBStorage | None = None
-        self._registry: WorkerRegistry | None = None
+        self._lease: studies.Lease | None = None
         self._studies: dict[str, tuple[Any, optuna.Study, studies.StudySpec]] = {}
         self._served: dict[str, float] = {}
         self._current: tuple[str, int] | None = None
@@ -79,8 +81,10 @@ class Worker:
                 heartbeat_interval=self.config.heartbeat_interval,
                 grace_period=self.config.grace_period,
             )
-            self._registry = WorkerRegistry(self._storage.engine)
-            self._registry.register(self.config.worker_id, self.host, os.getpid(), self._device_name())
+            self._lease = studies.hold_lease(studies.Lease(
+                self._storage.engine, lease_id=self.config.worker_id, host=self.host, pid=os.getpid(),
+                device=self._device_name(), interval=self.config.heartbeat_interval,
+                grace=self.config.grace_period))
 
     def _device_name(self) -> str:
         import core
@@ -95,32 +99,25 @@ class Worker:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
-    def _beat_now(self) -> None:
-        try:
-            if self._registry is not None:
-                cur = self._current
-                self._registry.beat(
-                    self.config.worker_id,
-                    state="training" if cur else "idle",
-                    study_name=cur[0] if cur else None,
-                    trial_number=cur[1] if cur else None,
-                    trials_done=self.trials_done,
-                )
-        except Exception as exc:  # noqa: BLE001 - the next beat retries
-            log.debug("worker beat failed: %s", exc)
+    def _note(self) -> None:
+        """What the worker does, written to its lease row with the lease's next beat."""
+        if self._lease is not None:
+            cur = self._current
+            self._lease.update(
+                state="training" if cur else "idle",
+                study_name=cur[0] if cur else None,
+                trial_number=cur[1] if cur else None,
+                trials_done=self.trials_done,
+            )
 
-    def _beat_loop(self) -> None:
-        last = time.monotonic()
-        # a worker that watches its parent looks every second; the others wake only to beat
-        while not self.stop_requested.wait(1.0 if self.config.parent_pid else 5.0):
-            if self.config.parent_pid and os.getppid() != self.config.parent_pid:
+    def _watch_parent(self) -> None:
+        """A worker that ``dendro serve`` started stops when that process is gone."""
+        while not self.stop_requested.wait(1.0):
+            if os.getppid() != self.config.parent_pid:
                 log.warning("the dendro serve that started this worker (pid %d) is gone: stopping",
                             self.config.parent_pid)
                 self.stop_requested.set()
                 return
-            if time.monotonic() - last >= 5.0:
-                last = time.monotonic()
-                self._beat_now()
 
     # -- choosing work ------------------------------------------------------------------------
     def _runnable(self) -> list[tuple[str, Any]]:
@@ -132,9 +129,11 @@ class Worker:
                 continue
             attrs = s.user_attrs
             if studies.SPEC_ATTR in attrs and attrs.get(studies.STATE_ATTR) == "running":
-                # SQLite reuses the id of a deleted study: with the spec, the pair tells a
-                # study created again under its old name from the one this worker knew.
-                found.append((s.study_name, (s._study_id, json.dumps(attrs[studies.SPEC_ATTR], sort_keys=True))))
+                # SQLite reuses the id of a deleted study: each creation has a uid of its own
+                # (studies made before it had one: the id and the spec together).
+                uid = attrs.get(studies.UID_ATTR)
+                found.append((s.study_name, uid if uid else
+                              (s._study_id, json.dumps(attrs[studies.SPEC_ATTR], sort_keys=True))))
         # Fair between studies: the one served least recently goes first.
         random.shuffle(found)
         found.sort(key=lambda f: self._served.get(f[0], 0.0))
@@ -147,11 +146,36 @@ class Worker:
             # but a grid sampler's seed orders the grid, and every worker must map a grid id
             # to the same point, so the grid keeps the spec's seed.
             seed = int.from_bytes(os.urandom(4), "little")
-            study, spec = studies.load_study(name, self._storage, sampler_seed=seed)
-            if spec.sampler == "grid":
-                study.sampler = studies.make_sampler(spec)
+            try:
+                study, spec = studies.load_study(name, self._storage, sampler_seed=seed)
+                if spec.sampler == "grid":
+                    study.sampler = studies.make_sampler(spec)
+                self._check_data(spec)
+            except (studies.StudyNotFoundError, KeyError, *DB_ERRORS):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a study this worker cannot run
+                raise _Unrunnable(_one_line(exc)) from exc
             self._studies[name] = (identity, study, spec)
         return self._studies[name][1:]
+
+    def _check_data(self, spec: studies.StudySpec) -> None:
+        """Load the study's data once (cached for its trials): data that cannot load is the
+        study's error, not each trial's."""
+        import core
+
+        family = core.get_family(spec.model)
+        studies.load_data(spec, self.config.data_dir, flatten=family.input_kind == "flat")
+
+    def _mark_error(self, name: str, identity: Any, reason: str) -> None:
+        """Put the study in state error with ``reason`` (if it is still the one that failed)."""
+        assert self._storage is not None
+        study = optuna.load_study(study_name=name, storage=self._storage)
+        with studies.study_lock(self._storage, name):
+            attrs = study.user_attrs
+            same = not isinstance(identity, str) or attrs.get(studies.UID_ATTR) == identity
+            if same and attrs.get(studies.STATE_ATTR) == "running":
+                studies.set_study_error(study, reason)
+        log.error("study %s cannot run on this worker (%s): it is marked error and skipped", name, reason)
 
     def _should_stop(self, study: optuna.Study, number: int | None = None) -> str | bool:
         if number is not None and number in self.config.oom_trials:
@@ -192,7 +216,11 @@ class Worker:
         assert self._storage is not None
         for name, identity in self._runnable():
             try:
-                study, spec = self._study(name, identity)
+                try:
+                    study, spec = self._study(name, identity)
+                except _Unrunnable as exc:
+                    self._mark_error(name, identity, str(exc))
+                    continue
                 if self.config.population and studies.population_supported(spec) is None:
                     if self._run_population(name, study, spec):
                         return True
@@ -205,23 +233,18 @@ class Worker:
                 continue
             if trial is None:
                 continue
-            # Beat for the trial from now on: Optuna never counts a RUNNING trial without any
-            # beat as stale, and execute_trial only starts beating once the data is loaded,
-            # so a worker killed while loading would leave its trial RUNNING forever.
-            if self._storage.get_heartbeat_interval():
-                self._storage.record_heartbeat(trial._trial_id)
+            # The trial is tied to this worker's lease, which its one thread keeps beating.
             started = self._storage.get_trial(trial._trial_id).datetime_start
             self._served[name] = time.time()
             self._current = (name, trial.number)
-            self._beat_now()
+            self._note()
             try:
-                with studies.heartbeat(self._storage, trial._trial_id):
-                    out = studies.execute_trial(
-                        study, trial, spec, device=self.config.device, data_dir=self.config.data_dir,
-                        model_store=studies.ModelStore(self._storage.engine),
-                        should_stop=functools.partial(self._should_stop, study, trial.number),
-                        worker=f"{self.host}:{os.getpid()}",
-                    )
+                out = studies.execute_trial(
+                    study, trial, spec, device=self.config.device, data_dir=self.config.data_dir,
+                    model_store=studies.ModelStore(self._storage.engine),
+                    should_stop=functools.partial(self._should_stop, study, trial.number),
+                    worker=f"{self.host}:{os.getpid()}",
+                )
             except KeyError:
                 # Optuna's "record does not exist": the study, and so this trial, was deleted
                 # while it trained; there is nothing left to tell.
@@ -238,7 +261,8 @@ class Worker:
                 return True
             finally:
                 self._current = None
-            if out.state not in ("infeasible",):
+                self._note()
+            if out.state not in ("infeasible", "lost"):
                 self.trials_done += 1
             log.info("study %s trial %d: %s %s", name, out.number, out.state,
                      out.values if out.values else (out.reason or ""))
@@ -257,7 +281,7 @@ class Worker:
             left = max(0, self.config.max_trials - self.trials_done)
         self._served[name] = time.time()
         self._current = (name, -1)
-        self._beat_now()
+        self._note()
         try:
             outs = studies.execute_population(
                 study, spec, population_size=self._population_size(), device=self.config.device,
@@ -267,14 +291,15 @@ class Worker:
                 worker=f"{self.host}:{os.getpid()}", max_trials=left,
             )
         except DB_ERRORS:
-            raise  # run() backs off; the members' heartbeats lapse and they are retried
+            raise  # run() backs off; if it stays away, the lease lapses and the trials are retried
         except Exception:  # noqa: BLE001 - one population's error must not stop the worker
             log.exception("study %s: a population raised; the worker goes on", name)
             self.stop_requested.wait(self.config.poll_interval)
             return True
         finally:
             self._current = None
-        trained = [o for o in outs if o.state != "infeasible"]
+            self._note()
+        trained = [o for o in outs if o.state not in ("infeasible", "lost")]
         self.trials_done += len(trained)
         if outs:
             states: dict[str, int] = {}
@@ -289,14 +314,15 @@ class Worker:
         try:
             if study._storage.get_trial(trial._trial_id).state == optuna.trial.TrialState.RUNNING:
                 trial.set_user_attr("fail_reason", reason)
+                trial.set_user_attr(studies.TRIAL_STATE_ATTR, "failed")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        except Exception as exc:  # noqa: BLE001 - its heartbeat lapses and it is retried
+        except Exception as exc:  # noqa: BLE001 - if it stays RUNNING, the next worker re-queues it
             log.warning("could not fail trial %d: %s", trial.number, exc)
 
     def run(self) -> int:
         """The loop; returns an exit code."""
-        beat = threading.Thread(target=self._beat_loop, name="worker-beat", daemon=True)
-        beat.start()
+        if self.config.parent_pid:
+            threading.Thread(target=self._watch_parent, name="watch-parent", daemon=True).start()
         backoff = 1.0
         idle_since = time.monotonic()
         try:
@@ -322,9 +348,16 @@ class Worker:
                 self.stop_requested.wait(self.config.poll_interval)
         finally:
             self.stop_requested.set()
-            try:
-                if self._registry is not None:
-                    self._registry.remove(self.config.worker_id)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
+            if self._lease is not None:
+                self._lease.close(remove=True)  # best effort: a lease left behind goes stale
         return 0
+
+
+class _Unrunnable(Exception):
+    """A study whose spec or data this worker cannot load."""
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = "; ".join(x.strip() for x in lines[:3]) if lines else ""
+    return f"{exc.__class__.__name__}: {text}"[:500]

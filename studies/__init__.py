@@ -13,7 +13,20 @@ from ._diru import (
     epochs_to_converge,
     recurrent_space,
 )
+from ._extend import extend_study, resume_study
 from ._extra_presets import BIO_SPACE, GROWTH_SPACE, bio_rules_search, growth_search
+from ._finalize import (
+    FINAL_ATTR,
+    FINALIZE_ATTR,
+    final_of,
+    pending_finalize,
+    request_finalize,
+    run_finalize,
+    serve_finalize,
+)
+from ._lease import Lease, hold_lease, list_leases
+from ._lifecycle import TRIAL_STATE_ATTR, TRIAL_STATES, trial_state
+from ._note import write_spec_note
 from ._population import execute_population, population_supported
 from ._presets import (
     PRESETS,
@@ -40,10 +53,13 @@ from ._results import (
     study_to_json,
     trained_trials,
 )
+from ._rungs import RungPruner
 from ._runner import (
+    ERROR_ATTR,
     SPEC_ATTR,
     STATE_ATTR,
     STATES,
+    UID_ATTR,
     BudgetAwareSampler,
     TrialOutcome,
     ask_trial,
@@ -58,6 +74,7 @@ from ._runner import (
     make_sampler,
     progress,
     run_study,
+    set_study_error,
     set_study_state,
     study_spec,
     study_state,
@@ -77,7 +94,6 @@ from ._spec import (
 from ._storage import (
     default_storage_url,
     delete_study,
-    heartbeat,
     open_storage,
     sqlite_path,
     study_lock,
@@ -137,11 +153,14 @@ __all__ = [
     "study_spec",
     "study_state",
     "set_study_state",
+    "extend_study",
+    "resume_study",
     "progress",
     "ask_trial",
     "ask_trials",
     "execute_trial",
     "execute_population",
+    "write_spec_note",
     "population_supported",
     "split_params",
     "is_infeasible",
@@ -160,7 +179,15 @@ __all__ = [
     "default_storage_url",
     "sqlite_path",
     "study_lock",
-    "heartbeat",
+    "Lease",
+    "hold_lease",
+    "list_leases",
+    "TRIAL_STATES",
+    "TRIAL_STATE_ATTR",
+    "trial_state",
+    "ERROR_ATTR",
+    "UID_ATTR",
+    "set_study_error",
     "SPEC_ATTR",
     "STATE_ATTR",
     "STATES",
@@ -175,4 +202,12 @@ __all__ = [
     "StudyExistsError",
     "StateError",
     "StorageError",
+    "FINALIZE_ATTR",
+    "FINAL_ATTR",
+    "final_of",
+    "request_finalize",
+    "run_finalize",
+    "pending_finalize",
+    "serve_finalize",
+    "RungPruner",
 ]

@@ -1,4 +1,11 @@
-"""Kept model weights: the best trials' state dicts, in a table beside Optuna's."""
+"""Kept model weights: the best trials' state dicts, in a table beside Optuna's.
+
+A kept trial is its ``config`` (JSON: family, model arguments, seed, and the dataset's
+``normalization`` statistics when given) and its weights; ``GET
+/v1/studies/{name}/trials/{n}/model`` serves both as one ``torch.load``-able file
+``{"config": ..., "state_dict": ...}``, so ``core.normalize(raw, config["normalization"])``
+prepares raw inputs for the rebuilt model.
+"""
 
 from __future__ import annotations
 
@@ -45,10 +52,19 @@ class ModelStore:
         state_dict: dict[str, torch.Tensor],
         keep: int,
         maximize: bool = True,
+        normalization: dict[str, Any] | None = None,
     ) -> bool:
-        """Store a trial's weights if it is among the ``keep`` best; drop the ones pushed out."""
+        """Store a trial's weights if it is among the ``keep`` best; drop the ones pushed out.
+
+        ``normalization`` is the training split's statistics (``core.Dataset.normalization``)
+        the model's inputs were standardised with; it is stored in the config under
+        ``"normalization"`` (``None`` when the inputs were used as they are), so a downloaded
+        model says how to prepare raw inputs.
+        """
         if keep <= 0:
             return False
+        if normalization is not None or "normalization" not in config:
+            config = {**config, "normalization": normalization}
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
         order = sa.desc(_MODELS.c.value) if maximize else sa.asc(_MODELS.c.value)

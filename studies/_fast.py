@@ -11,15 +11,20 @@ reaches it:
   trial starts training (:meth:`FastStorage.flush`: params, the attributes set so far, the
   constraint) and when it is told (its state, values, intermediate values and the remaining
   attributes, all at once). The rows are exactly the ones Optuna's own writes produce.
-- A trial is created together with its heartbeat row, so a worker that dies at any point
-  leaves a trial that the stale-trial callback fails and re-queues; buffered reports of a
-  dead trial are lost with it, as its training is.
+- A trial is created together with its lease attribute (``studies._lease``), so a worker
+  that dies at any point leaves a trial that the next ask fails and re-queues once its
+  lease is stale; buffered reports of a dead trial are lost with it, as its training is.
 - Other trials are read incrementally: finished trials never change, so they are fetched
-  once; each refresh reads only trials created since and the unfinished ones of other
-  workers. The sampler and the pruner read this view; it is refreshed under the study lock
+  once; each refresh reads the trials created since, and of other workers' unfinished ones
+  only their states: a trial is read again only when its state changed or it had no
+  params yet. The sampler and the pruner read this view; it is refreshed under the study lock
   before every ask and at most :data:`MAX_AGE` seconds old otherwise, and it always includes
   this process's own trials as they are. Pruning therefore runs Optuna's own pruner against
   the same history without touching the database.
+
+- A write is encoded when it is set (an attribute JSON cannot encode raises there, as it
+  does in Optuna's storage), and a batch that the database refuses is written trial by
+  trial: the one trial it cannot store is failed with the reason, the others go on.
 
 - A population asks its free slots' trials in one transaction (:meth:`FastStorage.reserve`)
   and holds its tells back (:meth:`FastStorage.deferring`): they change the view at once and
@@ -30,7 +35,9 @@ their own while a trial runs can use it (the caller decides; see ``studies._runn
 
 :class:`FastTPESampler` is TPE with the same proposals for less work per ask: it keeps its
 estimators between a budget-aware sampler's redraws, scores each finished trial once, and
-memoises TPE's log-CDF exactly.
+proposes a whole batch of asks from one fit (:meth:`FastTPESampler.one_fit`). It subclasses
+TPESampler's private hooks (``_sample``, ``_get_internal_repr``) and calls its fitting and
+scoring helpers; the module-level private names it needs come from ``_optuna_private``.
 """
 
 from __future__ import annotations
@@ -51,18 +58,21 @@ import numpy as np
 import optuna
 import sqlalchemy as sa
 from optuna import distributions as dists
-from optuna.exceptions import UpdateFinishedTrialError
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 
+from . import _optuna_private as private
+from ._optuna_private import create_scoped_session as _create_scoped_session
+from ._optuna_private import models
 from ._storage import rdb
 
-__all__ = ["FastStorage", "FastTPESampler", "attach", "of", "Beats", "tpe_memo", "MAX_AGE", "PRUNERS"]
+__all__ = ["FastStorage", "FastTPESampler", "attach", "of", "MAX_AGE", "PRUNERS", "LEASE_KEY"]
+
+#: the trial system attribute naming the lease its worker holds (see studies._lease)
+LEASE_KEY = "dendro.lease"
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +110,15 @@ class _Owned:
         return bool(self.params or self.user or self.system or self.ivs or self.told)
 
 
-class FastStorage(BaseStorage, BaseHeartbeat):
+def _transient(exc: BaseException) -> bool:
+    """Whether a write failed because the database is away or busy (kept for the next flush),
+    rather than because it refused what was written."""
+    e = exc.__cause__ if isinstance(exc, StorageInternalError) and exc.__cause__ is not None else exc
+    return isinstance(e, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.DisconnectionError) or (
+        isinstance(e, sa.exc.DBAPIError) and bool(e.connection_invalidated))
+
+
+class FastStorage(BaseStorage):
     """``study._storage`` for a worker: see the module's docstring. One study, one process."""
 
     def __init__(self, inner: BaseStorage, study_id: int,
@@ -129,6 +147,9 @@ class FastStorage(BaseStorage, BaseHeartbeat):
         self._directions: list[StudyDirection] | None = None
         self._stmts: dict[str, Any] | None = None
         self.writes = 0  # transactions written, for tests and benchmarks
+        #: the lease the trials this process creates are tied to (set by the asker)
+        self.lease_id: str | None = None
+        self._json_dists: dict[str, dists.BaseDistribution] = {}
 
     # -- the view ----------------------------------------------------------------------------
     def refresh(self, *, study_attrs: bool = False) -> dict[str, Any] | None:
@@ -151,31 +172,77 @@ class FastStorage(BaseStorage, BaseHeartbeat):
             cond = _T.trial_id > self._max_id
             if self._mine:
                 cond = sa.and_(cond, _T.trial_id.notin_(self._mine))
-            if self._watch:
-                cond = sa.or_(cond, _T.trial_id.in_(self._watch))
-            # Usually nothing changed: look for ids first, load whole trials only if there are.
-            ids = [i for (i,) in conn.execute(
-                sa.select(_T.trial_id).where(_T.study_id == self._study_id, cond))]
-            query = (
-                session.query(_T)
-                .options(orm.selectinload(_T.params), orm.selectinload(_T.values),
-                         orm.selectinload(_T.user_attributes), orm.selectinload(_T.system_attributes),
-                         orm.selectinload(_T.intermediate_values))
-                # (a long list of ids would outgrow SQLite's bound parameters: filter again)
-                .filter(_T.trial_id.in_(ids) if len(ids) <= 1000 else
-                        sa.and_(_T.study_id == self._study_id, cond))
-                .order_by(_T.trial_id)
-            )
-            for model in query.all() if ids else []:
-                if model.trial_id not in self._owned:
-                    self._put(self._backend._build_frozen_trial_from_trial_model(model))
-                self._max_id = max(self._max_id, model.trial_id)
+            # Usually nothing changed: look for ids and states first. A finished trial is
+            # loaded whole, once; other workers' unfinished ones only by their states and
+            # params (what counts and TPE's lies need), again only when they changed.
+            full: list[int] = []
+            light: dict[int, TrialState] = {}
+            for tid, state in conn.execute(sa.select(_T.trial_id, _T.state)
+                                           .where(_T.study_id == self._study_id, cond)):
+                if state.is_finished():
+                    full.append(tid)
+                else:
+                    light[tid] = state
+                self._max_id = max(self._max_id, tid)
+            watch = sorted(self._watch)
+            for lo in range(0, len(watch), 5000):
+                for tid, state in conn.execute(sa.select(_T.trial_id, _T.state)
+                                               .where(_T.trial_id.in_(watch[lo:lo + 5000]))):
+                    known = self._live(tid)
+                    if state.is_finished():
+                        full.append(tid)
+                    elif known is None or known.state != state or not known.params:
+                        light[tid] = state
+            for lo in range(0, len(full), 500):
+                query = (
+                    session.query(_T)
+                    .options(orm.selectinload(_T.params), orm.selectinload(_T.values),
+                             orm.selectinload(_T.user_attributes), orm.selectinload(_T.system_attributes),
+                             orm.selectinload(_T.intermediate_values))
+                    .filter(_T.trial_id.in_(full[lo:lo + 500]))
+                    .order_by(_T.trial_id)
+                )
+                for model in query.all():
+                    if model.trial_id not in self._owned:
+                        self._put(private.build_frozen_trial(self._backend, model))
+            unfinished = sorted(light)
+            for lo in range(0, len(unfinished), 500):
+                self._load_light(conn, {i: light[i] for i in unfinished[lo:lo + 500]})
             # Every trial below one this process created was committed before it (trials are
             # created under the study row lock), so this read has them all.
             self._max_id = max([self._max_id, *self._mine])
             self._mine.clear()
             self._refreshed = time.monotonic()
         return attrs
+
+    def _load_light(self, conn: Any, states: dict[int, TrialState]) -> None:
+        """Unfinished trials of other workers: state, number, start and params, nothing more.
+
+        ``states`` are as first read: a trial that finished since stays unfinished here until
+        the next refresh loads it whole (each read may see a newer database).
+        """
+        ids = list(states)
+        p = models.TrialParamModel.__table__
+        params: dict[int, dict[str, Any]] = {}
+        distributions: dict[int, dict[str, dists.BaseDistribution]] = {}
+        for tid, name, value, dj in conn.execute(
+                sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
+                .where(p.c.trial_id.in_(ids))):
+            d = self._json_dists.get(dj)
+            if d is None:
+                d = self._json_dists[dj] = dists.json_to_distribution(dj)
+            params.setdefault(tid, {})[name] = d.to_external_repr(value)
+            distributions.setdefault(tid, {})[name] = d
+        t = _T.__table__
+        for tid, number, start in conn.execute(
+                sa.select(t.c.trial_id, t.c.number, t.c.datetime_start).where(t.c.trial_id.in_(ids))):
+            state = states[tid]
+            if tid in self._owned:
+                continue
+            self._put(FrozenTrial(
+                number=number, state=state, value=None, values=None, datetime_start=start,
+                datetime_complete=None, params=params.get(tid, {}), distributions=distributions.get(tid, {}),
+                user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=tid))
 
     def _put(self, t: FrozenTrial) -> None:
         self._trials[t.number] = t
@@ -275,9 +342,11 @@ class FastStorage(BaseStorage, BaseHeartbeat):
     # -- creating trials ---------------------------------------------------------------------
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         if study_id != self._study_id or template_trial is not None:
-            # add_trial / enqueue_trial / the stale-trial callback: as Optuna writes them;
-            # the next refresh reads them.
-            return self._backend.create_new_trial(study_id, template_trial)
+            # add_trial / enqueue_trial: as Optuna writes them; the view is stale from now on,
+            # so the next read (an ask popping a waiting trial included) sees them.
+            tid = self._backend.create_new_trial(study_id, template_trial)
+            self._refreshed = -float("inf")
+            return tid
         with self._lock:
             if self._reserved:
                 return self._reserved.pop(0)
@@ -290,12 +359,11 @@ class FastStorage(BaseStorage, BaseHeartbeat):
             self._reserved.extend(ids)
 
     def create_trials(self, n: int) -> list[int]:
-        """Create ``n`` RUNNING trials, with their heartbeat rows, in one transaction.
+        """Create ``n`` RUNNING trials, tied to :attr:`lease_id`, in one transaction.
 
         Numbers are counted under the study row lock as Optuna counts them: the trials of
         the study with smaller ids.
         """
-        beat = bool(self._backend.get_heartbeat_interval())
         with self._lock, _create_scoped_session(self._backend.scoped_session) as session:
             models.StudyModel.find_or_raise_by_id(self._study_id, session, for_update=True)
             now = datetime.datetime.now()
@@ -307,16 +375,19 @@ class FastStorage(BaseStorage, BaseHeartbeat):
             base = new[0].count_past_trials(session)
             for i, model in enumerate(new):
                 model.number = base + i
-            if beat:
-                session.execute(sa.insert(models.TrialHeartbeatModel),
-                                [{"trial_id": m.trial_id} for m in new])
+            system: dict[str, Any] = {}
+            if self.lease_id is not None:
+                system[LEASE_KEY] = self.lease_id
+                session.execute(sa.insert(models.TrialSystemAttributeModel),
+                                [{"trial_id": m.trial_id, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
+                                 for m in new])
             session.flush()
             out = []
             for model in new:
                 live = FrozenTrial(
                     number=model.number, state=TrialState.RUNNING, value=None, values=None,
                     datetime_start=model.datetime_start, datetime_complete=None, params={},
-                    distributions={}, user_attrs={}, system_attrs={}, intermediate_values={},
+                    distributions={}, user_attrs={}, system_attrs=dict(system), intermediate_values={},
                     trial_id=model.trial_id)
                 self._owned[model.trial_id] = _Owned(live)
                 self._trials[live.number] = live
@@ -329,13 +400,13 @@ class FastStorage(BaseStorage, BaseHeartbeat):
 
     def _adopt(self, trial_id: int) -> None:
         """A waiting trial this process just set RUNNING: run it as its own from now on."""
+        if self.lease_id is not None:
+            self._backend.set_trial_system_attr(trial_id, LEASE_KEY, self.lease_id)
         live = self._backend.get_trial(trial_id)
         with self._lock:
             self._owned[trial_id] = _Owned(live, adopted=True)
             self._watch.discard(trial_id)
             self._put(live)
-        if self._backend.get_heartbeat_interval():
-            self._backend.record_heartbeat(trial_id)
 
     # -- writing trials ----------------------------------------------------------------------
     def _own(self, trial_id: int) -> _Owned | None:
@@ -388,8 +459,9 @@ class FastStorage(BaseStorage, BaseHeartbeat):
             if o is None:
                 self._backend.set_trial_user_attr(trial_id, key, value)
                 return
-            o.user[key] = value
-            o.live.user_attrs[key] = value
+            encoded = private.json_dumps_attr(value)  # a value JSON cannot encode raises here
+            o.user[key] = encoded
+            o.live.user_attrs[key] = json.loads(encoded)  # as it reads back
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         with self._lock:
@@ -397,8 +469,9 @@ class FastStorage(BaseStorage, BaseHeartbeat):
             if o is None:
                 self._backend.set_trial_system_attr(trial_id, key, value)
                 return
-            o.system[key] = value
-            o.live.system_attrs[key] = value
+            encoded = private.json_dumps_attr(value)
+            o.system[key] = encoded
+            o.live.system_attrs[key] = json.loads(encoded)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
@@ -406,6 +479,7 @@ class FastStorage(BaseStorage, BaseHeartbeat):
             o = self._owned.get(trial_id)
             if o is None:
                 done = self._backend.set_trial_state_values(trial_id, state, values)
+                self._refreshed = -float("inf")
                 t = self._live(trial_id)
                 if done and state == TrialState.RUNNING and t is not None and t.state == TrialState.WAITING:
                     self._adopt(trial_id)
@@ -467,13 +541,54 @@ class FastStorage(BaseStorage, BaseHeartbeat):
             except UpdateFinishedTrialError:
                 if len(batch) == 1:
                     raise
-                for o in batch:
-                    try:
-                        self._flush([o])
-                    except UpdateFinishedTrialError as exc:
-                        log.warning("trial %d was finished elsewhere; dropped what this worker "
-                                    "had of it: %s", o.live.number, exc)
+                self._one_by_one(batch)
+            except Exception as exc:
+                if _transient(exc) or isinstance(exc, KeyError):
+                    raise  # the database is away (kept for the next flush), or the study is gone
+                # The database refused something in the batch: find whose it is.
+                if len(batch) == 1:
+                    self._refused(batch[0], exc)
+                else:
+                    self._one_by_one(batch)
             return len(batch)
+
+    def _one_by_one(self, batch: list[_Owned]) -> None:
+        for o in batch:
+            try:
+                self._flush([o])
+            except UpdateFinishedTrialError as exc:
+                log.warning("trial %d was finished elsewhere; dropped what this worker "
+                            "had of it: %s", o.live.number, exc)
+            except Exception as exc:
+                if _transient(exc) or isinstance(exc, KeyError):
+                    raise
+                self._refused(o, exc)
+
+    def _refused(self, o: _Owned, exc: BaseException) -> None:
+        """The database refused this trial's rows: fail it there, with the reason, and here."""
+        live = o.live
+        cause = exc.__cause__ or exc
+        reason = f"its results could not be stored: {cause.__class__.__name__}: {str(cause).splitlines()[0][:300]}"
+        log.error("trial %d: %s; it is failed, the others go on", live.number, reason)
+        was = self._classify(live) if o.told else None
+        live.state = TrialState.FAIL
+        live.values = None
+        live.datetime_complete = datetime.datetime.now()
+        live.user_attrs["fail_reason"] = reason
+        live.user_attrs["dendro.state"] = "failed"
+        fail = _Owned(live, adopted=o.adopted)
+        fail.told = True
+        fail.user = {"fail_reason": json.dumps(reason), "dendro.state": json.dumps("failed")}
+        self._owned[live._trial_id] = fail
+        if live._trial_id not in self._deferred:
+            self._deferred.append(live._trial_id)
+        if was is not None:
+            self._finished[was] -= 1
+        self._put(live)
+        try:
+            self._flush([fail])
+        except UpdateFinishedTrialError:
+            pass  # finished elsewhere meanwhile: _lost shows it as the database has it
 
     def _flush(self, batch: list[_Owned]) -> None:
         try:
@@ -574,8 +689,8 @@ class FastStorage(BaseStorage, BaseHeartbeat):
             params += [{"trial_id": tid, "param_name": name, "param_value": v,
                         "distribution_json": dists.distribution_to_json(d)}
                        for name, (v, d) in o.params.items()]
-            users += [{"trial_id": tid, "key": k, "value_json": json.dumps(v)} for k, v in o.user.items()]
-            systems += [{"trial_id": tid, "key": k, "value_json": json.dumps(v)} for k, v in o.system.items()]
+            users += [{"trial_id": tid, "key": k, "value_json": v} for k, v in o.user.items()]
+            systems += [{"trial_id": tid, "key": k, "value_json": v} for k, v in o.system.items()]
             for step, v in o.ivs.items():
                 stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(v)
                 ivs.append({"trial_id": tid, "step": step, "intermediate_value": stored,
@@ -600,38 +715,10 @@ class FastStorage(BaseStorage, BaseHeartbeat):
                 model = (models.TrialUserAttributeModel if name == "user"
                          else models.TrialSystemAttributeModel)
                 for row in rows:
-                    self._backend._set_trial_attr_without_commit(
-                        session, model, row["trial_id"], row["key"], json.loads(row["value_json"]))
+                    private.set_trial_attr_without_commit(
+                        self._backend, session, model, row["trial_id"], row["key"], json.loads(row["value_json"]))
             else:
                 conn.execute(st[name], rows if len(rows) > 1 else rows[0])
-
-    # -- heartbeats --------------------------------------------------------------------------
-    def has_heartbeat(self, trial_id: int) -> bool:
-        """Whether this process wrote the trial's heartbeat row (with the trial, or on adopting it)."""
-        with self._lock:
-            o = self._owned.get(trial_id)
-            return o is not None and not o.told
-
-    def beat(self, trial_ids: Sequence[int]) -> None:
-        """One heartbeat for many trials whose heartbeat rows exist, in one statement."""
-        if not trial_ids:
-            return
-        hb = models.TrialHeartbeatModel
-        with _create_scoped_session(self._backend.scoped_session, True) as session:
-            session.execute(sa.update(hb).where(hb.trial_id.in_(list(trial_ids)))
-                            .values(heartbeat=sa.func.now()))
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self._backend.record_heartbeat(trial_id)
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        return self._backend._get_stale_trial_ids(study_id)
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self._backend.get_heartbeat_interval()
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self._backend.get_heartbeat_stale_trial_callback()
 
     # -- the study: straight through -------------------------------------------------------
     def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
@@ -694,163 +781,6 @@ def attach(study: optuna.Study, classify: Callable[[FrozenTrial], str] | None = 
     return fs
 
 
-class Beats:
-    """One thread beating for a set of trials (not one thread per trial).
-
-    ``add(trial_id, now=False)`` trusts that the trial's heartbeat row was just written (a
-    FastStorage creates it with the trial); ``now=True`` beats at once, creating the row.
-    """
-
-    def __init__(self, storage: BaseStorage) -> None:
-        self.fast = storage if isinstance(storage, FastStorage) else None
-        self.storage = rdb(storage)
-        self.ids: set[int] = set()
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        interval = getattr(self.storage, "get_heartbeat_interval", lambda: None)()
-        self.thread = None
-        if interval:
-            self.thread = threading.Thread(target=self._run, args=(interval,), name="heartbeats",
-                                           daemon=True)
-            self.thread.start()
-
-    def _run(self, interval: float) -> None:
-        while not self.stop.wait(interval):
-            with self.lock:
-                ids = sorted(self.ids)
-            try:
-                if self.fast is not None:
-                    self.fast.beat(ids)
-                else:
-                    for tid in ids:
-                        self.storage.record_heartbeat(tid)
-            except Exception as exc:  # noqa: BLE001 - a lost beat is retried next interval
-                log.warning("heartbeat failed: %s", exc.__class__.__name__)
-
-    def add(self, trial_id: int, now: bool = True) -> None:
-        with self.lock:
-            self.ids.add(trial_id)
-        if now and self.thread is not None:
-            with contextlib.suppress(Exception):
-                self.storage.record_heartbeat(trial_id)
-
-    def remove(self, trial_id: int) -> None:
-        with self.lock:
-            self.ids.discard(trial_id)
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout=5)
-
-    def __enter__(self) -> Beats:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# -- TPE's log-CDF, looked up instead of recomputed ----------------------------------------------
-class _ExactMemo:
-    """A pure float function over arrays: known inputs looked up at once, new ones computed.
-
-    TPE's log-CDF (``optuna.samplers._tpe._truncnorm._log_ndtr``) calls a Python scalar
-    function per element: over ten thousand calls per ask at 2,000 trials. Most inputs are
-    standardised kernel bounds that recur from ask to ask (the same trials' kernels, the same
-    integer grid): about nine in ten were seen before. Each new input is computed by the very
-    scalar function Optuna uses and kept in sorted arrays, so the output is the same, bit for
-    bit. New inputs collect in a small array that is merged into the large one now and then;
-    past ``limit`` inputs the memo starts afresh.
-    """
-
-    def __init__(self, fn: Callable[[float], float], limit: int = 1 << 19, merge: int = 1 << 14) -> None:
-        self.fn = fn
-        self.limit = limit
-        self.merge = merge
-        self.tables = (np.empty(0), np.empty(0), np.empty(0), np.empty(0))  # large, recent
-        self.lock = threading.Lock()
-
-    @staticmethod
-    def _find(keys: np.ndarray, values: np.ndarray, x: np.ndarray, out: np.ndarray,
-              todo: np.ndarray) -> np.ndarray:
-        if not keys.size or not todo.any():
-            return todo
-        at = np.flatnonzero(todo)
-        idx = np.minimum(np.searchsorted(keys, x[at]), keys.size - 1)
-        hit = keys[idx] == x[at]  # NaN never hits: it is computed
-        out[at[hit]] = values[idx[hit]]
-        todo = todo.copy()
-        todo[at[hit]] = False
-        return todo
-
-    def __call__(self, a: Any) -> np.ndarray:
-        x = np.asarray(a, dtype=float)
-        flat = x.ravel()
-        out = np.empty(flat.shape)
-        keys, values, rkeys, rvalues = self.tables
-        todo = self._find(keys, values, flat, out, np.ones(flat.shape, dtype=bool))
-        todo = self._find(rkeys, rvalues, flat, out, todo)
-        if todo.any():
-            new, inverse = np.unique(flat[todo], return_inverse=True)
-            computed = np.array([self.fn(float(v)) for v in new], dtype=float)
-            out[todo] = computed[inverse.ravel()]
-            self._add(new, computed)
-        return out.reshape(x.shape)
-
-    def _add(self, new: np.ndarray, computed: np.ndarray) -> None:
-        ok = ~np.isnan(new)
-        new, computed = new[ok], computed[ok]
-        with self.lock:
-            keys, values, rkeys, rvalues = self.tables
-            # another thread may have added some of them meanwhile: keys stay unique
-            for k in (keys, rkeys):
-                if k.size and new.size:
-                    fresh = k[np.minimum(np.searchsorted(k, new), k.size - 1)] != new
-                    new, computed = new[fresh], computed[fresh]
-            pos = np.searchsorted(rkeys, new)
-            rkeys, rvalues = np.insert(rkeys, pos, new), np.insert(rvalues, pos, computed)
-            if rkeys.size > self.merge:
-                if keys.size + rkeys.size > self.limit:
-                    keys, values = np.empty(0), np.empty(0)
-                pos = np.searchsorted(keys, rkeys)
-                keys, values = np.insert(keys, pos, rkeys), np.insert(values, pos, rvalues)
-                rkeys, rvalues = np.empty(0), np.empty(0)
-            self.tables = (keys, values, rkeys, rvalues)
-
-
-_MEMO_LOCK = threading.Lock()
-_MEMO_USERS = 0
-_MEMO: _ExactMemo | None = None
-_ORIGINAL_LOG_NDTR: Any = None
-
-
-@contextlib.contextmanager
-def tpe_memo() -> Iterator[None]:
-    """While inside (any thread), TPE's log-CDF is memoised exactly (see :class:`_ExactMemo`).
-
-    ``optuna.samplers._tpe._truncnorm._log_ndtr`` is swapped on the first entry and restored
-    on the last exit.
-    """
-    global _MEMO_USERS, _MEMO, _ORIGINAL_LOG_NDTR
-    from optuna.samplers._tpe import _truncnorm
-
-    with _MEMO_LOCK:
-        if _MEMO_USERS == 0:
-            if _MEMO is None:
-                scalar = _truncnorm._log_ndtr_single
-                _MEMO = _ExactMemo(getattr(scalar, "__wrapped__", scalar))
-            _ORIGINAL_LOG_NDTR = _truncnorm._log_ndtr
-            _truncnorm._log_ndtr = _MEMO
-        _MEMO_USERS += 1
-    try:
-        yield
-    finally:
-        with _MEMO_LOCK:
-            _MEMO_USERS -= 1
-            if _MEMO_USERS == 0:
-                _truncnorm._log_ndtr = _ORIGINAL_LOG_NDTR
-
-
 # -- TPE that does each ask's work once ---------------------------------------------------------
 class FastTPESampler(optuna.samplers.TPESampler):
     """Optuna's TPESampler, proposing the same points with less work per ask.
@@ -862,7 +792,9 @@ class FastTPESampler(optuna.samplers.TPESampler):
       trials they came from are the same: a budget-aware sampler's redraws within one ask
       (and an ask after an infeasible point) reuse them, and only draw and score candidates;
     - a finished trial's parameters in the estimators' internal form are computed once;
-    - TPE's log-CDF is memoised exactly (:func:`tpe_memo`).
+    - inside :meth:`one_fit`, a batch of asks is proposed from one fit over the finished and
+      running trials (each draw is still TPE's best of its own candidates): the many trials
+      a population or a batch ask takes at once cost one fit, not one each.
     """
 
     #: How many trials asked since the estimators were fit may go without their "lie" before
@@ -878,15 +810,16 @@ class FastTPESampler(optuna.samplers.TPESampler):
         self._fitted: tuple[Any, frozenset[int]] | None = None  # (finished key, running ids) of the fit
         self._scores: dict[int, dict[int, tuple[float, Any]]] = {}  # study -> trial -> split scores
 
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
-                        search_space: dict[str, dists.BaseDistribution]) -> dict[str, Any]:
-        with tpe_memo():
-            return super().sample_relative(study, trial, search_space)
+    @contextlib.contextmanager
+    def one_fit(self) -> Iterator[None]:
+        """Inside, every ask reuses the first ask's fit (for the same study and space)."""
+        self._frozen = True
+        try:
+            yield
+        finally:
+            self._frozen = False
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: dists.BaseDistribution) -> Any:
-        with tpe_memo():
-            return super().sample_independent(study, trial, param_name, param_distribution)
+    _frozen: bool = False
 
     def _sample(self, study: optuna.Study, trial: FrozenTrial,
                 search_space: dict[str, dists.BaseDistribution]) -> dict[str, Any]:
@@ -896,7 +829,9 @@ class FastTPESampler(optuna.samplers.TPESampler):
         if liar:  # the asked trial is no lie to itself
             trials = [t for t in trials if t.number != trial.number]
         cached = self._estimators
-        if not (cached is not None and self._stale_ok(study, trials, search_space)):
+        if self._frozen and cached is not None and cached[0][:2] == (study._study_id, tuple(search_space.items())):
+            pass  # one fit for the whole batch
+        elif not (cached is not None and self._stale_ok(study, trials, search_space)):
             key = self._key(study, trials, search_space)
             if cached is None or cached[0] != key:
                 cached = self._estimators = (key, self._fit(study, trials, search_space))
@@ -930,14 +865,12 @@ class FastTPESampler(optuna.samplers.TPESampler):
 
     def _fit(self, study: optuna.Study, trials: list[FrozenTrial],
              search_space: dict[str, dists.BaseDistribution]) -> tuple[Any, Any]:
-        from optuna.samplers._tpe import sampler as tpe
-
         if self._gamma is None:
-            self._gamma = (tpe.default_gamma if len(study.directions) <= 1
-                           else tpe.default_gamma_multiobjective)
+            single, multi = private.tpe_default_gammas()
+            self._gamma = single if len(study.directions) <= 1 else multi
         n_done = sum(t.state != TrialState.RUNNING for t in trials)
         if len(study.directions) > 1:
-            good, bad = tpe._split_trials(study, trials, self._gamma(n_done))
+            good, bad = private.tpe_split_trials(study, trials, self._gamma(n_done))
         else:
             good, bad = self._split(study, trials, self._gamma(n_done))
         return (self._build_parzen_estimator(study, search_space, good, handle_below=True),
@@ -951,8 +884,6 @@ class FastTPESampler(optuna.samplers.TPESampler):
         and their last report, then infeasible ones by how far over their constraints they
         are; running trials are bad. Ties keep trial order, as Optuna's stable sorts do.
         """
-        from optuna.samplers._tpe import sampler as tpe
-
         scores = self._scores.setdefault(study._study_id, {})
         complete, pruned, infeasible, running = [], [], [], []
         for t in trials:
@@ -961,9 +892,9 @@ class FastTPESampler(optuna.samplers.TPESampler):
                 continue
             score = scores.get(t._trial_id)
             if score is None:  # a finished trial never changes: score it once
-                over = tpe._get_infeasible_trial_score(t)
+                over = private.tpe_infeasible_score(t)
                 score = scores[t._trial_id] = (
-                    over, tpe._get_pruned_trial_score(t, study) if t.state == TrialState.PRUNED else None)
+                    over, private.tpe_pruned_score(t, study) if t.state == TrialState.PRUNED else None)
             if score[0] > 0:
                 infeasible.append((t, score[0]))
             elif t.state == TrialState.COMPLETE:

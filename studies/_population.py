@@ -1,4 +1,4 @@
-"""Population mode: ask trials lazily, train many of one family together, tell each as it ends."""
+"""Population mode: train many trials of one family together, each through the one trial lifecycle."""
 
 from __future__ import annotations
 
@@ -8,41 +8,28 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
 
 import core
 
-from . import _fast
+from . import _fast, _lease
 from ._artifacts import ModelStore
-from ._runner import (
-    BudgetAwareSampler,
-    TrialOutcome,
-    _after_tell,
-    _fail,
-    _fast_storage,
-    _objective_values,
-    _record_infeasible,
-    _report_metric,
-    _result_attrs,
-    _set_budget_constraint,
-    ask_trials,
-    load_data,
-    trial_seed,
-)
-from ._space import suggest
-from ._spec import ARCH_KEY, OBJECTIVES, StudySpec, count_point, split_params
+from ._lifecycle import TrialOutcome, TrialRun
+from ._runner import BudgetAwareSampler, _after_tell, _counts, _fast_storage, ask_trials, load_data
+from ._spec import ARCH_KEY, StudySpec
 
-__all__ = ["execute_population", "population_supported"]
+__all__ = ["execute_population", "population_supported", "fair_share"]
 
 log = logging.getLogger(__name__)
 
-#: a burst of n asks (slots freed together) fits TPE about this many times, not n times
-_BURST_FITS = 32
+#: the first asks of a population of size "auto" (unknown here) take this many trials, then
+#: twice as many each, until the trainer has its K: a few transactions, not K
+_FIRST_CHUNK = 8
+#: seconds a held-back tell may wait for the next ask before it is written anyway
+_FLUSH_EVERY = 1.0
 #: seconds within which the members' end-of-epoch checks share one should_stop answer
 _STOP_POLL = 0.05
 
@@ -63,14 +50,23 @@ def population_supported(spec: StudySpec) -> str | None:
     return None
 
 
-@dataclass
-class _Member:
-    trial: optuna.Trial
-    params: dict[str, Any]
-    n_params: int
-    model_args: dict[str, Any]
-    seed: int
-    stopped_by: str | None = None
+def fair_share(study: optuna.Study, spec: StudySpec) -> int:
+    """This process's fair share of the study's remaining trials: ``ceil((n_trials - finished)
+    / live workers of the study)`` (at least 1). A population is never larger."""
+    lease = _lease.lease_for(study._storage)
+    fs = _fast.of(study)
+    if fs is not None:
+        fs.refresh()
+        finished = _counts(fs.kinds())["finished"]
+    else:
+        finished = sum(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL
+                       and not t.user_attrs.get("infeasible") for t in study.get_trials(deepcopy=False))
+    remaining = max(1, spec.n_trials - finished)
+    if lease is None:
+        return remaining
+    lease.beat(study_name=study.study_name)  # counted among the study's workers from now on
+    live = max(1, _lease.live_workers(lease.engine, study.study_name, lease.grace))
+    return max(1, math.ceil(remaining / live))
 
 
 def execute_population(
@@ -88,81 +84,84 @@ def execute_population(
 ) -> list[TrialOutcome]:
     """Run trials of ``study`` K at a time with :func:`core.train_population`.
 
-    Trials are asked only when a slot frees (continuous batching), so the study never gets
-    more than ``n_trials`` and a stop takes effect at once. Each member is reported,
-    pruned and told on its own, exactly as :func:`execute_trial` would.
+    Trials are asked in batches, each in one transaction with its points drawn from one
+    sampler fit and written in one more: first enough for the trainer to start (K for an
+    integer K; 8, 16, 32, ... for "auto"), then, as members end, the slots they freed. K is
+    never more than this worker's fair share of the study (:func:`fair_share`), so workers
+    that start together split it. Each member goes through the trial lifecycle
+    (:class:`studies._lifecycle.TrialRun`) exactly as :func:`execute_trial`'s one model does.
     """
     why = population_supported(spec)
     if why is not None:
         raise ValueError(f"population mode is not possible for this study: {why}")
     dev = core.resolve_device(device)
     data = load_data(spec, data_dir, flatten=True)
-    members: list[_Member] = []
     outcomes: list[TrialOutcome] = []
     fs = _fast_storage(study)
-    beats = _fast.Beats(study._storage)
     base = study.sampler.base if isinstance(study.sampler, BudgetAwareSampler) else study.sampler
     tpe = base if isinstance(base, _fast.FastTPESampler) else None
-    queue: deque[optuna.Trial] = deque()  # asked, not yet drawn
-    started: list[int] = []  # drawn since the last write of their params
-    ended = 0  # members ended since the last ask: the slots the next ask fills
-    asked = 0
+    share = fair_share(study, spec)
+    if max_trials is not None:
+        share = max(1, min(share, max_trials))
+    size: int | str = population_size
+    if isinstance(size, int):
+        size = max(1, min(size, share))
+    else:
+        max_population = max(1, min(max_population or share, share))
+    runs: list[TrialRun] = []  # in the order the trainer read them: its member index
+    queue: deque[TrialRun] = deque()  # gated and written, not yet handed to the trainer
+    state: dict[str, Any] = {"asked": 0, "ended": 0, "chunk": _FIRST_CHUNK, "training": False,
+                             "flushed": time.monotonic()}
 
     def batch() -> int:
-        """How many trials to ask: the slots that freed (all of them at first, for an int K)."""
-        nonlocal ended
-        n = ended if asked else (population_size if isinstance(population_size, int) else 1)
-        ended = 0
-        n = max(1, n)
-        return n if max_trials is None else min(n, max_trials - asked)
+        if fs is None:
+            return 1  # Optuna's plain path asks one at a time, as ask_trial does
+        if not state["training"]:  # filling the first population: up to its K, no more
+            n = size if isinstance(size, int) else state["chunk"]
+            state["chunk"] *= 2
+            n = max(1, min(n, share - len(runs) - len(queue)))
+        else:
+            n = max(1, state["ended"])
+        state["ended"] = 0
+        n = min(n, share)
+        return n if max_trials is None else max(0, min(n, max_trials - state["asked"]))
+
+    def fill() -> bool:
+        """Ask a batch; gate, draw and write its trials. False when the study gave none."""
+        n = batch()
+        got = ask_trials(study, spec, n) if n > 0 else []
+        if not got:
+            return False
+        state["asked"] += len(got)
+        ready = []
+        with tpe.one_fit() if tpe is not None else contextlib.nullcontext():
+            for trial in got:
+                run = TrialRun(study, trial, spec, worker=worker)
+                if run.gate():
+                    run.start(flush=fs is None)
+                    ready.append(run)
+                else:
+                    assert run.outcome is not None
+                    outcomes.append(run.outcome)
+        if fs is not None and ready:
+            fs.flush([r.trial._trial_id for r in ready])  # params and attributes: one write
+        queue.extend(ready)
+        return True
 
     def configs() -> Iterator[dict[str, Any]]:
-        nonlocal asked
         while True:
             if not queue:
-                if max_trials is not None and asked >= max_trials:
-                    return
                 if should_stop is not None and should_stop():
                     return
-                # Without a FastStorage this asks one trial at a time, as ask_trial does.
-                got = ask_trials(study, spec, batch() if fs is not None else 1)
-                if not got:
+                if not fill():
                     return
-                if tpe is not None:  # a burst of asks shares its TPE fits (one per 32 draws)
-                    tpe.max_stale_lies = len(got) // _BURST_FITS
-                asked += len(got)
-                if fs is not None:  # created with their heartbeat rows; beaten while they wait
-                    for t in got:
-                        beats.add(t._trial_id, now=False)
-                queue.extend(got)
-            # A trial asked is drawn and trained even if a stop came meanwhile: its first
-            # epoch stops it, failed and re-queued like any member a stop cuts short.
-            trial = queue.popleft()
-            params = suggest(trial, spec.space)
-            try:
-                n = count_point(spec, params)
-            except ValueError as exc:
-                beats.remove(trial._trial_id)
-                outcomes.append(_record_infeasible(study, trial, spec, None, f"the point builds no model: {exc}"))
                 continue
-            if spec.max_params is not None and n > spec.max_params:
-                beats.remove(trial._trial_id)
-                outcomes.append(_record_infeasible(
-                    study, trial, spec, n, f"{n} parameters exceed max_params={spec.max_params}"))
-                continue
-            _, model_args, train_args = split_params(spec, params)
-            trial.set_user_attr("n_params", n)
-            _set_budget_constraint(trial, spec, n)
-            trial.set_user_attr("family", spec.model)
-            if worker:
-                trial.set_user_attr("worker", worker)
-            seed = trial_seed(spec, trial.number)
-            members.append(_Member(trial, params, n, model_args, seed))
-            if fs is None:
-                beats.add(trial._trial_id)
-            started.append(trial._trial_id)
-            yield {**model_args, "lr": train_args["lr"], "weight_decay": train_args["weight_decay"],
-                   "seed": seed}
+            # A trial asked is trained even if a stop came meanwhile: its first epoch stops
+            # it, failed and re-queued like any member a stop cuts short.
+            run = queue.popleft()
+            runs.append(run)
+            yield {**run.model_args, "lr": run.train_args["lr"], "weight_decay": run.train_args["weight_decay"],
+                   "seed": run.seed}
 
     asked_stop: list[Any] = [0.0, False]  # when should_stop was last asked, and its answer
 
@@ -174,32 +173,23 @@ def execute_population(
         now = time.monotonic()
         if now - asked_stop[0] > _STOP_POLL:
             asked_stop[:] = [now, should_stop()]
-        return asked_stop[1]
+        return asked_stop[1]  # type: ignore[no-any-return]
 
     def on_epoch(i: int, epoch: int, metrics: dict[str, Any]) -> bool:
-        if fs is not None and started:
-            # The members drawn since the last epoch start training: their params and
-            # attributes, and the tells held back, in one write.
-            fs.flush(started)
-            started.clear()
-        m = members[i]
-        if len(spec.objectives) == 1:
-            m.trial.report(_report_metric(spec, metrics), epoch)
-            if m.trial.should_prune():
-                m.stopped_by = "pruned"
-                return True
-        reason = stop_now()
-        if reason:
-            m.stopped_by = reason if isinstance(reason, str) else "the study was stopped"
-            return True
-        return False
+        state["training"] = True
+        return runs[i].epoch(epoch, metrics, stop_now)
 
     def on_result(i: int, result: core.TrainResult) -> None:
-        nonlocal ended
-        m = members[i]
-        beats.remove(m.trial._trial_id)
-        ended += 1
-        outcomes.append(_finish(study, spec, m, result, dev, worker, model_store, fs is None))
+        state["training"] = True
+        state["ended"] += 1
+        run = runs[i]
+        out = run.finish([result], dev, getattr(result, "state_dict", None), model_store)
+        outcomes.append(out)
+        if fs is None and out.state == "complete":
+            _after_tell(study, spec)
+        elif fs is not None and time.monotonic() - state["flushed"] > _FLUSH_EVERY:
+            state["flushed"] = time.monotonic()
+            fs.flush()  # the held-back tells, when no ask came to write them for a while
 
     # Tells are held back and written together: at the next ask, the next epoch, or the end.
     deferring = fs.deferring() if fs is not None else contextlib.nullcontext()
@@ -207,54 +197,12 @@ def execute_population(
         with deferring:
             core.train_population(
                 spec.model, configs(), data, spec.n_epochs, batch_size=spec.batch_size, device=dev,
-                seed=spec.seed, on_epoch=on_epoch, population_size=population_size, on_result=on_result,
+                seed=spec.seed, on_epoch=on_epoch, population_size=size, on_result=on_result,
                 max_population=max_population,
             )
     finally:
-        beats.close()
-        if tpe is not None:
-            tpe.max_stale_lies = 0
+        for run in list(queue):  # asked and written, never handed to the trainer (an error)
+            run.fail("the population ended before it trained")
     if fs is not None:
         _after_tell(study, spec)
     return outcomes
-
-
-def _finish(
-    study: optuna.Study, spec: StudySpec, m: _Member, result: core.TrainResult,
-    dev: torch.device, worker: str | None, model_store: ModelStore | None, check_done: bool = True,
-) -> TrialOutcome:
-    trial, n = m.trial, m.n_params
-    if result.status == "failed":
-        return _fail(study, trial, result.error or "failed in the population")
-    attrs = _result_attrs([result], dev, worker)
-    for k, v in attrs.items():
-        trial.set_user_attr(k, v)
-    if result.status == "diverged":
-        return _fail(study, trial, result.error or "non-finite loss")
-    if m.stopped_by == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
-        return TrialOutcome(trial.number, "pruned", n_params=n, attrs=attrs)
-    if m.stopped_by:
-        out = _fail(study, trial, f"stopped: {m.stopped_by}", state="stopped")
-        study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
-        return out
-    values = _objective_values(
-        spec, {"val_accuracy": result.val_accuracy, "val_loss": result.val_loss}, n)
-    if not all(math.isfinite(v) for v in values):
-        return _fail(study, trial, f"non-finite objective {values}")
-    study.tell(trial, values if len(values) > 1 else values[0])
-    state_dict = getattr(result, "state_dict", None)
-    if model_store is not None and spec.keep_models > 0 and state_dict:
-        try:
-            model_store.keep(
-                study.study_name, trial.number, values[0],
-                {"family": spec.model, "model_args": m.model_args, "params": m.params,
-                 "seed": m.seed, "n_params": n},
-                state_dict, spec.keep_models,
-                maximize=OBJECTIVES[spec.objectives[0]] == "maximize",
-            )
-        except Exception as exc:  # noqa: BLE001 - the trial is told; weights are a bonus
-            log.warning("could not keep the weights of trial %s: %s", trial.number, exc)
-    if check_done:
-        _after_tell(study, spec)
-    return TrialOutcome(trial.number, "complete", values=values, n_params=n, attrs=attrs)

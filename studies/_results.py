@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 import core
 
 from ._artifacts import ModelStore
+from ._lifecycle import trial_state
 from ._runner import SPEC_ATTR, STATE_ATTR, is_infeasible, progress
 from ._storage import rdb
 
@@ -121,7 +122,7 @@ def _finite(obj: Any) -> Any:
 
 
 def _state(t: FrozenTrial) -> str:
-    return "infeasible" if is_infeasible(t) else t.state.name.lower()
+    return trial_state(t)  # the one vocabulary (studies.TRIAL_STATES), as REST says it
 
 
 def _result_entry(t: FrozenTrial) -> dict[str, Any]:
@@ -201,7 +202,7 @@ def study_to_csv(study: optuna.Study) -> str:
         a = t.user_attrs
         values = list(t.values) if t.values is not None else [None] * len(objectives)
         w.writerow(
-            [t.number, t.state.name.lower(), is_infeasible(t), a.get("n_params")]
+            [t.number, trial_state(t), is_infeasible(t), a.get("n_params")]
             + values
             + [a.get(k) for k in _ATTR_COLUMNS]
             + [a.get("reason") or a.get("fail_reason")]
@@ -247,13 +248,25 @@ def _metric_key(trials: Iterable[FrozenTrial]) -> str:
 
 
 def _plot_history(study: optuna.Study) -> go.Figure:
-    done = trained_trials(study, complete_only=True)
+    import plotly.graph_objects as go
+
+    done = sorted(trained_trials(study, complete_only=True), key=lambda t: t.number)
     if not done:
         return _empty("Optimisation history", "no completed trial yet")
-    target, name = _target(study)
-    fig = optuna.visualization.plot_optimization_history(_view(study, done), target=target,
-                                                         target_name=name)
-    fig.update_layout(title=f"Optimisation history ({name})")
+    # Drawn here rather than by Optuna on an in-memory copy: the copy renumbers its trials,
+    # and the x axis must be the study's own trial numbers (trial 6 stays 6 when 5 failed).
+    i, maximize = _primary(study)
+    name = _objectives(study)[i]
+    pts = [(t.number, float(t.values[i])) for t in done if math.isfinite(float(t.values[i]))]
+    best: list[float] = []
+    for _, v in pts:
+        best.append(v if not best else (max if maximize else min)(best[-1], v))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[n for n, _ in pts], y=[v for _, v in pts], mode="markers", name=name,
+                             text=[f"trial {n}" for n, _ in pts], hovertemplate="%{text}: %{y}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[n for n, _ in pts], y=best, mode="lines", name="best so far",
+                             line={"shape": "hv"}))
+    fig.update_layout(title=f"Optimisation history ({name})", xaxis_title="trial number", yaxis_title=name)
     return fig
 
 
@@ -344,6 +357,7 @@ def _plot_intermediate(study: optuna.Study) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=[h.get("epoch") for h in hist], y=[h.get(key) for h in hist], mode="lines",
             name=f"trial {t.number}", line={"dash": "dot" if t.state == TrialState.PRUNED else "solid"},
+            customdata=[t.number] * len(hist), hovertemplate=f"trial {t.number}, epoch %{{x}}: %{{y}}<extra></extra>",
         ))
     fig.update_layout(title=f"{title} (dotted: pruned)", xaxis_title="epoch",
                       yaxis_title=key.replace("_", " "))

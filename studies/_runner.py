@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import logging
 import math
 import os
 import time
+import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -20,17 +18,35 @@ from optuna.trial import TrialState
 
 import core
 
-from . import _fast
+from . import _fast, _lease
 from ._artifacts import ModelStore
-from ._space import grid_of, suggest
-from ._spec import OBJECTIVES, StudySpec, build_extras, count_point, split_params
-from ._storage import default_storage_url, heartbeat, open_storage, rdb, study_lock
+from ._lifecycle import (  # noqa: F401 - old names
+    TRIAL_STATES,
+    TrialOutcome,
+    TrialRun,
+    _final,
+    _mean,
+    _objective_values,
+    _report_metric,
+    _result_attrs,
+    is_infeasible,
+    trial_seed,
+    trial_state,
+)
+from ._space import grid_of
+from ._spec import StudySpec, build_extras, count_point
+from ._storage import default_storage_url, open_storage, rdb, study_lock
 from .exceptions import StateError, StudyExistsError, StudyNotFoundError
 
 __all__ = [
     "SPEC_ATTR",
     "STATE_ATTR",
+    "ERROR_ATTR",
+    "UID_ATTR",
     "STATES",
+    "TRIAL_STATES",
+    "trial_state",
+    "set_study_error",
     "create_study",
     "load_study",
     "study_spec",
@@ -55,7 +71,11 @@ log = logging.getLogger(__name__)
 SPEC_ATTR = "dendro.spec"
 STATE_ATTR = "dendro.state"
 STARTED_ATTR = "dendro.started_at"
-STATES = ("queued", "running", "stopped", "done")
+#: the reason a study is in state ``error`` (no worker can run it)
+ERROR_ATTR = "dendro.error"
+#: unique to each creation of a study (SQLite reuses a deleted study's id)
+UID_ATTR = "dendro.uid"
+STATES = ("queued", "running", "stopped", "done", "error")
 _ALLOWED = {
     "stop": {"queued", "running"},
     "resume": {"stopped", "queued"},
@@ -252,6 +272,7 @@ def create_study(
                 study.set_user_attr(STATE_ATTR, "running")
         return study
     study.set_user_attr(SPEC_ATTR, spec.public_dict())
+    study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     study.set_user_attr(STATE_ATTR, state)
     study.set_user_attr(STARTED_ATTR, time.time())
     study.set_user_attr("dendro.objectives", spec.objectives)
@@ -288,6 +309,13 @@ def study_state(study: optuna.Study) -> str:
     return str(study._storage.get_study_user_attrs(study._study_id).get(STATE_ATTR, "running"))
 
 
+def set_study_error(study: optuna.Study, reason: str) -> None:
+    """Put a study that no worker can run (its spec or data do not load) in state ``error``,
+    with ``reason``; workers skip it from then on."""
+    study.set_user_attr(ERROR_ATTR, reason)
+    study.set_user_attr(STATE_ATTR, "error")
+
+
 def set_study_state(study: optuna.Study, action: str) -> str:
     """Apply ``stop`` or ``resume``; a change the state does not allow is a StateError."""
     state = study_state(study)
@@ -300,21 +328,13 @@ def set_study_state(study: optuna.Study, action: str) -> str:
     return new
 
 
-def is_infeasible(t: optuna.trial.FrozenTrial) -> bool:
-    return bool(t.user_attrs.get("infeasible", False))
-
-
-_KINDS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
-          TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
-
-
 def _kind(t: optuna.trial.FrozenTrial) -> str:
     """What ``progress`` counts a trial as."""
-    return "infeasible" if is_infeasible(t) else _KINDS[t.state]
+    return trial_state(t)
 
 
 def _counts(kinds: dict[str, int]) -> dict[str, Any]:
-    c = {k: int(kinds.get(k, 0)) for k in ("complete", "pruned", "failed", "running", "waiting", "infeasible")}
+    c = {k: int(kinds.get(k, 0)) for k in TRIAL_STATES}
     c["finished"] = c["complete"] + c["pruned"]
     c["total"] = sum(int(v) for v in kinds.values())
     return c
@@ -370,11 +390,27 @@ def _fast_storage(study: optuna.Study) -> _fast.FastStorage | None:
     return _fast.attach(study, classify=_kind)
 
 
+#: (storage id, study id) -> when this process last reaped the study's stale leases
+_REAPED: dict[tuple[int, int], float] = {}
+
+
+def _reap(study: optuna.Study, lease: _lease.Lease | None) -> bool:
+    """Fail and re-queue the trials of stale leases (under the study lock); True if any."""
+    if lease is None:
+        return False
+    key = (id(rdb(study._storage)), study._study_id)
+    now = time.monotonic()
+    if now - _REAPED.get(key, -math.inf) < lease.interval:
+        return False
+    _REAPED[key] = now
+    return bool(_lease.reap_stale(study._storage, study._study_id, lease.grace))
+
+
 def ask_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
     """Ask the next trial, or None when the study is not running or has all its trials.
 
     Runs under the study lock, so concurrent workers never take more than ``n_trials``.
-    Trials of dead workers (no heartbeat) are failed first and re-queued.
+    Trials of dead workers (stale leases) are failed first and their points re-queued.
     """
     trials = ask_trials(study, spec, 1)
     return trials[0] if trials else None
@@ -383,28 +419,31 @@ def ask_trial(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
 def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Trial]:
     """Ask up to ``n`` trials at once (fewer, or none, near the end of the study).
 
-    With a FastStorage (see :func:`_fast_storage`) the checks and the trials' creation are
-    done once for the batch, each trial is sampled when its caller draws its params, and
-    every trial is created with its heartbeat.
+    The trials are tied to this process's lease (``studies._lease``). With a FastStorage
+    (see :func:`_fast_storage`) the checks and the trials' creation are one transaction for
+    the batch, and each trial is sampled when its caller draws its params. A batch is never
+    more than the trials left nor more than a fair share of them: ``ceil((n_trials -
+    finished) / live workers of the study)``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    lease = _lease.lease_for(study._storage)
+    if lease is not None:
+        lease.update(study_name=study.study_name)
     fs = _fast_storage(study)
     if fs is None:
         out = []
         for _ in range(n):
-            trial = _ask_plain(study, spec)
+            trial = _ask_plain(study, spec, lease)
             if trial is None:
                 break
             out.append(trial)
         return out
+    fs.lease_id = lease.id if lease is not None else None
     fs.flush()  # tells this worker holds back reach the database before anyone counts
     with study_lock(study._storage, study.study_name):
         attrs = fs.refresh(study_attrs=True) or {}
-        if fs.get_heartbeat_interval() and fs.others_running():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+        if _reap(study, lease):
             attrs = fs.refresh(study_attrs=True) or {}
         if attrs.get(STATE_ATTR, "running") != "running":
             return []
@@ -412,22 +451,19 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
         if _mark_done_if_finished(study, spec, counts, attrs):
             return []
         n = min(n, spec.n_trials - counts["finished"] - counts["running"])
+        if n > 1 and lease is not None:
+            live = max(1, _lease.live_workers(fs._backend.engine, study.study_name, lease.grace))
+            n = min(n, math.ceil((spec.n_trials - counts["finished"]) / live))
         if n <= 0:
             return []
         if n > counts["waiting"]:
             fs.reserve(n - counts["waiting"])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            return [study.ask() for _ in range(n)]
+        return [study.ask() for _ in range(n)]
 
 
-def _ask_plain(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
+def _ask_plain(study: optuna.Study, spec: StudySpec, lease: _lease.Lease | None) -> optuna.Trial | None:
     with study_lock(study._storage, study.study_name):
-        backend = rdb(study._storage)
-        if isinstance(backend, optuna.storages.RDBStorage) and backend.get_heartbeat_interval():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+        _reap(study, lease)
         if study_state(study) != "running":
             return None
         counts = progress(study)
@@ -441,10 +477,12 @@ def _ask_plain(study: optuna.Study, spec: StudySpec) -> optuna.Trial | None:
             if counts["running"] == 0:
                 study.set_user_attr(STATE_ATTR, "done")
             return None
-        with warnings.catch_warnings():
-            # We beat ourselves (storage.heartbeat) instead of going through Study.optimize.
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            return study.ask()
+        trial = study.ask()
+        if lease is not None:
+            # Its own write, under the study lock: a reaper never sees the trial without it
+            # unless this process died in between (then it is stale after the grace period).
+            study._storage.set_trial_system_attr(trial._trial_id, _lease.LEASE_KEY, lease.id)
+        return trial
 
 
 def _after_tell(study: optuna.Study, spec: StudySpec) -> None:
@@ -482,16 +520,6 @@ def _grid_exhausted(study: optuna.Study, spec: StudySpec) -> bool:
 
 
 # -- one trial ------------------------------------------------------------------------------
-@dataclass
-class TrialOutcome:
-    number: int
-    state: str  # complete | pruned | failed | infeasible | stopped
-    values: list[float] | None = None
-    n_params: int | None = None
-    reason: str | None = None
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
 @functools.lru_cache(maxsize=4)
 def _cached_data(
     name: str, data_dir: str | None, subset: int | None, val: float, seed: int, flatten: bool
@@ -506,49 +534,6 @@ def load_data(spec: StudySpec, data_dir: str | None = None, flatten: bool = True
                         spec.data_seed, flatten)
 
 
-def _objective_values(spec: StudySpec, metrics: dict[str, Any], n_params: int) -> list[float]:
-    out = []
-    for o in spec.objectives:
-        if o == "n_params":
-            out.append(float(n_params))
-        elif o in ("val_loss", "val_mse"):
-            out.append(float(metrics["val_loss"]))
-        else:
-            out.append(float(metrics["val_accuracy"]))
-    return out
-
-
-def _report_metric(spec: StudySpec, metrics: dict[str, Any]) -> float:
-    o = spec.objectives[0]
-    return float(metrics["val_loss"] if o in ("val_loss", "val_mse") else metrics["val_accuracy"])
-
-
-def trial_seed(spec: StudySpec, number: int, k: int = 0) -> int:
-    return (spec.seed * 1_000_003 + number * 101 + k) % (2**31 - 1)
-
-
-def _set_budget_constraint(trial: optuna.Trial, spec: StudySpec, n: int | None) -> None:
-    if spec.max_params is not None:
-        if "constraints:max_params" in trial.storage.get_trial_system_attrs(trial._trial_id):
-            return  # a retried trial carries its constraint over already
-        # <= 0 is feasible; an unbuildable point counts as far over budget.
-        trial.set_constraint("max_params", float(n - spec.max_params) if n is not None else 1e9)
-
-
-def _record_infeasible(
-    study: optuna.Study, trial: optuna.Trial, spec: StudySpec, n: int | None, reason: str
-) -> TrialOutcome:
-    trial.set_user_attr("infeasible", True)
-    trial.set_user_attr("reason", reason)
-    if n is not None:
-        trial.set_user_attr("n_params", n)
-    _set_budget_constraint(trial, spec, n)
-    # PRUNED without any report: never trained; the sampler ranks it below every trained
-    # point and its constraint (n_params - max_params > 0) marks it infeasible.
-    study.tell(trial, state=TrialState.PRUNED)
-    return TrialOutcome(trial.number, "infeasible", n_params=n, reason=reason)
-
-
 def budget_gate(
     study: optuna.Study, trial: optuna.Trial, spec: StudySpec
 ) -> tuple[dict[str, Any], int] | TrialOutcome:
@@ -558,16 +543,11 @@ def budget_gate(
     or one that builds no model, is told as infeasible (PRUNED, never trained) and its
     outcome returned instead.
     """
-    params = suggest(trial, spec.space)
-    try:
-        n = count_point(spec, params)
-    except ValueError as exc:
-        return _record_infeasible(study, trial, spec, None, f"the point builds no model: {exc}")
-    if spec.max_params is not None and n > spec.max_params:
-        return _record_infeasible(
-            study, trial, spec, n, f"{n} parameters exceed max_params={spec.max_params}"
-        )
-    return params, n
+    run = TrialRun(study, trial, spec)
+    if not run.gate():
+        assert run.outcome is not None
+        return run.outcome
+    return run.params, int(run.n_params or 0)
 
 
 def execute_trial(
@@ -587,101 +567,37 @@ def execute_trial(
     ``infeasible``, over budget and never trained) or FAIL with the reason in the user
     attribute ``fail_reason`` (non-finite loss, out of memory, stopped). ``should_stop`` is
     asked after every epoch; a truthy answer (a string is the reason) stops the trial, which
-    is failed and its point queued again.
+    is failed and its point queued again. The steps are :class:`studies._lifecycle.TrialRun`'s,
+    shared with the population executor.
     """
-    gate = budget_gate(study, trial, spec)
-    if isinstance(gate, TrialOutcome):
-        return gate
-    params, n = gate
-    family, model_args, train_args = split_params(spec, params)
-    trial.set_user_attr("n_params", n)
-    _set_budget_constraint(trial, spec, n)
-    trial.set_user_attr("family", family)
-    if worker:
-        trial.set_user_attr("worker", worker)
-    fs = _fast.of(trial)
-    if fs is not None:
-        fs.flush([trial._trial_id])  # its params and attributes, in one write, before training
+    run = TrialRun(study, trial, spec, worker=worker)
+    if not run.gate():
+        assert run.outcome is not None
+        return run.outcome
+    run.start()
     dev = core.resolve_device(device)
-    data = load_data(spec, data_dir, flatten=core.get_family(family).input_kind == "flat")
-    stopped_by: list[str] = []
+    data = load_data(spec, data_dir, flatten=core.get_family(run.family).input_kind == "flat")
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> bool:
-        if len(spec.objectives) == 1:
-            trial.report(_report_metric(spec, metrics), epoch)
-            if trial.should_prune():
-                stopped_by.append("pruned")
-                return True
-        reason = should_stop() if should_stop is not None else False
-        if reason:
-            stopped_by.append(reason if isinstance(reason, str) else "the study was stopped")
-            return True
-        return False
+        return run.epoch(epoch, metrics, should_stop)
 
     results: list[core.TrainResult] = []
     model = None
     try:
-        with _beating(study, trial):
-            results, model = _train_seeds(spec, trial.number, family, model_args, train_args, n,
-                                          data, dev, on_epoch)
+        results, model = _train_seeds(spec, trial.number, run.family, run.model_args, run.train_args,
+                                      int(run.n_params or 0), data, dev, on_epoch)
     except torch.cuda.OutOfMemoryError as exc:
-        return _fail(study, trial, f"out of memory on {dev}: {str(exc).splitlines()[0]}")
+        return run.fail(f"out of memory on {dev}: {str(exc).splitlines()[0]}")
     except Exception as exc:  # noqa: BLE001 - a broken trial must not take the worker down
         log.exception("trial %s raised", trial.number)
-        return _fail(study, trial, f"{exc.__class__.__name__}: {exc}")
+        return run.fail(f"{exc.__class__.__name__}: {exc}")
     finally:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-
-    last = results[-1]
-    first = results[0]
-    attrs = _result_attrs(results, dev, worker)
-    for k, v in attrs.items():
-        trial.set_user_attr(k, v)
-    if last.status == "diverged":
-        return _fail(study, trial, last.error or "non-finite loss")
-    if stopped_by == ["pruned"]:
-        study.tell(trial, state=TrialState.PRUNED)
-        return TrialOutcome(trial.number, "pruned", n_params=n, attrs=attrs)
-    if stopped_by:
-        # Cut short from outside: fail it visibly and queue its point again, losing nothing.
-        out = _fail(study, trial, f"stopped: {stopped_by[0]}", state="stopped")
-        study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
-        return out
-    metrics = {
-        "val_accuracy": _mean([_final(r).get("val_accuracy") for r in results]),
-        "val_loss": _mean([_final(r).get("val_loss") for r in results]),
-    }
-    values = _objective_values(spec, metrics, n)
-    if not all(math.isfinite(v) for v in values):
-        return _fail(study, trial, f"non-finite objective {values}")
-    study.tell(trial, values if len(values) > 1 else values[0])
-    if model_store is not None and spec.keep_models > 0 and model is not None:
-        try:
-            model_store.keep(
-                study.study_name, trial.number, values[0],
-                {"family": family, "model_args": model_args, "params": params,
-                 "seed": first.seed, "n_params": n},
-                model.state_dict(), spec.keep_models,
-                maximize=OBJECTIVES[spec.objectives[0]] == "maximize",
-            )
-        except Exception as exc:  # noqa: BLE001 - the trial is told; weights are a bonus
-            log.warning("could not keep the weights of trial %s: %s", trial.number, exc)
-    _after_tell(study, spec)
-    return TrialOutcome(trial.number, "complete", values=values, n_params=n, attrs=attrs)
-
-
-@contextlib.contextmanager
-def _beating(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """Heartbeats for the trial while it trains; a FastStorage wrote its first with the trial."""
-    fs = _fast.of(trial)
-    if fs is None:
-        with heartbeat(study._storage, trial._trial_id):
-            yield
-        return
-    with _fast.Beats(fs) as beats:
-        beats.add(trial._trial_id, now=not fs.has_heartbeat(trial._trial_id))
-        yield
+    out = run.finish(results, dev, model.state_dict() if model is not None else None, model_store)
+    if out.state == "complete":
+        _after_tell(study, spec)
+    return out
 
 
 def _train_seeds(
@@ -724,59 +640,6 @@ def _train(
     best = max((h.get("best_epoch") or 0 for h in res.history), default=0)
     res.final_epoch = best or None  # type: ignore[attr-defined]
     return res
-
-
-def _final(r: core.TrainResult) -> dict[str, Any]:
-    """The metrics of the model a run hands back: its last epoch, or growth's restored best."""
-    if not r.history:
-        return {}
-    best = getattr(r, "final_epoch", None)
-    return r.history[best - 1] if best else r.history[-1]
-
-
-def _mean(xs: list[float | None]) -> float:
-    vals = [x for x in xs if x is not None]
-    return float(sum(vals) / len(vals)) if vals else float("nan")
-
-
-def _result_attrs(results: list[core.TrainResult], dev: torch.device, worker: str | None) -> dict[str, Any]:
-    r = results[0]
-    f = _final(r)
-    attrs: dict[str, Any] = {
-        "val_accuracy": f.get("val_accuracy"),
-        "test_accuracy": f.get("test_accuracy"),
-        "train_accuracy": f.get("train_accuracy"),
-        "val_loss": f.get("val_loss"),
-        "test_loss": f.get("test_loss"),
-        "train_loss": f.get("train_loss"),
-        "wall_time": sum(x.wall_time for x in results),
-        "seconds_per_epoch": r.seconds_per_epoch,
-        "epochs_run": r.epochs_run,
-        "device": str(dev),
-        "seed": r.seed,
-        "final_epoch": getattr(r, "final_epoch", None) or r.epochs_run,
-        # growth adds parameters while training (never beyond max_params)
-        "n_params_final": (r.history[-1].get("n_params") if r.history else None),
-        "history": [
-            {k: (round(v, 6) if isinstance(v, float) else v) for k, v in h.items()} for h in r.history
-        ],
-    }
-    if len(results) > 1:
-        attrs["seed_results"] = [
-            {"seed": x.seed, **{k: _final(x).get(k) for k in ("val_accuracy", "test_accuracy", "val_loss", "test_loss")}}
-            for x in results
-        ]
-        attrs["test_accuracy_mean"] = _mean([_final(x).get("test_accuracy") for x in results])
-        attrs["test_loss_mean"] = _mean([_final(x).get("test_loss") for x in results])
-    # Optuna keeps user attributes as JSON: make sure nothing else slips in.
-    return json.loads(json.dumps(attrs, default=float))
-
-
-def _fail(study: optuna.Study, trial: optuna.Trial, reason: str, state: str = "failed") -> TrialOutcome:
-    log.warning("trial %s failed: %s", trial.number, reason)
-    trial.set_user_attr("fail_reason", reason)
-    study.tell(trial, state=TrialState.FAIL)
-    return TrialOutcome(trial.number, state, reason=reason)
 
 
 # -- in-process runs --------------------------------------------------------------------------

@@ -60,7 +60,8 @@ class StudySpec(BaseModel):
 
     name: str | None = Field(default=None, description="Study name: letters, digits, '.', '_', '-'; at most 64.")
     model: str = Field(default="dendritic_simple", description="Model family (see core.list_models()).")
-    dataset: str = Field(default="fashion-mnist", description="Dataset (see core.list_datasets()).")
+    dataset: str = Field(default="fashion-mnist", description="Dataset (see core.list_datasets()), "
+                         "or a file: 'npz:/path/data.npz' or 'folder:/path/to/images'.")
     search_space: dict[str, Any] = Field(default_factory=dict)
     model_params: dict[str, Any] = Field(default_factory=dict)
     max_params: int | None = Field(default=None, ge=1, description="Parameter budget; None = no budget.")
@@ -77,6 +78,11 @@ class StudySpec(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        default="fp32",
+        description="Arithmetic of population training (core.train_population): 'fp32' is exact "
+        "(the default); 'tf32' and 'bf16' trade a little accuracy for speed on CUDA.",
+    )
     seeds_per_trial: int = Field(default=1, ge=1, le=10)
     seed: int = Field(default=0, ge=0, description="Seeds the sampler and the trials' seeds.")
     data_seed: int = Field(default=0, ge=0, description="Seeds the subset and validation split.")
@@ -115,9 +121,12 @@ class StudySpec(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
-        if v not in core.list_datasets():
-            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(core.list_datasets())}")
-        return v
+        # A registered name, or a file dataset (npz:/path, folder:/path) checked on disk and
+        # stored with an absolute path, so that every worker reads the same file.
+        try:
+            return core.resolve_dataset_name(v)
+        except (core.CoreError, ValueError, OSError) as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("search_space", mode="before")
     @classmethod
@@ -133,6 +142,17 @@ class StudySpec(BaseModel):
                 p = {"type": "int" if is_int else "float", "low": p[0], "high": p[1]}
             out[k] = p
         return out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pareto_prunes_nothing(cls, data: Any) -> Any:
+        # Pruning needs one objective: a Pareto spec that names no pruner gets none, rather
+        # than the single-objective default it cannot use.
+        if isinstance(data, dict) and "pruner" not in data:
+            objective = data.get("objective")
+            if isinstance(objective, list | tuple) and len(objective) > 1:
+                return {**data, "pruner": "none"}
+        return data
 
     @model_validator(mode="after")
     def _semantics(self) -> StudySpec:
@@ -339,16 +359,39 @@ def smallest_point(spec: StudySpec) -> tuple[int, dict[str, Any]]:
     names = list(space)
     options = [space[n].low_values() for n in names]
     best: tuple[int, dict[str, Any]] | None = None
-    errors: list[str] = []
+    errors: list[tuple[str, dict[str, Any]]] = []
     for combo in itertools.islice(itertools.product(*options), _MAX_ENUMERATION):
         point = dict(zip(names, combo, strict=True))
         try:
             n = count_point(spec, point)
         except ValueError as exc:  # e.g. more dendrite inputs than the data has
-            errors.append(str(exc))
+            errors.append((str(exc), point))
             continue
         if best is None or n < best[0]:
             best = (n, point)
     if best is None:
-        raise SpecError("search_space", f"no point of the space builds a model: {errors[0]}")
+        message, point = errors[0]
+        raise _default_misfit(spec, point, message) or SpecError(
+            "search_space", f"no point of the space builds a model: {message}")
     return best
+
+
+def _default_misfit(spec: StudySpec, point: dict[str, Any], message: str) -> SpecError | None:
+    """The error for a family default that does not fit the dataset, naming that default.
+
+    E.g. dendritic_simple's ``n_dendrite_inputs=96`` on the 64 inputs of digits: the user set
+    nothing wrong, so the message says which default failed and where to set it.
+    """
+    family = str(point.get(ARCH_KEY, spec.model))
+    fam = core.get_family(family)
+    set_here = set(point) | set(spec.model_params) | set(core.data_params(
+        family, spec.info.input_shape, spec.info.n_classes, spec.info.out_dim))
+    culprits = [k for k in fam.defaults if k not in set_here and re.search(rf"\b{re.escape(k)}\b", message)]
+    if not culprits:
+        return None
+    names = " and ".join(f"{k}={fam.defaults[k]!r}" for k in culprits)
+    return SpecError(
+        f"model_params.{culprits[0]}",
+        f"model family {family!r} defaults to {names}, which does not fit dataset {spec.dataset!r} "
+        f"({message}); set {' and '.join(culprits)} in search_space or model_params",
+    )

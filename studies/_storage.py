@@ -1,4 +1,4 @@
-"""Optuna RDB storage set-up (SQLite WAL or PostgreSQL), heartbeats, and a per-study ask lock."""
+"""Optuna RDB storage set-up (SQLite WAL or PostgreSQL), lease timings, and a per-study ask lock."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ __all__ = [
     "sqlite_path",
     "study_lock",
     "rdb",
-    "heartbeat",
+    "lease_timing",
     "delete_study",
     "HEARTBEAT_INTERVAL",
     "GRACE_PERIOD",
@@ -81,19 +81,14 @@ def open_storage(
     is failed by the next worker that asks, and re-queued up to ``max_retry`` times.
     One storage object per URL and process.
     """
-    if not isinstance(url, str) or "://" not in url:
-        raise StorageError(
-            f"storage URL {url!r} is not a database URL; use e.g. sqlite:///path/to/dendro.db or "
-            "postgresql+psycopg://user@host:5432/db"
-        )
     key = (url, heartbeat_interval or 0, grace_period or 0)
     with _LOCK:
         if key in _STORAGES:
             return _STORAGES[key]
+        check_url(url)
         try:
             path = sqlite_path(url)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
                     con.execute("PRAGMA journal_mode=WAL")
             with warnings.catch_warnings():
@@ -109,6 +104,39 @@ def open_storage(
             raise StorageError(f"cannot reach the database at {_redact(url)}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
         _STORAGES[key] = storage
         return storage
+
+
+_URL_EXAMPLES = "use e.g. sqlite:///path/to/dendro.db or postgresql+psycopg://user@host:5432/db"
+
+
+def check_url(url: str) -> None:
+    """Raise StorageError for a URL that can never work, before anything is created.
+
+    Malformed URLs, unknown databases, drivers that are not installed, and SQLite files whose
+    folder does not exist. A database that does not answer is not checked here: it may come back.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise StorageError(f"storage URL {url!r} is not a database URL; {_URL_EXAMPLES}")
+    try:
+        u = make_url(url)
+    except (sa.exc.ArgumentError, ValueError) as exc:
+        raise StorageError(f"storage URL {_redact(url)!r} is malformed ({exc}); {_URL_EXAMPLES}") from None
+    try:
+        dialect = u.get_dialect()
+    except sa.exc.NoSuchModuleError:
+        raise StorageError(f"storage URL {_redact(url)!r} names an unknown database or driver "
+                           f"{u.drivername!r}; {_URL_EXAMPLES}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise StorageError(
+            f"storage URL {_redact(url)!r} needs the database driver {dialect.driver!r}, which is not "
+            f"installed ({exc}); install it, or name an installed driver in the URL "
+            "(e.g. postgresql+psycopg://...)") from None
+    path = sqlite_path(url)
+    if path is not None and not path.parent.is_dir():
+        raise StorageError(f"the SQLite database {path} cannot be created: the folder {path.parent} "
+                           "does not exist; create it first or give another path")
 
 
 def _sqlite_foreign_keys(engine: sa.Engine) -> None:
@@ -130,17 +158,23 @@ def _sqlite_foreign_keys(engine: sa.Engine) -> None:
 def _make_rdb(
     url: str, heartbeat_interval: int | None, grace_period: int | None, max_retry: int
 ) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=_engine_kwargs(url),
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=max_retry
-        )
-        if heartbeat_interval
-        else None,
-    )
+    # No Optuna heartbeats: a process's trials are kept alive by its one lease
+    # (studies._lease), beaten by one thread, and a stale lease's trials are failed and
+    # re-queued once by the next ask. ``heartbeat_interval`` and ``grace_period`` are the
+    # lease's timings for this storage; ``max_retry`` is kept for the callers' signature.
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    _TIMINGS[id(storage)] = (float(heartbeat_interval or HEARTBEAT_INTERVAL),
+                             float(grace_period or GRACE_PERIOD))
+    return storage
+
+
+#: (beat interval, grace period) of each storage open_storage made, by id
+_TIMINGS: dict[int, tuple[float, float]] = {}
+
+
+def lease_timing(storage: optuna.storages.BaseStorage) -> tuple[float, float]:
+    """The lease beat interval and grace period, in seconds, that ``storage`` was opened with."""
+    return _TIMINGS.get(id(rdb(storage)), (float(HEARTBEAT_INTERVAL), float(GRACE_PERIOD)))
 
 
 def _redact(url: str) -> str:
@@ -198,34 +232,6 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
         yield
 
 
-@contextlib.contextmanager
-def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
-    """Beat for ``trial_id`` from a thread while the block runs (no-op without heartbeats)."""
-    storage = rdb(storage)
-    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
-        yield
-        return
-    interval = storage.get_heartbeat_interval() or HEARTBEAT_INTERVAL
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception as exc:  # noqa: BLE001 - a lost beat is retried next interval
-                log.warning("heartbeat for trial %s failed: %s", trial_id, exc.__class__.__name__)
-            if stop.wait(interval):
-                return
-
-    t = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join(timeout=5)
-
-
 #: words of the driver errors that mean "another transaction holds it": retried
 _CONTENTION = ("locked", "deadlock", "busy", "lock timeout", "could not obtain lock")
 
@@ -264,7 +270,7 @@ def delete_study(storage: str | optuna.storages.BaseStorage, study_name: str, ti
 
 
 def _delete_rows(engine: sa.Engine, study_name: str, deadline: float) -> None:
-    from optuna.storages._rdb import models
+    from ._optuna_private import models
 
     tables = models.BaseModel.metadata.tables
     studies_t, trials_t = tables["studies"], tables["trials"]

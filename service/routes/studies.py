@@ -20,7 +20,15 @@ import studies
 from .._errors import finite_json
 from .._snapshots import Snapshot, Snapshots
 from ..deps import ReadAuth, SettingsDep, SnapshotsDep, StorageDep, WriteAuth
-from ..models import ErrorBody, StudiesPublic, StudyProgress, StudyPublic, TrialPublic, TrialsPublic
+from ..models import (
+    ErrorBody,
+    StudiesPublic,
+    StudyProgress,
+    StudyPublic,
+    StudyUpdate,
+    TrialPublic,
+    TrialsPublic,
+)
 
 _Responses = dict[int | str, dict[str, Any]]
 #: every route reads the database: while it is down the answer is a 503 to retry
@@ -33,7 +41,7 @@ _E409: _Responses = {409: {"model": ErrorBody, "description": "The name exists o
 _E401: _Responses = {401: {"model": ErrorBody, "description": "The API token is missing or wrong"}}
 _E413: _Responses = {413: {"model": ErrorBody, "description": "The request body is over the server's limit"}}
 _NAME_RE = re.compile(studies.NAME_PATTERN)
-TRIAL_STATES = ("complete", "pruned", "failed", "running", "waiting", "infeasible")
+TRIAL_STATES = studies.TRIAL_STATES
 #: a study name in a URL: checked before anything is looked up, so no request reaches the
 #: database, a file name or a header with a name that no study could have
 Name = Annotated[str, Path(pattern=studies.NAME_PATTERN, min_length=1, max_length=64,
@@ -72,7 +80,9 @@ def _study_public(snap: Snapshot) -> StudyPublic | None:
     spec = attrs[studies.SPEC_ATTR]
     out = StudyPublic(
         name=snap.name,
+        study_id=snap.study_id,
         state=str(attrs.get(studies.STATE_ATTR, "running")),
+        error=attrs.get(studies.ERROR_ATTR) if attrs.get(studies.STATE_ATTR) == "error" else None,
         n_trials=int(spec.get("n_trials", 0)),
         progress=StudyProgress(**_progress(trials)),
         directions=directions,
@@ -112,15 +122,7 @@ def _progress(trials: list[FrozenTrial]) -> dict[str, int]:
 
 
 def _trial_state(t: FrozenTrial) -> str:
-    if studies.is_infeasible(t):
-        return "infeasible"
-    return {
-        TrialState.COMPLETE: "complete",
-        TrialState.PRUNED: "pruned",
-        TrialState.FAIL: "failed",
-        TrialState.RUNNING: "running",
-        TrialState.WAITING: "waiting",
-    }[t.state]
+    return studies.trial_state(t)
 
 
 _METRIC_KEYS = ("val_accuracy", "test_accuracy", "train_accuracy", "val_loss", "test_loss",
@@ -189,9 +191,13 @@ def create_study(spec: studies.StudySpec, storage: StorageDep, settings: Setting
         if value > limit:
             raise _limit_error(field, f"{field}={value} is over this server's limit of {limit}")
     try:
-        studies.create_study(spec, storage, spec.name)
+        study = studies.create_study(spec, storage, spec.name)
     except studies.StudyExistsError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    try:
+        studies.write_spec_note(study, spec)
+    except Exception as exc:  # the study exists: a missing note must not turn it into an error
+        log.warning("study %r: the dashboard note was not written: %s", spec.name, exc)
     snapshots.forget(spec.name)
     out = _study_public(_snapshot(snapshots, storage, spec.name))
     assert out is not None
@@ -270,7 +276,11 @@ def _change_state(name: str, storage: optuna.storages.RDBStorage, snapshots: Sna
                   action: str) -> StudyPublic:
     study = _load(storage, name)
     try:
-        studies.set_study_state(study, action)
+        # resume also restarts a done study that has trials left (e.g. after a larger n_trials)
+        if action == "resume":
+            studies.resume_study(study)
+        else:
+            studies.set_study_state(study, action)
     except studies.StateError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
     finally:
@@ -287,6 +297,28 @@ def stop_study(name: Name, storage: StorageDep, snapshots: SnapshotsDep) -> Stud
 @router.post("/{name}/resume", response_model=StudyPublic, dependencies=[WriteAuth], responses={**_E404, **_E409, **_E401})
 def resume_study(name: Name, storage: StorageDep, snapshots: SnapshotsDep) -> StudyPublic:
     return _change_state(name, storage, snapshots, "resume")
+
+
+@router.patch("/{name}", response_model=StudyPublic, dependencies=[WriteAuth],
+              responses={**_E404, **_E409, **_E401, **_E413,
+                         400: {"model": ErrorBody, "description": "The body is not JSON"}})
+def update_study(name: Name, body: StudyUpdate, storage: StorageDep, settings: SettingsDep,
+                 snapshots: SnapshotsDep) -> StudyPublic:
+    """Extend a study: a larger ``n_trials`` (or ``timeout``); a done study runs again."""
+    if body.n_trials is not None and body.n_trials > settings.max_trials:
+        raise _limit_error("n_trials", f"n_trials={body.n_trials} is over this server's limit of {settings.max_trials}")
+    study = _load(storage, name)
+    try:
+        studies.extend_study(study, n_trials=body.n_trials, timeout=body.timeout)
+    except studies.StudyNotFoundError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"study {name!r} was not created by dendro") from None
+    except studies.SpecError as exc:
+        raise _limit_error(exc.field, exc.message) from None
+    except studies.StateError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    finally:
+        snapshots.forget(name)
+    return get_study(name, storage, snapshots)
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAuth],

@@ -14,7 +14,7 @@ import pytest
 from service_helpers import DENDRO, free_port
 
 import studies
-from service.cli import main
+from service.cli import build_parser, main
 
 #: the spec of issue 3, verbatim
 ISSUE_SPEC: dict[str, Any] = {
@@ -158,3 +158,18 @@ def test_a_worker_loads_no_web_code(tmp_path: Path) -> None:
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_compare_resamples_by_default_and_says_how_often(capsys: pytest.CaptureFixture[str]) -> None:
+    # fewer epochs than the default, with steps that still fit several resampling steps in
+    assert main(["compare", "--epochs", "2", "--steps-to-resample", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(":")[0].strip(): line for line in out.splitlines() if "resampling events" in line}
+    assert set(rows) == {"dendritic (resampling)", "dendritic (static)"}, out
+    assert "dendritic (static): 0 resampling events (0 connections swapped)" in out
+    events = int(rows["dendritic (resampling)"].split(":")[1].split()[0])
+    assert events == (2 * 21) // 8, out  # 1294 training examples / batch 64 = 21 steps an epoch
+    assert "no resampling happened" not in out
+    defaults = build_parser().parse_args(["compare"])
+    assert defaults.epochs * -(-1294 // defaults.batch_size) // defaults.steps_to_resample >= 5, \
+        "the defaults resample several times on digits"

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import pytest
 import sqlalchemy as sa
@@ -21,7 +20,7 @@ from optuna.trial import TrialState
 
 import core
 import studies
-from studies import StudySpec, _fast, _population, _runner
+from studies import StudySpec, _fast, _lease, _population, _runner
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -380,16 +379,21 @@ def test_a_dead_workers_trial_keeps_its_params_and_is_retried(
     trial.set_user_attr("n_params", 1)
     _fast.of(trial).flush([trial._trial_id])  # what execute_trial does before training
     trial.report(0.5, 1)  # buffered: dies with the worker
-    # The worker dies. Its trial is RUNNING with params and a heartbeat, and goes stale.
+    # The worker dies: its lease stops beating and goes stale; its trial is RUNNING with params.
+    lease = _lease.lease_for(study._storage)
+    assert lease is not None and trial.storage.get_trial_system_attrs(trial._trial_id)[_lease.LEASE_KEY] == lease.id
+    lease.close(remove=False)
+    _lease._LEASES.pop(str(lease.engine.url))  # the next ask in this process takes a new lease
     raw = _own_storage(url)
     with raw.engine.begin() as con:
-        con.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'"))
+        con.execute(sa.text("UPDATE dendro_workers SET last_heartbeat = 0 WHERE worker_id = :w"), {"w": lease.id})
     other, sp = studies.load_study("dead", _own_storage(url), sampler_seed=2)
     retry = studies.ask_trial(other, sp)
     assert retry is not None and retry.number != trial.number
     assert retry.params == params  # re-queued with its point
     dead = raw.get_trial(trial._trial_id)
     assert dead.state == TrialState.FAIL and dead.params == params and not dead.intermediate_values
+    assert "lease" in dead.user_attrs["fail_reason"] and dead.user_attrs["dendro.state"] == "failed"
 
 
 # -- the sampler -----------------------------------------------------------------------------------
@@ -438,18 +442,3 @@ def test_a_burst_of_asks_shares_tpe_fits_only_when_asked_to() -> None:
         study.ask(space)
         fits.append(len(calls))
     assert fits == [11, 2 + 1]  # exact: one fit an ask; 4 stale lies: one per 5 asks, then the tell
-
-
-def test_the_log_cdf_memo_returns_optunas_values_bit_for_bit() -> None:
-    from optuna.samplers._tpe import _truncnorm
-
-    rng = np.random.default_rng(0)
-    memo = _fast._ExactMemo(_truncnorm._log_ndtr_single.__wrapped__, limit=4000, merge=64)
-    for _ in range(30):
-        x = np.concatenate([rng.normal(0, 8, 300), rng.choice([-0.0, 0.0, 6.5, -25.0, -40.0, np.nan, np.inf, -np.inf], 20),
-                            rng.normal(0, 8, 100).round(1)]).reshape(-1, 20)
-        want = _truncnorm._log_ndtr(x)
-        got = memo(x)
-        assert got.shape == want.shape
-        np.testing.assert_array_equal(got, want)
-    assert memo.tables[0].size + memo.tables[2].size > 0

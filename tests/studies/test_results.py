@@ -71,7 +71,7 @@ def test_csv_has_one_row_per_trial_and_a_column_per_parameter(
         assert int(r["n_params"]) == t.user_attrs["n_params"]
         assert int(r["param_n_neurons"]) == t.params["n_neurons"]
         if studies.is_infeasible(t):
-            assert r["state"] == "pruned" and r["val_accuracy"] == "" and "max_params" in r["reason"]
+            assert r["state"] == "infeasible" and r["val_accuracy"] == "" and "max_params" in r["reason"]
         else:
             assert float(r["value_val_accuracy"]) == t.value
 

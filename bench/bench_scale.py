@@ -1,0 +1,277 @@
+"""N `dendro worker` processes on one study: aggregate trials/s and per-trial service time.
+
+    python bench/bench_scale.py [--workers 1,2,4,8,16,32] [--backends postgresql,sqlite]
+        [--modes population,trial] [--trials 400] [--population 32]
+        [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
+    python bench/bench_scale.py --gpu [--gpu-trials 4000] [--data-dir DIR]
+
+Each row starts N real worker processes (``python -m service.cli worker``) against one new
+study of the seed's space (dendritic_simple on Fashion-MNIST, max_params 8000, 15 epochs,
+TPE + median pruner, as bench_overhead.py), waits until they have finished it and exited,
+then checks the study: exactly n_trials finished, no trial number twice, none RUNNING or
+WAITING. Training is replaced by bench_overhead's instant curve (``instant_training.py``,
+imported by each worker), so what is measured is the service: storage, leases, sampler and
+pruner. Columns:
+
+- ``wall``: from the first trial's start to the last one's end (database timestamps);
+- ``trials/s``: finished trials / wall;
+- ``service ms``: per-trial service time, N x wall / trials (a worker's seconds per trial);
+- ``cpu ms``: the workers' CPU time (user + system, from the kernel at exit) per finished
+  trial, less N times the CPU time of a worker that starts and exits without a trial
+  (measured first): what the service costs, which the machine's core count does not inflate.
+
+With more workers than cores, ``service ms`` grows with the time each worker waits for a
+core; ``cpu ms`` shows what the service costs. ``--gpu`` runs the real thing instead
+(no instant curve): one population worker on ``cuda:0`` with ``--gpu-trials / 2`` trials,
+then two (``cuda:0``, ``cuda:1``) on ``--gpu-trials``, and prints trials/s of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_overhead import PG_URL, make_spec  # noqa: E402
+
+import studies  # noqa: E402
+
+_LAUNCH = ("import sys; sys.path.insert(0, {bench!r}); {plugin}"
+           "from service.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _worker_cmd(instant: bool) -> list[str]:
+    plugin = "import instant_training; " if instant else ""
+    return [sys.executable, "-c", _LAUNCH.format(bench=str(ROOT / "bench"), plugin=plugin)]
+
+
+def _start(n: int, storage: str, name: str, mode: str, k: int | str, logs: Path, instant: bool,
+           devices: list[str], data_dir: str | None, idle_exit: float = 3600) -> list[subprocess.Popen[bytes]]:
+    env = {key: v for key, v in os.environ.items() if not key.startswith("DENDRO_")}
+    env |= {"PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}",
+            "OMP_NUM_THREADS": "1"}
+    if instant:
+        env["DENDRO_PLUGINS"] = "instant_training"
+    procs = []
+    for i in range(n):
+        args = ["worker", "--storage", storage, "--studies", name, "--idle-exit", str(idle_exit),
+                "--device", devices[i % len(devices)]]
+        if data_dir:
+            args += ["--data-dir", data_dir]
+        if mode == "population":
+            args += ["--population", str(k)]
+        with open(logs / f"{name}-{i}.log", "wb") as fh:
+            procs.append(subprocess.Popen([*_worker_cmd(instant), *args], stdout=fh, stderr=subprocess.STDOUT,
+                                          env=env, cwd=ROOT))
+    return procs
+
+
+def _run_when_all_up(storage: str, name: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Set the (queued) study running once every worker holds its lease: all N start together."""
+    engine = sa.create_engine(storage)
+    pids = {p.pid for p in procs}
+    deadline = time.monotonic() + timeout
+    try:
+        while {r["pid"] for r in studies.list_leases(engine, live_within=60)} & pids != pids:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("the workers did not all start")
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    study = optuna.load_study(study_name=name, storage=storage)
+    study.set_user_attr(studies.STATE_ATTR, "running")
+
+
+def _wait_done(storage: str, name: str, n_trials: int, timeout: float) -> None:
+    st = optuna.storages.RDBStorage(storage)
+    deadline = time.monotonic() + timeout
+    try:
+        sid = st.get_study_id_from_name(name)
+        while time.monotonic() < deadline:
+            c = Counter(studies.trial_state(t) for t in st.get_all_trials(sid, deepcopy=False))
+            if c["complete"] + c["pruned"] >= n_trials and not c["running"]:
+                return
+            time.sleep(0.2)
+    finally:
+        st.engine.dispose()
+
+
+def _reap(procs: list[subprocess.Popen[bytes]], timeout: float,
+          terminate: bool = True) -> tuple[float, list[int]]:
+    """Stop every worker (SIGTERM) and wait; their CPU seconds (from the kernel) and exit codes."""
+    for p in procs:
+        if terminate:
+            p.send_signal(signal.SIGTERM)
+    cpu, codes = 0.0, []
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                cpu += usage.ru_utime + usage.ru_stime
+                p.returncode = os.waitstatus_to_exitcode(status)
+                codes.append(p.returncode)
+                break
+            if time.monotonic() > deadline:
+                p.kill()
+                _, status, usage = os.wait4(p.pid, 0)
+                cpu += usage.ru_utime + usage.ru_stime
+                codes.append(-9)
+                break
+            time.sleep(0.05)
+    return cpu, codes
+
+
+def _check(storage: str, name: str, n_trials: int) -> dict[str, Any]:
+    st = optuna.storages.RDBStorage(storage)
+    try:
+        trials = optuna.load_study(study_name=name, storage=st).get_trials(deepcopy=False)
+    finally:
+        st.engine.dispose()
+    states = Counter(studies.trial_state(t) for t in trials)
+    numbers = [t.number for t in trials]
+    finished = states["complete"] + states["pruned"]
+    starts = [t.datetime_start for t in trials if t.datetime_start and t.state != TrialState.WAITING]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else float("nan")
+    problems = []
+    if finished != n_trials:
+        problems.append(f"{finished} finished, not {n_trials}")
+    if len(numbers) != len(set(numbers)):
+        problems.append("duplicate trial numbers")
+    if states["running"] or states["waiting"]:
+        problems.append(f"{states['running']} running, {states['waiting']} waiting")
+    return {"finished": finished, "wall": wall, "states": dict(states), "ok": not problems,
+            "problems": problems}
+
+
+def _drop(storage: str, name: str) -> None:
+    try:
+        studies.delete_study(storage, name)
+    except Exception as exc:  # noqa: BLE001 - best effort
+        print(f"  (could not delete {name}: {exc})")
+
+
+def idle_cpu(storage: str, logs: Path) -> float:
+    """CPU seconds of a worker that starts, finds nothing to do and exits (its start-up)."""
+    procs = _start(1, storage, "no-such-study", "trial", 1, logs, True, ["cpu"], None, idle_exit=0.5)
+    return _reap(procs, 120, terminate=False)[0]
+
+
+def run_row(backend: str, mode: str, n: int, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    name = f"scale-{mode[:3]}-{n}-{uuid.uuid4().hex[:8]}"
+    if backend == "sqlite":
+        storage = f"sqlite:///{logs / (name + '.db')}"
+    else:
+        storage = args.pg_url
+    studies.create_study(make_spec(name, args.trials, seed=n), storage, name, state="queued")
+    procs = _start(n, storage, name, mode, args.population, logs, True, ["cpu"], None)
+    try:
+        _run_when_all_up(storage, name, procs, args.timeout)
+        _wait_done(storage, name, args.trials, args.timeout)
+    finally:
+        cpu, codes = _reap(procs, 60)
+    res = _check(storage, name, args.trials)
+    res |= {"backend": backend, "mode": mode, "n": n, "cpu": cpu - n * args.idle_cpu, "codes": codes}
+    if backend != "sqlite":
+        _drop(storage, name)
+    return res
+
+
+def _fmt(r: dict[str, Any], trials: int) -> str:
+    wall = r["wall"]
+    rate = r["finished"] / wall if wall and wall == wall else float("nan")
+    service = 1000 * r["n"] * wall / max(1, r["finished"])
+    cpu = 1000 * r["cpu"] / max(1, r["finished"])
+    ok = "ok" if r["ok"] and all(c == 0 for c in r["codes"]) else "FAIL " + "; ".join(
+        r["problems"] + ([f"exit codes {r['codes']}"] if any(r["codes"]) else []))
+    return (f"{r['backend']:10s} {r['mode']:10s} {r['n']:3d} {r['finished']:6d} {wall:8.2f} {rate:9.1f} "
+            f"{service:11.1f} {cpu:8.1f}  {ok}")
+
+
+def gpu(args: argparse.Namespace, logs: Path) -> None:
+    """One population worker on 2,000 trials, then two (one per GPU) on 4,000: real training."""
+    from bench_overhead import SEED_SPACE
+
+    rows = []
+    for n, devices, trials in ((1, ["cuda:0"], args.gpu_trials // 2), (2, ["cuda:0", "cuda:1"], args.gpu_trials)):
+        name = f"gpu-{n}-{uuid.uuid4().hex[:8]}"
+        storage = f"sqlite:///{logs / (name + '.db')}" if args.gpu_storage == "sqlite" else args.pg_url
+        spec = studies.StudySpec(
+            name=name, model="dendritic_simple", dataset="fashion-mnist", search_space=SEED_SPACE,
+            max_params=8000, n_trials=trials, n_epochs=15, batch_size=256, sampler="tpe", pruner="median", seed=n)
+        studies.create_study(spec, storage, name, state="queued")
+        t0 = time.monotonic()
+        procs = _start(n, storage, name, "population", "auto", logs, False, devices, args.data_dir)
+        try:
+            _run_when_all_up(storage, name, procs, args.timeout)
+            _wait_done(storage, name, trials, args.timeout)
+        finally:
+            cpu, codes = _reap(procs, 120)
+        res = _check(storage, name, trials) | {"n": n, "cpu": cpu, "codes": codes, "backend": args.gpu_storage,
+                                                "mode": "population", "elapsed": time.monotonic() - t0}
+        rows.append(res)
+        print(_fmt(res, trials), flush=True)
+    one, two = (r["finished"] / r["wall"] for r in rows)
+    print(f"two workers: {two:.1f} trials/s vs one: {one:.1f} trials/s = {two / one:.2f}x (target >= 1.8x)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", default="1,2,4,8,16,32")
+    p.add_argument("--backends", default="postgresql,sqlite")
+    p.add_argument("--modes", default="population,trial")
+    p.add_argument("--trials", type=int, default=400)
+    p.add_argument("--population", type=int, default=32, help="K of the population workers")
+    p.add_argument("--pg-url", default=PG_URL)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds a row may take")
+    p.add_argument("--keep", action="store_true", help="keep the workers' logs and SQLite files")
+    p.add_argument("--gpu", action="store_true", help="the two-GPU run (real training) instead")
+    p.add_argument("--gpu-trials", type=int, default=4000)
+    p.add_argument("--gpu-storage", default="sqlite", choices=["sqlite", "postgresql"])
+    p.add_argument("--data-dir", default=None)
+    args = p.parse_args()
+    logs = Path(tempfile.mkdtemp(prefix="bench_scale-"))
+    print(f"bench_scale: cpu count {os.cpu_count()}, logs in {logs}", flush=True)
+    try:
+        if args.gpu:
+            gpu(args, logs)
+            return
+        args.idle_cpu = idle_cpu(f"sqlite:///{logs / 'idle.db'}", logs)
+        print(f"a worker's start-up and exit: {args.idle_cpu:.2f} s of CPU (left out of cpu ms)")
+        print(f"{'backend':10s} {'mode':10s} {'N':>3s} {'trials':>6s} {'wall s':>8s} {'trials/s':>9s} "
+              f"{'service ms':>11s} {'cpu ms':>8s}  checks", flush=True)
+        for backend in args.backends.split(","):
+            if backend == "postgresql":
+                try:
+                    sa.create_engine(args.pg_url).connect().close()
+                except Exception as exc:  # noqa: BLE001
+                    print(f"postgresql skipped: {exc.__class__.__name__}")
+                    continue
+            for mode in args.modes.split(","):
+                for n in (int(x) for x in args.workers.split(",")):
+                    print(_fmt(run_row(backend, mode, n, args, logs), args.trials), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(logs, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The private Optuna names this package still needs, in one place, each with the reason.
+
+Optuna is bounded below its next major version in ``pyproject.toml``; a new major may move
+any of these, and this module is the one to fix. Nothing here is patched: these names are
+only read, called or subclassed. (Beside them the package reads three attributes that
+Optuna documents nowhere but every storage-aware tool uses: ``Study._storage``,
+``Study._study_id`` and ``Trial._trial_id``/``FrozenTrial._trial_id``.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# The RDB schema (tables and ORM models): the batching storage (studies._fast) writes a
+# batch of trials' rows in one statement per table, the lease reaper (studies._lease) fails
+# a stale trial and queues its point in one transaction, and studies.delete_study empties a
+# study's rows in one statement per table. Optuna's public API writes row by row.
+from optuna.storages._rdb import models
+
+# A session that commits on success and rolls back (and translates errors as Optuna does)
+# on failure: the same transaction boundaries as Optuna's own writes.
+from optuna.storages._rdb.storage import _create_scoped_session as create_scoped_session
+
+# The key under which Study.set_constraint / Trial.set_constraint store a constraint.
+from optuna.study._constrained_optimization import _CONSTRAINTS_KEY as CONSTRAINTS_KEY
+
+__all__ = [
+    "models",
+    "create_scoped_session",
+    "CONSTRAINTS_KEY",
+    "build_frozen_trial",
+    "set_trial_attr_without_commit",
+    "tpe_split_trials",
+    "tpe_infeasible_score",
+    "tpe_pruned_score",
+    "tpe_default_gammas",
+]
+
+
+def build_frozen_trial(storage: Any, model: Any) -> Any:
+    """A FrozenTrial from a loaded TrialModel, exactly as RDBStorage builds it for get_trial
+    (the batching storage loads many trials with one query and needs Optuna's conversion)."""
+    return storage._build_frozen_trial_from_trial_model(model)
+
+
+def set_trial_attr_without_commit(storage: Any, session: Any, model: Any, trial_id: int, key: str,
+                                  value: Any) -> None:
+    """Optuna's upsert of one attribute row inside a caller's transaction: the batching
+    storage's fallback on databases without an INSERT .. ON CONFLICT statement."""
+    storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+
+
+def tpe_split_trials(study: Any, trials: list[Any], n_below: int) -> tuple[list[Any], list[Any]]:
+    """TPE's multi-objective good/bad split: FastTPESampler fits its estimators itself (one fit
+    serves a batch of asks) and must split exactly as TPESampler does."""
+    from optuna.samplers._tpe import sampler as tpe
+
+    return tpe._split_trials(study, trials, n_below)
+
+
+def tpe_infeasible_score(trial: Any) -> float:
+    """How far over its constraints a trial is, as TPE ranks infeasible trials."""
+    from optuna.samplers._tpe import sampler as tpe
+
+    return float(tpe._get_infeasible_trial_score(trial))
+
+
+def tpe_pruned_score(trial: Any, study: Any) -> Any:
+    """How far a pruned trial got and its last report, as TPE ranks pruned trials."""
+    from optuna.samplers._tpe import sampler as tpe
+
+    return tpe._get_pruned_trial_score(trial, study)
+
+
+def tpe_default_gammas() -> tuple[Any, Any]:
+    """TPE's default gamma functions (single, multi-objective), used when none is given."""
+    from optuna.samplers._tpe import sampler as tpe
+
+    return tpe.default_gamma, tpe.default_gamma_multiobjective
+
+
+def json_dumps_attr(value: Any) -> str:
+    """An attribute value as Optuna stores it (``value_json``); raises TypeError or ValueError
+    for a value JSON cannot encode, at the moment it is set, as RDBStorage does."""
+    return json.dumps(value)
