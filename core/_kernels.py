@@ -4,9 +4,9 @@ A population of ``dendritic_simple`` members spends most of a step after the den
 in small element-wise and reduction kernels (LeakyReLU, the soma's weighted sum, its
 LeakyReLU, the readout, cross-entropy, and the gradients of each), every one a full pass over
 the (members, batch, dendrites) activations. :func:`soma_head` does all of them in one pass:
-from the dendrites' pre-activations ``z`` it computes each member's mean cross-entropy, its
-number of correct predictions, the gradient with respect to ``z`` and the gradients of the
-soma and readout parameters. Sums over the batch are written per batch block and added up
+from the dendrites' pre-activations ``z`` it computes each member's mean cross-entropy (with
+the member's own label smoothing, zero by default), its number of correct predictions, the
+gradient with respect to ``z`` and the gradients of the soma and readout parameters. Sums over the batch are written per batch block and added up
 afterwards, so the result is deterministic.
 
 Triton runs on CUDA only; :func:`available` says whether the fused head can be used, and
@@ -35,7 +35,7 @@ def _triton() -> Any:
 
     @triton.jit
     def head_kernel(
-        z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr,
+        z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr, eps_ptr,
         gz_ptr, part_ptr, loss_ptr, correct_ptr,
         B, NN, DD, C, p_stride, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
         inv_b,
@@ -76,12 +76,15 @@ def _triton() -> Any:
         se = tl.sum(e, axis=1)
         hit = c[None, :] == y[:, None]
         ly = tl.sum(tl.where(hit, logits, 0.0), axis=1)
-        ce = tl.where(mb, mx + tl.log(se) - ly, 0.0)
+        # label smoothing eps: (1 - eps) * CE + eps * the mean over classes of -log p
+        eps = tl.load(eps_ptr + m)
+        lsum = tl.sum(tl.where(mc[None, :], logits, 0.0), axis=1)
+        ce = tl.where(mb, mx + tl.log(se) - (1.0 - eps) * ly - eps * (lsum / C), 0.0)
         pred = tl.argmax(logits, axis=1)
         right = tl.where(mb & (pred == y), 1.0, 0.0)
         tl.store(loss_ptr + m * n_blocks + blk, tl.sum(ce, axis=0))
         tl.store(correct_ptr + m * n_blocks + blk, tl.sum(right, axis=0))
-        dlog = (e / se[:, None] - tl.where(hit, 1.0, 0.0)) * inv_b
+        dlog = (e / se[:, None] - (1.0 - eps) * tl.where(hit, 1.0, 0.0) - eps / C) * inv_b
         dlog = tl.where(mb[:, None] & mc[None, :], dlog, 0.0)
         # per-block partial sums of the small parameters' gradients: sw, sb, wo, bo
         part = part_ptr + (m.to(tl.int64) * n_blocks + blk) * part_stride
@@ -123,6 +126,7 @@ def _pow2(n: int) -> int:
 
 def soma_head(
     z: torch.Tensor, p: torch.Tensor, offsets: dict[str, int], n: int, d: int, y: torch.Tensor,
+    smoothing: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Loss, correct counts and gradients of ``LeakyReLU -> soma -> LeakyReLU -> Linear -> CE``.
 
@@ -132,7 +136,9 @@ def soma_head(
     (``sw``, ``sb``, ``wo``, ``bo``; the readout's shape from ``offsets["C"]``). ``y`` (K, B)
     holds the labels. Returns ``(mean loss (K,), correct (K,), dL/dz (K, B, n*d), dL/dsw
     (K, n, d), dL/dsb (K, n), dL/dwo (K, C, n), dL/dbo (K, C))`` for the loss
-    ``sum over members of the batch-mean cross-entropy``.
+    ``sum over members of the batch-mean cross-entropy``. ``smoothing`` (K,) float32, if
+    given, is each member's label smoothing (``F.cross_entropy(label_smoothing=...)``); the
+    loss and every gradient are then those of the smoothed cross-entropy.
     """
     tri = _triton()
     assert tri is not None
@@ -148,8 +154,9 @@ def soma_head(
     part = torch.empty(K, n_blocks, part_stride, device=z.device, dtype=torch.float32)
     loss = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
     correct = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
+    eps = smoothing if smoothing is not None else torch.zeros(K, device=z.device)
     kernel[(K, n_blocks)](
-        z, p, p, p, p, y, gz, part, loss, correct,
+        z, p, p, p, p, y, eps, gz, part, loss, correct,
         B, n, d, C, p.stride(0), offsets["sw"], offsets["sb"], offsets["wo"], offsets["bo"],
         n_blocks, part_stride, 1.0 / B,
         BB=BB, NP=NP, DP=DP, CP=CP, num_warps=4,

@@ -25,6 +25,15 @@ How the members stay exactly themselves:
   generator (and its data order from its own ``torch.Generator``), in background threads. The
   swap itself (weakest magnitudes, unused inputs, fresh weights, Adam slots reset) runs
   batched on the device for the members due at that step.
+* **Recipe.** A member's ``batch_size``, ``lr_schedule`` (with ``warmup_epochs``),
+  ``label_smoothing`` and ``augment`` are train_model's: the schedule's rates are computed
+  per member and step in double precision and written into the learning-rate vector before
+  each step; smoothing is per member in the training loss only (the fused head takes it
+  too); shifts are drawn right after each epoch's order from the member's data generator and
+  applied to its batch rows (members that do not augment get the identity shift). A
+  ``connectivity="local"`` member's resampling scores are masked to its patches as the layer
+  masks them, and ``resample_reset_adam=False`` members keep the swapped slots' moments.
+  Members of different batch sizes never share a stack (their steps differ).
 * **Continuous batching.** Members end only at epoch boundaries, so all running members are
   always at the same step of their epochs even though their epoch counters differ: a slot
   freed by a finished, pruned or diverged member is refilled at once with the next config.
@@ -491,7 +500,7 @@ class _Stack:
         # dendrites -> soma -> readout (dendritic_simple): the fused Triton head on CUDA
         self.fused = bool(
             dims.n and dims.soma_on and not dims.soma_off and not dims.depth and not dims.post_act
-            and self.K and not self.any_smooth and _kernels.available(dev)
+            and self.K and _kernels.available(dev)
         )
         self.offsets = {name: self.layout[name][0] for name in ("sw", "sb", "wo", "bo")
                         if name in self.layout}
@@ -710,7 +719,7 @@ class _Stack:
             z = torch.bmm(xb, dense.transpose(1, 2)).float().add_(db.unsqueeze(1))
         try:
             loss, correct, gz, gsw, gsb, gwo, gbo = _kernels.soma_head(
-                z, self.p, self.offsets, dims.n, dims.d, yb)
+                z, self.p, self.offsets, dims.n, dims.d, yb, self.smooth)
         except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
             if z.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise
@@ -762,7 +771,7 @@ class _Stack:
             self.idx[r, :, :k] = ind
             w.scatter_(2, weakest, grp.fresh)
             views[0][r, :, :k] = w
-            for buf in views[1:]:  # resample_reset_adam=False keeps them
+            for buf in views[1:] if grp.reset else ():  # resample_reset_adam=False keeps them
                 s = buf[r][..., :k]
                 s.scatter_(2, weakest, 0.0)
                 buf[r, :, :k] = s
@@ -1060,6 +1069,7 @@ class _Population:
         total += f * 8 * B * width  # activations and their gradients
         total += 8 * 3 * dims.rows * dims.k  # connections, their copy, the mask
         total += 4 * self.n_train  # the epoch's data order
+        total += 2 * self.n_train  # its shifts, when the member augments (uint8 pairs)
         total += f * 2 * dims.rows * dims.in_dim  # resampling draws
         return int(total)
 
@@ -1250,7 +1260,9 @@ class _Population:
                 if plan.shifts is not None:
                     shifts[i].copy_(plan.shifts)
         if stack.scheduled:  # each step's learning rate: base * factor, in double as train_model
-            factors = torch.ones(self.n_steps, stack.K, dtype=torch.float64)
+            # the stack's own steps: on CUDA this runs in a thread while another stack may train
+            n_steps = stack.members[0].n_steps
+            factors = torch.ones(n_steps, stack.K, dtype=torch.float64)
             for i, plan in enumerate(plans):
                 if plan.lr_factors is not None:
                     factors[:, i] = plan.lr_factors

@@ -419,7 +419,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     import studies
 
     settings = _settings(args)
-    if args.action in ("show", "export", "extend") and not args.name:
+    if args.action in ("show", "export", "extend", "finalize") and not args.name:
         raise CliError(f"study {args.action}: give the study name")
     if args.action == "extend" and args.n_trials is None and args.timeout is None:
         raise CliError("study extend: give --n-trials N (the new total) and/or --timeout SECONDS")
@@ -445,6 +445,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.action == "show":
         _show(study, spec)
         return 0
+    if args.action == "finalize":
+        return _finalize(args, study, settings)
     if args.action == "extend":
         state = studies.extend_study(study, n_trials=args.n_trials, timeout=args.timeout)
         spec = studies.study_spec(study)
@@ -462,6 +464,44 @@ def cmd_study(args: argparse.Namespace) -> int:
                        "no partially written file was left") from None
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _final_line(final: dict[str, Any]) -> str:
+    if final.get("state") != "done":
+        return f"finalize {final.get('state')}" + (f": {final['reason']}" if final.get("reason") else "")
+    if final.get("test_accuracy_mean") is not None:
+        score = (f"test {100 * final['test_accuracy_mean']:.2f}% \u00b1 {100 * (final['test_accuracy_std'] or 0):.2f}"
+                 f" (val {100 * final['val_accuracy_mean']:.2f}%)")
+    else:
+        score = f"test loss {final.get('test_loss_mean')} \u00b1 {final.get('test_loss_std')}"
+    n = final.get("n_params")
+    return (f"final: {score}, trial {final['trial']}, {n:,} params, mean of {final['seeds']} seeds x "
+            f"{final['n_epochs']} epochs over the top {final['top_n']}" if n is not None else score)
+
+
+def _finalize(args: argparse.Namespace, study: Any, settings: Any) -> int:
+    """study finalize: store the request for a worker (or run it here with --local)."""
+    import studies
+
+    request = studies.request_finalize(study, args.top_n, args.seeds, args.n_epochs)
+    if args.local:
+        final = studies.run_finalize(study, device=settings.device, data_dir=str(settings.data_dir),
+                                     worker=f"cli:{os.getpid()}", request=None)
+        print(_final_line(final))
+        print(json.dumps(final, indent=2))
+        return 0
+    print(f"study {study.study_name}: finalize queued (top {request['top_n']} x {request['seeds']} seeds x "
+          f"{request['n_epochs']} epochs); a worker runs it")
+    if not args.wait:
+        return 0
+    while True:
+        r = study._storage.get_study_user_attrs(study._study_id).get(studies.FINALIZE_ATTR) or {}
+        if r.get("state") in ("done", "error"):
+            break
+        time.sleep(2.0)
+    final = studies.final_of(study._storage.get_study_user_attrs(study._study_id)) or {}
+    print(_final_line(final))
+    return 0 if final.get("state") == "done" else 1
 
 
 # -- compare (the quick dendritic-vs-vanilla job) -------------------------------------------
@@ -577,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=cmd_search)
 
     st = sub.add_parser("study", help="list, show, export or extend studies")
-    st.add_argument("action", choices=["list", "show", "export", "extend"])
+    st.add_argument("action", choices=["list", "show", "export", "extend", "finalize"])
     st.add_argument("name", nargs="?")
     st.add_argument("--storage", help=_STORAGE_HELP)
     st.add_argument("--data-dir", help="where the default database is (default: DENDRO_DATA_DIR or .data)")
@@ -585,6 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--format", default="json,csv,html")
     st.add_argument("--n-trials", type=int, help="extend: the new total number of trials")
     st.add_argument("--timeout", type=float, help="extend: the new whole-study timeout in seconds")
+    st.add_argument("--top-n", type=int, default=3, help="finalize: re-train this many best trials")
+    st.add_argument("--seeds", type=int, default=3, help="finalize: fresh seeds per trial")
+    st.add_argument("--n-epochs", type=int, help="finalize: epochs per run (default: the study's)")
+    st.add_argument("--wait", action="store_true", help="finalize: wait for a worker's answer and print it")
+    st.add_argument("--local", action="store_true", help="finalize: run it in this process, not by a worker")
+    st.add_argument("--device", help="finalize --local: cpu, cuda, cuda:N or auto")
     _plugin_arg(st)
     st.set_defaults(func=cmd_study)
 

@@ -17,6 +17,7 @@ __all__ = [
     "WorkersPublic",
     "Health",
     "StudyUpdate",
+    "FinalizeCreate",
 ]
 
 
@@ -50,6 +51,11 @@ class StudyPublic(BaseModel):
     best_params: dict[str, Any] | None = None
     pareto_trials: list[int] | None = None
     spec: dict[str, Any]
+    final: dict[str, Any] | None = Field(
+        default=None,
+        description="The honest final answer (POST /finalize): the finalize in flight (state queued, "
+        "running or error), else the last result (state done), else null.",
+    )
 
 
 class StudiesPublic(BaseModel):
@@ -115,3 +121,15 @@ class StudyUpdate(BaseModel):
     n_trials: int | None = Field(default=None, ge=1, description="The new total: more than the "
                                  "finished trials, at most the server's max_trials.")
     timeout: float | None = Field(default=None, gt=0, description="The new whole-study timeout in seconds.")
+
+
+class FinalizeCreate(BaseModel):
+    """POST /v1/studies/{name}/finalize: re-train the top trials with fresh seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_n: int = Field(default=3, ge=1, le=100, description="How many of the best complete trials (by "
+                       "the first objective) to re-train.")
+    seeds: int = Field(default=3, ge=1, le=100, description="Fresh seeds per trial.")
+    n_epochs: int | None = Field(default=None, ge=1, description="Epochs per run; default: the "
+                                 "study's n_epochs; at most the server's max_epochs.")

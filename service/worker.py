@@ -267,7 +267,8 @@ class Worker:
             log.info("study %s trial %d: %s %s", name, out.number, out.state,
                      out.values if out.values else (out.reason or ""))
             return True
-        return False
+        return studies.serve_finalize(self._storage, self.config.device, self.config.data_dir,
+                                      self.config.worker_id, study_names=list(self.config.studies or []))
 
     def _population_size(self) -> int | str:
         p = str(self.config.population).strip().lower()

@@ -20,6 +20,7 @@ the dashboard read the same thing:
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import statistics
@@ -187,9 +188,15 @@ def _recipe(spec: StudySpec, train_args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _recipe_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
+def _recipe_changes(spec: StudySpec, train_args: dict[str, Any]) -> dict[str, Any]:
+    """The recipe settings that differ from train_model's defaults, and a batch size of the
+    trial's own: what a population member's config must carry to train as the trial did."""
     params = inspect.signature(core.train_model).parameters
-    return {k: params[k].default for k in recipe}
+    out = {k: v for k, v in _recipe(spec, train_args).items() if v != params[k].default}
+    batch = int(train_args.get("batch_size", spec.batch_size))
+    if batch != spec.batch_size:
+        out["batch_size"] = batch
+    return out
 
 
 def _train_one(spec: StudySpec, family: str, model_args: dict[str, Any], train_args: dict[str, Any],
@@ -296,12 +303,11 @@ def _run(study: optuna.Study, spec: StudySpec, top_n: int, n_seeds: int, n_epoch
     data = load_data(spec, data_dir, flatten=flat)
     results: list[core.TrainResult] | None = None
     mode = "single"
-    # The population trainer knows lr, weight decay and seed; a trial whose recipe sets more
-    # (a schedule, label smoothing, ...) trains alone, exactly as its spec says.
-    plain = all(_recipe(spec, a) == _recipe_defaults(_recipe(spec, a)) for _, _, _, _, a, _ in jobs)
-    if population_supported(spec) is None and classify and plain and len(jobs) > 1:
-        configs = [{**m, "lr": a["lr"], "weight_decay": a["weight_decay"], "seed": s}
-                   for _, _, _, m, a, s in jobs]
+    if population_supported(spec) is None and classify and len(jobs) > 1:
+        # Each member carries its trial's recipe where it differs from train_model's defaults
+        # (the population trainer takes the same keys per member).
+        configs = [{**m, "lr": a["lr"], "weight_decay": a["weight_decay"], "seed": s,
+                    **_recipe_changes(spec, a)} for _, _, _, m, a, s in jobs]
         try:
             results = core.train_population(
                 spec.model, configs, data, n_epochs, batch_size=spec.batch_size, device=dev, seed=spec.seed,
@@ -330,12 +336,13 @@ def _run(study: optuna.Study, spec: StudySpec, top_n: int, n_seeds: int, n_epoch
         if not ok:
             entry["error"] = "; ".join(sorted({str(r.error or r.status) for _, _, r in runs}))
         candidates.append(entry)
-    ranked = [c for c in candidates if c.get(f"{metric}_mean") is not None]
+    ranked = [(i, c) for i, c in enumerate(candidates) if c.get(f"{metric}_mean") is not None]
     if not ranked:
         raise RuntimeError("no candidate trained to the end: " + "; ".join(
             f"trial {c['trial']}: {c.get('error')}" for c in candidates))
-    ranked.sort(key=lambda c: ((-c[f"{metric}_mean"] if maximize else c[f"{metric}_mean"]), c["trial"]))
-    best = ranked[0]
+    # A tie goes to the trial the search ranked higher.
+    ranked.sort(key=lambda ic: ((-ic[1][f"{metric}_mean"] if maximize else ic[1][f"{metric}_mean"]), ic[0]))
+    best = ranked[0][1]
     final: dict[str, Any] = {
         "state": "done",
         "trial": best["trial"],
@@ -399,3 +406,49 @@ def serve_finalize(
             pass
         return True
     return False
+
+
+# -- the HTML report's section ------------------------------------------------------------------
+def final_html(attrs: dict[str, Any]) -> str:
+    """The "Final answer" section of a study's HTML report ("" when it was never finalized)."""
+    import html
+
+    final = attrs.get(FINAL_ATTR)
+    if not isinstance(final, dict) or final.get("state") != "done":
+        return ""
+    esc = html.escape
+
+    def pct(v: Any) -> str:
+        return f"{100 * v:.2f}%" if isinstance(v, int | float) else "–"
+
+    def num(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, int | float) else "–"
+
+    classify = final.get("test_accuracy_mean") is not None
+    head = ("<tr><th>trial</th><th>params</th><th>val accuracy</th><th>test accuracy</th></tr>" if classify
+            else "<tr><th>trial</th><th>params</th><th>val loss</th><th>test loss</th></tr>")
+    rows = []
+    for c in final.get("candidates", []):
+        if classify:
+            cells = (f"{pct(c.get('val_accuracy_mean'))} ± {pct(c.get('val_accuracy_std'))}",
+                     f"{pct(c.get('test_accuracy_mean'))} ± {pct(c.get('test_accuracy_std'))}")
+        else:
+            cells = (f"{num(c.get('val_loss_mean'))} ± {num(c.get('val_loss_std'))}",
+                     f"{num(c.get('test_loss_mean'))} ± {num(c.get('test_loss_std'))}")
+        mark = " (chosen)" if c.get("trial") == final.get("trial") else ""
+        rows.append(f"<tr><td>{c.get('trial')}{mark}</td><td>{c.get('n_params')}</td>"
+                    f"<td>{cells[0]}</td><td>{cells[1]}</td></tr>")
+    if classify:
+        headline = (f"test accuracy {pct(final['test_accuracy_mean'])} ± {pct(final.get('test_accuracy_std'))} "
+                    f"(validation {pct(final.get('val_accuracy_mean'))})")
+    else:
+        headline = f"test loss {num(final.get('test_loss_mean'))} ± {num(final.get('test_loss_std'))}"
+    return (
+        '<section id="final"><h2>Final answer</h2>'
+        f"<p>Trial {final.get('trial')}, {final.get('n_params')} parameters: <b>{headline}</b>. "
+        f"The top {final.get('top_n')} trials were re-trained with {final.get('seeds')} fresh seeds for "
+        f"{final.get('n_epochs')} epochs each and the best mean validation value chose; the test split "
+        f"was only reported. Params <code>{esc(json.dumps(final.get('params')))}</code></p>"
+        f"<table border=\"1\" cellpadding=\"4\" style=\"border-collapse: collapse\">{head}{''.join(rows)}</table>"
+        "</section>"
+    )

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 import core
 
 from ._artifacts import ModelStore
+from ._finalize import final_html
 from ._lifecycle import trial_state
 from ._runner import SPEC_ATTR, STATE_ATTR, is_infeasible, progress
 from ._storage import rdb
@@ -487,6 +488,7 @@ def _report_html(study: optuna.Study, model_store: ModelStore | None) -> str:
         )
     else:
         summary = "<p>No completed trial yet.</p>"
+    summary += final_html(study.user_attrs)
     divs = []
     for kind in PLOT_KINDS:
         fig = make_plot(study, kind, model_store=model_store)

@@ -27,9 +27,13 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    from ._spec import StudySpec
 
 __all__ = ["RungPruner"]
 
@@ -99,6 +103,17 @@ class RungPruner(optuna.pruners.BasePruner):
         self._members: dict[int, int] = {}  # member -> its last reported epoch
         self._cohorts: dict[int, _Cohort] = {}  # epoch -> the cohort reporting it
         self._doomed: set[int] = set()  # members found below the cut after their rung
+
+    @classmethod
+    def for_spec(cls, spec: StudySpec, reduction_factor: int = 3) -> RungPruner:
+        """The pruner of a spec whose ``pruner`` is ``successive_halving`` or ``hyperband``:
+        rungs at epochs 1, eta, eta**2, ... below ``n_epochs``, on the first objective."""
+        if spec.pruner not in ("successive_halving", "hyperband"):
+            raise ValueError(f"RungPruner.for_spec: the spec's pruner is {spec.pruner!r}, "
+                             "not 'successive_halving' or 'hyperband'")
+        return cls(min_resource=1, reduction_factor=reduction_factor, max_resource=spec.n_epochs,
+                   hyperband=spec.pruner == "hyperband" and spec.n_epochs > 1,
+                   direction=spec.directions[0])
 
     # -- the rule ---------------------------------------------------------------------------
     def bracket(self, number: int) -> int:

@@ -22,6 +22,7 @@ from .._snapshots import Snapshot, Snapshots
 from ..deps import ReadAuth, SettingsDep, SnapshotsDep, StorageDep, WriteAuth
 from ..models import (
     ErrorBody,
+    FinalizeCreate,
     StudiesPublic,
     StudyProgress,
     StudyPublic,
@@ -88,6 +89,7 @@ def _study_public(snap: Snapshot) -> StudyPublic | None:
         directions=directions,
         objectives=list(attrs.get("dendro.objectives", [])),
         spec=spec,
+        final=studies.final_of(attrs),
     )
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
     if not done:
@@ -319,6 +321,28 @@ def update_study(name: Name, body: StudyUpdate, storage: StorageDep, settings: S
     finally:
         snapshots.forget(name)
     return get_study(name, storage, snapshots)
+
+
+@router.post("/{name}/finalize", status_code=status.HTTP_202_ACCEPTED, response_model=dict[str, Any],
+             dependencies=[WriteAuth], responses={**_E404, **_E409, **_E401, **_E413})
+def finalize_study(name: Name, storage: StorageDep, settings: SettingsDep, snapshots: SnapshotsDep,
+                   body: FinalizeCreate | None = None) -> dict[str, Any]:
+    """Re-train the top ``top_n`` trials (by validation) with ``seeds`` fresh seeds for ``n_epochs``
+    epochs; a worker does it. The answer (chosen on validation, test reported) shows under
+    ``final`` in ``GET /v1/studies/{name}``."""
+    body = body or FinalizeCreate()
+    study = _load(storage, name)
+    try:
+        return studies.request_finalize(study, body.top_n, body.seeds, body.n_epochs,
+                                        max_epochs=settings.max_epochs)
+    except studies.StudyNotFoundError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"study {name!r} was not created by dendro") from None
+    except studies.SpecError as exc:
+        raise _limit_error(exc.field, exc.message) from None
+    except studies.StateError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    finally:
+        snapshots.forget(name)
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAuth],

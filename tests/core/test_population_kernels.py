@@ -122,6 +122,14 @@ h = F.leaky_relu(zz, 0.1).view(K, B, n, d)
 s = F.leaky_relu((h * sw.unsqueeze(1)).sum(-1) + sb.unsqueeze(1), 0.1)
 out = torch.baddbmm(bo.unsqueeze(1), s, wo.transpose(1, 2))
 ce = F.cross_entropy(out.reshape(-1, C), y.reshape(-1), reduction="none").view(K, B).mean(1)
+want = [ce, (out.argmax(2) == y).sum(1).float(),
+        *torch.autograd.grad(ce.sum(), [zz, sw, sb, wo, bo], retain_graph=True)]
+for g, w in zip(got, want, strict=True):
+    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+# per-member label smoothing: each member's loss is cross_entropy(label_smoothing=its own)
+eps = torch.tensor([0.0, 0.25])
+got = _kernels.soma_head(z, p, offs, n, d, y, eps)
+ce = torch.stack([F.cross_entropy(out[k], y[k], label_smoothing=float(eps[k])) for k in range(K)])
 want = [ce, (out.argmax(2) == y).sum(1).float(), *torch.autograd.grad(ce.sum(), [zz, sw, sb, wo, bo])]
 for g, w in zip(got, want, strict=True):
     torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -130,6 +138,7 @@ print("same")
 
 
 def test_fused_head_kernel_matches_autograd_in_the_triton_interpreter() -> None:
+    """Plain and per-member label-smoothed cross-entropy, against autograd."""
     pytest.importorskip("triton", reason="Triton is not installed here")
     # TRITON_INTERPRET must be set before Triton is first imported: a process of its own
     env = dict(os.environ, TRITON_INTERPRET="1")

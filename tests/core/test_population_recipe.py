@@ -202,36 +202,27 @@ def test_bad_recipe_values_fail_only_their_member(data: core.Dataset) -> None:
         assert key in (r.error or "")
 
 
-def test_families_declare_their_population_trainer_in_the_registry() -> None:
-    assert core.list_models(population="mlp") == sorted(core.POPULATION_FAMILIES)
-    assert set(core.POPULATION_FAMILIES) == {
-        "dendritic_simple", "dendritic_with_hidden", "soma_disabled", "vanilla_mlp"}
-    assert set(core.RECURRENT_POPULATION_FAMILIES) == {"diru", "lstm", "gru"}
-    assert core.list_models(population="recurrent") == sorted(core.RECURRENT_POPULATION_FAMILIES)
-    for name in core.list_models():
-        fam = core.get_family(name)
-        assert fam.population == ("mlp" if name in core.POPULATION_FAMILIES else
-                                  "recurrent" if name in core.RECURRENT_POPULATION_FAMILIES else None)
-    with pytest.raises(ValueError, match="'mlp', 'recurrent'"):
-        core.list_models(population="conv")
-    with pytest.raises(ValueError, match="population must be one of"):
-        core.register_model("never_registered", population="tree")
-
-
-def test_a_family_registered_as_mlp_is_accepted_by_train_population(
-    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from core import _registry
-
-    monkeypatch.setitem(_registry._MODELS, "tiny_mlp", core.ModelFamily(
-        name="tiny_mlp", build=_registry._MODELS["vanilla_mlp"].build, count=None,
-        defaults=dict(_registry._MODELS["vanilla_mlp"].defaults), population="mlp"))
-    assert "tiny_mlp" in core.list_models(population="mlp")
-    results = train_population("tiny_mlp", [dict(hidden_dim=4, n_hidden_layers=1)], data, 1,
-                               device="cpu")
-    assert results[0].status == "completed"
-    monkeypatch.setitem(_registry._MODELS, "tiny_mlp", core.ModelFamily(
-        name="tiny_mlp", build=_registry._MODELS["vanilla_mlp"].build, count=None,
-        defaults=dict(_registry._MODELS["vanilla_mlp"].defaults)))
-    with pytest.raises(ValueError, match="cannot be trained as a population"):
-        train_population("tiny_mlp", [{}], data, 1, device="cpu")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recipe_members_match_train_model_on_cuda(data: core.Dataset) -> None:
+    """The CUDA paths: captured steps reading the schedule's rates and the shifts, the fused
+    head with smoothing, and stacks of two batch sizes taking turns (an iterator)."""
+    configs = [
+        dict(SMALL, lr_schedule="onecycle", label_smoothing=0.1, augment="shift", seed=1),
+        dict(SMALL, batch_size=64, connectivity="local", resample_reset_adam=False,
+             steps_to_resample=3, seed=2),
+        dict(SMALL, n_neurons=6, lr_schedule="cosine", warmup_epochs=0.5, seed=3),
+        dict(SMALL, batch_size=64, augment="shift", label_smoothing=0.2, weight_decay=1e-3, seed=4),
+    ]
+    results = train_population("dendritic_simple", iter(configs), data, EPOCHS, BATCH,
+                               device="cuda", population_size=4)
+    for config, got in zip(configs, results, strict=True):
+        cfg = dict(config)
+        lr, wd, seed = cfg.pop("lr", 1e-3), cfg.pop("weight_decay", 0.0), cfg.pop("seed")
+        recipe = {k: cfg.pop(k) for k in RECIPE if k in cfg}
+        batch = recipe.pop("batch_size", BATCH)
+        model = core.create_model("dendritic_simple", seed=seed, in_dim=data.in_dim,
+                                  n_classes=data.n_classes, **cfg)
+        want = core.train_model(model, data, EPOCHS, lr, wd, batch, device="cuda", seed=seed,
+                                **recipe)
+        want.state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
+        _assert_same(got, want, data)

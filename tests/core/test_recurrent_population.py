@@ -267,7 +267,7 @@ def test_every_stackable_family_is_a_registered_sequence_regressor() -> None:
 
 
 def test_wrong_family_or_data_is_a_value_error_that_says_what_to_do(data: core.Dataset) -> None:
-    with pytest.raises(ValueError, match="diru, lstm, gru"):
+    with pytest.raises(ValueError, match="diru, gru, lstm"):
         train_recurrent_population("vanilla_mlp", [{}], data, 1)
     flat = torch.zeros(8, 3)
     labels = torch.zeros(8, dtype=torch.long)

@@ -150,25 +150,6 @@ def test_serve_workers_import_the_plugin_and_a_killed_worker_is_restarted_with_i
              30, "the restarted worker to stop with serve")
 
 
-def test_the_readme_plugin_runs_verbatim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
-    import re
-
-    import studies
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    code = re.search(r"```python\n(# my_families\.py, on PYTHONPATH\n.*?)```", readme, re.S)
-    body = re.search(r"-d \\\n  '(\{\"name\": \"tiny\".*?\})'\n```", readme, re.S)
-    assert code and body, "the README's plugin example"
-    (tmp_path / "my_families.py").write_text(code.group(1))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert load_plugins(["my_families"], entry_points=False) == ["my_families"]
-    spec = studies.StudySpec.model_validate(json.loads(body.group(1)))
-    model = core.create_model("tiny_mlp", in_dim=64, n_classes=10, hidden=24)
-    assert core.count_parameters(model) == core.analytic_parameter_count("tiny_mlp", in_dim=64, n_classes=10,
-                                                                        hidden=24)
-    assert spec.model == "tiny_mlp" and studies.smallest_point(spec)[0] <= spec.max_params
-
 
 def test_study_show_without_the_plugin_says_to_load_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

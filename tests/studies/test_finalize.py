@@ -43,7 +43,10 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def study(searched: str, tmp_path: Path) -> optuna.Study:
     db = tmp_path / "s.db"
-    db.write_bytes(Path(searched.removeprefix("sqlite:///")).read_bytes())
+    base = Path(searched.removeprefix("sqlite:///"))
+    for suffix in ("", "-wal", "-shm"):  # WAL mode: the last writes may sit in the -wal file
+        if base.with_name(base.name + suffix).exists():
+            db.with_name(db.name + suffix).write_bytes(base.with_name(base.name + suffix).read_bytes())
     s, _ = studies.load_study("fin", studies.open_storage(f"sqlite:///{db}"))
     return s
 
@@ -93,7 +96,6 @@ def test_only_one_worker_takes_a_request_and_a_silent_one_is_taken_over(study: o
     assert taken is not None and taken["worker"] == "w2"
 
 
-@pytest.mark.slow
 def test_finalize_retrains_the_top_trials_in_a_population_and_stores_the_answer(study: optuna.Study) -> None:
     spec = studies.study_spec(study)
     studies.request_finalize(study, top_n=2, seeds=2, n_epochs=1)
@@ -107,7 +109,7 @@ def test_finalize_retrains_the_top_trials_in_a_population_and_stores_the_answer(
     top = [t.number for t in complete[:2]]
     assert [c["trial"] for c in final["candidates"]] == top
     assert len(final["candidates"][0]["runs"]) == 2
-    best = max(final["candidates"], key=lambda c: (c["val_accuracy_mean"], -c["trial"]))
+    best = max(enumerate(final["candidates"]), key=lambda ic: (ic[1]["val_accuracy_mean"], -ic[0]))[1]
     assert final["trial"] == best["trial"]
     for key in ("val_accuracy_mean", "val_accuracy_std", "test_accuracy_mean", "test_accuracy_std"):
         assert isinstance(final[key], float), key
@@ -115,6 +117,21 @@ def test_finalize_retrains_the_top_trials_in_a_population_and_stores_the_answer(
     chosen = study.trials[final["trial"]]
     assert final["params"] == chosen.params and final["n_params"] == chosen.user_attrs["n_params"]
     assert (final["seeds"], final["n_epochs"], final["top_n"]) == (2, 1, 2)
+
+
+def test_the_html_report_has_a_final_answer_section_once_finalized(
+    study: optuna.Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (before,) = studies.export_study(study, tmp_path / "a", formats=("html",))
+    assert "Final answer" not in Path(before).read_text()
+    monkeypatch.setattr(_finalize.core, "train_population",
+                        lambda model, configs, *a, **k: [_result(0.9, 0.8765)] * len(configs))
+    studies.request_finalize(study, top_n=2, seeds=2, n_epochs=1)
+    final = studies.run_finalize(study, device="cpu")
+    (after,) = studies.export_study(study, tmp_path / "b", formats=("html",))
+    text = Path(after).read_text()
+    assert "<h2>Final answer</h2>" in text and "test accuracy 87.65% ± 0.00%" in text
+    assert f"Trial {final['trial']}, {final['n_params']} parameters" in text
 
 
 def test_selection_uses_validation_and_never_test(study: optuna.Study, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,3 +181,11 @@ def test_an_error_is_stored_on_the_request_and_the_worker_lives_on(
     assert studies.final_of(study.user_attrs)["state"] == "error"
     assert studies.serve_finalize(study._storage, "cpu", None, "w-test") is False
     studies.request_finalize(study, top_n=1, seeds=1, n_epochs=1)  # an error can be asked again
+
+
+def test_a_trials_recipe_travels_with_its_population_member() -> None:
+    spec = _spec("recipe")
+    assert _finalize._recipe_changes(spec, {"lr": 0.01, "weight_decay": 0.0}) == {}
+    changed = _finalize._recipe_changes(spec, {"lr": 0.01, "weight_decay": 0.0, "lr_schedule": "cosine",
+                                               "label_smoothing": 0.1, "augment": "none", "batch_size": 64})
+    assert changed == {"lr_schedule": "cosine", "label_smoothing": 0.1, "batch_size": 64}

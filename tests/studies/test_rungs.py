@@ -125,3 +125,86 @@ def test_a_population_cohort_stops_exactly_its_bottom_two_thirds() -> None:
     late = study.ask()
     assert _report(study, late, 1, 0.65)
     assert not _report(study, study.ask(), 1, 0.85)
+
+
+def test_successive_halving_stops_members_of_a_real_population_at_the_rungs() -> None:
+    """The executor's wiring in miniature: join, report each epoch, ask the pruner, leave."""
+    import core
+
+    data = core.load_dataset("digits", seed=0)
+    pruner = RungPruner(min_resource=1, reduction_factor=3, max_resource=6)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    trials = [study.ask() for _ in range(9)]
+    io = core.data_params("dendritic_simple", data.input_shape, data.n_classes)
+    configs = []
+    for k, t in enumerate(trials):
+        pruner.join(t.number)
+        configs.append({**io, "n_neurons": 4 + k % 3, "n_dendrites": 3, "n_dendrite_inputs": 8,
+                        "lr": [0.0003, 0.003, 0.03][k // 3], "seed": k})
+    epochs: dict[int, int] = {}
+
+    def on_epoch(i: int, epoch: int, metrics: dict[str, float]) -> bool:
+        t = trials[i]
+        epochs[t.number] = epoch
+        t.report(metrics["val_accuracy"], epoch)
+        return t.should_prune()
+
+    def on_result(i: int, result: core.TrainResult) -> None:
+        pruner.leave(trials[i].number)
+        if result.status == "stopped":
+            study.tell(trials[i], state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trials[i], result.history[-1]["val_accuracy"])
+
+    core.train_population("dendritic_simple", configs, data, 6, batch_size=128, device="cpu",
+                          on_epoch=on_epoch, on_result=on_result, population_size=9)
+    at = {e: {t.number: t.intermediate_values[e] for t in study.trials if e in t.intermediate_values}
+          for e in (1, 3)}
+    out1 = pruner.decide(1, at[1])
+    assert len(out1) >= 5, at[1]  # 9 -> 3 (ties at the cut go on)
+    # Stopped at rung 1 itself, or one epoch later when its cohort had not all reported.
+    assert all(epochs[n] <= 2 for n in out1) and all(epochs[n] >= 3 for n in epochs if n not in out1)
+    out3 = pruner.decide(3, at[3])
+    assert out3 and set(at[3]) == set(epochs) - out1
+    assert all(epochs[n] <= 4 for n in out3) and all(epochs[n] == 6 for n in set(at[3]) - out3)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,))) == len(out1) + len(out3)
+
+
+def test_the_spec_names_map_to_rung_pruners_over_the_study_epochs() -> None:
+    import studies
+
+    base = {"name": "r", "model": "dendritic_simple", "dataset": "digits", "n_epochs": 10,
+            "model_params": {"n_dendrite_inputs": 8}}
+    sha = RungPruner.for_spec(studies.StudySpec.model_validate({**base, "pruner": "successive_halving"}))
+    assert sha.rungs() == [1, 3, 9] and sha.n_brackets == 1 and sha.direction == "maximize"
+    hb = RungPruner.for_spec(studies.StudySpec.model_validate({**base, "pruner": "hyperband"}))
+    assert hb.n_brackets == 3 and hb.rungs(1) == [3, 9] and hb.rungs(2) == [9]
+    loss = RungPruner.for_spec(studies.StudySpec.model_validate(
+        {**base, "pruner": "successive_halving", "objective": "val_loss"}))
+    assert loss.direction == "minimize"
+    with pytest.raises(ValueError, match="median"):
+        RungPruner.for_spec(studies.StudySpec.model_validate({**base, "pruner": "median"}))
+
+
+@pytest.mark.slow
+def test_successive_halving_prunes_most_trials_of_a_population_study(tmp_path: object) -> None:
+    """Through the real population executor, once make_pruner maps the names to RungPruner."""
+    import studies
+
+    spec = studies.StudySpec.model_validate({
+        "name": "sha", "model": "dendritic_simple", "dataset": "digits", "max_params": 3000, "n_trials": 18,
+        "n_epochs": 4, "batch_size": 128, "sampler": "random", "pruner": "successive_halving",
+        "search_space": {"n_neurons": {"type": "int", "low": 4, "high": 10},
+                         "n_dendrites": {"type": "int", "low": 2, "high": 6},
+                         "n_dendrite_inputs": {"type": "int", "low": 4, "high": 16},
+                         "lr": {"type": "float", "low": 0.0001, "high": 0.03, "log": True}}})
+    if not isinstance(studies.make_pruner(spec), RungPruner):
+        pytest.skip("make_pruner does not map 'successive_halving' to RungPruner yet (issue 15 wiring)")
+    url = f"sqlite:///{tmp_path}/sha.db"
+    studies.create_study(spec, url)
+    study, spec = studies.load_study("sha", url)
+    outs = studies.execute_population(study, spec, population_size=9, device="cpu")
+    states = [o.state for o in outs]
+    assert states.count("pruned") >= 0.6 * len(states), states
+    ran = [len(t.intermediate_values) for t in study.trials]
+    assert sum(ran) < 0.6 * 4 * len(ran), ran  # well under every trial's full 4 epochs

@@ -138,6 +138,23 @@
     return `${fmtNum(study.best_value)} ${study.objectives[0] || ""} (trial #${study.best_trial}${size})`;
   }
 
+  function finalText(final) {
+    // The honest final answer (POST /v1/studies/{name}/finalize): top trials re-trained with fresh seeds.
+    if (!final) return "";
+    if (final.state === "queued") return `final: queued (top ${final.top_n} × ${final.seeds} seeds × ${final.n_epochs} epochs)`;
+    if (final.state === "running") return `final: running (top ${final.top_n} × ${final.seeds} seeds × ${final.n_epochs} epochs)`;
+    if (final.state === "error") return `final: error: ${final.reason || "no reason given"}`;
+    const pct = (v) => (100 * v).toFixed(1);
+    const who = `trial ${final.trial}, ${fmtInt(final.n_params)} params`;
+    if (typeof final.test_accuracy_mean === "number") {
+      return `final: test ${pct(final.test_accuracy_mean)}% ± ${pct(final.test_accuracy_std || 0)} (${who})`;
+    }
+    if (typeof final.test_loss_mean === "number") {
+      return `final: test loss ${fmtNum(final.test_loss_mean)} ± ${fmtNum(final.test_loss_std || 0)} (${who})`;
+    }
+    return `final: ${final.state}`;
+  }
+
   function makeCard(study) {
     const card = el("article", { class: "study", id: `study-${study.name}`, "data-study": study.name });
     const title = el("h3", { text: study.name });
@@ -153,7 +170,9 @@
       el("span", { class: "complete" }), el("span", { class: "pruned" }), el("span", { class: "running" }));
     const label = el("span", { class: "label" });
     const plot = el("div", { class: "plot" });
-    card.append(el("header", {}, title, state, links), error, facts,
+    const final = el("p", { class: "study-final" });
+    final.hidden = true;
+    card.append(el("header", {}, title, state, links), error, facts, final,
       el("div", { class: "progress" }, bar, label), plot);
     return card;
   }
@@ -178,6 +197,14 @@
       ["budget", spec.max_params ? `${fmtInt(spec.max_params)} params` : "none"], ["objective", dirs],
       ["best", bestText(study, trials)], ["sampler / pruner", `${spec.sampler} / ${spec.pruner}`],
     ];
+    const final = card.querySelector(".study-final");
+    final.textContent = finalText(study.final);
+    final.hidden = !final.textContent;
+    final.className = `study-final final-${study.final ? study.final.state : "none"}`;
+    if (study.final && study.final.state === "done") {
+      const f = study.final;
+      final.title = `chosen on validation (mean of ${f.seeds} seeds × ${f.n_epochs} epochs over the top ${f.top_n} trials); test is only reported`;
+    }
     facts.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { class: `fact-${k.split(" ")[0]}`, text: v ?? "–" })]));
 
     const p = study.progress;
