@@ -65,8 +65,9 @@ def _worker_cmd(instant: bool) -> list[str]:
 def _start(n: int, storage: str, name: str, mode: str, k: int | str, logs: Path, instant: bool,
            devices: list[str], data_dir: str | None, idle_exit: float = 3600) -> list[subprocess.Popen[bytes]]:
     env = {key: v for key, v in os.environ.items() if not key.startswith("DENDRO_")}
-    env |= {"PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}",
-            "OMP_NUM_THREADS": "1"}
+    # keep the caller's PYTHONPATH (on a GPU machine it holds the carried wheels)
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")) if p)
+    env |= {"PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     if instant:
         env["DENDRO_PLUGINS"] = "instant_training"
     procs = []
@@ -122,6 +123,9 @@ def _reap(procs: list[subprocess.Popen[bytes]], timeout: float,
     cpu, codes = 0.0, []
     deadline = time.monotonic() + timeout
     for p in procs:
+        if p.returncode is not None:  # reaped already (by a poll): its CPU time is not known
+            codes.append(p.returncode)
+            continue
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
@@ -211,12 +215,16 @@ def gpu(args: argparse.Namespace, logs: Path) -> None:
     from bench_overhead import SEED_SPACE
 
     rows = []
-    for n, devices, trials in ((1, ["cuda:0"], args.gpu_trials // 2), (2, ["cuda:0", "cuda:1"], args.gpu_trials)):
+    print(f"{'backend':10s} {'mode':10s} {'N':>3s} {'trials':>6s} {'wall s':>8s} {'trials/s':>9s} "
+          f"{'service ms':>11s} {'cpu ms':>8s}  checks   (real training; cpu ms includes start-up)", flush=True)
+    devs = args.gpu_devices.split(",")
+    for n, devices, trials in ((1, devs[:1], args.gpu_trials // 2), (2, devs[:2], args.gpu_trials)):
         name = f"gpu-{n}-{uuid.uuid4().hex[:8]}"
         storage = f"sqlite:///{logs / (name + '.db')}" if args.gpu_storage == "sqlite" else args.pg_url
         spec = studies.StudySpec(
             name=name, model="dendritic_simple", dataset="fashion-mnist", search_space=SEED_SPACE,
-            max_params=8000, n_trials=trials, n_epochs=15, batch_size=256, sampler="tpe", pruner="median", seed=n)
+            max_params=8000, n_trials=trials, n_epochs=args.gpu_epochs, batch_size=256, sampler="tpe",
+            pruner="median", seed=n, subset_size=args.gpu_subset)
         studies.create_study(spec, storage, name, state="queued")
         t0 = time.monotonic()
         procs = _start(n, storage, name, "population", "auto", logs, False, devices, args.data_dir)
@@ -247,6 +255,9 @@ def main() -> None:
     p.add_argument("--gpu-trials", type=int, default=4000)
     p.add_argument("--gpu-storage", default="sqlite", choices=["sqlite", "postgresql"])
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--gpu-devices", default="cuda:0,cuda:1", help="the two devices (cpu,cpu to try it here)")
+    p.add_argument("--gpu-epochs", type=int, default=15)
+    p.add_argument("--gpu-subset", type=int, default=None, help="train on this many examples (a quick try)")
     args = p.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="bench_scale-"))
     print(f"bench_scale: cpu count {os.cpu_count()}, logs in {logs}", flush=True)

@@ -293,6 +293,12 @@ class Worker:
             )
         except DB_ERRORS:
             raise  # run() backs off; if it stays away, the lease lapses and the trials are retried
+        except (studies.StudyNotFoundError, KeyError):
+            # Optuna's "record does not exist": the study was deleted while its population
+            # trained; there is nothing left to tell.
+            self._studies.pop(name, None)
+            log.info("study %s was deleted while its population trained; dropped it", name)
+            return True
         except Exception:  # noqa: BLE001 - one population's error must not stop the worker
             log.exception("study %s: a population raised; the worker goes on", name)
             self.stop_requested.wait(self.config.poll_interval)

@@ -820,6 +820,9 @@ class FastTPESampler(optuna.samplers.TPESampler):
             self._frozen = False
 
     _frozen: bool = False
+    #: if set, ``feasible(point)`` says whether a proposed point is acceptable: each draw is
+    #: then TPE's best acceptable candidate (BudgetAwareSampler sets its budget check here)
+    feasible: Callable[[dict[str, Any]], bool] | None = None
 
     def _sample(self, study: optuna.Study, trial: FrozenTrial,
                 search_space: dict[str, dists.BaseDistribution]) -> dict[str, Any]:
@@ -838,7 +841,15 @@ class FastTPESampler(optuna.samplers.TPESampler):
                 self._fitted = (key[:3], frozenset(t._trial_id for t in trials if t.state == TrialState.RUNNING))
         below, above = cached[1]
         candidates = below.sample(self._rng.rng, self._n_ei_candidates)
-        best = self._compare(candidates, self._compute_acquisition_func(candidates, below, above))
+        acquisition = self._compute_acquisition_func(candidates, below, above)
+        if self.feasible is not None:
+            # The best candidate that the caller accepts (a budget-aware sampler's budget):
+            # one acquisition for the draw instead of one per rejected draw.
+            for i in np.argsort(-acquisition, kind="stable"):
+                point = {name: d.to_external_repr(candidates[name][i]) for name, d in search_space.items()}
+                if self.feasible(point):
+                    return point
+        best = self._compare(candidates, acquisition)
         return {name: d.to_external_repr(best[name]) for name, d in search_space.items()}
 
     def _stale_ok(self, study: optuna.Study, trials: list[FrozenTrial],

@@ -84,6 +84,8 @@ class TrialRun:
         self.seed = trial_seed(spec, trial.number)
         self.stopped_by: str | None = None
         self.outcome: TrialOutcome | None = None
+        #: the training split's input statistics, kept with the weights (set by the executor)
+        self.normalization: dict[str, Any] | None = None
 
     # -- budget gate and attributes --------------------------------------------------------
     def gate(self) -> bool:
@@ -185,7 +187,8 @@ class TrialRun:
         if self.stopped_by:
             # Cut short from outside: fail it visibly and queue its point again, losing nothing.
             out = self.fail(f"stopped: {self.stopped_by}", state="stopped")
-            study.enqueue_trial(trial.params, user_attrs={"requeued_from": self.number})
+            if out.state == "stopped":  # not when the study (and so the trial) is gone
+                study.enqueue_trial(trial.params, user_attrs={"requeued_from": self.number})
             return out
         metrics = {
             "val_accuracy": _mean([_final(r).get("val_accuracy") for r in results]),
@@ -204,6 +207,7 @@ class TrialRun:
                      "seed": results[0].seed, "n_params": n},
                     state_dict, spec.keep_models,
                     maximize=OBJECTIVES[spec.objectives[0]] == "maximize",
+                    normalization=self.normalization,
                 )
             except Exception as exc:  # noqa: BLE001 - the trial is told; weights are a bonus
                 log.warning("could not keep the weights of trial %s: %s", self.number, exc)
@@ -218,6 +222,10 @@ class TrialRun:
             self.study.tell(self.trial, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             self.outcome = self._lost()
+            return self.outcome
+        except KeyError:  # Optuna's "record does not exist": deleted with its study
+            self.outcome = TrialOutcome(self.number, "lost", n_params=self.n_params,
+                                        reason="its study was deleted")
             return self.outcome
         self.outcome = TrialOutcome(self.number, state, reason=reason)
         return self.outcome

@@ -18,7 +18,16 @@ import core
 from . import _fast, _lease
 from ._artifacts import ModelStore
 from ._lifecycle import TrialOutcome, TrialRun
-from ._runner import BudgetAwareSampler, _after_tell, _counts, _fast_storage, ask_trials, load_data
+from ._rungs import RungPruner
+from ._runner import (
+    BudgetAwareSampler,
+    _after_tell,
+    _counts,
+    _fast_storage,
+    ask_trials,
+    load_data,
+    recipe_args,
+)
 from ._spec import ARCH_KEY, StudySpec
 
 __all__ = ["execute_population", "population_supported", "fair_share"]
@@ -35,19 +44,40 @@ _STOP_POLL = 0.05
 
 
 def population_supported(spec: StudySpec) -> str | None:
-    """None if ``spec`` can run in population mode, else the reason it cannot."""
+    """None if ``spec`` can run in population mode, else the reason it cannot.
+
+    Whether a family stacks is its registry entry's ``population`` ("mlp": dendritic MLPs,
+    :func:`core.train_population`; "recurrent": DIRU/LSTM/GRU,
+    :func:`core.train_recurrent_population`).
+    """
     if ARCH_KEY in spec.space:
         return "the architecture is searched (a population trains one family)"
-    if spec.bio is not None or spec.growth is not None:
-        return "bio rules and dendrite growth train one model at a time"
+    if spec.growth is not None:
+        return "dendrite growth changes a model's shape while it trains: one model at a time"
     if spec.seeds_per_trial != 1:
         return "seeds_per_trial > 1"
     if spec.optimizer != "adam" or "optimizer" in spec.space:
-        return "the population trainer implements Adam only"
-    batchable = getattr(core, "POPULATION_FAMILIES", ())
-    if spec.model not in batchable:
-        return f"family {spec.model!r} cannot be batched (batchable: {', '.join(batchable)})"
+        return "the population trainers implement Adam only"
+    kind = core.get_family(spec.model).population
+    if kind is None:
+        batchable = ", ".join((*core.POPULATION_FAMILIES, *core.RECURRENT_POPULATION_FAMILIES))
+        return f"family {spec.model!r} cannot be batched (batchable: {batchable})"
+    if spec.bio is not None:
+        if kind != "recurrent":
+            return "bio rules train in a population for the recurrent families only"
+        if float(spec.bio.get("weight_splitting_Gamma", 0) or 0) > 1 or any(
+                k == "bio.weight_splitting_Gamma" for k in spec.space):
+            return "weight splitting changes a layer's shape: one model at a time"
+    if kind == "recurrent":
+        recipe = [k for k in (*_RECIPE, "batch_size") if k in spec.space]
+        recipe += [k for k, d in _RECIPE.items() if getattr(spec, k) != d]
+        if recipe:
+            return f"the recurrent population trainer has no {', '.join(sorted(set(recipe)))}"
     return None
+
+
+#: recipe fields and their defaults (the recurrent population trainer has none of them)
+_RECIPE = {"lr_schedule": "constant", "warmup_epochs": None, "label_smoothing": 0.0, "augment": "none"}
 
 
 def fair_share(study: optuna.Study, spec: StudySpec) -> int:
@@ -95,7 +125,9 @@ def execute_population(
     if why is not None:
         raise ValueError(f"population mode is not possible for this study: {why}")
     dev = core.resolve_device(device)
-    data = load_data(spec, data_dir, flatten=True)
+    fam = core.get_family(spec.model)
+    recurrent = fam.population == "recurrent"
+    data = load_data(spec, data_dir, flatten=fam.input_kind == "flat")
     outcomes: list[TrialOutcome] = []
     fs = _fast_storage(study)
     base = study.sampler.base if isinstance(study.sampler, BudgetAwareSampler) else study.sampler
@@ -111,7 +143,7 @@ def execute_population(
     runs: list[TrialRun] = []  # in the order the trainer read them: its member index
     queue: deque[TrialRun] = deque()  # gated and written, not yet handed to the trainer
     state: dict[str, Any] = {"asked": 0, "ended": 0, "chunk": _FIRST_CHUNK, "training": False,
-                             "flushed": time.monotonic()}
+                             "flushed": time.monotonic(), "results": 0}
 
     def batch() -> int:
         if fs is None:
@@ -137,6 +169,7 @@ def execute_population(
         with tpe.one_fit() if tpe is not None else contextlib.nullcontext():
             for trial in got:
                 run = TrialRun(study, trial, spec, worker=worker)
+                run.normalization = data.normalization
                 if run.gate():
                     run.start(flush=fs is None)
                     ready.append(run)
@@ -160,8 +193,16 @@ def execute_population(
             # it, failed and re-queued like any member a stop cuts short.
             run = queue.popleft()
             runs.append(run)
-            yield {**run.model_args, "lr": run.train_args["lr"], "weight_decay": run.train_args["weight_decay"],
-                   "seed": run.seed}
+            if isinstance(study.pruner, RungPruner):
+                study.pruner.join(run.number)
+            config = {**run.model_args, "lr": run.train_args["lr"],
+                      "weight_decay": run.train_args["weight_decay"], "seed": run.seed}
+            if recurrent:
+                config["bio"] = run.train_args.get("bio")
+            else:
+                config.update(batch_size=run.train_args.get("batch_size", spec.batch_size),
+                              **recipe_args(run.train_args))
+            yield config
 
     asked_stop: list[Any] = [0.0, False]  # when should_stop was last asked, and its answer
 
@@ -183,6 +224,11 @@ def execute_population(
         state["training"] = True
         state["ended"] += 1
         run = runs[i]
+        if isinstance(study.pruner, RungPruner):
+            study.pruner.leave(run.number)
+        # the members training beside it when it ended, itself included (1 = trained alone)
+        run.trial.set_user_attr("population_size", len(runs) - state["results"])
+        state["results"] += 1
         out = run.finish([result], dev, getattr(result, "state_dict", None), model_store)
         outcomes.append(out)
         if fs is None and out.state == "complete":
@@ -195,11 +241,14 @@ def execute_population(
     deferring = fs.deferring() if fs is not None else contextlib.nullcontext()
     try:
         with deferring:
-            core.train_population(
-                spec.model, configs(), data, spec.n_epochs, batch_size=spec.batch_size, device=dev,
-                seed=spec.seed, on_epoch=on_epoch, population_size=size, on_result=on_result,
-                max_population=max_population,
-            )
+            common: dict[str, Any] = dict(
+                batch_size=spec.batch_size, device=dev, seed=spec.seed, on_epoch=on_epoch,
+                population_size=size, on_result=on_result, max_population=max_population)
+            if recurrent:
+                core.train_recurrent_population(spec.model, configs(), data, spec.n_epochs, **common)
+            else:
+                core.train_population(spec.model, configs(), data, spec.n_epochs,
+                                      precision=spec.precision, **common)
     finally:
         for run in list(queue):  # asked and written, never handed to the trainer (an error)
             run.fail("the population ended before it trained")

@@ -105,12 +105,18 @@ class BudgetAwareSampler(optuna.samplers.BaseSampler):
         self.spec = spec
         self.max_draws = max_draws
         self._space = {name: p.distribution() for name, p in spec.space.items()}
+        if isinstance(base, _fast.FastTPESampler):
+            base.feasible = self._fits_whole
 
     def fits(self, params: dict[str, Any]) -> bool:
         try:
             return count_point(self.spec, params) <= int(self.spec.max_params or 0)
         except ValueError:  # a point that builds no model is as bad as one over budget
             return False
+
+    def _fits_whole(self, params: dict[str, Any]) -> bool:
+        """``fits`` for a whole point; a partial one (a grouped space) is left to the redraws."""
+        return self.fits(params) if params.keys() >= self._space.keys() else True
 
     def infer_relative_search_space(
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial
@@ -213,10 +219,12 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, spec.n_epochs // 4))
-    if p == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.n_epochs)
-    if p == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    if p in ("hyperband", "successive_halving"):
+        # Synchronous rungs: a population's members are compared with each other at each
+        # rung, not only with trials that finished before them (studies._rungs).
+        from ._rungs import RungPruner
+
+        return RungPruner.for_spec(spec)
     return optuna.pruners.NopPruner()
 
 
@@ -574,9 +582,11 @@ def execute_trial(
     if not run.gate():
         assert run.outcome is not None
         return run.outcome
+    trial.set_user_attr("population_size", 1)  # trained alone (written with its start)
     run.start()
     dev = core.resolve_device(device)
     data = load_data(spec, data_dir, flatten=core.get_family(run.family).input_kind == "flat")
+    run.normalization = data.normalization
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> bool:
         return run.epoch(epoch, metrics, should_stop)
@@ -628,18 +638,41 @@ def _train(
     bio_config, bio_hook, growth = build_extras(train_args)
     hooks = []
     if bio_config is not None:
-        model = core.BioConverter(bio_config)(model)
-        hooks.append(bio_hook)
+        # The bio rules draw from torch's global generator: seed it from the trial, so that a
+        # trial is reproducible and draws what its population twin draws.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = core.BioConverter(bio_config)(model)
+            hooks.append(bio_hook)
+            return _train_with(model, data, spec, train_args, dev, seed, on_epoch, hooks, growth)
+    return _train_with(model, data, spec, train_args, dev, seed, on_epoch, hooks, growth)
+
+
+def _train_with(
+    model: torch.nn.Module, data: core.Dataset, spec: StudySpec, train_args: dict[str, Any],
+    dev: torch.device, seed: int, on_epoch: Callable[[int, dict[str, Any]], bool] | None,
+    hooks: list[Any], growth: Any,
+) -> core.TrainResult:
     common = dict(n_epochs=spec.n_epochs, lr=train_args["lr"], weight_decay=train_args["weight_decay"],
-                  batch_size=spec.batch_size, device=dev, seed=seed, on_epoch=on_epoch,
-                  optimizer=train_args["optimizer"], step_hooks=hooks)
+                  batch_size=train_args.get("batch_size", spec.batch_size), device=dev, seed=seed,
+                  on_epoch=on_epoch, optimizer=train_args["optimizer"], step_hooks=hooks)
     if growth is None:
-        return core.train_model(model, data, **common)
+        return core.train_model(model, data, **common, **recipe_args(train_args))
     res = core.train_with_growth(model, data, growth=growth, max_params=spec.max_params, **common)
     # Growth hands back its best checkpoint: report that epoch's metrics as the result.
     best = max((h.get("best_epoch") or 0 for h in res.history), default=0)
     res.final_epoch = best or None  # type: ignore[attr-defined]
     return res
+
+
+#: the recipe keys of core.train_model (and of a population member's config) with their defaults
+_RECIPE_DEFAULTS: dict[str, Any] = {"lr_schedule": "constant", "warmup_epochs": None,
+                                    "label_smoothing": 0.0, "augment": "none"}
+
+
+def recipe_args(train_args: dict[str, Any]) -> dict[str, Any]:
+    """The trial's training recipe beyond lr/weight decay, as core.train_model's keywords."""
+    return {k: train_args.get(k, d) for k, d in _RECIPE_DEFAULTS.items()}
 
 
 # -- in-process runs --------------------------------------------------------------------------

@@ -40,7 +40,14 @@ OBJECTIVES: dict[str, str] = {
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "nsga2", "gp")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 #: searchable settings that configure training rather than the model
-TRAIN_KEYS = frozenset({"lr", "weight_decay", "optimizer"})
+TRAIN_KEYS = frozenset({"lr", "weight_decay", "optimizer", "batch_size", "lr_schedule", "warmup_epochs",
+                        "label_smoothing", "augment"})
+#: the training recipe: spec fields that a search space may also search (core.train_model's arguments)
+RECIPE_CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adam", "adamw", "sgd"),
+    "lr_schedule": ("constant", "cosine", "onecycle"),
+    "augment": ("none", "shift"),
+}
 #: the seed's way of searching over model families
 ARCH_KEY = "architecture"
 _MAX_ENUMERATION = 20_000
@@ -78,6 +85,15 @@ class StudySpec(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        default="constant", description="Learning-rate schedule; 'cosine' and 'onecycle' warm up "
+        "over warmup_epochs (onecycle: 30% of training when unset).")
+    warmup_epochs: float | None = Field(default=None, ge=0, description="Epochs of linear warm-up "
+                                        "(fractions allowed).")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Label smoothing of the "
+                                   "training loss (validation and test losses stay plain).")
+    augment: Literal["none", "shift"] = Field(default="none", description="'shift': random shifts "
+                                              "of images by up to 2 pixels while training.")
     precision: Literal["fp32", "tf32", "bf16"] = Field(
         default="fp32",
         description="Arithmetic of population training (core.train_population): 'fp32' is exact "
@@ -235,10 +251,27 @@ def _check(spec: StudySpec) -> None:
                 f"do{'es' if len(families) == 1 else ''} not take {key!r}; searchable: "
                 f"{', '.join(accepted + sorted(TRAIN_KEYS))}",
             )
-    if "optimizer" in space:
-        bad = [c for c in space["optimizer"].choices if c not in ("adam", "adamw", "sgd")]
+    for key, allowed in RECIPE_CHOICES.items():
+        p = space.get(key)
+        if p is None:
+            continue
+        bad = [c for c in (p.choices if p.kind == "categorical" else [None]) if c not in allowed]
         if bad:
-            raise SpecError("search_space.optimizer", f"unknown optimizer(s) {bad}; allowed: adam, adamw, sgd")
+            raise SpecError(f"search_space.{key}", f"{key} is a list of choices from {', '.join(allowed)}; "
+                            f"got {bad if bad != [None] else 'a range'}")
+    for key, low, high in (("batch_size", 1, None), ("label_smoothing", 0, 1), ("warmup_epochs", 0, None)):
+        p = space.get(key)
+        if p is None:
+            continue
+        vals = list(p.choices) if p.kind == "categorical" else [p.low, p.high]
+        ok = all(isinstance(v, int | float) and not isinstance(v, bool) and v >= low
+                 and (high is None or v < high) for v in vals)
+        if key == "batch_size" and ok:
+            ok = all(float(v).is_integer() for v in vals)
+        if not ok:
+            rule = f">= {low}" + (f" and < {high}" if high is not None else "")
+            raise SpecError(f"search_space.{key}", f"{key} values must be numbers {rule}"
+                            + (" (whole numbers)" if key == "batch_size" else "") + f"; got {vals}")
     for key in ("lr", "weight_decay"):
         p = space.get(key)
         if p is not None and (p.kind == "categorical" or p.low < 0 or (key == "lr" and p.low <= 0)):
@@ -327,6 +360,11 @@ def split_params(
         "lr": float(params.get("lr", spec.lr)),
         "weight_decay": float(params.get("weight_decay", spec.weight_decay)),
         "optimizer": str(params.get("optimizer", spec.optimizer)),
+        "batch_size": int(params.get("batch_size", spec.batch_size)),
+        "lr_schedule": str(params.get("lr_schedule", spec.lr_schedule)),
+        "warmup_epochs": params.get("warmup_epochs", spec.warmup_epochs),
+        "label_smoothing": float(params.get("label_smoothing", spec.label_smoothing)),
+        "augment": str(params.get("augment", spec.augment)),
     }
     for section in _EXTRAS:
         fixed = getattr(spec, section)

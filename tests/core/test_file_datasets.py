@@ -269,8 +269,6 @@ def test_an_npz_study_runs_two_trials_and_keeps_weights(tmp_path: Path) -> None:
     assert kept is not None
     config, _ = kept
     expected = load_dataset(name).normalization
-    if config.get("normalization") is None:
-        pytest.xfail("studies/_runner.py does not pass normalization= to ModelStore.keep yet")
     assert config["normalization"] == expected
 
 

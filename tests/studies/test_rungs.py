@@ -198,8 +198,7 @@ def test_successive_halving_prunes_most_trials_of_a_population_study(tmp_path: o
                          "n_dendrites": {"type": "int", "low": 2, "high": 6},
                          "n_dendrite_inputs": {"type": "int", "low": 4, "high": 16},
                          "lr": {"type": "float", "low": 0.0001, "high": 0.03, "log": True}}})
-    if not isinstance(studies.make_pruner(spec), RungPruner):
-        pytest.skip("make_pruner does not map 'successive_halving' to RungPruner yet (issue 15 wiring)")
+    assert isinstance(studies.make_pruner(spec), RungPruner)
     url = f"sqlite:///{tmp_path}/sha.db"
     studies.create_study(spec, url)
     study, spec = studies.load_study("sha", url)
@@ -208,3 +207,6 @@ def test_successive_halving_prunes_most_trials_of_a_population_study(tmp_path: o
     assert states.count("pruned") >= 0.6 * len(states), states
     ran = [len(t.intermediate_values) for t in study.trials]
     assert sum(ran) < 0.6 * 4 * len(ran), ran  # well under every trial's full 4 epochs
+    sizes = {t.user_attrs.get("population_size") for t in study.trials if not studies.is_infeasible(t)}
+    assert sizes and all(isinstance(k, int) and 1 <= k <= 9 for k in sizes), sizes
+    assert max(sizes) > 1  # members trained together

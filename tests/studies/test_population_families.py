@@ -1,0 +1,72 @@
+"""Population mode through the studies layer: recurrent families, bio rules, the training recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import studies
+
+
+def _run(spec: studies.StudySpec, tmp_path: Path, k: int = 4) -> tuple[object, list[studies.TrialOutcome]]:
+    url = f"sqlite:///{tmp_path / 'pop.db'}"
+    studies.create_study(spec, url)
+    study, spec = studies.load_study(spec.name, url)
+    assert studies.population_supported(spec) is None
+    return study, studies.execute_population(study, spec, population_size=k, device="cpu")
+
+
+def test_a_recurrent_study_trains_as_a_population_with_bio_rules(tmp_path: Path) -> None:
+    spec = studies.StudySpec(
+        name="diru-pop", model="diru", dataset="multi_sine", objective="val_mse", pruner="none",
+        n_trials=4, n_epochs=1, batch_size=64, subset_size=200, sampler="random",
+        bio={"fuzzy": True, "crystallize": True},
+        search_space={"hidden_size": {"type": "int", "low": 4, "high": 12},
+                      "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}})
+    study, outs = _run(spec, tmp_path)
+    assert [o.state for o in outs].count("complete") == 4, outs
+    sizes = [t.user_attrs["population_size"] for t in study.trials]
+    assert max(sizes) > 1 and all(1 <= s <= 4 for s in sizes)
+
+
+def test_population_refuses_what_it_cannot_train_and_says_why() -> None:
+    bio_mlp = studies.StudySpec(model="dendritic_simple", dataset="digits", bio={"fuzzy": True})
+    assert "recurrent families only" in (studies.population_supported(bio_mlp) or "")
+    scheduled_rnn = studies.StudySpec(model="lstm", dataset="multi_sine", lr_schedule="cosine")
+    assert "lr_schedule" in (studies.population_supported(scheduled_rnn) or "")
+    conv = studies.StudySpec(model="dendritic_conv", dataset="digits")
+    assert "cannot be batched" in (studies.population_supported(conv) or "")
+
+
+def test_the_searched_recipe_reaches_each_population_member(tmp_path: Path) -> None:
+    spec = studies.StudySpec(
+        name="recipe-pop", model="dendritic_simple", dataset="digits", max_params=3000, pruner="none",
+        n_trials=4, n_epochs=2, subset_size=300, sampler="random",
+        search_space={"n_neurons": {"type": "int", "low": 4, "high": 8},
+                      "n_dendrites": [2, 4], "n_dendrite_inputs": [8, 16],
+                      "lr_schedule": ["cosine", "onecycle"], "label_smoothing": [0.0, 0.1],
+                      "batch_size": [32, 64], "augment": ["none", "shift"]})
+    study, outs = _run(spec, tmp_path)
+    assert [o.state for o in outs].count("complete") == 4, outs
+    for t in study.trials:
+        assert t.params["lr_schedule"] in ("cosine", "onecycle")
+        assert t.user_attrs["population_size"] >= 1
+
+
+@pytest.mark.parametrize("bad", [{"lr_schedule": ["linear"]}, {"augment": ["flip"]},
+                                 {"batch_size": [0, 32]}, {"label_smoothing": [0.5, 1.0]}])
+def test_a_bad_recipe_choice_names_the_field(bad: dict[str, list[object]]) -> None:
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=rf"search_space\.{key}: {key} "):
+        studies.StudySpec(model="dendritic_simple", dataset="digits", search_space=bad)
+
+
+def test_a_single_trial_records_population_size_one(tmp_path: Path) -> None:
+    spec = studies.StudySpec(
+        name="single", model="dendritic_simple", dataset="digits", max_params=3000, n_trials=1,
+        n_epochs=1, subset_size=200, label_smoothing=0.1, lr_schedule="cosine", warmup_epochs=0.5,
+        search_space={"n_neurons": [4], "n_dendrites": [2], "n_dendrite_inputs": [8]})
+    study = studies.run_study(spec, f"sqlite:///{tmp_path / 's.db'}", show_progress=False, device="cpu")
+    (t,) = study.trials
+    assert t.user_attrs["population_size"] == 1 and t.value is not None
