@@ -125,7 +125,7 @@ def fake_train_seeds(spec: studies.StudySpec, number: int, family: str, model_ar
 def fake_train_population(model: str, configs: Any, data: Any, n_epochs: int, batch_size: int = 128,
                           device: Any = None, seed: int = 0, on_epoch: Any = None, *,
                           population_size: Any = None, on_result: Any = None,
-                          max_population: Any = None) -> list[Any]:
+                          max_population: Any = None, precision: str = "fp32") -> list[Any]:
     """core.train_population's scheduling (slots refilled as members end), without the work."""
     spec = make_spec("x", 1, 0)
     size = population_size if isinstance(population_size, int) else 8

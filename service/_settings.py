@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     #: seconds a study read may serve later GETs (workers' writes show up at most twice this
     #: late; this API's own writes at once); 0, the default, reads for every request
     snapshot_max_age: float = Field(default=0.0, ge=0.0, le=60.0)
-    heartbeat_interval: int = Field(default=5, ge=1, description="Seconds between trial heartbeats.")
-    grace_period: int = Field(default=20, ge=2, description="Seconds without a beat before a trial is retried.")
+    heartbeat_interval: int = Field(default=5, ge=1, description="Seconds between a worker's lease beats.")
+    grace_period: int = Field(default=20, ge=2, description="Seconds without a beat before a worker's lease is stale: its trials are failed and re-queued once.")
     worker_timeout: float = Field(default=30.0, description="Seconds without a beat before a worker is shown dead.")
     #: modules imported first by the API and every worker (plus ``--plugin`` and the
     #: ``dendro.plugins`` entry points): they register model families and datasets

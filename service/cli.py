@@ -245,7 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except studies.StudyExistsError as exc:
             print(f"demo study not created: {exc}")
     base = f"http://{settings.host}:{settings.port}"
-    print(f"API docs:  {base}/v1/docs\nDashboard: {base}/dashboard\n"
+    print(f"Page:      {base}/\nAPI docs:  {base}/v1/docs\nDashboard: {base}/dashboard\n"
           f"Storage:   {settings.storage_url_redacted}", flush=True)
     # uvicorn shuts down gracefully on SIGTERM and then raises the signal again; with the
     # default action that would kill this process before the local workers are stopped.

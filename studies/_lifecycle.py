@@ -187,8 +187,7 @@ class TrialRun:
         if self.stopped_by:
             # Cut short from outside: fail it visibly and queue its point again, losing nothing.
             out = self.fail(f"stopped: {self.stopped_by}", state="stopped")
-            if out.state == "stopped":  # not when the study (and so the trial) is gone
-                study.enqueue_trial(trial.params, user_attrs={"requeued_from": self.number})
+            study.enqueue_trial(trial.params, user_attrs={"requeued_from": self.number})
             return out
         metrics = {
             "val_accuracy": _mean([_final(r).get("val_accuracy") for r in results]),
@@ -222,10 +221,6 @@ class TrialRun:
             self.study.tell(self.trial, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             self.outcome = self._lost()
-            return self.outcome
-        except KeyError:  # Optuna's "record does not exist": deleted with its study
-            self.outcome = TrialOutcome(self.number, "lost", n_params=self.n_params,
-                                        reason="its study was deleted")
             return self.outcome
         self.outcome = TrialOutcome(self.number, state, reason=reason)
         return self.outcome

@@ -169,7 +169,7 @@ def execute_population(
         with tpe.one_fit() if tpe is not None else contextlib.nullcontext():
             for trial in got:
                 run = TrialRun(study, trial, spec, worker=worker)
-                run.normalization = data.normalization
+                run.normalization = getattr(data, "normalization", None)
                 if run.gate():
                     run.start(flush=fs is None)
                     ready.append(run)

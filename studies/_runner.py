@@ -586,7 +586,7 @@ def execute_trial(
     run.start()
     dev = core.resolve_device(device)
     data = load_data(spec, data_dir, flatten=core.get_family(run.family).input_kind == "flat")
-    run.normalization = data.normalization
+    run.normalization = getattr(data, "normalization", None)
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> bool:
         return run.epoch(epoch, metrics, should_stop)

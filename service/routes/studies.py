@@ -41,6 +41,7 @@ _E404: _Responses = {404: {"model": ErrorBody, "description": "No study (or tria
 _E409: _Responses = {409: {"model": ErrorBody, "description": "The name exists or the state does not allow it"}}
 _E401: _Responses = {401: {"model": ErrorBody, "description": "The API token is missing or wrong"}}
 _E413: _Responses = {413: {"model": ErrorBody, "description": "The request body is over the server's limit"}}
+_E400: _Responses = {400: {"model": ErrorBody, "description": "The body is not JSON"}}
 _NAME_RE = re.compile(studies.NAME_PATTERN)
 TRIAL_STATES = studies.TRIAL_STATES
 #: a study name in a URL: checked before anything is looked up, so no request reaches the
@@ -302,8 +303,7 @@ def resume_study(name: Name, storage: StorageDep, snapshots: SnapshotsDep) -> St
 
 
 @router.patch("/{name}", response_model=StudyPublic, dependencies=[WriteAuth],
-              responses={**_E404, **_E409, **_E401, **_E413,
-                         400: {"model": ErrorBody, "description": "The body is not JSON"}})
+              responses={**_E404, **_E409, **_E401, **_E413, **_E400})
 def update_study(name: Name, body: StudyUpdate, storage: StorageDep, settings: SettingsDep,
                  snapshots: SnapshotsDep) -> StudyPublic:
     """Extend a study: a larger ``n_trials`` (or ``timeout``); a done study runs again."""
@@ -324,7 +324,7 @@ def update_study(name: Name, body: StudyUpdate, storage: StorageDep, settings: S
 
 
 @router.post("/{name}/finalize", status_code=status.HTTP_202_ACCEPTED, response_model=dict[str, Any],
-             dependencies=[WriteAuth], responses={**_E404, **_E409, **_E401, **_E413})
+             dependencies=[WriteAuth], responses={**_E404, **_E409, **_E401, **_E413, **_E400})
 def finalize_study(name: Name, storage: StorageDep, settings: SettingsDep, snapshots: SnapshotsDep,
                    body: FinalizeCreate | None = None) -> dict[str, Any]:
     """Re-train the top ``top_n`` trials (by validation) with ``seeds`` fresh seeds for ``n_epochs``

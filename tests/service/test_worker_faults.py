@@ -120,6 +120,21 @@ def test_a_study_deleted_while_its_trial_trains_does_not_take_the_worker_down(
     assert "the worker goes on" not in log, "no unexpected error on the way"
 
 
+@pytest.mark.postgres
+def test_a_study_deleted_while_its_population_trains_logs_only_the_clean_message(
+    pg_api: Api, procs: Procs
+) -> None:
+    api, name = pg_api, unique("gonepop")
+    api.create(tiny_spec(name, n_trials=4, n_epochs=10 * LONG_EPOCHS))
+    worker = procs.worker(api.storage, "--studies", name, "--idle-exit", "2", "--population", "4")
+    wait_for(lambda: api.running(name), 90, "a population to start")
+    assert api.http.delete(f"/v1/studies/{name}").status_code == 204
+    assert procs.wait_exit(worker, 60) == 0
+    log = procs.log(worker)
+    assert "was deleted while its population trained" in log
+    assert "Traceback" not in log and "KeyError" not in log, log[-2000:]
+
+
 @pytest.mark.parametrize("storage", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_a_worker_killed_mid_trial_loses_nothing(storage: str, request: pytest.FixtureRequest,
                                                  procs: Procs) -> None:
