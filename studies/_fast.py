@@ -774,7 +774,9 @@ def attach(study: optuna.Study, classify: Callable[[FrozenTrial], str] | None = 
     fs = of(study)
     if fs is not None:
         return fs
-    if not isinstance(rdb(study._storage), RDBStorage) or type(study.pruner) not in PRUNERS:
+    from ._rungs import RungPruner  # writes nothing either: it ranks the trials it reads
+
+    if not isinstance(rdb(study._storage), RDBStorage) or type(study.pruner) not in (*PRUNERS, RungPruner):
         return None
     fs = FastStorage(study._storage, study._study_id, classify)
     study._storage = fs

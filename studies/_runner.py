@@ -385,8 +385,8 @@ def _fast_storage(study: optuna.Study) -> _fast.FastStorage | None:
     asked trial's own attributes: TPE and random, budget-aware or not. (TPE's constant liar,
     Optuna 5's default, writes the trial's relative params as system attributes; they reach
     the database with its params.) Grid, CMA-ES, QMC, NSGA-II and GP keep state of their own
-    in the storage, and Hyperband and successive halving write rungs while trials run: those
-    studies take Optuna's plain path.
+    in the storage: those studies take Optuna's plain path. The pruners must write nothing
+    either: median, percentile, none and dendro's rung pruner (successive halving, Hyperband).
     """
     fs = _fast.of(study)
     if fs is not None:
