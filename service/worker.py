@@ -68,6 +68,7 @@ class Worker:
         self.host = socket.gethostname()
         self._storage: optuna.storages.RDBStorage | None = None
         self._lease: studies.Lease | None = None
+        self._dropped = False  # a lost database cut training short: release what it held
         self._studies: dict[str, tuple[Any, optuna.Study, studies.StudySpec]] = {}
         self._served: dict[str, float] = {}
         self._current: tuple[str, int] | None = None
@@ -191,7 +192,7 @@ class Worker:
             return "the study was deleted"
         except DB_ERRORS as exc:
             # The database is away: keep training rather than throw the epochs away. The tell
-            # waits for it (run() backs off), or the trial's lapsed heartbeat re-queues it.
+            # waits for it (run() backs off; then the trials it dropped are re-queued).
             if not self._state_unread:
                 log.warning("cannot read the state of study %s (%s); training on", study.study_name,
                             exc.__class__.__name__)
@@ -214,6 +215,12 @@ class Worker:
         """Run at most one trial; True if one ran."""
         self._connect()
         assert self._storage is not None
+        if self._dropped:
+            # A lost database cut training short: the trials it held are RUNNING under this
+            # worker's lease, which beats on, so no other worker would count them stale.
+            studies.release_dropped(self._storage, self.config.worker_id,
+                                    "the database went away while it trained; its worker went on")
+            self._dropped = False
         for name, identity in self._runnable():
             try:
                 try:
@@ -343,6 +350,7 @@ class Worker:
                     log.warning("database unavailable (%s); retrying in %.0fs",
                                 exc.__class__.__name__, backoff)
                     self._studies.clear()
+                    self._dropped = True
                     self.stop_requested.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue

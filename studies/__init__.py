@@ -24,7 +24,7 @@ from ._finalize import (
     run_finalize,
     serve_finalize,
 )
-from ._lease import Lease, hold_lease, list_leases
+from ._lease import Lease, hold_lease, list_leases, release_dropped
 from ._lifecycle import TRIAL_STATE_ATTR, TRIAL_STATES, trial_state
 from ._note import write_spec_note
 from ._population import execute_population, population_supported
@@ -181,6 +181,7 @@ __all__ = [
     "study_lock",
     "Lease",
     "hold_lease",
+    "release_dropped",
     "list_leases",
     "TRIAL_STATES",
     "TRIAL_STATE_ATTR",

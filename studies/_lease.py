@@ -34,8 +34,8 @@ from optuna.trial import TrialState
 from ._optuna_private import create_scoped_session, models
 from ._storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, lease_timing, rdb
 
-__all__ = ["Lease", "LEASE_KEY", "lease_for", "hold_lease", "reap_stale", "live_workers", "list_leases",
-           "LEASES_TABLE"]
+__all__ = ["Lease", "LEASE_KEY", "lease_for", "hold_lease", "reap_stale", "release_dropped", "live_workers",
+           "list_leases", "LEASES_TABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,29 @@ def reap_stale(storage: optuna.storages.BaseStorage, study_id: int, grace: float
         log.warning("failed %d trial(s) of stale leases and queued their points again: %s",
                     len(reaped), reaped)
     return reaped
+
+
+def release_dropped(storage: optuna.storages.BaseStorage, lease_id: str, reason: str) -> list[int]:
+    """Fail the RUNNING trials held under ``lease_id`` and queue their points again, once.
+
+    For a worker whose training was cut short by a lost database: its lease lived on (its
+    thread beats again once the database is back), so no other worker would ever count the
+    trials it dropped as stale. Call it when the worker trains nothing. Returns their numbers.
+    """
+    backend = rdb(storage)
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        return []
+    with backend.engine.connect() as con:
+        rows = con.execute(
+            sa.select(_T.c.study_id, _T.c.trial_id, _T.c.number)
+            .select_from(_T.join(_SA, sa.and_(_SA.c.trial_id == _T.c.trial_id, _SA.c.key == LEASE_KEY)))
+            .where(_T.c.state == TrialState.RUNNING, _SA.c.value_json == json.dumps(lease_id))).all()
+    released = [r.number for r in rows
+                if _fail_and_requeue(backend, r.study_id, r.trial_id, r.number, f"lost: {reason}")]
+    if released:
+        log.warning("failed %d trial(s) this worker dropped and queued their points again: %s",
+                    len(released), released)
+    return released
 
 
 def _fail_and_requeue(backend: optuna.storages.RDBStorage, study_id: int, trial_id: int, number: int,
