@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import optuna
@@ -302,16 +304,12 @@ def resume_study(name: Name, storage: StorageDep, snapshots: SnapshotsDep) -> St
     return _change_state(name, storage, snapshots, "resume")
 
 
-@router.patch("/{name}", response_model=StudyPublic, dependencies=[WriteAuth],
-              responses={**_E404, **_E409, **_E401, **_E413, **_E400})
-def update_study(name: Name, body: StudyUpdate, storage: StorageDep, settings: SettingsDep,
-                 snapshots: SnapshotsDep) -> StudyPublic:
-    """Extend a study: a larger ``n_trials`` (or ``timeout``); a done study runs again."""
-    if body.n_trials is not None and body.n_trials > settings.max_trials:
-        raise _limit_error("n_trials", f"n_trials={body.n_trials} is over this server's limit of {settings.max_trials}")
-    study = _load(storage, name)
+@contextlib.contextmanager
+def _study_change(name: str, snapshots: Snapshots) -> Iterator[None]:
+    """A write to a study: the domain's errors as HTTP (404, 422 naming the field, 409), and
+    the study's cached read forgotten whatever happens."""
     try:
-        studies.extend_study(study, n_trials=body.n_trials, timeout=body.timeout)
+        yield
     except studies.StudyNotFoundError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"study {name!r} was not created by dendro") from None
     except studies.SpecError as exc:
@@ -320,6 +318,18 @@ def update_study(name: Name, body: StudyUpdate, storage: StorageDep, settings: S
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
     finally:
         snapshots.forget(name)
+
+
+@router.patch("/{name}", response_model=StudyPublic, dependencies=[WriteAuth],
+              responses={**_E404, **_E409, **_E401, **_E413, **_E400})
+def update_study(name: Name, body: StudyUpdate, storage: StorageDep, settings: SettingsDep,
+                 snapshots: SnapshotsDep) -> StudyPublic:
+    """Extend a study: a larger ``n_trials`` (or ``timeout``); a done study runs again."""
+    if body.n_trials is not None and body.n_trials > settings.max_trials:
+        raise _limit_error("n_trials", f"n_trials={body.n_trials} is over this server's limit of {settings.max_trials}")
+    study = _load(storage, name)
+    with _study_change(name, snapshots):
+        studies.extend_study(study, n_trials=body.n_trials, timeout=body.timeout)
     return get_study(name, storage, snapshots)
 
 
@@ -332,17 +342,9 @@ def finalize_study(name: Name, storage: StorageDep, settings: SettingsDep, snaps
     ``final`` in ``GET /v1/studies/{name}``."""
     body = body or FinalizeCreate()
     study = _load(storage, name)
-    try:
+    with _study_change(name, snapshots):
         return studies.request_finalize(study, body.top_n, body.seeds, body.n_epochs,
                                         max_epochs=settings.max_epochs)
-    except studies.StudyNotFoundError:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"study {name!r} was not created by dendro") from None
-    except studies.SpecError as exc:
-        raise _limit_error(exc.field, exc.message) from None
-    except studies.StateError as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
-    finally:
-        snapshots.forget(name)
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAuth],
