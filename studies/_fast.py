@@ -65,14 +65,12 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 
 from . import _optuna_private as private
+from ._keys import LEASE_KEY, TRIAL_STATE_ATTR
 from ._optuna_private import create_scoped_session as _create_scoped_session
 from ._optuna_private import models
 from ._storage import rdb
 
 __all__ = ["FastStorage", "FastTPESampler", "attach", "of", "MAX_AGE", "PRUNERS", "LEASE_KEY"]
-
-#: the trial system attribute naming the lease its worker holds (see studies._lease)
-LEASE_KEY = "dendro.lease"
 
 log = logging.getLogger(__name__)
 
@@ -575,10 +573,10 @@ class FastStorage(BaseStorage):
         live.values = None
         live.datetime_complete = datetime.datetime.now()
         live.user_attrs["fail_reason"] = reason
-        live.user_attrs["dendro.state"] = "failed"
+        live.user_attrs[TRIAL_STATE_ATTR] = "failed"
         fail = _Owned(live, adopted=o.adopted)
         fail.told = True
-        fail.user = {"fail_reason": json.dumps(reason), "dendro.state": json.dumps("failed")}
+        fail.user = {"fail_reason": json.dumps(reason), TRIAL_STATE_ATTR: json.dumps("failed")}
         self._owned[live._trial_id] = fail
         if live._trial_id not in self._deferred:
             self._deferred.append(live._trial_id)

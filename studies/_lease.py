@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from optuna import distributions as dists
 from optuna.trial import TrialState
 
+from ._keys import LEASE_KEY, TRIAL_STATE_ATTR
 from ._optuna_private import create_scoped_session, models
 from ._storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, lease_timing, rdb
 
@@ -39,8 +40,6 @@ __all__ = ["Lease", "LEASE_KEY", "lease_for", "hold_lease", "reap_stale", "relea
 
 log = logging.getLogger(__name__)
 
-#: the trial system attribute naming the lease (worker) that runs the trial
-LEASE_KEY = "dendro.lease"
 
 _META = sa.MetaData()
 LEASES_TABLE = sa.Table(
@@ -303,7 +302,7 @@ def _fail_and_requeue(backend: optuna.storages.RDBStorage, study_id: int, trial_
                             .values(state=TrialState.FAIL, datetime_complete=datetime.datetime.now())).rowcount
         if done != 1:
             return False  # another reaper, or the worker's own tell, came first
-        for key, value in (("fail_reason", reason), ("dendro.state", "failed")):
+        for key, value in (("fail_reason", reason), (TRIAL_STATE_ATTR, "failed")):
             conn.execute(_UA.delete().where(_UA.c.trial_id == trial_id, _UA.c.key == key))
             conn.execute(_UA.insert().values(trial_id=trial_id, key=key, value_json=json.dumps(value)))
         params, rows = {}, []

@@ -23,6 +23,7 @@ import core
 
 from . import _fast
 from ._artifacts import ModelStore
+from ._keys import TRIAL_STATE_ATTR
 from ._space import suggest
 from ._spec import OBJECTIVES, StudySpec, count_point, split_params
 
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 
 #: the states of a trial, as REST, the CSV and JSON exports and the dashboard name them
 TRIAL_STATES = ("complete", "pruned", "failed", "running", "waiting", "infeasible")
-#: the trial user attribute that holds its state (for the dashboard, which shows user attributes)
-TRIAL_STATE_ATTR = "dendro.state"
 _BY_OPTUNA = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
               TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
 
