@@ -4,12 +4,20 @@
                                [--subset N] [--batch-size 128] [--device cpu] [--threads 1]
                                [--storage URL] [--out DIR]
     python bench/bench_diru.py --population [--device cpu] [--threads 1]
+    python bench/bench_diru.py --speed --device cuda [--n-trials 200] [--n-epochs 30] [--n-seeds 5]
+                               [--single-trials 2] [--single-tasks multi_sine]
 
 The first form runs ``studies.diru_vs_lstm`` (TPE per task and family, same budget, trials,
 epochs and data; each study's best re-trained with ``--n-seeds`` fresh seeds) and prints its
 table, then our improvement of DIRU over LSTM beside the seed's claimed one, whichever way
 ours comes out. With ``--out`` the preset's JSON and HTML report are written there. Studies
 live in memory unless ``--storage`` is given.
+
+``--speed`` runs the whole preset with ``population="auto"`` (every family's trials trained
+together, the seeds' re-trainings together), prints its table, then runs the same preset one
+trial at a time on ``--single-trials`` trials of ``--single-tasks`` (the one-trial path at
+200 trials per study would take hours) and compares model-epochs per second: every epoch
+that any trial or re-training ran, over the wall time of the whole preset call.
 
 ``--population`` measures instead whether training K DIRU trials at once would pay: one
 training step (forward, backward, Adam; batch 128, 50 steps, hidden 32, 4 compartments) of
@@ -70,6 +78,63 @@ def _comparison(args: argparse.Namespace) -> None:
 
         print(f"{e['task']:<13} {cell(d):>15} {cell(b):>15} {e['vs_lstm_pct']:>+11.1f}% "
               f"{e['seed_claim_vs_lstm_pct']:>+10.1f}%")
+
+
+def _model_epochs(storage: object, res: object) -> int:
+    import optuna
+
+    n = 0
+    for name in res.studies:  # type: ignore[attr-defined]
+        study = optuna.load_study(study_name=name, storage=storage)
+        n += sum(int(t.user_attrs.get("epochs_run", 0)) for t in study.get_trials(deepcopy=False))
+    for task in res.seeds.values():  # type: ignore[attr-defined]
+        for detail in task.values():
+            n += sum(len(r["history"]) for r in detail["runs"])
+    return n
+
+
+def _speed(args: argparse.Namespace) -> None:
+    """The preset in population mode against the one-trial path: model-epochs per second."""
+    import optuna
+
+    from studies import _diru
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kw = dict(max_params=args.max_params, n_epochs=args.n_epochs, subset_size=args.subset,
+              batch_size=args.batch_size, device=args.device, show_progress=args.progress)
+    url = args.storage or f"sqlite:///{Path('/tmp') / f'bench_diru_speed_{int(time.time())}.db'}"
+    pop_me, pop_wall = 0, 0.0
+    for task in args.tasks.split(",") if args.only != "s" else []:  # one task at a time: partial rows print
+        t0 = time.perf_counter()
+        pop = _diru.diru_vs_lstm(n_trials=args.n_trials, n_seeds=args.n_seeds, storage=url,
+                                 population="auto", dataset=task, **kw)
+        wall = time.perf_counter() - t0
+        me = _model_epochs(url, pop)
+        pop_me, pop_wall = pop_me + me, pop_wall + wall
+        print(f"(p) population=auto on {task}: {args.n_trials} trials per family, {args.n_epochs} epochs, "
+              f"{args.n_seeds} seeds: {wall:.1f} s, {me} model-epochs -> {me / wall:.1f} model-epochs/s",
+              flush=True)
+        print(_diru.format_comparison(pop), flush=True)
+    if pop_wall:
+        print(f"(p) in all: {pop_wall:.1f} s, {pop_me} model-epochs -> {pop_me / pop_wall:.1f} "
+              f"model-epochs/s", flush=True)
+    single_me, single_wall = 0, 0.0
+    for task in args.single_tasks.split(",") if args.only != "p" else []:
+        mem = optuna.storages.InMemoryStorage()
+        t0 = time.perf_counter()
+        one = _diru.diru_vs_lstm(n_trials=args.single_trials, n_seeds=1, storage=mem, dataset=task, **kw)
+        single_wall += time.perf_counter() - t0
+        single_me += _model_epochs(mem, one)
+    if not single_wall:
+        return
+    print(f"(s) one trial at a time: {args.single_trials} trials per family on {args.single_tasks}, "
+          f"{args.n_epochs} epochs, 1 seed: {single_wall:.1f} s, {single_me} model-epochs -> "
+          f"{single_me / single_wall:.2f} model-epochs/s")
+    if not pop_wall:
+        return
+    speed = (pop_me / pop_wall) / (single_me / single_wall)
+    print(f"speed-up of the population path: {speed:.0f}x model-epochs/s; the whole (p) run one trial "
+          f"at a time would take ~{pop_me / (single_me / single_wall) / 3600:.1f} h")
 
 
 # -- population: does stepping K DIRU models together pay? ------------------------------------
@@ -178,13 +243,21 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--population", action="store_true",
                     help="measure stepping K DIRU models together instead")
+    ap.add_argument("--speed", action="store_true",
+                    help="the preset in population mode against the one-trial path")
+    ap.add_argument("--single-trials", type=int, default=2, help="trials per study of --speed's one-trial run")
+    ap.add_argument("--single-tasks", default="multi_sine", help="tasks of --speed's one-trial run")
+    ap.add_argument("--tasks", default="multi_sine,delay_recall,lorenz", help="tasks of --speed's population run")
+    ap.add_argument("--only", choices=["p", "s"], help="--speed: only the population (p) or one-trial (s) run")
     ap.add_argument("--ks", default="1,4,16,64", help="K values for --population")
     ap.add_argument("--reps", type=int, default=20, help="timed steps for --population")
     args = ap.parse_args()
     args.ks = [int(k) for k in args.ks.split(",")]
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    if args.population:
+    if args.speed:
+        _speed(args)
+    elif args.population:
         _population(args)
     else:
         _comparison(args)

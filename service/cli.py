@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -335,6 +336,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     overrides = {"dataset": args.dataset, "max_params": args.max_params, "n_trials": args.n_trials,
                  "n_epochs": args.n_epochs, "subset_size": args.subset_size, "name": args.name}
     data_dir = str(settings.data_dir)
+    population = _population_value(args.population)
     if args.spec:
         # Check the spec before the storage is opened: bad input writes nothing.
         spec = _read_spec(args.spec, overrides)
@@ -342,14 +344,20 @@ def cmd_search(args: argparse.Namespace) -> int:
             spec = spec.model_copy(update={"name": Path(args.spec).stem})
             spec = studies.StudySpec.model_validate(spec.model_dump())
         _, storage = _open_storage(args, settings)
-        study = studies.run_study(spec, storage, spec.name, device=args.device, data_dir=data_dir)
+        study = studies.run_study(spec, storage, spec.name, device=args.device, data_dir=data_dir,
+                                  population=population)
         _summary(study)
         if args.out:
             paths = studies.export_study(study, args.out)
             print("wrote " + ", ".join(str(p) for p in paths))
         return 0
     kw = {k: v for k, v in overrides.items() if v is not None and k != "name"}
-    studies.get_preset(args.preset)  # an unknown name fails here, before anything is written
+    preset = studies.get_preset(args.preset)  # an unknown name fails here, before anything is written
+    if population is not None:
+        if "population" not in inspect.signature(preset.function).parameters:
+            raise studies.SpecError("population", f"preset {preset.name} trains one trial at a time; "
+                                    "drop --population")
+        kw["population"] = population
     url, _ = _open_storage(args, settings)
     result = studies.run_preset(args.preset, storage=url, out_dir=args.out, device=args.device,
                                 data_dir=data_dir, **kw)
@@ -557,6 +565,17 @@ def _population_arg(value: str) -> str:
     raise argparse.ArgumentTypeError(f"--population must be a positive integer or 'auto', got {value!r}")
 
 
+def _population_value(value: str | None) -> int | str | None:
+    """``--population`` as the studies API takes it: None, "auto" or an int (one line, exit 2, if bad)."""
+    if value is None:
+        return None
+    try:
+        v = _population_arg(value)
+    except argparse.ArgumentTypeError as e:
+        raise CliError(str(e)) from None
+    return v if v == "auto" else int(v)
+
+
 # -- parser ---------------------------------------------------------------------------------
 _STORAGE_HELP = "database URL (default: DENDRO_STORAGE, else dendro.db in the data dir)"
 
@@ -612,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "where --storage says)")
     se.add_argument("--json", metavar="FILE", help="write a preset's JSON summary to FILE instead of stdout")
     se.add_argument("--device")
+    se.add_argument("--population", help="train K trials at once where the study allows: an integer or "
+                    "'auto' (default: one at a time)")
     se.add_argument("--data-dir", help="datasets, and the default database (default: DENDRO_DATA_DIR or .data)")
     _plugin_arg(se)
     se.set_defaults(func=cmd_search)

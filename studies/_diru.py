@@ -200,6 +200,7 @@ def diru_vs_lstm(
     tolerance: float = CONVERGENCE_TOLERANCE,
     max_layers: int = 2,
     n_plot: int = 100,
+    population: int | str | None = None,
 ) -> RecurrentComparison:
     """DIRU against LSTM and GRU: one budget, one trial count, then each best re-trained with seeds.
 
@@ -210,6 +211,11 @@ def diru_vs_lstm(
     sequences of each task's pool (test split unchanged). With ``out_dir`` it writes
     ``diru-vs-lstm-summary.json``, ``diru-vs-lstm-report.html`` (plotly: sample test
     predictions, training curves) and each study's JSON and CSV.
+
+    ``population`` (an integer K or ``"auto"``) trains each family's trials K at a time
+    (:func:`core.train_recurrent_population`) and the ``n_seeds`` re-trainings together;
+    every member trains exactly as it would alone, so the table is the same up to float noise
+    and TPE's view of the trials still running.
     """
     if dataset is not None:
         tasks = tuple(t.strip() for t in dataset.split(",") if t.strip())
@@ -224,7 +230,7 @@ def diru_vs_lstm(
         "n_trials": n_trials, "n_epochs": n_epochs, "n_seeds": n_seeds, "batch_size": batch_size,
         "subset_size": subset_size, "sampler": "tpe", "pruner": pruner, "seed": seed,
         "tolerance": tolerance, "max_layers": max_layers, "device": str(dev), "retrain_seeds":
-        [_RETRAIN_SEED + k for k in range(n_seeds)],
+        [_RETRAIN_SEED + k for k in range(n_seeds)], "population": population,
     }
     table: list[dict[str, Any]] = []
     runs: dict[str, dict[str, Any]] = {}
@@ -244,10 +250,10 @@ def diru_vs_lstm(
             log.info("%s: searching %s on %s (%d trials)", PRESET, family, task, n_trials)
             with optuna_quiet():
                 study = run_study(spec, st, name, show_progress=show_progress, device=device,
-                                  data_dir=data_dir)
+                                  data_dir=data_dir, population=population)
             study_objs.append(study)
             row, detail = _retrain_best(study, spec, task, family, n_seeds, dev, data_dir,
-                                        tolerance, n_plot, show_progress)
+                                        tolerance, n_plot, show_progress, population is not None)
             table.append(row)
             runs[task][family] = detail
     improvements = _improvements(table, tasks, families)
@@ -299,6 +305,7 @@ def _study_name(task: str, family: str, spec: StudySpec) -> str:
 def _retrain_best(
     study: optuna.Study, spec: StudySpec, task: str, family: str, n_seeds: int,
     dev: torch.device, data_dir: str | None, tolerance: float, n_plot: int, show_progress: bool,
+    together: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Re-train the study's best configuration with fresh seeds: the table row and the details."""
     c = progress(study)
@@ -321,15 +328,26 @@ def _retrain_best(
         seeds_iter = seeds
     runs: list[dict[str, Any]] = []
     predictions: dict[str, Any] | None = None
-    n_params = 0
-    for s in seeds_iter:
+    n_params = core.count_parameters(core.create_model(fam, seed=seeds[0], **model_args))
+    if spec.max_params is not None and n_params > spec.max_params:  # the gate let it through
+        raise AssertionError(f"{fam} with {model_args} has {n_params} > {spec.max_params} parameters")
+    pop: list[core.TrainResult] = []
+    if together and core.get_family(fam).population == "recurrent" and train["optimizer"] == "adam":
+        # every seed at once: each member trains exactly as train_model would alone
+        pop = core.train_recurrent_population(
+            fam, [{**model_args, "lr": train["lr"], "weight_decay": train["weight_decay"], "seed": s}
+                  for s in seeds], data, spec.n_epochs, spec.batch_size, device=dev,
+            population_size=len(seeds))
+    for i, s in enumerate(seeds_iter):
         model = core.create_model(fam, seed=s, **model_args)
-        n_params = core.count_parameters(model)
-        if spec.max_params is not None and n_params > spec.max_params:  # the gate let it through
-            raise AssertionError(f"{fam} with {model_args} has {n_params} > {spec.max_params} parameters")
-        res = core.train_model(model, data, n_epochs=spec.n_epochs, lr=train["lr"],
-                               weight_decay=train["weight_decay"], batch_size=spec.batch_size,
-                               device=dev, seed=s, optimizer=train["optimizer"])
+        if pop:
+            res = pop[i]
+            if getattr(res, "state_dict", None) is not None:
+                model.load_state_dict(res.state_dict)
+        else:
+            res = core.train_model(model, data, n_epochs=spec.n_epochs, lr=train["lr"],
+                                   weight_decay=train["weight_decay"], batch_size=spec.batch_size,
+                                   device=dev, seed=s, optimizer=train["optimizer"])
         vals = [h["val_loss"] for h in res.history]
         runs.append({
             "seed": s, "status": res.status, "error": res.error,

@@ -685,11 +685,15 @@ def run_study(
     *,
     device: str | None = None,
     data_dir: str | None = None,
+    population: int | str | None = None,
 ) -> optuna.Study:
     """Run a whole study in this process (SQLite file ``./dendro.db`` by default).
 
     The same storage and name resume the study where it stopped. ``n_jobs`` > 1 runs that
     many trials at once in threads (useful on a GPU; on a CPU torch already uses the cores).
+    ``population`` (an integer K or ``"auto"``) trains K trials at once, as ``dendro worker
+    --population`` does, when the study can (:func:`studies.population_supported`); a study
+    that cannot logs why and runs one trial at a time.
     """
     st = _storage(storage)
     name = study_name or spec.name or f"study-{int(time.time())}"
@@ -699,6 +703,21 @@ def run_study(
         set_study_state(study, "resume")
     store = ModelStore(st.engine) if isinstance(st, optuna.storages.RDBStorage) else None
     bar = _progress_bar(study, spec, show_progress)
+
+    if population is not None:
+        from ._population import execute_population, population_supported
+
+        why = population_supported(spec)
+        if why is None:
+            try:
+                while study_state(study) != "done" and execute_population(
+                        study, spec, population_size=population, device=device, data_dir=data_dir,
+                        model_store=store, worker=f"{os.uname().nodename}:{os.getpid()}"):
+                    bar.update(study)
+            finally:
+                bar.close()
+            return study
+        log.info("study %s trains one trial at a time: %s", name, why)
 
     def loop() -> None:
         while True:

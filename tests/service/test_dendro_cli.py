@@ -117,9 +117,12 @@ def specs(tmp_path: Path) -> Iterator[Path]:
         (["--spec", "good.json", "--storage", "dendro.db"], ["'dendro.db' is not a database URL"]),
         (["--spec", "good.json", "--storage", "postgresql+psycopg://postgres@127.0.0.1:{port}/test"],
          ["cannot reach the database"]),
+        (["--preset", "dendrite-growth", "--population", "4"], ["population", "one trial at a time"]),
+        (["--spec", "good.json", "--population", "0"], ["--population", "positive integer or 'auto'"]),
     ],
     ids=["bad-preset", "malformed-spec", "missing-spec", "spec-not-an-object", "unknown-key",
-         "impossible-budget", "storage-not-a-url", "storage-unreachable"],
+         "impossible-budget", "storage-not-a-url", "storage-unreachable", "preset-without-population",
+         "bad-population"],
 )
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(
     specs: Path, args: list[str], words: list[str], capsys: pytest.CaptureFixture[str],
@@ -138,6 +141,17 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(
     for w in words:
         assert w in lines[0], lines[0]
     assert sorted(p.name for p in specs.iterdir()) == before, "nothing is written"
+
+
+def test_search_population_trains_a_specs_trials_together(specs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(specs)
+    storage = f"sqlite:///{specs / 'pop.db'}"
+    assert main(["search", "--spec", "good.json", "--n-trials", "4", "--n-epochs", "1", "--subset-size",
+                 "300", "--device", "cpu", "--population", "4", "--storage", storage]) == 0
+    study, _ = studies.load_study(ISSUE_SPEC["name"], storage)
+    done = [t for t in study.trials if t.state.is_finished()]
+    assert len(done) == 4
+    assert max(t.user_attrs["population_size"] for t in done) > 1
 
 
 @pytest.mark.slow

@@ -85,6 +85,38 @@ def test_preset_compares_every_task_and_family_under_one_budget(
     assert "+24.9" in text and "delay_recall" in text
 
 
+def test_preset_in_population_mode_trains_trials_together_and_retrains_the_same(
+    tmp_path: Path, one_thread: None
+) -> None:
+    # One task, two families: the population path against the one-trial path, same settings.
+    kw: dict[str, Any] = dict(max_params=3000, dataset="multi_sine", families=("diru", "lstm"),
+                              n_trials=4, n_epochs=2, n_seeds=2, subset_size=60, max_layers=1,
+                              device="cpu", show_progress=False)
+    pop_url = f"sqlite:///{tmp_path / 'pop.db'}"
+    pop = diru.diru_vs_lstm(storage=pop_url, population=4, **kw)
+    assert pop.settings["population"] == 4
+    sizes = []
+    for name in pop.studies:
+        study = optuna.load_study(study_name=name, storage=pop_url)
+        trained = studies.trained_trials(study)
+        assert len(trained) == 4
+        assert all(t.user_attrs["n_params"] <= 3000 for t in trained)
+        sizes += [t.user_attrs["population_size"] for t in trained]
+    assert max(sizes) > 1, sizes  # trials really trained side by side
+
+    # The re-trainings of a configuration are the same whichever path trains them: re-train
+    # each selected configuration one model at a time and compare the seeds' test MSE.
+    for row in pop.table:
+        spec = StudySpec(model=row["family"], dataset="multi_sine", max_params=3000,
+                         objective="val_mse", n_epochs=2, subset_size=60,
+                         search_space=diru.recurrent_space(row["family"], "multi_sine", 3000,
+                                                           max_layers=1))
+        study = optuna.load_study(study_name=row["study"], storage=pop_url)
+        alone, _ = diru._retrain_best(study, spec, "multi_sine", row["family"], 2, torch.device("cpu"),
+                                      None, 0.05, 10, False, together=False)
+        assert row["test_mse_seeds"] == pytest.approx(alone["test_mse_seeds"], rel=1e-4, abs=1e-6)
+
+
 def test_preset_is_registered_and_takes_the_clis_dataset_as_tasks(sqlite_url: str) -> None:
     preset = studies.get_preset("diru_vs_lstm")
     assert preset.name == "diru-vs-lstm" and preset.function is diru.diru_vs_lstm
