@@ -59,6 +59,7 @@ How the members stay exactly themselves:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -74,6 +75,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import _kernels
+from ._bio_stack import BioPack, MemberBio, convert_member
 from ._data import Dataset
 from ._layers import DendriticLayer
 from ._registry import count_parameters, get_family, list_models
@@ -89,7 +91,8 @@ from ._train import (
     shift_images,
 )
 
-__all__ = ["train_population", "POPULATION_FAMILIES", "PRECISIONS", "check_precision", "size_buckets"]
+__all__ = ["train_population", "POPULATION_FAMILIES", "PRECISIONS", "check_precision", "size_buckets",
+           "bio_stackable"]
 
 #: The arithmetic a population can train in (``train_population(precision=...)``).
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
@@ -119,7 +122,7 @@ _SLOPE = 0.1
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
 # A config's keys that are the trainer's, not the family's (train_model's arguments).
 _TRAIN_KEYS = ("lr", "weight_decay", "seed", "batch_size", "lr_schedule", "warmup_epochs",
-               "label_smoothing", "augment")
+               "label_smoothing", "augment", "bio")
 _AUTO_CPU = 8
 # "auto" never goes past this: 1024 default-sized members already keep an H100 busy (see
 # bench/bench_population.py), and a study learns sooner from fewer concurrent trials.
@@ -320,6 +323,36 @@ def _region(
     return t[:rows, :cols], (rows, cols)
 
 
+@functools.cache
+def bio_stackable(family: str) -> bool:
+    """Whether :func:`train_population` can apply bio rules to ``family``'s members: its one
+    Linear layer is the readout (hidden Linear layers train with bio rules one model at a time)."""
+    fam = get_family(family)
+    if fam.population != "mlp":
+        return False
+    with torch.random.fork_rng(devices=[]):
+        _, _, linears = _parse(fam.build(**fam.resolve({})), family)
+    return len(linears) == 1
+
+
+def _bio_positions(dims: _Dims, arch: _Arch) -> dict[str, torch.Tensor]:
+    """Where the readout's weight sits in a member's flat row, in the layer's shape."""
+    off, shape = dims.layout()["wo"]
+    slot = torch.arange(off, off + math.prod(shape)).view(shape)
+    reg = _region(slot, "wo", arch, dims)
+    assert reg is not None and off > 0  # position 0 (a dendrite weight) is BioPack's padding
+    return {"wo": reg[0].reshape(reg[1])}
+
+
+def _bio_role(readout: str) -> Callable[[str], str]:
+    def role(name: str) -> str:
+        if name == readout:
+            return "wo"
+        raise ValueError(f"bio rules on the hidden layer {name!r} are not stacked (the population "
+                         f"stacks them on the readout alone); train this trial with train_model")
+    return role
+
+
 # -- members ---------------------------------------------------------------------------------
 @dataclass
 class _State:
@@ -413,6 +446,7 @@ class _Member:
     start: float = 0.0
     net: nn.Module | None = None  # the built module, which receives the trained weights
     own: dict[str, torch.Tensor] = field(default_factory=dict)
+    bio: MemberBio | None = None  # its bio rules (the readout's), if its config has ``bio``
 
 
 # -- the stacked population ---------------------------------------------------------------------
@@ -505,6 +539,14 @@ class _Stack:
         self.offsets = {name: self.layout[name][0] for name in ("sw", "sb", "wo", "bo")
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
+        self.bio = (BioPack(self, functools.partial(_bio_positions, dims), dims.n_classes)
+                    if any(x.bio is not None for x in members) else None)
+        self.fused = self.fused and self.bio is None  # the rules act between backward and Adam
+
+    def flush(self) -> None:
+        """The bio rules' state back into the members' modules, before the stack changes."""
+        if self.bio is not None:
+            self.bio.flush([m.steps for m in self.members])
 
     def _index(self) -> None:
         """Flat positions of every connection in the dense buffer (padding: the sink)."""
@@ -567,6 +609,7 @@ class _Stack:
         """Rows back in the members' own shapes, on the CPU (one transfer per buffer)."""
         if not rows:
             return []
+        self.flush()
         r = torch.tensor(rows, dtype=torch.long, device=self.p.device)
         bufs = [t.index_select(0, r).cpu() for t in ((self.p, self.m, self.v) if moments else (self.p,))]
         idx = self.idx.index_select(0, r).cpu() if self.idx is not None else None
@@ -590,6 +633,7 @@ class _Stack:
     def select(self, rows: list[int]) -> _Stack:
         if rows == list(range(self.K)):
             return self
+        self.flush()
         r = torch.tensor(rows, dtype=torch.long, device=self.p.device)
         pick = [t.index_select(0, r) if t is not None else None
                 for t in (self.p, self.m, self.v, self.idx, self.kmask, self.steps)]
@@ -598,21 +642,26 @@ class _Stack:
     def cat(self, other: _Stack) -> _Stack:
         if not self.K:
             return other
+        self.flush()
+        other.flush()
         both = [torch.cat([a, b]) if a is not None and b is not None else None
                 for a, b in zip((self.p, self.m, self.v, self.idx, self.kmask, self.steps),
                                 (other.p, other.m, other.v, other.idx, other.kmask, other.steps),
                                 strict=True)]
         return _Stack(self.dims, self.members + other.members, *both, lowp=self.lowp)  # type: ignore[arg-type, misc]
 
-    def snapshot(self) -> tuple[torch.Tensor | None, ...]:
-        return tuple(t.clone() if t is not None else None
-                     for t in (self.p, self.m, self.v, self.idx, self.steps))
+    def snapshot(self) -> tuple[Any, ...]:
+        return (*(t.clone() if t is not None else None
+                  for t in (self.p, self.m, self.v, self.idx, self.steps)),
+                self.bio.snapshot() if self.bio is not None else None)
 
     @torch.no_grad()
-    def restore(self, snap: tuple[torch.Tensor | None, ...]) -> None:
-        for t, s in zip((self.p, self.m, self.v, self.idx, self.steps), snap, strict=True):
+    def restore(self, snap: tuple[Any, ...]) -> None:
+        for t, s in zip((self.p, self.m, self.v, self.idx, self.steps), snap[:5], strict=True):
             if t is not None and s is not None:
                 t.copy_(s)
+        if self.bio is not None and snap[5] is not None:
+            self.bio.restore(snap[5])
         if self.buf is not None:
             self.buf.zero_()
             self._index()
@@ -674,11 +723,16 @@ class _Stack:
         return torch.baddbmm(P["bo"].unsqueeze(1), h, P["wo"].transpose(1, 2))
 
     # -- training ---------------------------------------------------------------------------
-    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, backward and Adam for every member; returns (mean losses, correct counts)."""
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor,
+                   steps: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward, bio rules and Adam for every member; returns (mean losses, correct
+        counts). ``steps`` are the members' optimizer step counts once this step is taken (read
+        by the bio rules only)."""
         if self.fused:
             return self._train_step_fused(xb, yb)
         out = self.logits(xb, shared=False)
+        if self.bio is not None:
+            self.bio.observe(out)
         K, B, C = out.shape
         if self.any_smooth:
             # cross_entropy(label_smoothing=e): (1 - e) * NLL + e * mean over classes of -log p
@@ -696,7 +750,12 @@ class _Stack:
                 (gr if gr is not None else torch.zeros_like(lf)).reshape(K, -1)
                 for gr, lf in zip(grads, leaves, strict=True)
             ], dim=1)
+            if self.bio is not None:
+                self.bio.after_backward(g, self.p)
             self._adam(g)
+            if self.bio is not None:
+                assert steps is not None
+                self.bio.after_step(self.p, steps)
             correct = (out.argmax(2) == yb).sum(1)
         return loss.detach(), correct
 
@@ -958,6 +1017,10 @@ class _Population:
             torch.default_generator.manual_seed(mseed)
             net = family.build(**resolved)
         arch, layer, linears = _parse(net, self.family)
+        bio = None
+        if config.get("bio") is not None:  # converted before its tensors are read: Dale's signs
+            readout = next(n for n, m in net.named_modules() if m is linears[-1])
+            bio = convert_member(net, config["bio"], mseed, _bio_role(readout))
         own: dict[str, torch.Tensor] = {}  # the module's tensors, written back when it ends
         if layer is not None:
             own["dw"], own["db"] = layer.weight, layer.bias
@@ -981,7 +1044,7 @@ class _Population:
             data_gen=torch.Generator().manual_seed(mseed),
             layer_gen=layer._generator if layer is not None else None,
             result=result, recipe=recipe, n_steps=math.ceil(self.n_train / recipe.batch_size),
-            patch=patch, state=state, net=net, own=own,
+            patch=patch, state=state, net=net, own=own, bio=bio,
         )
         self.results.append(result)
         return mem
@@ -1338,7 +1401,7 @@ class _Population:
                 stack.lr.copy_(lrs[t - 1])
             if graph is not None and b == B:
                 graph.replay(cols, sh)
-            elif self.graphs and b == B and graph is None:
+            elif self.graphs and b == B and graph is None and stack.bio is None:
                 # the first full step runs for real while it warms up the capture
                 self.graph = None  # the old stack's graph and its memory go first
                 self._settle_staging()  # no other thread may call CUDA during the capture
@@ -1349,7 +1412,7 @@ class _Population:
                 yb = y.index_select(0, idx).view(K, b)
                 if sh is not None and self.image is not None:
                     xb = _shift_batch(xb, sh, self.image)
-                loss, right = stack.train_step(xb, yb)
+                loss, right = stack.train_step(xb, yb, [m.steps + t for m in stack.members])
                 loss_sum += loss * b
                 correct += right
             if t in events:

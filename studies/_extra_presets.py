@@ -86,9 +86,13 @@ def bio_rules_search(
     storage: str | optuna.storages.BaseStorage | None = None, out_dir: str | Path | None = None,
     n_epochs: int | None = None, subset_size: int | None = None, device: str | None = None,
     data_dir: str | None = None, show_progress: bool = True, model: str = "dendritic_simple",
-    model_params: dict[str, Any] | None = None,
+    model_params: dict[str, Any] | None = None, population: int | str | None = None,
 ) -> PresetResult:
-    """Search the bio-inspired training rules on top of a fixed model, against the plain rules."""
+    """Search the bio-inspired training rules on top of a fixed model, against the plain rules.
+
+    ``population`` (an integer K or ``"auto"``) trains each study's trials K at a time
+    (the rules are applied per member on the stacked buffers; see ``core.train_population``).
+    """
     params = model_params if model_params is not None else (
         {"n_neurons": 10, "n_dendrites": 23, "n_dendrite_inputs": 32} if model == "dendritic_simple" else {})
     base = dict(model=model, dataset=dataset, max_params=max_params, n_trials=n_trials or 20,
@@ -97,7 +101,8 @@ def bio_rules_search(
     plain = StudySpec(name=f"bio-plain-{model}-{dataset}-{max_params}",
                       search_space={"lr": BIO_SPACE["lr"]}, **base)
     bio = StudySpec(name=f"bio-rules-{model}-{dataset}-{max_params}", bio={}, search_space=BIO_SPACE, **base)
-    done = [run_study(s, storage, s.name, show_progress=show_progress, device=device, data_dir=data_dir)
+    done = [run_study(s, storage, s.name, show_progress=show_progress, device=device, data_dir=data_dir,
+                      population=population)
             for s in (plain, bio)]
     result = PresetResult("bio-rules", dataset, max_params, None, studies=[s.study_name for s in done])
     result.table = [_row("plain Adam (lr searched)", done[0]), _row("bio rules (searched)", done[1])]

@@ -63,8 +63,9 @@ def population_supported(spec: StudySpec) -> str | None:
         batchable = ", ".join((*core.POPULATION_FAMILIES, *core.RECURRENT_POPULATION_FAMILIES))
         return f"family {spec.model!r} cannot be batched (batchable: {batchable})"
     if spec.bio is not None:
-        if kind != "recurrent":
-            return "bio rules train in a population for the recurrent families only"
+        if kind == "mlp" and not core.bio_stackable(spec.model):
+            return (f"family {spec.model!r} has hidden Linear layers; an MLP population stacks bio "
+                    "rules on the readout alone")
         if float(spec.bio.get("weight_splitting_Gamma", 0) or 0) > 1 or any(
                 k == "bio.weight_splitting_Gamma" for k in spec.space):
             return "weight splitting changes a layer's shape: one model at a time"
@@ -197,9 +198,8 @@ def execute_population(
                 study.pruner.join(run.number)
             config = {**run.model_args, "lr": run.train_args["lr"],
                       "weight_decay": run.train_args["weight_decay"], "seed": run.seed}
-            if recurrent:
-                config["bio"] = run.train_args.get("bio")
-            else:
+            config["bio"] = run.train_args.get("bio")
+            if not recurrent:
                 config.update(batch_size=run.train_args.get("batch_size", spec.batch_size),
                               **recipe_args(run.train_args))
             yield config

@@ -30,6 +30,17 @@ def test_bio_preset_searches_bio_options(sqlite_url: str) -> None:
     assert all(t.user_attrs["n_params"] <= 3000 for t in done)
 
 
+def test_bio_preset_runs_in_population_mode(sqlite_url: str) -> None:
+    res = studies.bio_rules_search(max_params=3000, dataset="digits", n_trials=4, n_epochs=1,
+                                   storage=sqlite_url, show_progress=False, subset_size=400, population=4,
+                                   model_params={"n_neurons": 8, "n_dendrites": 4, "n_dendrite_inputs": 16})
+    for name in res.studies:
+        study = optuna.load_study(study_name=name, storage=sqlite_url)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(done) == 4
+        assert max(t.user_attrs["population_size"] for t in done) > 1, name
+
+
 def test_unknown_bio_and_growth_options_name_the_field() -> None:
     with pytest.raises(ValueError, match="bio.no_such_rule"):
         studies.StudySpec(name="x", dataset="digits", bio={"no_such_rule": 1})

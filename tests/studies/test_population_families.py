@@ -30,9 +30,25 @@ def test_a_recurrent_study_trains_as_a_population_with_bio_rules(tmp_path: Path)
     assert max(sizes) > 1 and all(1 <= s <= 4 for s in sizes)
 
 
+def test_an_mlp_study_with_searched_bio_rules_trains_as_a_population(tmp_path: Path) -> None:
+    spec = studies.StudySpec(
+        name="bio-pop", model="dendritic_simple", dataset="digits", max_params=3000, pruner="none",
+        n_trials=4, n_epochs=1, subset_size=300, sampler="random", bio={},
+        model_params={"n_neurons": 6, "n_dendrites": 3, "n_dendrite_inputs": 12},
+        search_space={"bio.fuzzy_lr_distribution": ["uniform", "gamma", "temporal"],
+                      "bio.apply_dales_principle": [False, True],
+                      "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}})
+    study, outs = _run(spec, tmp_path)
+    assert [o.state for o in outs].count("complete") == 4, outs
+    sizes = [t.user_attrs["population_size"] for t in study.trials]
+    assert max(sizes) > 1, sizes
+
+
 def test_population_refuses_what_it_cannot_train_and_says_why() -> None:
-    bio_mlp = studies.StudySpec(model="dendritic_simple", dataset="digits", bio={"fuzzy": True})
-    assert "recurrent families only" in (studies.population_supported(bio_mlp) or "")
+    bio_hidden = studies.StudySpec(model="dendritic_with_hidden", dataset="digits", bio={"fuzzy": True})
+    assert "hidden Linear layers" in (studies.population_supported(bio_hidden) or "")
+    bio_simple = studies.StudySpec(model="dendritic_simple", dataset="digits", bio={"fuzzy": True})
+    assert studies.population_supported(bio_simple) is None
     scheduled_rnn = studies.StudySpec(model="lstm", dataset="multi_sine", lr_schedule="cosine")
     assert "lr_schedule" in (studies.population_supported(scheduled_rnn) or "")
     conv = studies.StudySpec(model="dendritic_conv", dataset="digits")
