@@ -628,6 +628,51 @@ class _Stack:
         return total
 
 
+class _CaptureFailed(RuntimeError):
+    """The CUDA graph of a step could not be captured here: the epoch runs again without."""
+
+
+class _StepGraph:
+    """A stack's full-batch training step captured as a CUDA graph and replayed every step.
+
+    A recurrent step is hundreds of small kernels (a Python loop over the time steps, forward
+    and backward), so on a GPU its cost is launching them, whatever K is; one replay launches
+    them all at once. The step reads the members' batch indices from ``idx`` (copied in before
+    each replay) and adds its losses to ``loss_sum``; parameters, moments and step counts are
+    updated in place. Made with the first full step of an epoch, which it runs for real on a
+    side stream as the capture's warm-up (``first``: that step's losses). Stacks with bio rules
+    (host-side draws between backward and Adam) never use one. Dropout's generator is
+    registered with the graph, so each replay draws new masks.
+    """
+
+    def __init__(self, stack: _Stack, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor,
+                 gen: torch.Generator | None) -> None:
+        self.stack, self.x, self.y, self.gen = stack, x, y, gen
+        self.K, self.B = cols.shape
+        dev = x.device
+        self.idx = cols.reshape(-1).clone()
+        self.loss_sum = torch.zeros(self.K, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self.first = self._loss()  # the real step, and the warm-up the capture needs
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        if stack.drop is not None and gen is not None:
+            self.graph.register_generator_state(gen)
+        with torch.cuda.graph(self.graph, stream=side):
+            self.loss_sum.add_(self._loss(), alpha=self.B)  # recorded, not run
+
+    def _loss(self) -> torch.Tensor:
+        xb = self.x.index_select(0, self.idx).view(self.K, self.B, *self.x.shape[1:])
+        yb = self.y.index_select(0, self.idx).view(self.K, self.B, *self.y.shape[1:])
+        return self.stack.train_step(xb, yb, self.gen, [])
+
+    def replay(self, cols: torch.Tensor) -> None:
+        self.idx.view(self.K, self.B).copy_(cols)
+        self.graph.replay()
+
+
 # -- the scheduler -------------------------------------------------------------------------------
 class _Population:
     """Keeps up to ``size`` members training; refills, evaluates, reports and recovers."""
@@ -650,6 +695,8 @@ class _Population:
         self.exhausted = False
         self.stack: _Stack | None = None
         self.dropout_gen = torch.Generator(device=device).manual_seed(seed)
+        self.graphs = device.type == "cuda"  # capture each stack's training step once
+        self.graph: _StepGraph | None = None
 
     # -- members --------------------------------------------------------------------------
     def _new_member(self, config: dict[str, Any]) -> _Member | None:
@@ -812,15 +859,35 @@ class _Population:
                 mem.perm = torch.randperm(self.n_train, generator=mem.data_gen)
         order = torch.stack([cast(torch.Tensor, m.perm) for m in stack.members]).to(self.device)
         loss_sum = torch.zeros(K, device=self.device)
+        graph = self.graph if self.graph is not None and self.graph.stack is stack else None
+        if graph is not None:
+            graph.loss_sum.zero_()
+        capture = self.graphs and stack.bio is None and _grad_hook is None
         for t in range(self.n_steps):
             if _step_hook is not None:
                 _step_hook(K)
-            idx = order[:, t * B : (t + 1) * B].reshape(-1)
-            b = len(idx) // K
+            cols = order[:, t * B : (t + 1) * B]
+            b = cols.shape[1]
+            if graph is not None and b == B:
+                graph.replay(cols)
+                continue
+            if capture and graph is None and b == B:
+                self.graph = None  # the old stack's graph and its memory go first
+                try:
+                    graph = self.graph = _StepGraph(stack, x, y, cols, self.dropout_gen)
+                    loss_sum += graph.first * b
+                    continue
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a capture that fails: eager steps
+                    raise _CaptureFailed(str(exc)) from exc
+            idx = cols.reshape(-1)
             xb = x.index_select(0, idx).view(K, b, *x.shape[1:])
             yb = y.index_select(0, idx).view(K, b, *y.shape[1:])
             loss = stack.train_step(xb, yb, self.dropout_gen, [m.steps + t + 1 for m in stack.members])
             loss_sum += loss * b
+        if graph is not None:
+            loss_sum += graph.loss_sum
         val = stack.evaluate(d.x_val, d.y_val)
         test = stack.evaluate(d.x_test, d.y_test)
         return torch.stack([loss_sum, val, test]).cpu()
@@ -832,10 +899,18 @@ class _Population:
         table = None
         try:
             snap = stack.snapshot()
-            table = self._train(stack)
+            try:
+                table = self._train(stack)
+            except _CaptureFailed as exc:  # the epoch again from its start, without graphs
+                logger.warning("train_recurrent_population: CUDA graph capture failed (%s); "
+                               "running steps eagerly", exc)
+                self.graphs, self.graph = False, None
+                stack.restore(snap)
+                table = self._train(stack)
         except torch.OutOfMemoryError:
             pass  # handled below, once the failed step's tensors are released
         if table is None:
+            self.graph = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if snap is not None:

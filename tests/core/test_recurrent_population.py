@@ -353,3 +353,21 @@ def test_weight_splitting_fails_only_that_member_with_a_reason(data: core.Datase
     results = train_recurrent_population("gru", configs, data, 1, BATCH, device="cpu")
     assert results[0].status == "failed" and "weight_splitting_Gamma" in (results[0].error or "")
     assert results[1].status == "completed"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_members_with_captured_steps_match_train_model(family: str, data: core.Dataset) -> None:
+    # On CUDA every full-batch step is a replayed CUDA graph; members still train as alone.
+    configs = [c for c in _sizes(family) if c.get("num_layers", 1) == 1]  # no dropout draws
+    results = train_recurrent_population(family, configs, data, EPOCHS, BATCH, device="cuda")
+    for config, got in zip(configs, results, strict=True):
+        cfg = dict(config)
+        lr, wd, seed = cfg.pop("lr", 1e-3), cfg.pop("weight_decay", 0.0), cfg.pop("seed")
+        model = core.create_model(family, seed=seed, in_dim=data.in_features, out_dim=data.out_dim,
+                                  return_sequences=data.y_train.dim() == 3, **cfg)
+        want = core.train_model(model, data, EPOCHS, lr, wd, BATCH, device="cuda", seed=seed)
+        assert got.status == "completed"
+        for g, w in zip(got.history, want.history, strict=True):
+            for key in ("train_loss", "val_loss", "test_loss"):
+                assert g[key] == pytest.approx(w[key], rel=1e-3), (key, g[key], w[key])
