@@ -65,6 +65,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 
 from . import _optuna_private as private
+from . import _tpe_math
 from ._keys import LEASE_KEY, TRIAL_STATE_ATTR
 from ._optuna_private import create_scoped_session as _create_scoped_session
 from ._optuna_private import models
@@ -841,7 +842,8 @@ class FastTPESampler(optuna.samplers.TPESampler):
                 self._fitted = (key[:3], frozenset(t._trial_id for t in trials if t.state == TrialState.RUNNING))
         below, above = cached[1]
         candidates = below.sample(self._rng.rng, self._n_ei_candidates)
-        acquisition = self._compute_acquisition_func(candidates, below, above)
+        # TPE's acquisition, log l(x) - log g(x), with the tail mass computed array-wise
+        acquisition = _tpe_math.log_pdf(below, candidates) - _tpe_math.log_pdf(above, candidates)
         if self.feasible is not None:
             # The best candidate that the caller accepts (a budget-aware sampler's budget):
             # one acquisition for the draw instead of one per rejected draw.

@@ -35,6 +35,9 @@ __all__ = [
     "tpe_infeasible_score",
     "tpe_pruned_score",
     "tpe_default_gammas",
+    "tpe_ndtr",
+    "tpe_unique_inverse_2d",
+    "tpe_categorical_type",
 ]
 
 
@@ -84,3 +87,25 @@ def json_dumps_attr(value: Any) -> str:
     """An attribute value as Optuna stores it (``value_json``); raises TypeError or ValueError
     for a value JSON cannot encode, at the moment it is set, as RDBStorage does."""
     return json.dumps(value)
+
+
+def tpe_ndtr(a: Any) -> Any:
+    """TPE's array normal CDF (its own erf): the central case of the Gaussian mass, which
+    studies._tpe_math computes array-wise and must compute exactly as Optuna does."""
+    from optuna.samplers._tpe import _truncnorm
+
+    return _truncnorm._ndtr(a)
+
+
+def tpe_unique_inverse_2d(a: Any, b: Any) -> Any:
+    """TPE's de-duplication of (mu, sigma) pairs before the Gaussian mass (studies._tpe_math)."""
+    from optuna.samplers._tpe import probability_distributions as pd
+
+    return pd._unique_inverse_2d(a, b)
+
+
+def tpe_categorical_type() -> type:
+    """The class of a Parzen estimator's categorical kernels, which studies._tpe_math scores."""
+    from optuna.samplers._tpe import probability_distributions as pd
+
+    return pd._BatchedCategoricalDistributions

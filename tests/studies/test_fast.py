@@ -442,3 +442,22 @@ def test_a_burst_of_asks_shares_tpe_fits_only_when_asked_to() -> None:
         study.ask(space)
         fits.append(len(calls))
     assert fits == [11, 2 + 1]  # exact: one fit an ask; 4 stale lies: one per 5 asks, then the tell
+
+
+def test_tpe_tail_mass_equals_optunas() -> None:
+    # FastTPESampler scores candidates with studies._tpe_math: the same values as Optuna's
+    # element-wise functions, including the far tails (asymptotic series below -20).
+    import numpy as np
+    from optuna.samplers._tpe import _truncnorm
+
+    from studies import _tpe_math
+
+    rng = np.random.default_rng(7)
+    a = np.concatenate([rng.normal(0, 10, 20000), rng.uniform(-80, -19, 3000), rng.uniform(5, 40, 3000),
+                        np.array([-20.0, 6.0, 0.0, -1.0, 1.0])])
+    b = a + np.abs(rng.normal(0, 3, a.shape))
+    head = a > -20  # bit for bit; the far tail's series within the last bit
+    assert np.array_equal(_tpe_math.log_ndtr(a[head]), _truncnorm._log_ndtr(a[head]))
+    np.testing.assert_allclose(_tpe_math.log_ndtr(a), _truncnorm._log_ndtr(a), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(_tpe_math.log_gauss_mass(a, b), _truncnorm._log_gauss_mass(a, b),
+                               rtol=1e-13, atol=1e-300)
