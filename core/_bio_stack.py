@@ -69,11 +69,6 @@ def convert_member(net: nn.Module, options: dict[str, Any], seed: int,
     hook_keys = {f.name for f in fields(BioStepHook) if f.init}
     hook = BioStepHook(**{k: v for k, v in options.items() if k in hook_keys})
     config = BioConfig(**{k: v for k, v in options.items() if k not in hook_keys})
-    if config.weight_splitting_Gamma > 1:
-        raise ValueError(
-            "weight_splitting_Gamma > 1 changes the forward pass and is not stacked; train this "
-            "trial with train_model, or set it to 0"
-        )
     if hook.dales and not config.apply_dales_principle:
         raise ValueError("BioStepHook(dales=True) needs apply_dales_principle=True")
     gen = torch.Generator()
@@ -179,6 +174,31 @@ class BioPack:
                                  for r in readouts]).to(dev)
         self.observed = torch.tensor([r.observed if r is not None else 0 for r in readouts],
                                      dtype=torch.float32, device=dev).view(K, 1)
+
+        # Weight splitting: the readout's outputs in runs of Gamma, each run's sum repeated over
+        # it (the forward hook a lone trial's converted readout runs; members grouped by their
+        # Gamma and activation function). The one converted layer whose hooks a lone trial
+        # calls is the readout (the others' weights are used directly), so it is the one here.
+        groups: dict[tuple[int, int], tuple[int, Any, list[int]]] = {}
+        for k, b in enumerate(self.bios):
+            if b is None or not b.layers[0][2].splits:
+                continue
+            c = b.config
+            act = c.weight_splitting_activation_function
+            groups.setdefault((c.weight_splitting_Gamma, id(act)), (c.weight_splitting_Gamma, act, []))[2].append(k)
+        self.splits = []
+        for gamma, act, rows in groups.values():
+            mask = torch.zeros(K, dtype=torch.bool)
+            mask[rows] = True
+            self.splits.append((gamma, act, mask.to(dev)))
+
+    def split(self, out: torch.Tensor) -> torch.Tensor:
+        """The readout's outputs ``(K, ...)`` after each member's weight splitting (if any)."""
+        for gamma, act, mask in self.splits:
+            y = act(out) if act is not None else out
+            runs = y.unflatten(-1, (y.shape[-1] // gamma, gamma)).sum(-1).repeat_interleave(gamma, dim=-1)
+            out = torch.where(mask.view(-1, *([1] * (out.dim() - 1))), runs, out)
+        return out
 
     # -- in the step ----------------------------------------------------------------------
     @torch.no_grad()

@@ -732,7 +732,8 @@ class _Stack:
             return self._train_step_fused(xb, yb)
         out = self.logits(xb, shared=False)
         if self.bio is not None:
-            self.bio.observe(out)
+            self.bio.observe(out)  # before weight splitting, as a lone trial's hooks run
+            out = self.bio.split(out)
         K, B, C = out.shape
         if self.any_smooth:
             # cross_entropy(label_smoothing=e): (1 - e) * NLL + e * mean over classes of -log p
@@ -851,6 +852,8 @@ class _Stack:
         for i in range(0, len(x), chunk):
             xb, yb = x[i : i + chunk], y[i : i + chunk]
             out = self.logits(xb, shared=True, dense=dense)
+            if self.bio is not None:
+                out = self.bio.split(out)
             K, B, C = out.shape
             ce = F.cross_entropy(out.reshape(K * B, C), yb.repeat(K), reduction="none")
             total += ce.view(K, B).sum(1)
@@ -946,6 +949,7 @@ class _Population:
         self.stats: dict[str, Any] = {"useful_flops": 0.0, "executed_flops": 0.0, "stacks": [],
                                       "build_seconds": 0.0, "epoch_seconds": 0.0, "keep_seconds": 0.0}
         self.device, self.seed, self.on_epoch, self.on_result = device, seed, on_epoch, on_result
+        self.on_settle: Callable[[int], Any] | None = None
         self.configs: Iterator[dict[str, Any]] = iter(configs)
         self.n_configs = len(configs) if isinstance(configs, Sequence) else None
         self.size_arg = size
@@ -1480,11 +1484,19 @@ class _Population:
                 elif mem.epoch >= self.n_epochs:
                     res.status, stop = "completed", True
             if stop:
-                res.wall_time = now - mem.start
-                for fut in mem.plans:
-                    fut.cancel()
-                mem.plans.clear()
                 ended.append(i)
+        if self.on_settle is not None:  # every member has reported: stops decided on all of them
+            for i, mem in enumerate(stack.members):
+                if i not in ended and self.on_settle(mem.index):
+                    mem.result.status = "stopped"
+                    ended.append(i)
+            ended.sort()
+        for i in ended:
+            mem = stack.members[i]
+            mem.result.wall_time = now - mem.start
+            for fut in mem.plans:
+                fut.cancel()
+            mem.plans.clear()
         t_keep = time.perf_counter()
         self._keep_weights(stack, [i for i in ended if stack.members[i].result.status != "diverged"])
         self.stats["keep_seconds"] += time.perf_counter() - t_keep
@@ -1510,6 +1522,7 @@ def train_population(
     on_result: OnResult | None = None,
     max_population: int | None = None,
     precision: str = "fp32",
+    on_settle: Callable[[int], Any] | None = None,
     buckets: bool = True,
     stats: dict[str, Any] | None = None,
 ) -> list[TrainResult]:
@@ -1539,7 +1552,10 @@ def train_population(
     return stops that member (status ``"stopped"``). A non-finite training loss ends only
     that member (``"diverged"``); a config that cannot be built (unknown parameter, bad
     size, bad ``lr``) ends only that member (``"failed"``, with the reason in ``error``).
-    ``on_result(index, result)`` is called as soon as a member ends. If the device runs out
+    ``on_result(index, result)`` is called as soon as a member ends. ``on_settle(index)``, if
+    given, is asked for every member still training once all members of a stack have reported
+    an epoch: a truthy answer stops it there (a decision that needs every member's value, as
+    a synchronous successive-halving rung does). If the device runs out
     of memory, the population is halved and no member is lost (see the module's docstring).
     Returns one :class:`TrainResult` per config, in the order the configs were read; each
     member that did not diverge or fail also carries ``result.state_dict``, the trained
@@ -1604,7 +1620,7 @@ def train_population(
     for group in groups:
         if len(groups) == 1:  # no renumbering: callbacks and seeds see the caller's indices
             sub: Any = configs
-            on_e, on_r = on_epoch, on_result
+            on_e, on_r, on_s = on_epoch, on_result, on_settle
         else:
             sub = [dict(configs[i], seed=configs[i].get("seed", seed + i))
                    if isinstance(configs[i], dict) else configs[i] for i in group]
@@ -1612,9 +1628,12 @@ def train_population(
                 lambda j, e, m, g=group: on_epoch(g[j], e, m))  # type: ignore[misc]
             on_r = None if on_result is None else (
                 lambda j, r, g=group: on_result(g[j], r))  # type: ignore[misc]
+            on_s = None if on_settle is None else (
+                lambda j, g=group: on_settle(g[j]))  # type: ignore[misc]
         pop = _Population(
             family.name, sub, on_device, n_epochs, batch_size, dev, seed, size, on_e, on_r, precision,
         )
+        pop.on_settle = on_s
         if max_population is not None:
             pop.max_size = max_population
         with _matmul_precision(precision, dev):

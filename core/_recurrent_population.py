@@ -43,8 +43,9 @@ How the members stay exactly themselves:
   BioModule methods on the CPU with its generator (see :class:`core._bio_stack.BioPack`). The
   converted layers are the ``nn.Linear`` ones a lone model has: the readout and, for DIRU,
   each layer's integration and global gate (LSTM and GRU cells are not ``nn.Linear``).
-  Weight splitting changes the forward pass and is not stacked: such a member fails with
-  the reason.
+  Weight splitting (``weight_splitting_Gamma`` > 1) is the readout's forward hook in a lone
+  model (the only converted layer called as a module), so the stack applies it to the
+  readout's outputs; conversion refuses a Gamma that does not divide the output width.
 
 Dropout between stacked layers draws its masks from one generator of the population (seeded
 with ``seed``), not from PyTorch's global generator as a lone model does; it is the one
@@ -577,7 +578,8 @@ class _Stack:
         """
         out = self.outputs(xb, shared=False, train=True, gen=gen)
         if self.bio is not None:
-            self.bio.observe(out)
+            self.bio.observe(out)  # before weight splitting, as a lone trial's hooks run
+            out = self.bio.split(out)
         K = out.shape[0]
         loss = F.mse_loss(out, yb.view_as(out), reduction="none").reshape(K, -1).mean(1)
         leaves = list(self.views.values())
@@ -622,6 +624,8 @@ class _Stack:
         for i in range(0, len(x), chunk):
             xb, yb = x[i : i + chunk], y[i : i + chunk]
             out = self.outputs(xb, shared=True, train=False)
+            if self.bio is not None:
+                out = self.bio.split(out)
             K, B = out.shape[:2]
             target = yb.reshape(out.shape[1:]).unsqueeze(0)
             total += F.mse_loss(out, target.expand_as(out), reduction="none").reshape(K, -1).mean(1) * B
@@ -684,6 +688,7 @@ class _Population:
     ) -> None:
         self.family, self.data, self.n_epochs, self.batch_size = family, data, n_epochs, batch_size
         self.device, self.seed, self.on_epoch, self.on_result = device, seed, on_epoch, on_result
+        self.on_settle: Callable[[int], Any] | None = None
         self.configs: Iterator[dict[str, Any]] = iter(configs)
         self.n_configs = len(configs) if isinstance(configs, Sequence) else None
         self.size_arg, self.size, self.max_size = size, 0, max_size
@@ -948,8 +953,15 @@ class _Population:
                 elif mem.epoch >= self.n_epochs:
                     res.status, stop = "completed", True
             if stop:
-                res.wall_time = now - mem.start
                 ended.append(i)
+        if self.on_settle is not None:  # every member has reported: stops decided on all of them
+            for i, mem in enumerate(stack.members):
+                if i not in ended and self.on_settle(mem.index):
+                    mem.result.status = "stopped"
+                    ended.append(i)
+            ended.sort()
+        for i in ended:
+            stack.members[i].result.wall_time = now - stack.members[i].start
         self._keep_weights(stack, [i for i in ended if stack.members[i].result.status != "diverged"])
         for i in ended:
             mem = stack.members[i]
@@ -983,6 +995,7 @@ def train_recurrent_population(
     population_size: int | str | None = None,
     on_result: OnResult | None = None,
     max_population: int | None = None,
+    on_settle: Callable[[int], Any] | None = None,
 ) -> list[TrainResult]:
     """Train many DIRU, LSTM or GRU models at once, each exactly as :func:`train_model` would.
 
@@ -1002,13 +1015,16 @@ def train_recurrent_population(
     ``max_population``). ``on_epoch(index, epoch, metrics)`` after each of a member's epochs
     stops it when it returns a truthy value (``"stopped"``); a non-finite training loss ends
     only that member (``"diverged"``); a config that cannot be built ends only that member
-    (``"failed"``). ``on_result(index, result)`` is called as soon as a member ends. Returns
+    (``"failed"``). ``on_settle(index)``, if given, is asked for every member still training
+    once all have reported an epoch; truthy stops it there (as in :func:`~core.train_population`).
+    ``on_result(index, result)`` is called as soon as a member ends. Returns
     one :class:`TrainResult` per config in the order read; members that did not diverge or
     fail carry ``result.state_dict`` (CPU tensors, with the bio rules' buffers when it has some).
 
     A config's ``bio`` (a dict of BioConfig and BioStepHook options) trains that member with
     the bio rules, as ``BioConverter`` and ``BioStepHook`` in ``train_model`` would after
-    ``torch.manual_seed(seed)``; ``weight_splitting_Gamma > 1`` is not supported here.
+    ``torch.manual_seed(seed)``; ``weight_splitting_Gamma > 1`` splits the readout's outputs
+    as the lone model's forward hook does.
     """
     family = get_family(model)  # unknown names list the known ones
     if family.population != "recurrent":
@@ -1035,4 +1051,5 @@ def train_recurrent_population(
     dev = resolve_device(device)
     pop = _Population(family.name, configs, data.to(dev), n_epochs, batch_size, dev, seed, size,
                       on_epoch, on_result, max_population if max_population is not None else _AUTO_MAX)
+    pop.on_settle = on_settle
     return pop.run()

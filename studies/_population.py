@@ -66,9 +66,6 @@ def population_supported(spec: StudySpec) -> str | None:
         if kind == "mlp" and not core.bio_stackable(spec.model):
             return (f"family {spec.model!r} has hidden Linear layers; an MLP population stacks bio "
                     "rules on the readout alone")
-        if float(spec.bio.get("weight_splitting_Gamma", 0) or 0) > 1 or any(
-                k == "bio.weight_splitting_Gamma" for k in spec.space):
-            return "weight splitting changes a layer's shape: one model at a time"
     if kind == "recurrent":
         recipe = [k for k in (*_RECIPE, "batch_size") if k in spec.space]
         recipe += [k for k, d in _RECIPE.items() if getattr(spec, k) != d]
@@ -220,6 +217,14 @@ def execute_population(
         state["training"] = True
         return runs[i].epoch(epoch, metrics, stop_now)
 
+    def on_settle(i: int) -> bool:
+        # every member has reported this epoch: a rung's cohort is settled, its losers stop now
+        run = runs[i]
+        if isinstance(study.pruner, RungPruner) and run.stopped_by is None and study.pruner.doomed(run.number):
+            run.stopped_by = "pruned"
+            return True
+        return False
+
     def on_result(i: int, result: core.TrainResult) -> None:
         state["training"] = True
         state["ended"] += 1
@@ -243,7 +248,8 @@ def execute_population(
         with deferring:
             common: dict[str, Any] = dict(
                 batch_size=spec.batch_size, device=dev, seed=spec.seed, on_epoch=on_epoch,
-                population_size=size, on_result=on_result, max_population=max_population)
+                population_size=size, on_result=on_result, max_population=max_population,
+                on_settle=on_settle)
             if recurrent:
                 core.train_recurrent_population(spec.model, configs(), data, spec.n_epochs, **common)
             else:

@@ -16,9 +16,11 @@ Two ways in:
   executor calls :meth:`RungPruner.join` when it hands a member to the trainer and
   :meth:`RungPruner.leave` when it ends; from then on ``prune`` answers for that member as
   one of its cohort (the members that reach the rung in the same step): a member is stopped
-  at the rung as soon as its fate no longer depends on members that have not reported yet,
-  otherwise one epoch later, once the whole cohort has. :meth:`RungPruner.decide` is the rule
-  itself, for executors that hold all values at once.
+  at the rung as soon as its fate no longer depends on members that have not reported yet;
+  the others are stopped at the rung too, once the whole cohort has reported (the population
+  trainers ask :meth:`RungPruner.doomed` for every member after each epoch, through their
+  ``on_settle`` callback). :meth:`RungPruner.decide` is the rule itself, for executors that
+  hold all values at once.
 """
 
 from __future__ import annotations
@@ -213,6 +215,12 @@ class RungPruner(optuna.pruners.BasePruner):
                 if not c.settled and c.expected <= set(c.values):
                     self._settle(epoch, c)
             self._forget_settled()
+
+    def doomed(self, number: int) -> bool:
+        """Whether member ``number``'s cohort has settled and stopped it: the population asks
+        once all its members have reported an epoch, so the stop lands on the rung itself."""
+        with self._lock:
+            return number in self._doomed
 
     def _member_epoch(self, number: int, epoch: int, value: float,
                       others: Callable[[set[int]], dict[int, float]]) -> bool:

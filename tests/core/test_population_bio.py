@@ -28,6 +28,9 @@ BIO_RULES: list[dict[str, Any]] = [
     dict(fuzzy_lr_distribution="temporal", fuzzy_lr_dynamic=True, fuzzy_lr_update_freq=2),
     dict(fuzzy_lr_distribution="activity", fuzzy_lr_dynamic=True, fuzzy_lr_update_freq=3),
     dict(fuzzy_lr_distribution="baseline", fuzzy=False),
+    dict(fuzzy_lr_distribution="uniform", weight_splitting_Gamma=2),
+    dict(fuzzy_lr_distribution="normal", weight_splitting_Gamma=5,
+         weight_splitting_activation_function=torch.tanh, scale_grad=True, homeostatic_strength=0.5),
 ]
 
 
@@ -60,7 +63,8 @@ def _solo_bio(config: dict[str, Any], data: core.Dataset) -> core.TrainResult:
     return result
 
 
-@pytest.mark.parametrize("rules", BIO_RULES, ids=[r["fuzzy_lr_distribution"] for r in BIO_RULES])
+@pytest.mark.parametrize("rules", BIO_RULES,
+                         ids=[f"{r['fuzzy_lr_distribution']}-{i}" for i, r in enumerate(BIO_RULES)])
 def test_one_member_with_bio_rules_matches_bio_converter_and_step_hook(
     rules: dict[str, Any], data: core.Dataset,
 ) -> None:
@@ -92,7 +96,7 @@ def _plain(config: dict[str, Any], data: core.Dataset) -> core.TrainResult:
     return result
 
 
-def test_dale_signs_hold_and_hidden_layers_fail_only_that_member(data: core.Dataset) -> None:
+def test_dale_signs_hold_and_bad_members_fail_alone_with_the_reason(data: core.Dataset) -> None:
     rules = dict(apply_dales_principle=True, volume_dependent=True, rejuvenate_every=2)
     small = dict(n_neurons=6, n_dendrite_inputs=12, seed=1, lr=3e-3)
     configs = [dict(small, bio=rules), small]
@@ -104,6 +108,6 @@ def test_dale_signs_hold_and_hidden_layers_fail_only_that_member(data: core.Data
                                                        dict(n_dendrite_inputs=12)], data, 1, BATCH, device="cpu")
     assert hidden[0].status == "failed" and "hidden layer" in (hidden[0].error or "")
     assert hidden[1].status == "completed"
-    split = train_population("dendritic_simple", [dict(n_dendrite_inputs=12, bio=dict(weight_splitting_Gamma=2))], data, 1,
-                             BATCH, device="cpu")
-    assert split[0].status == "failed" and "weight_splitting_Gamma" in (split[0].error or "")
+    split = train_population("dendritic_simple", [dict(n_dendrite_inputs=12, bio=dict(weight_splitting_Gamma=3))],
+                             data, 1, BATCH, device="cpu")  # 3 does not divide the 10 classes
+    assert split[0].status == "failed" and "weight_splitting_Gamma=3" in (split[0].error or "")

@@ -371,3 +371,22 @@ def test_cuda_members_with_captured_steps_match_train_model(family: str, data: c
         for g, w in zip(got.history, want.history, strict=True):
             for key in ("train_loss", "val_loss", "test_loss"):
                 assert g[key] == pytest.approx(w[key], rel=1e-3), (key, g[key], w[key])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_splitting_of_the_readout_matches_the_lone_trial(family: str) -> None:
+    # Lorenz has three outputs: Gamma=3 ties them into one run, as the lone readout's hook does.
+    lorenz = core.load_dataset("lorenz", seed=0, n_samples=120)
+    rules = [dict(weight_splitting_Gamma=3), dict(weight_splitting_Gamma=3, fuzzy_lr_distribution="normal",
+                                                  weight_splitting_activation_function=torch.tanh)]
+    configs = [dict(hidden_size=6 + 3 * i, seed=30 + i, lr=3e-3, bio=r) for i, r in enumerate(rules)]
+    configs.append(dict(hidden_size=5, seed=40, lr=3e-3))
+    results = train_recurrent_population(family, configs, lorenz, EPOCHS, BATCH, device="cpu")
+    for config, got in zip(configs, results, strict=True):
+        if "bio" in config:
+            want = _solo_bio(family, config, lorenz)
+        else:
+            want = _solo(family, config, lorenz)
+        assert got.status == "completed", got.error
+        for g, w in zip(got.history, want.history, strict=True):
+            assert g["val_loss"] == pytest.approx(w["val_loss"], rel=1e-5)

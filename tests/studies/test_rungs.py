@@ -157,16 +157,17 @@ def test_successive_halving_stops_members_of_a_real_population_at_the_rungs() ->
             study.tell(trials[i], result.history[-1]["val_accuracy"])
 
     core.train_population("dendritic_simple", configs, data, 6, batch_size=128, device="cpu",
-                          on_epoch=on_epoch, on_result=on_result, population_size=9)
+                          on_epoch=on_epoch, on_result=on_result, population_size=9,
+                          on_settle=lambda i: pruner.doomed(trials[i].number))
     at = {e: {t.number: t.intermediate_values[e] for t in study.trials if e in t.intermediate_values}
           for e in (1, 3)}
     out1 = pruner.decide(1, at[1])
     assert len(out1) >= 5, at[1]  # 9 -> 3 (ties at the cut go on)
-    # Stopped at rung 1 itself, or one epoch later when its cohort had not all reported.
-    assert all(epochs[n] <= 2 for n in out1) and all(epochs[n] >= 3 for n in epochs if n not in out1)
+    # Stopped at rung 1 itself (the trainer asks on_settle once every member has reported).
+    assert all(epochs[n] == 1 for n in out1) and all(epochs[n] >= 3 for n in epochs if n not in out1)
     out3 = pruner.decide(3, at[3])
     assert out3 and set(at[3]) == set(epochs) - out1
-    assert all(epochs[n] <= 4 for n in out3) and all(epochs[n] == 6 for n in set(at[3]) - out3)
+    assert all(epochs[n] == 3 for n in out3) and all(epochs[n] == 6 for n in set(at[3]) - out3)
     assert len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,))) == len(out1) + len(out3)
 
 
@@ -207,6 +208,10 @@ def test_successive_halving_prunes_most_trials_of_a_population_study(tmp_path: o
     assert states.count("pruned") >= 0.6 * len(states), states
     ran = [len(t.intermediate_values) for t in study.trials]
     assert sum(ran) < 0.6 * 4 * len(ran), ran  # well under every trial's full 4 epochs
+    # every pruned member stopped on a rung (epochs 1 and 3), none an epoch late
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(len(t.intermediate_values) in (1, 3) for t in pruned), \
+        [len(t.intermediate_values) for t in pruned]
     sizes = {t.user_attrs.get("population_size") for t in study.trials if not studies.is_infeasible(t)}
     assert sizes and all(isinstance(k, int) and 1 <= k <= 9 for k in sizes), sizes
     assert max(sizes) > 1  # members trained together
