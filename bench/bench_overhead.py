@@ -125,7 +125,8 @@ def fake_train_seeds(spec: studies.StudySpec, number: int, family: str, model_ar
 def fake_train_population(model: str, configs: Any, data: Any, n_epochs: int, batch_size: int = 128,
                           device: Any = None, seed: int = 0, on_epoch: Any = None, *,
                           population_size: Any = None, on_result: Any = None,
-                          max_population: Any = None, precision: str = "fp32") -> list[Any]:
+                          max_population: Any = None, precision: str = "fp32",
+                          on_settle: Any = None) -> list[Any]:
     """core.train_population's scheduling (slots refilled as members end), without the work."""
     spec = make_spec("x", 1, 0)
     size = population_size if isinstance(population_size, int) else 8
@@ -156,6 +157,11 @@ def fake_train_population(model: str, configs: Any, data: Any, n_epochs: int, ba
                 ended.append(idx)
             elif len(res.history) >= n_epochs:
                 ended.append(idx)
+        if on_settle is not None:  # every member reported: the settled rung's losers stop
+            for idx, _ in active:
+                if idx not in ended and on_settle(idx):
+                    results[idx].status = "stopped"
+                    ended.append(idx)
         for idx in ended:
             on_result(idx, results[idx])
         active = [a for a in active if a[0] not in ended]

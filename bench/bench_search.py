@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--rung-trials", type=int, help="trials of the rung run (default: --trials); it "
                     "stops most of them early, so at equal time it can try more")
     ap.add_argument("--population", type=int, default=27)
+    ap.add_argument("--rung-pruner", default="successive_halving", choices=["successive_halving", "hyperband"],
+                    help="the rung run's pruner")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-params", type=int, default=3000)
     ap.add_argument("--subset-size", type=int)
@@ -81,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/search.db"
         runs = [_run(args, "median", url, args.trials),
-                _run(args, "successive_halving", url, args.rung_trials or args.trials)]
+                _run(args, args.rung_pruner, url, args.rung_trials or args.trials)]
     print(f"{args.dataset}, {args.epochs} epochs, population {args.population}, device {args.device}")
     print(f"{'pruner':20s} {'trials':>6s} {'wall s':>8s} {'best val':>9s} {'stopped early':>14s} "
           f"{'member-epochs':>14s}")

@@ -60,7 +60,8 @@ def _fake_train_seeds(spec: StudySpec, number: int, family: str, model_args: dic
 def _fake_train_population(model: str, configs: Any, data: Any, n_epochs: int, batch_size: int = 128,
                            device: Any = None, seed: int = 0, on_epoch: Any = None, *,
                            population_size: Any = None, on_result: Any = None,
-                           max_population: Any = None, precision: str = "fp32") -> list[core.TrainResult]:
+                           max_population: Any = None, precision: str = "fp32",
+                           on_settle: Any = None) -> list[core.TrainResult]:
     """core.train_population's scheduling (slots refilled as members end), without training."""
     size = population_size if isinstance(population_size, int) else 8
     it = iter(configs)
@@ -87,6 +88,11 @@ def _fake_train_population(model: str, configs: Any, data: Any, n_epochs: int, b
                 ended.append(i)
             elif len(res.history) >= n_epochs:
                 ended.append(i)
+        if on_settle is not None:  # every member reported: the settled rung's losers stop
+            for i, _ in active:
+                if i not in ended and on_settle(i):
+                    results[i].status = "stopped"
+                    ended.append(i)
         for i in ended:
             on_result(i, results[i])
         active = [a for a in active if a[0] not in ended]
