@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from test_population import _assert_same
+from test_population import _assert_same, one_thread  # noqa: F401 - the autouse fixture: one intra-op thread
+from test_recurrent_population import _HOOK_KEYS
+from test_recurrent_population import BIO_RULES as _RULES
 
 import core
 from core._population import train_population
 
 EPOCHS = 2
 BATCH = 128
-_HOOK_KEYS = {"fuzzy", "crystallize", "volume_dependent", "scale_grad", "dales", "update_rates",
-              "rejuvenate_every"}
+#: the recurrent tests' ten rule sets, and weight splitting of the readout (10 classes)
 BIO_RULES: list[dict[str, Any]] = [
-    dict(fuzzy_lr_distribution="uniform"),
-    dict(fuzzy_lr_distribution="normal", volume_dependent=True),
-    dict(fuzzy_lr_distribution="lognormal", rejuvenate_every=3),
-    dict(fuzzy_lr_distribution="gamma", apply_dales_principle=True),
-    dict(fuzzy_lr_distribution="beta", scale_grad=True, homeostatic_strength=0.5),
-    dict(fuzzy_lr_distribution="layer_adaptive", crystallize=False),
-    dict(fuzzy_lr_distribution="weight_adaptive", apply_dales_principle=True, rejuvenate_every=4,
-         volume_dependent=True),
-    dict(fuzzy_lr_distribution="temporal", fuzzy_lr_dynamic=True, fuzzy_lr_update_freq=2),
-    dict(fuzzy_lr_distribution="activity", fuzzy_lr_dynamic=True, fuzzy_lr_update_freq=3),
-    dict(fuzzy_lr_distribution="baseline", fuzzy=False),
+    *_RULES,
     dict(fuzzy_lr_distribution="uniform", weight_splitting_Gamma=2),
     dict(fuzzy_lr_distribution="normal", weight_splitting_Gamma=5,
          weight_splitting_activation_function=torch.tanh, scale_grad=True, homeostatic_strength=0.5),
@@ -37,14 +27,6 @@ BIO_RULES: list[dict[str, Any]] = [
 @pytest.fixture(scope="module")
 def data() -> core.Dataset:
     return core.load_dataset("digits")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _solo_bio(config: dict[str, Any], data: core.Dataset) -> core.TrainResult:
