@@ -307,7 +307,8 @@ def _run(study: optuna.Study, spec: StudySpec, top_n: int, n_seeds: int, n_epoch
         # Each member carries its trial's recipe where it differs from train_model's defaults
         # (the population trainer takes the same keys per member).
         configs = [{**m, "lr": a["lr"], "weight_decay": a["weight_decay"], "seed": s,
-                    **_recipe_changes(spec, a)} for _, _, _, m, a, s in jobs]
+                    **_recipe_changes(spec, a), **({"bio": a["bio"]} if a.get("bio") is not None else {})}
+                   for _, _, _, m, a, s in jobs]
         try:
             results = core.train_population(
                 spec.model, configs, data, n_epochs, batch_size=spec.batch_size, device=dev, seed=spec.seed,

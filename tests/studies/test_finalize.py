@@ -189,3 +189,28 @@ def test_a_trials_recipe_travels_with_its_population_member() -> None:
     changed = _finalize._recipe_changes(spec, {"lr": 0.01, "weight_decay": 0.0, "lr_schedule": "cosine",
                                                "label_smoothing": 0.1, "augment": "none", "batch_size": 64})
     assert changed == {"lr_schedule": "cosine", "label_smoothing": 0.1, "batch_size": 64}
+
+
+def test_a_bio_studys_rules_travel_with_its_population_members(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bio study of dendritic_simple trains in a population; its finalize must too, rules included.
+    url = f"sqlite:///{tmp_path / 'bio.db'}"
+    spec = _spec("bio-fin", n_trials=2, bio={"apply_dales_principle": True},
+                 search_space={"bio.fuzzy_lr_distribution": ["uniform", "gamma"],
+                               "lr": {"type": "float", "low": 0.003, "high": 0.03, "log": True}},
+                 model_params={"n_neurons": 6, "n_dendrites": 3, "n_dendrite_inputs": 12})
+    study = studies.run_study(spec, storage=url, show_progress=False, device="cpu", population=2)
+    seen: list[dict[str, Any]] = []
+    real = core.train_population
+
+    def spy(model: str, configs: list[dict[str, Any]], *a: Any, **k: Any) -> list[core.TrainResult]:
+        seen.extend(configs)
+        return real(model, configs, *a, **k)
+
+    monkeypatch.setattr(_finalize.core, "train_population", spy)
+    studies.request_finalize(study, top_n=2, seeds=2, n_epochs=1)
+    final = studies.run_finalize(study, device="cpu")
+    assert final["mode"] == "population" and len(seen) == 4
+    for c in seen:
+        assert c["bio"]["apply_dales_principle"] is True
+        assert c["bio"]["fuzzy_lr_distribution"] in ("uniform", "gamma")
