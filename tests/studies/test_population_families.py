@@ -86,3 +86,19 @@ def test_a_single_trial_records_population_size_one(tmp_path: Path) -> None:
     study = studies.run_study(spec, f"sqlite:///{tmp_path / 's.db'}", show_progress=False, device="cpu")
     (t,) = study.trials
     assert t.user_attrs["population_size"] == 1 and t.value is not None
+
+
+def test_run_study_with_population_runs_a_study_that_cannot_stack_one_trial_at_a_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    spec = studies.StudySpec(
+        name="conv-single", model="dendritic_conv", dataset="digits", max_params=3000, n_trials=2,
+        n_epochs=1, subset_size=200, sampler="random", pruner="none",
+        model_params={"n_units1": 4, "n_units2": 8, "n_dendrites": 2, "n_dendrite_inputs2": 8},
+        search_space={"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}})
+    with caplog.at_level("INFO", logger="studies._runner"):
+        study = studies.run_study(spec, f"sqlite:///{tmp_path / 'c.db'}", show_progress=False,
+                                  device="cpu", population="auto")
+    done = [t for t in study.trials if t.state.is_finished()]
+    assert len(done) == 2 and all(t.user_attrs["population_size"] == 1 for t in done)
+    assert "one trial at a time" in caplog.text and "cannot be batched" in caplog.text
