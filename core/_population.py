@@ -531,17 +531,17 @@ class _Stack:
         if dims.n and self.K:
             self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
             self._index()
-        # dendrites -> soma -> readout (dendritic_simple): the fused Triton head on CUDA
+        self.bio = (BioPack(self, functools.partial(_bio_positions, dims), dims.n_classes)
+                    if any(x.bio is not None for x in members) else None)
+        # dendrites -> soma -> readout (dendritic_simple): the fused Triton head on CUDA, unless
+        # bio rules must act between backward and Adam
         self.fused = bool(
             dims.n and dims.soma_on and not dims.soma_off and not dims.depth and not dims.post_act
-            and self.K and _kernels.available(dev)
+            and self.K and self.bio is None and _kernels.available(dev)
         )
         self.offsets = {name: self.layout[name][0] for name in ("sw", "sb", "wo", "bo")
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
-        self.bio = (BioPack(self, functools.partial(_bio_positions, dims), dims.n_classes)
-                    if any(x.bio is not None for x in members) else None)
-        self.fused = self.fused and self.bio is None  # the rules act between backward and Adam
 
     def flush(self) -> None:
         """The bio rules' state back into the members' modules, before the stack changes."""
@@ -861,6 +861,38 @@ class _Stack:
         return total, correct
 
 
+def capture_step(body: Callable[[], None], device: torch.device,
+                 generators: Sequence[torch.Generator] = ()) -> torch.cuda.CUDAGraph:
+    """Run ``body`` once for real on a side stream (the warm-up a capture needs), then record
+    it as a CUDA graph. ``generators`` (custom ones ``body`` draws from) are registered with
+    the graph, so that each replay draws anew. Shared by both population trainers."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        body()  # the real step, and the warm-up the capture needs
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        graph.register_generator_state(gen)
+    with torch.cuda.graph(graph, stream=side):
+        body()  # recorded, not run
+    return graph
+
+
+def settle(members: Sequence[Any], ended: list[int], on_settle: Callable[[int], Any] | None) -> list[int]:
+    """``ended`` (the stack rows whose members end this epoch) with the rows ``on_settle``
+    stops once every member has reported the epoch, sorted; those members get status
+    ``"stopped"``. Shared by both population trainers."""
+    if on_settle is None:
+        return ended
+    done = set(ended)
+    for i, mem in enumerate(members):
+        if i not in done and on_settle(mem.index):
+            mem.result.status = "stopped"
+            done.add(i)
+    return sorted(done)
+
+
 class _StepGraph:
     """A stack's full-batch training step captured as a CUDA graph and replayed every step.
 
@@ -883,14 +915,7 @@ class _StepGraph:
         self.shifts = shifts.to(torch.long).clone() if shifts is not None else None
         self.loss_sum = torch.zeros(self.K, device=dev)
         self.correct = torch.zeros(self.K, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self._body()  # the real step, and the warm-up the capture needs
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=side):
-            self._body()  # recorded, not run
+        self.graph = capture_step(self._body, dev)
 
     def _body(self) -> None:
         xb = self.x.index_select(0, self.idx).view(self.K, self.B, -1)
@@ -1485,12 +1510,7 @@ class _Population:
                     res.status, stop = "completed", True
             if stop:
                 ended.append(i)
-        if self.on_settle is not None:  # every member has reported: stops decided on all of them
-            for i, mem in enumerate(stack.members):
-                if i not in ended and self.on_settle(mem.index):
-                    mem.result.status = "stopped"
-                    ended.append(i)
-            ended.sort()
+        ended = settle(stack.members, ended, self.on_settle)  # every member has reported
         for i in ended:
             mem = stack.members[i]
             mem.result.wall_time = now - mem.start

@@ -70,6 +70,7 @@ from torch.nn import functional as F
 
 from ._bio_stack import BioPack, MemberBio, convert_member
 from ._data import Dataset
+from ._population import capture_step, settle
 from ._recurrent import DIRU, DIRUCell, GRUModel, LSTMModel
 from ._registry import count_parameters, get_family, list_models
 from ._train import TrainResult, resolve_device
@@ -643,10 +644,10 @@ class _StepGraph:
     and backward), so on a GPU its cost is launching them, whatever K is; one replay launches
     them all at once. The step reads the members' batch indices from ``idx`` (copied in before
     each replay) and adds its losses to ``loss_sum``; parameters, moments and step counts are
-    updated in place. Made with the first full step of an epoch, which it runs for real on a
-    side stream as the capture's warm-up (``first``: that step's losses). Stacks with bio rules
-    (host-side draws between backward and Adam) never use one. Dropout's generator is
-    registered with the graph, so each replay draws new masks.
+    updated in place. Made with the first full step of an epoch, which it runs for real as the
+    capture's warm-up (:func:`core._population.capture_step`; its losses count). Stacks with
+    bio rules (host-side draws between backward and Adam) never use one. Dropout's generator
+    is registered with the graph, so each replay draws new masks.
     """
 
     def __init__(self, stack: _Stack, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor,
@@ -656,21 +657,13 @@ class _StepGraph:
         dev = x.device
         self.idx = cols.reshape(-1).clone()
         self.loss_sum = torch.zeros(self.K, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self.first = self._loss()  # the real step, and the warm-up the capture needs
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        if stack.drop is not None and gen is not None:
-            self.graph.register_generator_state(gen)
-        with torch.cuda.graph(self.graph, stream=side):
-            self.loss_sum.add_(self._loss(), alpha=self.B)  # recorded, not run
+        gens = [gen] if stack.drop is not None and gen is not None else []
+        self.graph = capture_step(self._body, dev, gens)
 
-    def _loss(self) -> torch.Tensor:
+    def _body(self) -> None:
         xb = self.x.index_select(0, self.idx).view(self.K, self.B, *self.x.shape[1:])
         yb = self.y.index_select(0, self.idx).view(self.K, self.B, *self.y.shape[1:])
-        return self.stack.train_step(xb, yb, self.gen, [])
+        self.loss_sum.add_(self.stack.train_step(xb, yb, self.gen, []), alpha=self.B)
 
     def replay(self, cols: torch.Tensor) -> None:
         self.idx.view(self.K, self.B).copy_(cols)
@@ -880,8 +873,7 @@ class _Population:
                 self.graph = None  # the old stack's graph and its memory go first
                 try:
                     graph = self.graph = _StepGraph(stack, x, y, cols, self.dropout_gen)
-                    loss_sum += graph.first * b
-                    continue
+                    continue  # the warm-up step's losses are in graph.loss_sum
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a capture that fails: eager steps
@@ -954,12 +946,7 @@ class _Population:
                     res.status, stop = "completed", True
             if stop:
                 ended.append(i)
-        if self.on_settle is not None:  # every member has reported: stops decided on all of them
-            for i, mem in enumerate(stack.members):
-                if i not in ended and self.on_settle(mem.index):
-                    mem.result.status = "stopped"
-                    ended.append(i)
-            ended.sort()
+        ended = settle(stack.members, ended, self.on_settle)  # every member has reported
         for i in ended:
             stack.members[i].result.wall_time = now - stack.members[i].start
         self._keep_weights(stack, [i for i in ended if stack.members[i].result.status != "diverged"])
