@@ -10,6 +10,14 @@ members, each with its own rules drawn in turn from a list of ten (every fuzzy-r
 distribution, Dale's principle, volume-dependent lr, rejuvenation, homeostatic scaling),
 seed and lr. "model-epochs/s" counts every member's epochs over the whole call (building
 included); "speed-up" is over (s).
+
+    python bench/bench_bio_population.py --preset [--device cuda] [--n-trials 200]
+        [--single-trials 2] [--n-epochs 10] [--data-dir DIR] [--subset N]
+
+``--preset`` times the ``bio-rules`` preset itself, as ``dendro search --preset bio-rules``
+runs it (both studies, TPE + median pruner, SQLite storage): once with ``population="auto"``
+at ``--n-trials`` trials per study, once one trial at a time at ``--single-trials``, and
+compares model-epochs per second (every epoch any trial ran, over the preset call's wall time).
 """
 
 from __future__ import annotations
@@ -47,6 +55,34 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _preset(args: argparse.Namespace) -> None:
+    import optuna
+
+    import studies
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rates = {}
+    for label, n, pop in (("p", args.n_trials, "auto"), ("s", args.single_trials, None)):
+        url = f"sqlite:///{Path('/tmp') / f'bench_bio_preset_{label}_{int(time.time())}.db'}"
+        t0 = time.perf_counter()
+        res = studies.bio_rules_search(n_trials=n, n_epochs=args.n_epochs, storage=url, device=args.device,
+                                       data_dir=args.data_dir, subset_size=args.subset, show_progress=False,
+                                       population=pop)
+        wall = time.perf_counter() - t0
+        me, sizes = 0, set()
+        for name in res.studies:
+            for t in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False):
+                me += int(t.user_attrs.get("epochs_run", 0))
+                sizes.add(t.user_attrs.get("population_size"))
+        rates[label] = me / wall
+        print(f"({label}) bio-rules preset, population={pop}: {n} trials per study, {args.n_epochs} epochs: "
+              f"{wall:.1f} s, {me} model-epochs -> {me / wall:.2f} model-epochs/s; population_size seen "
+              f"{min(x for x in sizes if x is not None)}..{max(x for x in sizes if x is not None)}", flush=True)
+        for row in res.table:
+            print(f"    {row}", flush=True)
+    print(f"speed-up of the population path on the preset: {rates['p'] / rates['s']:.1f}x model-epochs/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
@@ -55,7 +91,14 @@ def main() -> None:
     ap.add_argument("--solo-epochs", type=int, default=1)
     ap.add_argument("--data-dir")
     ap.add_argument("--subset", type=int)
+    ap.add_argument("--preset", action="store_true", help="time the bio-rules preset itself (see above)")
+    ap.add_argument("--n-trials", type=int, default=200, help="--preset: trials per study, population run")
+    ap.add_argument("--single-trials", type=int, default=2, help="--preset: trials per study, one-trial run")
+    ap.add_argument("--n-epochs", type=int, default=10, help="--preset: epochs per trial")
     args = ap.parse_args()
+    if args.preset:
+        _preset(args)
+        return
     dev = core.resolve_device(args.device)
     data = core.load_dataset("fashion-mnist", data_dir=args.data_dir, subset_size=args.subset)
     pops = [int(k) for k in (args.populations or ("256,1024" if dev.type == "cuda" else "8")).split(",")]

@@ -2,7 +2,7 @@
 
     python bench/bench_diru.py [--max-params 5000] [--n-trials 12] [--n-epochs 15] [--n-seeds 5]
                                [--subset N] [--batch-size 128] [--device cpu] [--threads 1]
-                               [--storage URL] [--out DIR]
+                               [--storage URL] [--out DIR] [--in-population]
     python bench/bench_diru.py --population [--device cpu] [--threads 1]
     python bench/bench_diru.py --speed --device cuda [--n-trials 200] [--n-epochs 30] [--n-seeds 5]
                                [--single-trials 2] [--single-tasks multi_sine]
@@ -11,7 +11,9 @@ The first form runs ``studies.diru_vs_lstm`` (TPE per task and family, same budg
 epochs and data; each study's best re-trained with ``--n-seeds`` fresh seeds) and prints its
 table, then our improvement of DIRU over LSTM beside the seed's claimed one, whichever way
 ours comes out. With ``--out`` the preset's JSON and HTML report are written there. Studies
-live in memory unless ``--storage`` is given.
+live in memory unless ``--storage`` is given. ``--in-population`` runs the same table with
+``population="auto"``: at equal trials, epochs and seeds, its rows against the one-trial
+table's are the check that the population path finds results within noise.
 
 ``--speed`` runs the whole preset with ``population="auto"`` (every family's trials trained
 together, the seeds' re-trainings together), prints its table, then runs the same preset one
@@ -56,6 +58,7 @@ def _comparison(args: argparse.Namespace) -> None:
         max_params=args.max_params, n_trials=args.n_trials, n_epochs=args.n_epochs,
         n_seeds=args.n_seeds, subset_size=args.subset, batch_size=args.batch_size,
         storage=storage, out_dir=args.out, device=args.device, show_progress=args.progress,
+        population="auto" if args.in_population else None,
     )
     wall = time.perf_counter() - t0
     s = res.settings
@@ -63,7 +66,8 @@ def _comparison(args: argparse.Namespace) -> None:
           f"family (median pruner), {s['n_epochs']} epochs, batch {s['batch_size']}, subset "
           f"{s['subset_size'] or 'all 2500 (2250 train / 250 val)'}, test 500 sequences of 50 steps; "
           f"best re-trained with {s['n_seeds']} seeds; device {s['device']}, "
-          f"{torch.get_num_threads()} thread(s); {wall / 60:.1f} min")
+          f"{torch.get_num_threads()} thread(s); "
+          f"{'population=auto' if args.in_population else 'one trial at a time'}; {wall / 60:.1f} min")
     print()
     print(_diru.format_comparison(res))
     print()
@@ -243,6 +247,8 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--population", action="store_true",
                     help="measure stepping K DIRU models together instead")
+    ap.add_argument("--in-population", action="store_true",
+                    help="the first form with population='auto' (the equal-trial check against one trial at a time)")
     ap.add_argument("--speed", action="store_true",
                     help="the preset in population mode against the one-trial path")
     ap.add_argument("--single-trials", type=int, default=2, help="trials per study of --speed's one-trial run")

@@ -139,6 +139,7 @@ def execute_population(
     else:
         max_population = max(1, min(max_population or share, share))
     runs: list[TrialRun] = []  # in the order the trainer read them: its member index
+    peaks: list[int] = []  # per member: the most members that trained beside it, itself included
     queue: deque[TrialRun] = deque()  # gated and written, not yet handed to the trainer
     state: dict[str, Any] = {"asked": 0, "ended": 0, "chunk": _FIRST_CHUNK, "training": False,
                              "flushed": time.monotonic(), "results": 0}
@@ -191,6 +192,7 @@ def execute_population(
             # it, failed and re-queued like any member a stop cuts short.
             run = queue.popleft()
             runs.append(run)
+            peaks.append(1)
             if isinstance(study.pruner, RungPruner):
                 study.pruner.join(run.number)
             config = {**run.model_args, "lr": run.train_args["lr"],
@@ -215,6 +217,7 @@ def execute_population(
 
     def on_epoch(i: int, epoch: int, metrics: dict[str, Any]) -> bool:
         state["training"] = True
+        peaks[i] = max(peaks[i], len(runs) - state["results"])
         return runs[i].epoch(epoch, metrics, stop_now)
 
     def on_settle(i: int) -> bool:
@@ -231,8 +234,10 @@ def execute_population(
         run = runs[i]
         if isinstance(study.pruner, RungPruner):
             study.pruner.leave(run.number)
-        # the members training beside it when it ended, itself included (1 = trained alone)
-        run.trial.set_user_attr("population_size", len(runs) - state["results"])
+        # the population it trained in: the most members that trained beside it in one epoch,
+        # itself included (1 = trained alone); not the count left when it ended, which falls
+        # to 1 for the last of several members that end at the same epoch
+        run.trial.set_user_attr("population_size", max(peaks[i], 1))
         state["results"] += 1
         out = run.finish([result], dev, getattr(result, "state_dict", None), model_store)
         outcomes.append(out)
