@@ -19,6 +19,10 @@ pruner. Columns:
 - ``cpu ms``: the workers' CPU time (user + system, from the kernel at exit) per finished
   trial, less N times the CPU time of a worker that starts and exits without a trial
   (measured first): what the service costs, which the machine's core count does not inflate.
+- ``locks``, ``busy``, ``hold ms``, ``wait ms``: the study lock (asks are serialised under
+  it): how often the workers took it, the share of the wall time some worker held it, and
+  the mean time one took holding it and waiting for it. ``busy`` near 100% means the lock,
+  not the cores, bounds the aggregate rate.
 
 With more workers than cores, ``service ms`` grows with the time each worker waits for a
 core; ``cpu ms`` shows what the service costs. ``--gpu`` runs the real thing instead
@@ -193,10 +197,23 @@ def run_row(backend: str, mode: str, n: int, args: argparse.Namespace, logs: Pat
     finally:
         cpu, codes = _reap(procs, 60)
     res = _check(storage, name, args.trials)
-    res |= {"backend": backend, "mode": mode, "n": n, "cpu": cpu - n * args.idle_cpu, "codes": codes}
+    res |= {"backend": backend, "mode": mode, "n": n, "cpu": cpu - n * args.idle_cpu, "codes": codes,
+            "lock": _lock_stats(logs, name, n)}
     if backend != "sqlite":
         _drop(storage, name)
     return res
+
+
+def _lock_stats(logs: Path, name: str, n: int) -> dict[str, float]:
+    """The study lock, from the workers' LOCKSTATS lines (instant_training times it)."""
+    tot = {"n": 0.0, "wait": 0.0, "hold": 0.0}
+    for i in range(n):
+        for line in (logs / f"{name}-{i}.log").read_text(errors="replace").splitlines():
+            if line.startswith("LOCKSTATS"):
+                kv = dict(x.split("=") for x in line.split()[1:])
+                for k in tot:
+                    tot[k] += float(kv[k])
+    return tot
 
 
 def _fmt(r: dict[str, Any], trials: int) -> str:
@@ -206,8 +223,13 @@ def _fmt(r: dict[str, Any], trials: int) -> str:
     cpu = 1000 * r["cpu"] / max(1, r["finished"])
     ok = "ok" if r["ok"] and all(c == 0 for c in r["codes"]) else "FAIL " + "; ".join(
         r["problems"] + ([f"exit codes {r['codes']}"] if any(r["codes"]) else []))
+    lock = r.get("lock") or {}
+    locks = ""
+    if lock.get("n"):
+        locks = (f" {lock['n']:6.0f} {100 * lock['hold'] / wall:6.0f}% {1000 * lock['hold'] / lock['n']:7.1f} "
+                 f"{1000 * lock['wait'] / lock['n']:7.1f}")
     return (f"{r['backend']:10s} {r['mode']:10s} {r['n']:3d} {r['finished']:6d} {wall:8.2f} {rate:9.1f} "
-            f"{service:11.1f} {cpu:8.1f}  {ok}")
+            f"{service:11.1f} {cpu:8.1f}{locks}  {ok}")
 
 
 def gpu(args: argparse.Namespace, logs: Path) -> None:
@@ -268,7 +290,8 @@ def main() -> None:
         args.idle_cpu = idle_cpu(f"sqlite:///{logs / 'idle.db'}", logs)
         print(f"a worker's start-up and exit: {args.idle_cpu:.2f} s of CPU (left out of cpu ms)")
         print(f"{'backend':10s} {'mode':10s} {'N':>3s} {'trials':>6s} {'wall s':>8s} {'trials/s':>9s} "
-              f"{'service ms':>11s} {'cpu ms':>8s}  checks", flush=True)
+              f"{'service ms':>11s} {'cpu ms':>8s} {'locks':>6s} {'busy':>7s} {'hold ms':>7s} {'wait ms':>7s}  checks",
+              flush=True)
         for backend in args.backends.split(","):
             if backend == "postgresql":
                 try:

@@ -26,3 +26,34 @@ def _no_data(*args: object, **kwargs: object) -> None:
 _runner._train_seeds = bench_overhead.fake_train_seeds  # type: ignore[assignment]
 _runner.load_data = _population.load_data = studies.load_data = _no_data  # type: ignore[assignment]
 core.train_population = bench_overhead.fake_train_population  # type: ignore[assignment]
+
+# -- the study lock, timed: how long this worker waited for it and held it (printed at exit) --
+import atexit  # noqa: E402
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+_LOCK = {"n": 0, "wait": 0.0, "hold": 0.0, "t0": time.perf_counter()}
+_study_lock = _runner.study_lock
+
+
+@contextlib.contextmanager
+def _timed_lock(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    with _study_lock(*args, **kwargs):  # type: ignore[arg-type]
+        t1 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _LOCK["n"] += 1
+            _LOCK["wait"] += t1 - t0
+            _LOCK["hold"] += time.perf_counter() - t1
+
+
+def _lock_report() -> None:
+    print(f"LOCKSTATS pid={os.getpid()} n={_LOCK['n']} wait={_LOCK['wait']:.3f} hold={_LOCK['hold']:.3f} "
+          f"alive={time.perf_counter() - _LOCK['t0']:.3f}", flush=True)
+
+
+_runner.study_lock = _timed_lock  # type: ignore[assignment]
+atexit.register(_lock_report)

@@ -151,11 +151,13 @@ class FastStorage(BaseStorage):
         self._json_dists: dict[str, dists.BaseDistribution] = {}
 
     # -- the view ----------------------------------------------------------------------------
-    def refresh(self, *, study_attrs: bool = False) -> dict[str, Any] | None:
+    def refresh(self, *, study_attrs: bool = False, params: bool = True) -> dict[str, Any] | None:
         """Read trials created since the last read and other workers' unfinished ones.
 
         With ``study_attrs``, the study's user attributes are read in the same session and
-        returned. Raises KeyError if the study was deleted (as Optuna does).
+        returned. ``params=False`` (for a read under the study lock, which needs the counts)
+        leaves out other workers' unfinished trials' params: they are read by the next
+        refresh. Raises KeyError if the study was deleted (as Optuna does).
         """
         with self._lock, _create_scoped_session(self._backend.scoped_session) as session:
             conn = session.connection()
@@ -206,7 +208,7 @@ class FastStorage(BaseStorage):
                         self._put(private.build_frozen_trial(self._backend, model))
             unfinished = sorted(light)
             for lo in range(0, len(unfinished), 500):
-                self._load_light(conn, {i: light[i] for i in unfinished[lo:lo + 500]})
+                self._load_light(conn, {i: light[i] for i in unfinished[lo:lo + 500]}, params)
             # Every trial below one this process created was committed before it (trials are
             # created under the study row lock), so this read has them all.
             self._max_id = max([self._max_id, *self._mine])
@@ -214,19 +216,26 @@ class FastStorage(BaseStorage):
             self._refreshed = time.monotonic()
         return attrs
 
-    def _load_light(self, conn: Any, states: dict[int, TrialState]) -> None:
+    def _load_light(self, conn: Any, states: dict[int, TrialState], with_params: bool = True) -> None:
         """Unfinished trials of other workers: state, number, start and params, nothing more.
 
         ``states`` are as first read: a trial that finished since stays unfinished here until
-        the next refresh loads it whole (each read may see a newer database).
+        the next refresh loads it whole (each read may see a newer database). Without
+        ``with_params``, a known trial keeps the params it had and a new one has none yet (the
+        next refresh reads them).
         """
         ids = list(states)
         p = models.TrialParamModel.__table__
         params: dict[int, dict[str, Any]] = {}
         distributions: dict[int, dict[str, dists.BaseDistribution]] = {}
+        if not with_params:
+            for tid in ids:
+                known = self._live(tid)
+                if known is not None and tid not in self._owned:
+                    params[tid], distributions[tid] = known.params, known.distributions
         for tid, name, value, dj in conn.execute(
                 sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
-                .where(p.c.trial_id.in_(ids))):
+                .where(p.c.trial_id.in_(ids))) if with_params else ():
             d = self._json_dists.get(dj)
             if d is None:
                 d = self._json_dists[dj] = dists.json_to_distribution(dj)

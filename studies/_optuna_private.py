@@ -38,6 +38,7 @@ __all__ = [
     "tpe_ndtr",
     "tpe_unique_inverse_2d",
     "tpe_categorical_type",
+    "tpe_startup_trials",
 ]
 
 
@@ -109,3 +110,9 @@ def tpe_categorical_type() -> type:
     from optuna.samplers._tpe import probability_distributions as pd
 
     return pd._BatchedCategoricalDistributions
+
+
+def tpe_startup_trials(sampler: Any) -> int:
+    """A TPESampler's ``n_startup_trials`` (stored privately, with no getter): a population of
+    "auto" size is never smaller than the random start-up (studies._population)."""
+    return int(sampler._n_startup_trials)

@@ -15,7 +15,7 @@ import torch
 
 import core
 
-from . import _fast, _lease
+from . import _fast, _lease, _optuna_private
 from ._artifacts import ModelStore
 from ._lifecycle import TrialOutcome, TrialRun
 from ._rungs import RungPruner
@@ -138,6 +138,12 @@ def execute_population(
         size = max(1, min(size, share))
     else:
         max_population = max(1, min(max_population or share, share))
+        if isinstance(base, optuna.samplers.TPESampler):
+            # TPE learns from finished trials only: a population of the whole study would be
+            # random search. "auto" trains at most half the study's trials at once (never
+            # fewer than TPE's random start-up trials), so the rest are proposed from results.
+            half = max(_optuna_private.tpe_startup_trials(base), math.ceil(spec.n_trials / 2))
+            max_population = max(1, min(max_population, half))
     runs: list[TrialRun] = []  # in the order the trainer read them: its member index
     peaks: list[int] = []  # per member: the most members that trained beside it, itself included
     queue: deque[TrialRun] = deque()  # gated and written, not yet handed to the trainer

@@ -449,18 +449,26 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
         return out
     fs.lease_id = lease.id if lease is not None else None
     fs.flush()  # tells this worker holds back reach the database before anyone counts
+    # Read what other workers finished before taking the lock, so that the read under it
+    # is only what changed in the meantime: loading finished trials is most of a read, and
+    # every worker loads every other worker's trials once. Under the lock, asks are serial;
+    # out of it, these loads run side by side (bench/bench_scale.py's lock columns).
+    fs.refresh()
+    # the fair-share bound's worker count, read outside the lock too (a count a moment old
+    # is as good: workers come and go at heartbeat pace)
+    live = max(1, _lease.live_workers(fs._backend.engine, study.study_name, lease.grace)) \
+        if n > 1 and lease is not None else 1
     with study_lock(study._storage, study.study_name):
-        attrs = fs.refresh(study_attrs=True) or {}
+        attrs = fs.refresh(study_attrs=True, params=False) or {}
         if _reap(study, lease):
-            attrs = fs.refresh(study_attrs=True) or {}
+            attrs = fs.refresh(study_attrs=True, params=False) or {}
         if attrs.get(STATE_ATTR, "running") != "running":
             return []
         counts = _counts(fs.kinds())
         if _mark_done_if_finished(study, spec, counts, attrs):
             return []
         n = min(n, spec.n_trials - counts["finished"] - counts["running"])
-        if n > 1 and lease is not None:
-            live = max(1, _lease.live_workers(fs._backend.engine, study.study_name, lease.grace))
+        if n > 1:
             n = min(n, math.ceil((spec.n_trials - counts["finished"]) / live))
         if n <= 0:
             return []
