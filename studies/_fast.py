@@ -143,6 +143,7 @@ class FastStorage(BaseStorage):
         self._dists: dict[str, dists.BaseDistribution] = {}
         self._lists: dict[Any, list[FrozenTrial]] = {}
         self._refreshed = -float("inf")
+        self._quiet = False
         self._directions: list[StudyDirection] | None = None
         self._stmts: dict[str, Any] | None = None
         self.writes = 0  # transactions written, for tests and benchmarks
@@ -216,6 +217,37 @@ class FastStorage(BaseStorage):
             self._refreshed = time.monotonic()
         return attrs
 
+    def count_states(self, flag: str) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
+        """The study's trials by state, those of them whose user attribute ``flag`` is true by
+        state, and the study's user attributes: three small reads in one session, none of
+        the trials loaded. For the checks under the study lock, which need only the counts:
+        the view's own refresh there would read everything that changed while this worker
+        waited for the lock, and with many workers that wait is long (bench_scale.py).
+        Raises KeyError if the study was deleted (as Optuna does)."""
+        with _create_scoped_session(self._backend.scoped_session) as session:
+            conn = session.connection()
+            studies_ = models.StudyModel.__table__
+            if conn.execute(sa.select(studies_.c.study_id)
+                            .where(studies_.c.study_id == self._study_id)).first() is None:
+                raise KeyError(models.NOT_FOUND_MSG)
+            ua = models.StudyUserAttributeModel.__table__
+            attrs = {k: json.loads(v) for k, v in conn.execute(
+                sa.select(ua.c.key, ua.c.value_json).where(ua.c.study_id == self._study_id))}
+            t = _T.__table__
+            by_state: Counter[TrialState] = Counter({state: int(n) for state, n in conn.execute(
+                sa.select(t.c.state, sa.func.count()).where(t.c.study_id == self._study_id)
+                .group_by(t.c.state))})
+            tua = models.TrialUserAttributeModel.__table__
+            flagged: Counter[TrialState] = Counter()
+            for state, value, n in conn.execute(
+                    sa.select(t.c.state, tua.c.value_json, sa.func.count())
+                    .select_from(t.join(tua, tua.c.trial_id == t.c.trial_id))
+                    .where(t.c.study_id == self._study_id, tua.c.key == flag)
+                    .group_by(t.c.state, tua.c.value_json)):
+                if json.loads(value):
+                    flagged[state] += int(n)
+        return by_state, flagged, attrs
+
     def _load_light(self, conn: Any, states: dict[int, TrialState], with_params: bool = True) -> None:
         """Unfinished trials of other workers: state, number, start and params, nothing more.
 
@@ -265,8 +297,18 @@ class FastStorage(BaseStorage):
         self._lists.clear()
 
     def _fresh(self, force: bool = False) -> None:
-        if force or time.monotonic() - self._refreshed > MAX_AGE:
+        if force or (time.monotonic() - self._refreshed > MAX_AGE and not self._quiet):
             self.refresh()
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Inside, reads use the view as it is (no refresh however old): for the asks under
+        the study lock, which have just read what they need (``count_states``)."""
+        self._quiet = True
+        try:
+            yield
+        finally:
+            self._quiet = False
 
     def kinds(self) -> Counter[str]:
         """Trials by ``classify`` (finished ones counted once, unfinished ones now); no read."""

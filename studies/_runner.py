@@ -21,6 +21,7 @@ import core
 from . import _fast, _lease
 from ._artifacts import ModelStore
 from ._lifecycle import (  # noqa: F401 - old names
+    _BY_OPTUNA,
     TRIAL_STATES,
     TrialOutcome,
     TrialRun,
@@ -459,12 +460,11 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
     live = max(1, _lease.live_workers(fs._backend.engine, study.study_name, lease.grace)) \
         if n > 1 and lease is not None else 1
     with study_lock(study._storage, study.study_name):
-        attrs = fs.refresh(study_attrs=True, params=False) or {}
+        counts, attrs = _counts_now(fs)
         if _reap(study, lease):
-            attrs = fs.refresh(study_attrs=True, params=False) or {}
+            counts, attrs = _counts_now(fs)
         if attrs.get(STATE_ATTR, "running") != "running":
             return []
-        counts = _counts(fs.kinds())
         if _mark_done_if_finished(study, spec, counts, attrs):
             return []
         n = min(n, spec.n_trials - counts["finished"] - counts["running"])
@@ -472,9 +472,21 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
             n = min(n, math.ceil((spec.n_trials - counts["finished"]) / live))
         if n <= 0:
             return []
+        if counts["waiting"]:
+            fs.refresh(params=False)  # re-queued points (rare): the asks below pop them from the view
         if n > counts["waiting"]:
             fs.reserve(n - counts["waiting"])
-        return [study.ask() for _ in range(n)]
+        with fs.quiet():
+            return [study.ask() for _ in range(n)]
+
+
+def _counts_now(fs: _fast.FastStorage) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The study's counts (as :func:`progress` gives them) and user attributes, from the
+    database as it is now, without loading trials: what the checks under the lock need."""
+    by_state, infeasible, attrs = fs.count_states("infeasible")
+    kinds = {name: by_state[state] - infeasible[state] for state, name in _BY_OPTUNA.items()}
+    kinds["infeasible"] = sum(infeasible.values())
+    return _counts(kinds), attrs
 
 
 def _ask_plain(study: optuna.Study, spec: StudySpec, lease: _lease.Lease | None) -> optuna.Trial | None:
