@@ -97,6 +97,19 @@ def fair_share(study: optuna.Study, spec: StudySpec) -> int:
     return max(1, math.ceil(remaining / live))
 
 
+def auto_cap(sampler: optuna.samplers.BaseSampler, n_trials: int, limit: int) -> int:
+    """The largest population of "auto" size for a study of ``n_trials`` under ``sampler``.
+
+    TPE learns from finished trials only: a population of the whole study would be random
+    search. So with TPE, "auto" trains at most half the study's trials at once (never fewer
+    than TPE's random start-up trials), and the rest are proposed from results.
+    """
+    if isinstance(sampler, optuna.samplers.TPESampler):
+        half = max(_optuna_private.tpe_startup_trials(sampler), math.ceil(n_trials / 2))
+        return max(1, min(limit, half))
+    return max(1, limit)
+
+
 def execute_population(
     study: optuna.Study,
     spec: StudySpec,
@@ -137,13 +150,7 @@ def execute_population(
     if isinstance(size, int):
         size = max(1, min(size, share))
     else:
-        max_population = max(1, min(max_population or share, share))
-        if isinstance(base, optuna.samplers.TPESampler):
-            # TPE learns from finished trials only: a population of the whole study would be
-            # random search. "auto" trains at most half the study's trials at once (never
-            # fewer than TPE's random start-up trials), so the rest are proposed from results.
-            half = max(_optuna_private.tpe_startup_trials(base), math.ceil(spec.n_trials / 2))
-            max_population = max(1, min(max_population, half))
+        max_population = auto_cap(base, spec.n_trials, max(1, min(max_population or share, share)))
     runs: list[TrialRun] = []  # in the order the trainer read them: its member index
     peaks: list[int] = []  # per member: the most members that trained beside it, itself included
     queue: deque[TrialRun] = deque()  # gated and written, not yet handed to the trainer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 
 import studies
@@ -104,3 +105,13 @@ def test_run_study_with_population_runs_a_study_that_cannot_stack_one_trial_at_a
     done = [t for t in study.trials if t.state.is_finished()]
     assert len(done) == 2 and all(t.user_attrs["population_size"] == 1 for t in done)
     assert "one trial at a time" in caplog.text and "cannot be batched" in caplog.text
+
+
+def test_auto_population_leaves_half_a_tpe_study_to_be_proposed_from_results() -> None:
+    from studies._population import auto_cap
+
+    tpe = optuna.samplers.TPESampler(n_startup_trials=10)
+    assert auto_cap(tpe, 200, 1024) == 100  # the second half is proposed from the first's results
+    assert auto_cap(tpe, 12, 12) == 10  # never below TPE's random start-up
+    assert auto_cap(tpe, 200, 40) == 40  # the worker's own limit (its fair share) still holds
+    assert auto_cap(optuna.samplers.RandomSampler(), 200, 1024) == 1024  # random search: no feedback to wait for
