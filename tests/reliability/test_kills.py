@@ -55,7 +55,11 @@ def _kill_workers_mid_trial(api: Api, procs: Procs, name: str, workers: dict[int
                             n_kills: int, restart: Any) -> list[dict[str, Any]]:
     """SIGKILL the worker of a training trial ``n_kills`` times, starting a new worker each time."""
     killed: list[dict[str, Any]] = []
-    for _ in range(n_kills):
+    tries = 0
+    while len(killed) < n_kills:
+        tries += 1
+        assert tries <= 3 * n_kills, f"only {len(killed)} of {n_kills} kills came mid-trial"
+
         def training() -> list[dict[str, Any]]:
             done = {k["number"] for k in killed}
             return [t for t in api.running(name)
@@ -65,7 +69,11 @@ def _kill_workers_mid_trial(api: Api, procs: Procs, name: str, workers: dict[int
         proc = workers.pop(_pid_of(victim))  # type: ignore[arg-type]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        killed.append(victim)
+        # The trial may have been told between the read and the kill (it trains in well under
+        # a second): then this kill was not mid-trial. Its worker is dead, so nothing else can
+        # finish the trial before the grace period passes: still running means killed mid-trial.
+        if {t["number"] for t in api.running(name)} >= {victim["number"]}:
+            killed.append(victim)
         new = restart()
         workers[new.pid] = new
         time.sleep(0.5)  # let the others make progress between kills
