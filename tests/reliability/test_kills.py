@@ -48,7 +48,8 @@ def _assert_nothing_lost(api: Api, name: str, n_trials: int, n_epochs: int,
         # Its point was queued again: run since, or still waiting if the study filled first.
         again = [t for t in trials if t["number"] > k["number"] and t["params"] == k["params"]
                  and t["state"] in ("complete", "pruned", "waiting")]
-        assert again, f"the point of killed trial {k['number']} was lost"
+        assert again, f"the point of killed trial {k['number']} ({k['params']}) was lost: " + repr(
+            [(t["number"], t["state"], t["params"]) for t in trials])
 
 
 def _kill_workers_mid_trial(api: Api, procs: Procs, name: str, workers: dict[int, subprocess.Popen[bytes]],
@@ -62,8 +63,11 @@ def _kill_workers_mid_trial(api: Api, procs: Procs, name: str, workers: dict[int
 
         def training() -> list[dict[str, Any]]:
             done = {k["number"] for k in killed}
+            # params as well as n_params: on PostgreSQL a read of a trial that is being
+            # written can see its attributes before its params (Optuna reads a trial's rows
+            # in several statements, each at read committed)
             return [t for t in api.running(name)
-                    if t["n_params"] and t["number"] not in done and _pid_of(t) in workers]
+                    if t["n_params"] and t["params"] and t["number"] not in done and _pid_of(t) in workers]
 
         victim = wait_for(training, 90, "a trial training on one of our workers", interval=0.05)[0]
         proc = workers.pop(_pid_of(victim))  # type: ignore[arg-type]
