@@ -152,25 +152,15 @@ class FastStorage(BaseStorage):
         self._json_dists: dict[str, dists.BaseDistribution] = {}
 
     # -- the view ----------------------------------------------------------------------------
-    def refresh(self, *, study_attrs: bool = False, params: bool = True) -> dict[str, Any] | None:
+    def refresh(self, *, study_attrs: bool = False) -> dict[str, Any] | None:
         """Read trials created since the last read and other workers' unfinished ones.
 
         With ``study_attrs``, the study's user attributes are read in the same session and
-        returned. ``params=False`` (for a read under the study lock, which needs the counts)
-        leaves out other workers' unfinished trials' params: they are read by the next
-        refresh. Raises KeyError if the study was deleted (as Optuna does).
+        returned. Raises KeyError if the study was deleted (as Optuna does).
         """
         with self._lock, _create_scoped_session(self._backend.scoped_session) as session:
             conn = session.connection()
-            studies_ = models.StudyModel.__table__
-            if conn.execute(sa.select(studies_.c.study_id)
-                            .where(studies_.c.study_id == self._study_id)).first() is None:
-                raise KeyError(models.NOT_FOUND_MSG)
-            attrs = None
-            if study_attrs:
-                ua = models.StudyUserAttributeModel.__table__
-                attrs = {k: json.loads(v) for k, v in conn.execute(
-                    sa.select(ua.c.key, ua.c.value_json).where(ua.c.study_id == self._study_id))}
+            attrs = self._read_study(conn, study_attrs)
             cond = _T.trial_id > self._max_id
             if self._mine:
                 cond = sa.and_(cond, _T.trial_id.notin_(self._mine))
@@ -209,13 +199,26 @@ class FastStorage(BaseStorage):
                         self._put(private.build_frozen_trial(self._backend, model))
             unfinished = sorted(light)
             for lo in range(0, len(unfinished), 500):
-                self._load_light(conn, {i: light[i] for i in unfinished[lo:lo + 500]}, params)
+                self._load_light(conn, {i: light[i] for i in unfinished[lo:lo + 500]})
             # Every trial below one this process created was committed before it (trials are
             # created under the study row lock), so this read has them all.
             self._max_id = max([self._max_id, *self._mine])
             self._mine.clear()
             self._refreshed = time.monotonic()
         return attrs
+
+    def _read_study(self, conn: Any, with_attrs: bool) -> dict[str, Any] | None:
+        """Check that the study still exists (KeyError if not, as Optuna raises) and, with
+        ``with_attrs``, read its user attributes."""
+        studies_ = models.StudyModel.__table__
+        if conn.execute(sa.select(studies_.c.study_id)
+                        .where(studies_.c.study_id == self._study_id)).first() is None:
+            raise KeyError(models.NOT_FOUND_MSG)
+        if not with_attrs:
+            return None
+        ua = models.StudyUserAttributeModel.__table__
+        return {k: json.loads(v) for k, v in conn.execute(
+            sa.select(ua.c.key, ua.c.value_json).where(ua.c.study_id == self._study_id))}
 
     def count_states(self, flag: str) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
         """The study's trials by state, those of them whose user attribute ``flag`` is true by
@@ -226,13 +229,7 @@ class FastStorage(BaseStorage):
         Raises KeyError if the study was deleted (as Optuna does)."""
         with _create_scoped_session(self._backend.scoped_session) as session:
             conn = session.connection()
-            studies_ = models.StudyModel.__table__
-            if conn.execute(sa.select(studies_.c.study_id)
-                            .where(studies_.c.study_id == self._study_id)).first() is None:
-                raise KeyError(models.NOT_FOUND_MSG)
-            ua = models.StudyUserAttributeModel.__table__
-            attrs = {k: json.loads(v) for k, v in conn.execute(
-                sa.select(ua.c.key, ua.c.value_json).where(ua.c.study_id == self._study_id))}
+            attrs = self._read_study(conn, True) or {}
             t = _T.__table__
             by_state: Counter[TrialState] = Counter({state: int(n) for state, n in conn.execute(
                 sa.select(t.c.state, sa.func.count()).where(t.c.study_id == self._study_id)
@@ -248,26 +245,19 @@ class FastStorage(BaseStorage):
                     flagged[state] += int(n)
         return by_state, flagged, attrs
 
-    def _load_light(self, conn: Any, states: dict[int, TrialState], with_params: bool = True) -> None:
+    def _load_light(self, conn: Any, states: dict[int, TrialState]) -> None:
         """Unfinished trials of other workers: state, number, start and params, nothing more.
 
         ``states`` are as first read: a trial that finished since stays unfinished here until
-        the next refresh loads it whole (each read may see a newer database). Without
-        ``with_params``, a known trial keeps the params it had and a new one has none yet (the
-        next refresh reads them).
+        the next refresh loads it whole (each read may see a newer database).
         """
         ids = list(states)
         p = models.TrialParamModel.__table__
         params: dict[int, dict[str, Any]] = {}
         distributions: dict[int, dict[str, dists.BaseDistribution]] = {}
-        if not with_params:
-            for tid in ids:
-                known = self._live(tid)
-                if known is not None and tid not in self._owned:
-                    params[tid], distributions[tid] = known.params, known.distributions
         for tid, name, value, dj in conn.execute(
                 sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
-                .where(p.c.trial_id.in_(ids))) if with_params else ():
+                .where(p.c.trial_id.in_(ids))):
             d = self._json_dists.get(dj)
             if d is None:
                 d = self._json_dists[dj] = dists.json_to_distribution(dj)

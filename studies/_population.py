@@ -250,7 +250,7 @@ def execute_population(
         # the population it trained in: the most members that trained beside it in one epoch,
         # itself included (1 = trained alone); not the count left when it ended, which falls
         # to 1 for the last of several members that end at the same epoch
-        run.trial.set_user_attr("population_size", max(peaks[i], 1))
+        run.trial.set_user_attr("population_size", peaks[i])
         state["results"] += 1
         out = run.finish([result], dev, getattr(result, "state_dict", None), model_store)
         outcomes.append(out)

@@ -473,7 +473,7 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
         if n <= 0:
             return []
         if counts["waiting"]:
-            fs.refresh(params=False)  # re-queued points (rare): the asks below pop them from the view
+            fs.refresh()  # re-queued points (rare): the asks below pop them from the view
         if n > counts["waiting"]:
             fs.reserve(n - counts["waiting"])
         with fs.quiet():
