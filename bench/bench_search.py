@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import studies  # noqa: E402
 
 
-def _spec(args: argparse.Namespace, pruner: str, n_trials: int) -> studies.StudySpec:
+def _spec(args: argparse.Namespace, pruner: str, n_trials: int, label: str) -> studies.StudySpec:
     space: dict[str, Any] = {
         "n_neurons": {"type": "int", "low": 4, "high": 16},
         "n_dendrites": {"type": "int", "low": 2, "high": 10},
@@ -37,15 +37,23 @@ def _spec(args: argparse.Namespace, pruner: str, n_trials: int) -> studies.Study
         "lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
     }
     return studies.StudySpec(
-        name=f"search-{pruner}", model="dendritic_simple", dataset=args.dataset, max_params=args.max_params,
+        name=f"search-{label}", model="dendritic_simple", dataset=args.dataset, max_params=args.max_params,
         n_trials=n_trials, n_epochs=args.epochs, batch_size=args.batch_size, sampler="tpe",
         pruner=pruner, subset_size=args.subset_size, search_space=space, seed=args.seed, keep_models=0)
 
 
-def _run(args: argparse.Namespace, pruner: str, url: str, n_trials: int) -> dict[str, Any]:
-    spec = _spec(args, pruner, n_trials)
+def _run(args: argparse.Namespace, pruner: str, url: str, n_trials: int,
+         rungs: tuple[int, int] | None = None) -> dict[str, Any]:
+    """One study; ``rungs`` = (first rung's epoch r, eta) for the rung pruner (the spec's own
+    pruner is r=1, eta=3)."""
+    label = pruner if rungs is None else f"{pruner} r{rungs[0]} eta{rungs[1]}"
+    spec = _spec(args, pruner, n_trials, label.replace(" ", "-"))
     studies.create_study(spec, url)
     study, spec = studies.load_study(spec.name or "", url, sampler_seed=args.seed)
+    if rungs is not None and rungs != (1, 3):
+        study.pruner = studies.RungPruner(min_resource=rungs[0], reduction_factor=rungs[1],
+                                          max_resource=spec.n_epochs, hyperband=pruner == "hyperband",
+                                          direction=spec.directions[0])
     t0 = time.perf_counter()
     ends: list[tuple[float, Any]] = []
     outs = studies.execute_population(study, spec, population_size=args.population, device=args.device,
@@ -62,7 +70,7 @@ def _run(args: argparse.Namespace, pruner: str, url: str, n_trials: int) -> dict
         curve.append(ends[-1])
     states = [o.state for o in outs]
     epochs = sum(len(t.intermediate_values) for t in trials)
-    return {"pruner": pruner, "wall": wall, "curve": curve, "best": best, "trials": len(trials),
+    return {"pruner": label, "wall": wall, "curve": curve, "best": best, "trials": len(trials),
             "pruned": states.count("pruned"), "member_epochs": epochs}
 
 
@@ -71,7 +79,7 @@ def _report(args: argparse.Namespace, median: dict[str, Any], rungs: dict[str, A
     the median run's whole time (the time it took to give its answer) and against the time it
     first reached that best."""
     for r in (median, rungs):
-        print(f"{r['pruner']:20s} {r['seed']:4d} {r['trials']:6d} {r['wall']:8.1f} {r['best']:9.4f} "
+        print(f"{r['pruner']:28s} {r['seed']:4d} {r['trials']:6d} {r['wall']:8.1f} {r['best']:9.4f} "
               f"{r['pruned'] / max(1, r['trials']):13.0%} {r['member_epochs']:14d}")
     target = median["best"]
     reached = next((s for s, b in rungs["curve"] if b >= target), None)
@@ -98,6 +106,8 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=27)
     ap.add_argument("--rung-pruner", default="successive_halving", choices=["successive_halving", "hyperband"],
                     help="the rung run's pruner")
+    ap.add_argument("--rungs", default="1:3", help="comma-separated r:eta of the rung runs (first rung's "
+                    "epoch and reduction factor), each against the same median run; the spec's own is 1:3")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-params", type=int, default=3000)
     ap.add_argument("--subset-size", type=int)
@@ -109,25 +119,30 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{args.dataset}, {args.epochs} epochs, population {args.population}, device {args.device}, "
           f"median {args.trials} trials, {args.rung_pruner} {args.rung_trials or args.trials} trials")
-    print(f"{'pruner':20s} {'seed':>4s} {'trials':>6s} {'wall s':>8s} {'best val':>9s} {'stopped early':>14s} "
+    print(f"{'pruner':28s} {'seed':>4s} {'trials':>6s} {'wall s':>8s} {'best val':>9s} {'stopped early':>14s} "
           f"{'member-epochs':>14s}", flush=True)
-    runs, summary = [], []
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.rungs.split(",")]
+    runs: list[dict[str, Any]] = []
+    summary: dict[str, list[dict[str, Any]]] = {}
     for seed in range(args.seed, args.seed + args.seeds):
         args_s = argparse.Namespace(**{**vars(args), "seed": seed})
         with tempfile.TemporaryDirectory() as tmp:
             url = f"sqlite:///{tmp}/search.db"
-            pair = [_run(args_s, "median", url, args.trials),
-                    _run(args_s, args.rung_pruner, url, args.rung_trials or args.trials)]
-        for r in pair:
-            r["seed"] = seed
-        runs += pair
-        summary.append(_report(args, *pair))
-    if len(summary) > 1:
-        ratios = [s["time_ratio"] for s in summary]
-        reached = [r for r in ratios if r is not None]
-        print(f"over {len(summary)} seeds: stopped early {sum(s['stopped'] for s in summary) / len(summary):.0%}; "
-              f"best val rung - median {sum(s['best_gap'] for s in summary) / len(summary):+.4f} on average; "
-              f"reached the median run's best in {len(reached)} of {len(summary)} seeds"
+            median = _run(args_s, "median", url, args.trials)
+            median["seed"] = seed
+            runs.append(median)
+            for r_eta in variants:
+                rungs = _run(args_s, args.rung_pruner, url, args.rung_trials or args.trials, r_eta)  # type: ignore[arg-type]
+                rungs["seed"] = seed
+                runs.append(rungs)
+                summary.setdefault(rungs["pruner"], []).append(_report(args, median, rungs))
+    for label, rows in summary.items():
+        if len(rows) < 2:
+            continue
+        reached = [r["time_ratio"] for r in rows if r["time_ratio"] is not None]
+        print(f"{label} over {len(rows)} seeds: stopped early {sum(r['stopped'] for r in rows) / len(rows):.0%}; "
+              f"best val rung - median {sum(r['best_gap'] for r in rows) / len(rows):+.4f} on average; "
+              f"reached the median run's best in {len(reached)} of {len(rows)} seeds"
               + (f", at {sorted(reached)[len(reached) // 2]:.2f}x its time (median of those)" if reached else ""))
     import plotly.graph_objects as go
 
