@@ -222,26 +222,35 @@ class FastStorage(BaseStorage):
 
     def count_states(self, flag: str) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
         """The study's trials by state, those of them whose user attribute ``flag`` is true by
-        state, and the study's user attributes: three small reads in one session, none of
+        state, and the study's user attributes: two small reads on one connection, none of
         the trials loaded. For the checks under the study lock, which need only the counts:
         the view's own refresh there would read everything that changed while this worker
-        waited for the lock, and with many workers that wait is long (bench_scale.py).
-        Raises KeyError if the study was deleted (as Optuna does)."""
-        with _create_scoped_session(self._backend.scoped_session) as session:
-            conn = session.connection()
-            attrs = self._read_study(conn, True) or {}
-            t = _T.__table__
-            by_state: Counter[TrialState] = Counter({state: int(n) for state, n in conn.execute(
-                sa.select(t.c.state, sa.func.count()).where(t.c.study_id == self._study_id)
-                .group_by(t.c.state))})
-            tua = models.TrialUserAttributeModel.__table__
+        waited for the lock, and with many workers that wait is long (bench_scale.py), as is
+        every round trip made while holding it. Raises KeyError if the study was deleted (as
+        Optuna does)."""
+        studies_ = models.StudyModel.__table__
+        sua = models.StudyUserAttributeModel.__table__
+        t = _T.__table__
+        tua = models.TrialUserAttributeModel.__table__
+        with self._backend.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(studies_.c.study_id, sua.c.key, sua.c.value_json)
+                .select_from(studies_.outerjoin(sua, sua.c.study_id == studies_.c.study_id))
+                .where(studies_.c.study_id == self._study_id)).all()
+            if not rows:
+                raise KeyError(models.NOT_FOUND_MSG)
+            attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
+            by_state: Counter[TrialState] = Counter()
             flagged: Counter[TrialState] = Counter()
+            # one pass: every trial with its flag's value, if it has one
             for state, value, n in conn.execute(
                     sa.select(t.c.state, tua.c.value_json, sa.func.count())
-                    .select_from(t.join(tua, tua.c.trial_id == t.c.trial_id))
-                    .where(t.c.study_id == self._study_id, tua.c.key == flag)
+                    .select_from(t.outerjoin(tua, sa.and_(tua.c.trial_id == t.c.trial_id, tua.c.key == flag)))
+                    .where(t.c.study_id == self._study_id)
                     .group_by(t.c.state, tua.c.value_json)):
-                if json.loads(value):
+                state = TrialState(state) if not isinstance(state, TrialState) else state
+                by_state[state] += int(n)
+                if value is not None and json.loads(value):
                     flagged[state] += int(n)
         return by_state, flagged, attrs
 
@@ -402,41 +411,46 @@ class FastStorage(BaseStorage):
         """Create ``n`` RUNNING trials, tied to :attr:`lease_id`, in one transaction.
 
         Numbers are counted under the study row lock as Optuna counts them: the trials of
-        the study with smaller ids.
+        the study with smaller ids. It is made under the study lock, so each round trip here
+        is paid by every worker waiting for it: five statements whatever ``n`` (the row lock,
+        the rows, their count, their numbers, their lease), not one or more per trial.
         """
+        t = _T.__table__
         with self._lock, _create_scoped_session(self._backend.scoped_session) as session:
-            models.StudyModel.find_or_raise_by_id(self._study_id, session, for_update=True)
+            conn = session.connection()
+            studies_ = models.StudyModel.__table__
+            if conn.execute(sa.select(studies_.c.study_id).where(studies_.c.study_id == self._study_id)
+                            .with_for_update()).first() is None:
+                raise KeyError(models.NOT_FOUND_MSG)
             now = datetime.datetime.now()
-            new = [_T(study_id=self._study_id, number=None, state=TrialState.RUNNING, datetime_start=now)
-                   for _ in range(n)]
-            session.add_all(new)
-            session.flush()
-            new.sort(key=lambda m: m.trial_id)
-            base = new[0].count_past_trials(session)
-            for i, model in enumerate(new):
-                model.number = base + i
+            ids = sorted(conn.execute(
+                t.insert().returning(t.c.trial_id, sort_by_parameter_order=True),
+                [{"study_id": self._study_id, "number": None, "state": TrialState.RUNNING,
+                  "datetime_start": now} for _ in range(n)]).scalars())
+            base = conn.execute(sa.select(sa.func.count()).select_from(t).where(
+                t.c.study_id == self._study_id, t.c.trial_id < ids[0])).scalar_one()
+            numbers = {tid: base + i for i, tid in enumerate(ids)}
+            conn.execute(t.update().where(t.c.trial_id.in_(ids))
+                         .values(number=sa.case(numbers, value=t.c.trial_id)))
             system: dict[str, Any] = {}
             if self.lease_id is not None:
                 system[LEASE_KEY] = self.lease_id
-                session.execute(sa.insert(models.TrialSystemAttributeModel),
-                                [{"trial_id": m.trial_id, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
-                                 for m in new])
-            session.flush()
-            out = []
-            for model in new:
+                conn.execute(sa.insert(models.TrialSystemAttributeModel.__table__),
+                             [{"trial_id": tid, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
+                              for tid in ids])
+            for tid in ids:
                 live = FrozenTrial(
-                    number=model.number, state=TrialState.RUNNING, value=None, values=None,
-                    datetime_start=model.datetime_start, datetime_complete=None, params={},
+                    number=numbers[tid], state=TrialState.RUNNING, value=None, values=None,
+                    datetime_start=now, datetime_complete=None, params={},
                     distributions={}, user_attrs={}, system_attrs=dict(system), intermediate_values={},
-                    trial_id=model.trial_id)
-                self._owned[model.trial_id] = _Owned(live)
+                    trial_id=tid)
+                self._owned[tid] = _Owned(live)
                 self._trials[live.number] = live
-                self._numbers[live._trial_id] = live.number
-                out.append(model.trial_id)
-            self._mine.update(out)  # not to be read back: this process knows them
+                self._numbers[tid] = live.number
+            self._mine.update(ids)  # not to be read back: this process knows them
             self._lists.clear()
             self.writes += 1
-        return out
+        return ids
 
     def _adopt(self, trial_id: int) -> None:
         """A waiting trial this process just set RUNNING: run it as its own from now on."""
