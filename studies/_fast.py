@@ -185,18 +185,9 @@ class FastStorage(BaseStorage):
                         full.append(tid)
                     elif known is None or known.state != state or not known.params:
                         light[tid] = state
+            full = [tid for tid in full if tid not in self._owned]
             for lo in range(0, len(full), 500):
-                query = (
-                    session.query(_T)
-                    .options(orm.selectinload(_T.params), orm.selectinload(_T.values),
-                             orm.selectinload(_T.user_attributes), orm.selectinload(_T.system_attributes),
-                             orm.selectinload(_T.intermediate_values))
-                    .filter(_T.trial_id.in_(full[lo:lo + 500]))
-                    .order_by(_T.trial_id)
-                )
-                for model in query.all():
-                    if model.trial_id not in self._owned:
-                        self._put(private.build_frozen_trial(self._backend, model))
+                self._load_full(conn, full[lo:lo + 500])
             unfinished = sorted(light)
             for lo in range(0, len(unfinished), 500):
                 self._load_light(conn, {i: light[i] for i in unfinished[lo:lo + 500]})
@@ -253,6 +244,51 @@ class FastStorage(BaseStorage):
                 if value is not None and json.loads(value):
                     flagged[state] += int(n)
         return by_state, flagged, attrs
+
+    def _load_full(self, conn: Any, ids: list[int]) -> None:
+        """Finished trials, whole: the rows Optuna's ``get_trial`` reads, as it builds them
+        (values by objective, params in the order they were written), with one plain query
+        per table. Every worker loads every other worker's finished trials once, so this is
+        the read that grows with the number of workers: no ORM objects are made for it."""
+        t, v = _T.__table__, models.TrialValueModel.__table__
+        p, iv = models.TrialParamModel.__table__, models.TrialIntermediateValueModel.__table__
+        ua, sa_ = models.TrialUserAttributeModel.__table__, models.TrialSystemAttributeModel.__table__
+        values: dict[int, dict[int, float]] = {}
+        for tid, objective, value, kind in conn.execute(
+                sa.select(v.c.trial_id, v.c.objective, v.c.value, v.c.value_type).where(v.c.trial_id.in_(ids))):
+            values.setdefault(tid, {})[objective] = models.TrialValueModel.stored_repr_to_value(value, kind)
+        params: dict[int, dict[str, Any]] = {}
+        distributions: dict[int, dict[str, dists.BaseDistribution]] = {}
+        for tid, name, value, dj in conn.execute(
+                sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
+                .where(p.c.trial_id.in_(ids)).order_by(p.c.param_id)):
+            d = self._json_dists.get(dj)
+            if d is None:
+                d = self._json_dists[dj] = dists.json_to_distribution(dj)
+            params.setdefault(tid, {})[name] = d.to_external_repr(value)
+            distributions.setdefault(tid, {})[name] = d
+        attrs: list[dict[int, dict[str, Any]]] = [{}, {}]
+        for i, table in enumerate((ua, sa_)):
+            for tid, key, value_json in conn.execute(
+                    sa.select(table.c.trial_id, table.c.key, table.c.value_json)
+                    .where(table.c.trial_id.in_(ids)).order_by(*table.primary_key)):
+                attrs[i].setdefault(tid, {})[key] = json.loads(value_json)
+        ivs: dict[int, dict[int, float]] = {}
+        for tid, step, value, kind in conn.execute(
+                sa.select(iv.c.trial_id, iv.c.step, iv.c.intermediate_value, iv.c.intermediate_value_type)
+                .where(iv.c.trial_id.in_(ids)).order_by(iv.c.trial_intermediate_value_id)):
+            ivs.setdefault(tid, {})[step] = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(
+                value, kind)
+        for tid, number, state, start, complete in conn.execute(
+                sa.select(t.c.trial_id, t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete)
+                .where(t.c.trial_id.in_(ids)).order_by(t.c.trial_id)):
+            vals = values.get(tid)
+            self._put(FrozenTrial(
+                number=number, state=state, value=None,
+                values=[vals[k] for k in sorted(vals)] if vals else None,
+                datetime_start=start, datetime_complete=complete, params=params.get(tid, {}),
+                distributions=distributions.get(tid, {}), user_attrs=attrs[0].get(tid, {}),
+                system_attrs=attrs[1].get(tid, {}), intermediate_values=ivs.get(tid, {}), trial_id=tid))
 
     def _load_light(self, conn: Any, states: dict[int, TrialState]) -> None:
         """Unfinished trials of other workers: state, number, start and params, nothing more.

@@ -29,7 +29,6 @@ __all__ = [
     "models",
     "create_scoped_session",
     "CONSTRAINTS_KEY",
-    "build_frozen_trial",
     "set_trial_attr_without_commit",
     "tpe_split_trials",
     "tpe_infeasible_score",
@@ -40,12 +39,6 @@ __all__ = [
     "tpe_categorical_type",
     "tpe_startup_trials",
 ]
-
-
-def build_frozen_trial(storage: Any, model: Any) -> Any:
-    """A FrozenTrial from a loaded TrialModel, exactly as RDBStorage builds it for get_trial
-    (the batching storage loads many trials with one query and needs Optuna's conversion)."""
-    return storage._build_frozen_trial_from_trial_model(model)
 
 
 def set_trial_attr_without_commit(storage: Any, session: Any, model: Any, trial_id: int, key: str,

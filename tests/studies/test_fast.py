@@ -290,6 +290,60 @@ def test_pruning_decisions_are_optunas_median_pruner_and_make_no_round_trip(
     assert strip == [{k: v for k, v in t.items() if k != "system_attrs"} for t in _stored(url, "plain")]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_view_loads_finished_trials_exactly_as_optuna_reads_them(
+    tmp_path: Path, backend: str,
+) -> None:
+    """Other workers' finished trials are loaded with plain queries, not Optuna's ORM: every
+    field must come out as Optuna's own read gives it (values by objective, infinities and NaN,
+    params in their written order, attributes, intermediate values)."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'load.db'}"
+    else:
+        url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        try:
+            sa.create_engine(url).connect().close()
+        except sa.exc.OperationalError:
+            pytest.skip("the local PostgreSQL server is not running")
+    name = f"load-{backend}-{random.random()}"
+    writer = optuna.create_study(storage=_own_storage(url, heartbeat=False), study_name=name,
+                                 directions=["maximize", "minimize"])
+    dist = {"b": optuna.distributions.FloatDistribution(0, 1),
+            "a": optuna.distributions.IntDistribution(1, 9, log=True),
+            "c": optuna.distributions.CategoricalDistribution(["x", None, 3])}
+    for i, values in enumerate([[0.5, 1.0], [math.inf, -math.inf], [-1.0, 2.5]]):
+        writer.add_trial(optuna.create_trial(
+            values=values, params={"b": 0.25 * i, "a": 1 + i, "c": ["x", None, 3][i]}, distributions=dist,
+            user_attrs={"z": i, "nested": {"k": [1, 2]}, "a": "s"}, system_attrs={"sys": i},
+            intermediate_values={1: 0.1, 2: math.inf, 3: -math.inf, 4: math.nan}))
+    writer.add_trial(optuna.create_trial(state=TrialState.PRUNED, params={"b": 0.5}, distributions={"b": dist["b"]},
+                                         intermediate_values={1: 0.3}))
+    writer.add_trial(optuna.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "x"}))
+    reader = optuna.load_study(study_name=name, storage=_own_storage(url, heartbeat=False))
+    fs = _fast.attach(reader)
+    assert fs is not None
+    fs.refresh()
+    try:
+        want = writer.get_trials(deepcopy=False)
+        got = fs.get_all_trials(reader._study_id, deepcopy=False)
+        assert len(got) == len(want) == 5
+        for g, w in zip(got, want, strict=True):
+            assert g._trial_id == w._trial_id and g.number == w.number and g.state == w.state
+            assert g.values == w.values or (g.values is not None and w.values is not None
+                                            and all(math.isnan(x) and math.isnan(y) or x == y
+                                                    for x, y in zip(g.values, w.values, strict=True)))
+            assert list(g.params.items()) == list(w.params.items())
+            assert g.distributions == w.distributions
+            assert g.user_attrs == w.user_attrs and g.system_attrs == w.system_attrs
+            assert g.datetime_start == w.datetime_start and g.datetime_complete == w.datetime_complete
+            assert list(g.intermediate_values) == list(w.intermediate_values)
+            for step, x in w.intermediate_values.items():
+                y = g.intermediate_values[step]
+                assert (math.isnan(x) and math.isnan(y)) or x == y
+    finally:
+        optuna.delete_study(study_name=name, storage=_own_storage(url, heartbeat=False))
+
+
 # -- other writers -------------------------------------------------------------------------------
 def test_the_incremental_view_sees_what_other_storages_and_processes_write(
     tmp_path: Path, tiny_spec: Callable[..., StudySpec], monkeypatch: pytest.MonkeyPatch,
