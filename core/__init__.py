@@ -51,6 +51,7 @@ from ._registry import (
     get_family,
     list_models,
     register_model,
+    seeded,
 )
 from ._train import (
     StepHook,
@@ -73,6 +74,7 @@ __all__ = [
     "DendriticLayer",
     "register_dendritic_hooks",
     "create_model",
+    "seeded",
     "list_models",
     "get_family",
     "register_model",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "ModelFamily",
     "register_model",
     "create_model",
+    "seeded",
     "list_models",
     "get_family",
     "analytic_parameter_count",
@@ -167,9 +169,22 @@ def create_model(name: str, seed: int | None = None, **params: Any) -> nn.Module
     resolved = family.resolve(params)
     if seed is None:
         return family.build(**resolved)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return family.build(**resolved)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Inside, torch's global generators start from ``torch.manual_seed(seed)``; after, the
+    caller's CPU generator (and ``device``'s, a CUDA device) are as they were.
+
+    The convention of every trainer here: building a model, converting it to bio rules and
+    training it (dropout, the rules' draws) take their randomness from the trial's seed, so a
+    trial repeats exactly whatever the process did before it.
+    """
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def analytic_parameter_count(name: str, **params: Any) -> int:

@@ -345,9 +345,10 @@ def _retrain_best(
             if getattr(res, "state_dict", None) is not None:
                 model.load_state_dict(res.state_dict)
         else:
-            res = core.train_model(model, data, n_epochs=spec.n_epochs, lr=train["lr"],
-                                   weight_decay=train["weight_decay"], batch_size=spec.batch_size,
-                                   device=dev, seed=s, optimizer=train["optimizer"])
+            with core.seeded(s, core.resolve_device(dev)):  # dropout's masks: a re-training repeats
+                res = core.train_model(model, data, n_epochs=spec.n_epochs, lr=train["lr"],
+                                       weight_decay=train["weight_decay"], batch_size=spec.batch_size,
+                                       device=dev, seed=s, optimizer=train["optimizer"])
         vals = [h["val_loss"] for h in res.history]
         runs.append({
             "seed": s, "status": res.status, "error": res.error,

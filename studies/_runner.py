@@ -657,15 +657,13 @@ def _train(
     """core.train_model, with the spec's bio rules and dendrite growth when it asks for them."""
     bio_config, bio_hook, growth = build_extras(train_args)
     hooks = []
-    if bio_config is not None:
-        # The bio rules draw from torch's global generator: seed it from the trial, so that a
-        # trial is reproducible and draws what its population twin draws.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+    # The bio rules and dropout draw from torch's global generator: seed it from the trial, so
+    # that a trial repeats exactly and draws what its population twin draws.
+    with core.seeded(seed, dev):
+        if bio_config is not None:
             model = core.BioConverter(bio_config)(model)
             hooks.append(bio_hook)
-            return _train_with(model, data, spec, train_args, dev, seed, on_epoch, hooks, growth)
-    return _train_with(model, data, spec, train_args, dev, seed, on_epoch, hooks, growth)
+        return _train_with(model, data, spec, train_args, dev, seed, on_epoch, hooks, growth)
 
 
 def _train_with(

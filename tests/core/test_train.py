@@ -17,6 +17,7 @@ from core import (
     plot_dendritic_weights_single_image,
     plot_eigenvalues,
     plot_training_curves,
+    seeded,
     train_model,
 )
 
@@ -46,6 +47,32 @@ def test_same_seed_same_result(digits) -> None:  # type: ignore[no-untyped-def]
     c = train_model(_model(), digits, n_epochs=2, seed=4)
     assert a.val_loss == b.val_loss
     assert a.val_loss != c.val_loss
+
+
+def test_seeded_training_repeats_dropout_and_leaves_the_callers_generator_alone(digits) -> None:  # type: ignore[no-untyped-def]
+    # Dropout draws from torch's global generator: under core.seeded(seed) (how studies train
+    # a trial) a run repeats whatever the process drew before, and the caller's state comes back.
+    def model() -> torch.nn.Module:
+        with seeded(0):
+            return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                       torch.nn.Linear(32, 10))
+
+    torch.manual_seed(123)
+    with seeded(3):
+        a = train_model(model(), digits, n_epochs=2, seed=3)
+    caller = torch.rand(3)
+    torch.manual_seed(999)  # another process, another global state
+    with seeded(3):
+        b = train_model(model(), digits, n_epochs=2, seed=3)
+    assert a.val_loss == b.val_loss
+    torch.manual_seed(123)
+    assert torch.equal(caller, torch.rand(3))  # nothing was drawn from the caller's stream
+    with seeded(4):
+        c = train_model(model(), digits, n_epochs=2, seed=4)
+    assert c.val_loss != a.val_loss
+    torch.manual_seed(5)  # without it, the masks depend on what the process drew before
+    d = train_model(model(), digits, n_epochs=2, seed=3)
+    assert d.val_loss != a.val_loss
 
 
 def test_training_resamples_synapses_without_hooks(digits) -> None:  # type: ignore[no-untyped-def]
