@@ -61,7 +61,7 @@ def _comparison(args: argparse.Namespace) -> None:
         max_params=args.max_params, n_trials=args.n_trials, n_epochs=args.n_epochs,
         n_seeds=args.n_seeds, subset_size=args.subset, batch_size=args.batch_size,
         storage=storage, out_dir=args.out, device=args.device, show_progress=args.progress,
-        population="auto" if args.in_population else None, seed=args.seed,
+        population="auto" if args.in_population else None, seed=args.seed, tasks=args.tasks.split(","),
     )
     wall = time.perf_counter() - t0
     s = res.settings
@@ -260,7 +260,7 @@ def main() -> None:
                     help="the preset in population mode against the one-trial path")
     ap.add_argument("--single-trials", type=int, default=2, help="trials per study of --speed's one-trial run")
     ap.add_argument("--single-tasks", default="multi_sine", help="tasks of --speed's one-trial run")
-    ap.add_argument("--tasks", default="multi_sine,delay_recall,lorenz", help="tasks of --speed's population run")
+    ap.add_argument("--tasks", default="multi_sine,delay_recall,lorenz", help="tasks of the table, or of --speed's population run")
     ap.add_argument("--only", choices=["p", "s"], help="--speed: only the population (p) or one-trial (s) run")
     ap.add_argument("--ks", default="1,4,16,64", help="K values for --population")
     ap.add_argument("--reps", type=int, default=20, help="timed steps for --population")

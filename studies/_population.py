@@ -100,13 +100,17 @@ def fair_share(study: optuna.Study, spec: StudySpec) -> int:
 def auto_cap(sampler: optuna.samplers.BaseSampler, n_trials: int, limit: int) -> int:
     """The largest population of "auto" size for a study of ``n_trials`` under ``sampler``.
 
-    TPE learns from finished trials only: a population of the whole study would be random
-    search. So with TPE, "auto" trains at most half the study's trials at once (never fewer
-    than TPE's random start-up trials), and the rest are proposed from results.
+    TPE proposes from finished trials only, and only once its ``n_startup_trials`` random
+    trials have finished. In a population of K, trial k is asked when about k - K + 1 trials
+    have finished, so it is proposed from results only if k >= startup + K - 1: the study gets
+    n_trials - startup - K + 1 informed proposals where one trial at a time gets
+    n_trials - startup. "auto" keeps at least half of them, K <= (n_trials - startup) // 2 + 1;
+    a study no longer than the start-up is random search, all of it at once.
     """
     if isinstance(sampler, optuna.samplers.TPESampler):
-        half = max(_optuna_private.tpe_startup_trials(sampler), math.ceil(n_trials / 2))
-        return max(1, min(limit, half))
+        startup = _optuna_private.tpe_startup_trials(sampler)
+        k = n_trials if n_trials <= startup else (n_trials - startup) // 2 + 1
+        return max(1, min(limit, k))
     return max(1, limit)
 
 

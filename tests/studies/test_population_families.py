@@ -107,11 +107,14 @@ def test_run_study_with_population_runs_a_study_that_cannot_stack_one_trial_at_a
     assert "one trial at a time" in caplog.text and "cannot be batched" in caplog.text
 
 
-def test_auto_population_leaves_half_a_tpe_study_to_be_proposed_from_results() -> None:
+def test_auto_population_keeps_half_of_tpes_proposals_from_results() -> None:
     from studies._population import auto_cap
 
     tpe = optuna.samplers.TPESampler(n_startup_trials=10)
-    assert auto_cap(tpe, 200, 1024) == 100  # the second half is proposed from the first's results
-    assert auto_cap(tpe, 12, 12) == 10  # never below TPE's random start-up
+    # half of the one-trial path's proposals from results: 200 - 10 - 96 + 1 = 95 of 190
+    assert auto_cap(tpe, 200, 1024) == 96
+    assert auto_cap(tpe, 20, 8) == 6  # 5 of 10 (a population of 8 left 3)
+    assert auto_cap(tpe, 12, 12) == 2
+    assert auto_cap(tpe, 8, 12) == 8  # within TPE's random start-up: random search, all at once
     assert auto_cap(tpe, 200, 40) == 40  # the worker's own limit (its fair share) still holds
     assert auto_cap(optuna.samplers.RandomSampler(), 200, 1024) == 1024  # random search: no feedback to wait for
