@@ -175,15 +175,20 @@ def create_model(name: str, seed: int | None = None, **params: Any) -> nn.Module
 
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
-    """Inside, torch's global generators start from ``torch.manual_seed(seed)``; after, the
-    caller's CPU generator (and ``device``'s, a CUDA device) are as they were.
+    """Inside, torch's CPU generator (and ``device``'s, a CUDA device) start from ``seed``;
+    after, they are as the caller left them. No other generator is touched.
 
     The convention of every trainer here: building a model, converting it to bio rules and
     training it (dropout, the rules' draws) take their randomness from the trial's seed, so a
     trial repeats exactly whatever the process did before it.
     """
-    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    cuda = device is not None and device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            assert device is not None
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 

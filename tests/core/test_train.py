@@ -17,6 +17,7 @@ from core import (
     plot_dendritic_weights_single_image,
     plot_eigenvalues,
     plot_training_curves,
+    resolve_device,
     seeded,
     train_model,
 )
@@ -57,21 +58,22 @@ def test_seeded_training_repeats_dropout_and_leaves_the_callers_generator_alone(
             return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5),
                                        torch.nn.Linear(32, 10))
 
+    dev = resolve_device(None)  # the CUDA generator draws the masks on a GPU
     torch.manual_seed(123)
-    with seeded(3):
-        a = train_model(model(), digits, n_epochs=2, seed=3)
-    caller = torch.rand(3)
+    with seeded(3, dev):
+        a = train_model(model(), digits, n_epochs=2, seed=3, device=dev)
+    caller = torch.rand(3, device=dev)
     torch.manual_seed(999)  # another process, another global state
-    with seeded(3):
-        b = train_model(model(), digits, n_epochs=2, seed=3)
+    with seeded(3, dev):
+        b = train_model(model(), digits, n_epochs=2, seed=3, device=dev)
     assert a.val_loss == b.val_loss
     torch.manual_seed(123)
-    assert torch.equal(caller, torch.rand(3))  # nothing was drawn from the caller's stream
-    with seeded(4):
-        c = train_model(model(), digits, n_epochs=2, seed=4)
+    assert torch.equal(caller, torch.rand(3, device=dev))  # nothing was drawn from the caller's stream
+    with seeded(4, dev):
+        c = train_model(model(), digits, n_epochs=2, seed=4, device=dev)
     assert c.val_loss != a.val_loss
     torch.manual_seed(5)  # without it, the masks depend on what the process drew before
-    d = train_model(model(), digits, n_epochs=2, seed=3)
+    d = train_model(model(), digits, n_epochs=2, seed=3, device=dev)
     assert d.val_loss != a.val_loss
 
 
