@@ -9,9 +9,11 @@ while a writer never pauses.
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import optuna
 import pytest
@@ -23,20 +25,24 @@ from service import Settings, create_app
 
 pytestmark = pytest.mark.slow
 
-#: what a training worker does, back to back: new rows of its trial
+#: what a training worker does, back to back: new rows of its trial. One process serves every
+#: round (a trial id a line on stdin), as a long-lived worker does: starting the interpreter
+#: (torch included) costs far more than a round.
 WRITER = """
 import sys, studies
 storage = studies.open_storage(sys.argv[1])
-trial_id, k = int(sys.argv[2]), 0
-while True:
-    try:
-        storage.set_trial_user_attr(trial_id, f"k{k}", k)
-        storage.record_heartbeat(trial_id)
-    except Exception:
-        break  # the trial is gone
-    if k == 0:
-        print("writing", flush=True)
-    k += 1
+for line in sys.stdin:
+    trial_id, k = int(line), 0
+    while True:
+        try:
+            storage.set_trial_user_attr(trial_id, f"k{k}", k)
+            storage.record_heartbeat(trial_id)
+        except Exception:
+            break  # the trial is gone
+        if k == 0:
+            print("writing", flush=True)
+        k += 1
+    print(f"stopped after {k} writes", flush=True)
 """
 
 
@@ -55,36 +61,67 @@ def test_a_delete_goes_through_and_is_complete_even_while_a_worker_writes_nonsto
     client, url = client_and_url
     storage = studies.open_storage(url)
     answers = []
-    for round_ in range(3):
-        name = unique(f"race{round_}")
-        assert client.post("/v1/studies", json=tiny_spec(name)).status_code == 201
-        trial_id = optuna.load_study(study_name=name, storage=storage).ask()._trial_id
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, url, str(trial_id)],
-                                  stdout=subprocess.PIPE, text=True)
-        try:
-            assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, url], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdin is not None
+    said = _lines_of(writer)
+
+    try:
+        for round_ in range(3):
+            name = unique(f"race{round_}")
+            assert client.post("/v1/studies", json=tiny_spec(name)).status_code == 201
+            trial_id = optuna.load_study(study_name=name, storage=storage).ask()._trial_id
+            writer.stdin.write(f"{trial_id}\n")
+            writer.stdin.flush()
+            assert said() == "writing"
             r = client.delete(f"/v1/studies/{name}")
             answers.append(r.status_code)
             assert r.status_code == 204, r.text
             with pytest.raises(KeyError):
                 storage.get_study_id_from_name(name)
-            assert writer.wait(30) == 0, "the writer's next write fails: its trial is gone"
-        finally:
-            writer.kill()
-            writer.wait(10)
-        assert client.get(f"/v1/studies/{name}").status_code == 404
-        # not a row of it is left behind, in any table
-        with storage.engine.connect() as con:
-            orphans = {
-                t: con.exec_driver_sql(
-                    f"SELECT count(*) FROM {t} WHERE trial_id NOT IN (SELECT trial_id FROM trials)"
-                ).scalar()
-                for t in ("trial_user_attributes", "trial_heartbeats", "trial_params", "trial_values")
-            }
-            orphans["trials"] = con.exec_driver_sql(
-                "SELECT count(*) FROM trials WHERE study_id NOT IN (SELECT study_id FROM studies)").scalar()
-        assert set(orphans.values()) == {0}, orphans
+            assert said().startswith("stopped after "), "the writer's next write fails: its trial is gone"
+            assert client.get(f"/v1/studies/{name}").status_code == 404
+            _assert_no_orphans(storage)
+        writer.stdin.close()
+        assert writer.wait(30) == 0
+    finally:
+        writer.kill()
+        writer.wait(10)
     print(f"\nDELETE answers with a worker writing: {answers}")
+
+
+def _lines_of(proc: subprocess.Popen[str]) -> Callable[[], str]:
+    """A reader of ``proc``'s output lines that fails, rather than hangs, when it goes quiet."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.strip())
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    def said() -> str:
+        try:
+            return lines.get(timeout=120)
+        except queue.Empty:
+            raise AssertionError(f"the writer said nothing for 120s (exit code {proc.poll()})") from None
+
+    return said
+
+
+def _assert_no_orphans(storage: optuna.storages.RDBStorage) -> None:
+    """Not a row of a deleted study is left behind, in any table."""
+    with storage.engine.connect() as con:
+        orphans = {
+            t: con.exec_driver_sql(
+                f"SELECT count(*) FROM {t} WHERE trial_id NOT IN (SELECT trial_id FROM trials)"
+            ).scalar()
+            for t in ("trial_user_attributes", "trial_heartbeats", "trial_params", "trial_values")
+        }
+        orphans["trials"] = con.exec_driver_sql(
+            "SELECT count(*) FROM trials WHERE study_id NOT IN (SELECT study_id FROM studies)").scalar()
+    assert set(orphans.values()) == {0}, orphans
 
 
 @pytest.mark.parametrize("storage", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

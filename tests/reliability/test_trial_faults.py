@@ -13,6 +13,9 @@ from service_helpers import FAST_RETRY, Api, Procs, tiny_spec, unique, wait_for
 pytestmark = pytest.mark.slow
 
 OOM_TRIAL = 2
+#: epochs of the population kill: a population of four trains them together in a few seconds,
+#: which is long enough to be caught (and killed) mid-population
+POP_EPOCHS = 15
 
 
 def test_a_diverging_trial_and_an_out_of_memory_trial_fail_with_their_reason_and_the_worker_goes_on(
@@ -63,7 +66,7 @@ def test_a_population_worker_killed_mid_population_still_ends_with_exactly_n_tri
 ) -> None:
     api, name = sqlite_api, unique("popkill")
     n_trials = 10
-    api.create(tiny_spec(name, n_trials=n_trials, n_epochs=30))
+    api.create(tiny_spec(name, n_trials=n_trials, n_epochs=POP_EPOCHS))
     doomed = procs.worker(api.storage, "--studies", name, "--population", "4", env=FAST_RETRY)
 
     def members_training() -> list[dict[str, Any]]:
@@ -91,4 +94,4 @@ def test_a_population_worker_killed_mid_population_still_ends_with_exactly_n_tri
         assert by_number[m["number"]]["state"] == "failed", "the killed members were failed, not left RUNNING"
     finished = [t for t in trials if t["state"] in ("complete", "pruned")]
     assert len(finished) == n_trials
-    assert all(t["metrics"]["epochs_run"] == 30 for t in finished if t["state"] == "complete")
+    assert all(t["metrics"]["epochs_run"] == POP_EPOCHS for t in finished if t["state"] == "complete")
