@@ -23,8 +23,10 @@ import studies
 
 from ._errors import DB_ERRORS
 
-#: seconds a worker reuses its last read of a study's state (running, stopped, deleted)
-STATE_POLL = 1.0
+#: seconds a worker reuses its last read of a study's state (running, stopped, deleted): short
+#: enough that a stop lands at the end of the epoch it came in, long enough that a worker of
+#: many short epochs (or many members) reads it ten times a second, not once an epoch
+STATE_POLL = 0.1
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -192,7 +194,7 @@ class Worker:
             return "the worker is shutting down"
         # The study's state is read from the database at most every STATE_POLL seconds: every
         # epoch of every trial asks, and with many workers those reads were most of a worker's
-        # service time (bench/bench_scale.py). A stop or a delete is seen within that time.
+        # service time (bench/bench_scale.py).
         seen, now = self._state_seen, time.monotonic()
         key = (id(study), study._study_id)
         if seen is not None and seen[0] == key and now - seen[1] < STATE_POLL:
