@@ -239,7 +239,6 @@ class FastStorage(BaseStorage):
                     .select_from(t.outerjoin(tua, sa.and_(tua.c.trial_id == t.c.trial_id, tua.c.key == flag)))
                     .where(t.c.study_id == self._study_id)
                     .group_by(t.c.state, tua.c.value_json)):
-                state = TrialState(state) if not isinstance(state, TrialState) else state
                 by_state[state] += int(n)
                 if value is not None and json.loads(value):
                     flagged[state] += int(n)
@@ -251,22 +250,13 @@ class FastStorage(BaseStorage):
         per table. Every worker loads every other worker's finished trials once, so this is
         the read that grows with the number of workers: no ORM objects are made for it."""
         t, v = _T.__table__, models.TrialValueModel.__table__
-        p, iv = models.TrialParamModel.__table__, models.TrialIntermediateValueModel.__table__
+        iv = models.TrialIntermediateValueModel.__table__
         ua, sa_ = models.TrialUserAttributeModel.__table__, models.TrialSystemAttributeModel.__table__
         values: dict[int, dict[int, float]] = {}
         for tid, objective, value, kind in conn.execute(
                 sa.select(v.c.trial_id, v.c.objective, v.c.value, v.c.value_type).where(v.c.trial_id.in_(ids))):
             values.setdefault(tid, {})[objective] = models.TrialValueModel.stored_repr_to_value(value, kind)
-        params: dict[int, dict[str, Any]] = {}
-        distributions: dict[int, dict[str, dists.BaseDistribution]] = {}
-        for tid, name, value, dj in conn.execute(
-                sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
-                .where(p.c.trial_id.in_(ids)).order_by(p.c.param_id)):
-            d = self._json_dists.get(dj)
-            if d is None:
-                d = self._json_dists[dj] = dists.json_to_distribution(dj)
-            params.setdefault(tid, {})[name] = d.to_external_repr(value)
-            distributions.setdefault(tid, {})[name] = d
+        params, distributions = self._load_params(conn, ids)
         attrs: list[dict[int, dict[str, Any]]] = [{}, {}]
         for i, table in enumerate((ua, sa_)):
             for tid, key, value_json in conn.execute(
@@ -290,6 +280,22 @@ class FastStorage(BaseStorage):
                 distributions=distributions.get(tid, {}), user_attrs=attrs[0].get(tid, {}),
                 system_attrs=attrs[1].get(tid, {}), intermediate_values=ivs.get(tid, {}), trial_id=tid))
 
+    def _load_params(self, conn: Any, ids: list[int]) -> tuple[dict[int, dict[str, Any]],
+                                                                 dict[int, dict[str, dists.BaseDistribution]]]:
+        """The params and distributions of trials ``ids``, in the order they were written."""
+        p = models.TrialParamModel.__table__
+        params: dict[int, dict[str, Any]] = {}
+        distributions: dict[int, dict[str, dists.BaseDistribution]] = {}
+        for tid, name, value, dj in conn.execute(
+                sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
+                .where(p.c.trial_id.in_(ids)).order_by(p.c.param_id)):
+            d = self._json_dists.get(dj)
+            if d is None:
+                d = self._json_dists[dj] = dists.json_to_distribution(dj)
+            params.setdefault(tid, {})[name] = d.to_external_repr(value)
+            distributions.setdefault(tid, {})[name] = d
+        return params, distributions
+
     def _load_light(self, conn: Any, states: dict[int, TrialState]) -> None:
         """Unfinished trials of other workers: state, number, start and params, nothing more.
 
@@ -297,17 +303,7 @@ class FastStorage(BaseStorage):
         the next refresh loads it whole (each read may see a newer database).
         """
         ids = list(states)
-        p = models.TrialParamModel.__table__
-        params: dict[int, dict[str, Any]] = {}
-        distributions: dict[int, dict[str, dists.BaseDistribution]] = {}
-        for tid, name, value, dj in conn.execute(
-                sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
-                .where(p.c.trial_id.in_(ids))):
-            d = self._json_dists.get(dj)
-            if d is None:
-                d = self._json_dists[dj] = dists.json_to_distribution(dj)
-            params.setdefault(tid, {})[name] = d.to_external_repr(value)
-            distributions.setdefault(tid, {})[name] = d
+        params, distributions = self._load_params(conn, ids)
         t = _T.__table__
         for tid, number, start in conn.execute(
                 sa.select(t.c.trial_id, t.c.number, t.c.datetime_start).where(t.c.trial_id.in_(ids))):
