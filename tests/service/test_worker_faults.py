@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import torch
-from service_helpers import FAST_RETRY, Api, Procs, tiny_spec, unique, wait_for
+from service_helpers import FAST_RETRY, FAST_RETRY_STALE, Api, Procs, tiny_spec, unique, wait_for
 
 import studies
 
@@ -58,7 +58,9 @@ def test_stop_ends_running_trials_within_an_epoch_and_resume_finishes_the_study(
     assert cut["state"] == "failed"
     assert cut["fail_reason"] == "stopped: the study was stopped"
     assert cut["metrics"]["epochs_run"] < LONG_EPOCHS
-    (requeued,) = api.trials(name, state="waiting")
+    # its point is queued again right after the failure is told (a second write)
+    (requeued,) = wait_for(lambda: api.trials(name, state="waiting"), 10, "the point to be queued again",
+                           interval=0.05)
 
     # No trial starts while the study is stopped (the worker polls every second).
     deadline = time.monotonic() + 2.5
@@ -150,7 +152,9 @@ def test_a_worker_killed_mid_trial_loses_nothing(storage: str, request: pytest.F
     assert [t["number"] for t in api.running(name)] == [killed["number"]], "left RUNNING, for now"
 
     # Its heartbeat has stopped: after the grace period the next worker fails it and runs its
-    # point again.
+    # point again. (Wait the grace period out first: a worker that starts at once and finds
+    # nothing to do could otherwise be idle for --idle-exit before the lease is stale.)
+    time.sleep(FAST_RETRY_STALE)
     rescuer = procs.worker(api.storage, "--studies", name, "--idle-exit", "2", env=FAST_RETRY)
     api.wait_done(name, 120)
     assert procs.wait_exit(rescuer, 30) == 0
