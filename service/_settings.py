@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # serves), through the same path as a real one. E.g. DENDRO_FAULT_OOM_TRIALS='[2]'.
     fault_oom_trials: list[int] = Field(default_factory=list, description="Testing only: trial "
                                         "numbers whose training raises an injected out-of-memory error.")
+    # And a floor under each epoch's time, so that the tests that stop, delete or kill a worker
+    # mid-trial do not race training that a warm machine finishes in milliseconds.
+    fault_epoch_seconds: float = Field(default=0.0, ge=0, description="Testing only: seconds a "
+                                       "worker waits after each epoch (DENDRO_FAULT_EPOCH_SECONDS).")
 
     @field_validator("storage", "api_token", mode="before")
     @classmethod

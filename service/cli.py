@@ -303,11 +303,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         heartbeat_interval=settings.heartbeat_interval,
         grace_period=settings.grace_period,
         oom_trials=frozenset(settings.fault_oom_trials),
+        epoch_seconds=settings.fault_epoch_seconds,
         parent_pid=args.exit_with_parent,
     ))
     worker.install_signal_handlers()
     if worker.config.oom_trials:
         log.warning("fault injection: trials %s will raise out-of-memory", sorted(worker.config.oom_trials))
+    if worker.config.epoch_seconds:
+        log.warning("fault injection: every epoch takes at least %.2f s more", worker.config.epoch_seconds)
     log.info("worker %s on %s, storage %s", worker.config.worker_id, settings.device,
              settings.storage_url_redacted)
     return worker.run()

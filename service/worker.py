@@ -49,6 +49,8 @@ class WorkerConfig:
     grace_period: int = 20
     #: testing only (DENDRO_FAULT_OOM_TRIALS): trial numbers whose training raises out-of-memory
     oom_trials: frozenset[int] = frozenset()
+    #: testing only (DENDRO_FAULT_EPOCH_SECONDS): seconds to wait after each epoch
+    epoch_seconds: float = 0.0
     #: a worker that ``dendro serve`` started: stop (as on SIGTERM) once that process is gone
     parent_pid: int | None = None
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -190,6 +192,8 @@ class Worker:
 
             # Raised inside training, after an epoch: the trial takes the path of a real one.
             raise torch.cuda.OutOfMemoryError(f"injected by DENDRO_FAULT_OOM_TRIALS for trial {number}")
+        if self.config.epoch_seconds:
+            self.stop_requested.wait(self.config.epoch_seconds)
         if self.stop_requested.is_set():
             return "the worker is shutting down"
         # The study's state is read from the database at most every STATE_POLL seconds: every

@@ -9,7 +9,15 @@ import time
 from typing import Any
 
 import pytest
-from service_helpers import FAST_RETRY, Api, Procs, tiny_spec, unique, wait_for
+from service_helpers import (
+    FAST_RETRY,
+    FAST_RETRY_STALE,
+    Api,
+    Procs,
+    tiny_spec,
+    unique,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +101,10 @@ def test_five_kills_during_a_study_of_four_workers_lose_no_trial(
     api.create(tiny_spec(name, n_trials=N_TRIALS, n_epochs=N_EPOCHS))
 
     def start() -> subprocess.Popen[bytes]:
-        return procs.worker(api.storage, "--studies", name, "--idle-exit", "3", env=FAST_RETRY)
+        # Idle for longer than a killed worker's lease takes to go stale: a worker that has
+        # nothing to do must still be there to fail the last victim's trial and run it again.
+        return procs.worker(api.storage, "--studies", name, "--idle-exit", str(FAST_RETRY_STALE),
+                            env=FAST_RETRY)
 
     workers = {w.pid: w for w in (start() for _ in range(N_WORKERS))}
     killed = _kill_workers_mid_trial(api, procs, name, workers, N_KILLS, start)

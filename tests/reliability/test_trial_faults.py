@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 import optuna
 import pytest
-from service_helpers import FAST_RETRY, Api, Procs, tiny_spec, unique, wait_for
+from service_helpers import FAST_RETRY, FAST_RETRY_STALE, Api, Procs, tiny_spec, unique, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +60,8 @@ def test_the_fault_hook_is_off_by_default() -> None:
 
     assert Settings().fault_oom_trials == []
     assert WorkerConfig(storage="sqlite:///x.db").oom_trials == frozenset()
+    assert Settings().fault_epoch_seconds == 0.0
+    assert WorkerConfig(storage="sqlite:///x.db").epoch_seconds == 0.0
 
 
 def test_a_population_worker_killed_mid_population_still_ends_with_exactly_n_trials(
@@ -78,6 +81,8 @@ def test_a_population_worker_killed_mid_population_still_ends_with_exactly_n_tri
     doomed.wait(10)
     assert api.study(name)["progress"]["finished"] < n_trials, "killed mid-study"
 
+    # The rescuer starts once the dead lease is stale: its first ask fails the killed members.
+    time.sleep(FAST_RETRY_STALE)
     rescuer = procs.worker(api.storage, "--studies", name, "--population", "4", "--idle-exit", "3",
                            env=FAST_RETRY)
     api.wait_done(name, 150)

@@ -19,6 +19,12 @@ DENDRO = Path(sys.executable).with_name("dendro")
 PG_URL = os.environ.get("DENDRO_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 #: heartbeats every second and a 4 s grace period, so a dead worker's trial is retried fast
 FAST_RETRY = {"DENDRO_HEARTBEAT_INTERVAL": "1", "DENDRO_GRACE_PERIOD": "4"}
+#: how long after its last beat a FAST_RETRY worker's lease is surely stale: the grace period,
+#: one beat interval (the last beat may have come just before the kill) and a second of slack
+FAST_RETRY_STALE = 4 + 1 + 1
+#: every epoch takes at least 0.1 s (a testing-only fault hook): a warm worker trains a tiny
+#: trial's epoch in milliseconds, faster than a test can see it running and stop or kill it
+SLOW_EPOCHS = {"DENDRO_FAULT_EPOCH_SECONDS": "0.1"}
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 import pytest
 from optuna.trial import TrialState
-from service_helpers import FAST_RETRY, Api, Procs, tiny_spec, unique, wait_for
+from service_helpers import FAST_RETRY, FAST_RETRY_STALE, Api, Procs, tiny_spec, unique, wait_for
 
 import studies
 
@@ -50,7 +50,9 @@ def test_a_killed_population_workers_trials_are_failed_and_requeued_exactly_once
     killed = [t for t in _trials(url, name) if t.state == TrialState.RUNNING]
     assert killed and all(t.system_attrs.get("dendro.lease") for t in killed)
 
-    # Two rescuers start together: both see the stale lease; each point is queued once.
+    # Two rescuers start together once the lease is stale: both see it at their first ask;
+    # each point is queued once.
+    time.sleep(FAST_RETRY_STALE)
     rescuers = [procs.worker(url, "--studies", name, "--population", "3", "--idle-exit", "2", env=FAST_RETRY)
                 for _ in range(2)]
     for r in rescuers:

@@ -11,13 +11,22 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import torch
-from service_helpers import FAST_RETRY, FAST_RETRY_STALE, Api, Procs, tiny_spec, unique, wait_for
+from service_helpers import (
+    FAST_RETRY,
+    FAST_RETRY_STALE,
+    SLOW_EPOCHS,
+    Api,
+    Procs,
+    tiny_spec,
+    unique,
+    wait_for,
+)
 
 import studies
 
 pytestmark = pytest.mark.slow
 
-#: long enough to be caught mid-trial, about 0.1 s an epoch on one core
+#: long enough to be caught mid-trial: with SLOW_EPOCHS, at least 2 s a trial
 LONG_EPOCHS = 20
 
 
@@ -35,7 +44,7 @@ def test_stop_ends_running_trials_within_an_epoch_and_resume_finishes_the_study(
     api, name = sqlite_api, unique("stop")
     api.create(tiny_spec(name, n_trials=3, n_epochs=LONG_EPOCHS))
     # Idle longer than the stopped spell below, or the worker would leave before the resume.
-    procs.worker(api.storage, "--studies", name, "--idle-exit", "8")
+    procs.worker(api.storage, "--studies", name, "--idle-exit", "8", env=SLOW_EPOCHS)
 
     def second_trial_training() -> list[dict[str, Any]]:
         # After one finished trial the worker has its data in memory: a running trial that
@@ -108,7 +117,7 @@ def test_a_study_deleted_while_its_trial_trains_does_not_take_the_worker_down(
     api, name = pg_api, unique("gone")
     # Long enough that the delete always lands mid-trial (it stops the trial at its next epoch).
     api.create(tiny_spec(name, n_trials=1, n_epochs=10 * LONG_EPOCHS))
-    worker = procs.worker(api.storage, "--studies", name, "--idle-exit", "2")
+    worker = procs.worker(api.storage, "--studies", name, "--idle-exit", "2", env=SLOW_EPOCHS)
     wait_for(lambda: api.running(name), 90, "a trial to start")
     assert api.http.delete(f"/v1/studies/{name}").status_code == 204
 
@@ -128,7 +137,8 @@ def test_a_study_deleted_while_its_population_trains_logs_only_the_clean_message
 ) -> None:
     api, name = pg_api, unique("gonepop")
     api.create(tiny_spec(name, n_trials=4, n_epochs=10 * LONG_EPOCHS))
-    worker = procs.worker(api.storage, "--studies", name, "--idle-exit", "2", "--population", "4")
+    worker = procs.worker(api.storage, "--studies", name, "--idle-exit", "2", "--population", "4",
+                          env=SLOW_EPOCHS)
     wait_for(lambda: api.running(name), 90, "a population to start")
     assert api.http.delete(f"/v1/studies/{name}").status_code == 204
     assert procs.wait_exit(worker, 60) == 0
@@ -143,7 +153,7 @@ def test_a_worker_killed_mid_trial_loses_nothing(storage: str, request: pytest.F
     api: Api = request.getfixturevalue(f"{'pg' if storage == 'postgres' else 'sqlite'}_api")
     name = unique("kill")
     api.create(tiny_spec(name, n_trials=2, n_epochs=LONG_EPOCHS))
-    doomed = procs.worker(api.storage, "--studies", name, env=FAST_RETRY)
+    doomed = procs.worker(api.storage, "--studies", name, env={**FAST_RETRY, **SLOW_EPOCHS})
     # Mid-trial: its point is chosen and passed the budget check (n_params is recorded).
     (killed,) = wait_for(lambda: [t for t in api.running(name) if t["n_params"]], 90,
                          "a trial to pass its budget check", interval=0.05)
@@ -177,9 +187,9 @@ def test_sigterm_fails_the_trial_visibly_and_exits_0_and_max_trials_ends_a_worke
 ) -> None:
     api, name = pg_api, unique("term")
     # Long enough that the signal always lands mid-trial, even on a loaded machine.
-    epochs = 5 * LONG_EPOCHS
+    epochs = 2 * LONG_EPOCHS
     api.create(tiny_spec(name, n_trials=2, n_epochs=epochs))
-    first = procs.worker(api.storage, "--studies", name)
+    first = procs.worker(api.storage, "--studies", name, env=SLOW_EPOCHS)
     (cut,) = wait_for(lambda: api.running(name), 90, "a trial to start")
     first.send_signal(signal.SIGTERM)
     assert procs.wait_exit(first, 30) == 0
