@@ -64,8 +64,8 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 
+from . import _lease, _tpe_math
 from . import _optuna_private as private
-from . import _tpe_math
 from ._keys import LEASE_KEY, TRIAL_STATE_ATTR
 from ._optuna_private import create_scoped_session as _create_scoped_session
 from ._optuna_private import models
@@ -93,7 +93,7 @@ def _utc(value: datetime.datetime) -> datetime.datetime:
 class _Owned:
     """A trial this process runs: its live FrozenTrial and the rows not yet written."""
 
-    __slots__ = ("live", "params", "user", "system", "ivs", "adopted", "told")
+    __slots__ = ("live", "params", "user", "system", "ivs", "adopted", "told", "requeue")
 
     def __init__(self, live: FrozenTrial, adopted: bool = False) -> None:
         self.live = live
@@ -103,6 +103,7 @@ class _Owned:
         self.ivs: dict[int, float] = {}
         self.adopted = adopted  # popped from the queue: rows may exist from before
         self.told = False  # finished in memory, the state not yet written
+        self.requeue = False  # its point is queued again in the transaction that writes the tell
 
     @property
     def pending(self) -> bool:
@@ -589,6 +590,17 @@ class FastStorage(BaseStorage):
                 self.flush()
         return True
 
+    def requeue_when_told(self, trial_id: int) -> bool:
+        """Queue this running trial's point again in the transaction that writes its tell (a
+        trial cut short from outside: its failure and its point's return are one write).
+        False if this is not a trial the view runs (its writes go straight through)."""
+        with self._lock:
+            o = self._own(trial_id)
+            if o is None:
+                return False
+            o.requeue = True
+            return True
+
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
         """Inside, tells change the view at once and reach the database at the next flush."""
@@ -664,6 +676,7 @@ class FastStorage(BaseStorage):
         live.user_attrs[TRIAL_STATE_ATTR] = "failed"
         fail = _Owned(live, adopted=o.adopted)
         fail.told = True
+        fail.requeue = o.requeue
         fail.user = {"fail_reason": json.dumps(reason), TRIAL_STATE_ATTR: json.dumps("failed")}
         self._owned[live._trial_id] = fail
         if live._trial_id not in self._deferred:
@@ -685,6 +698,8 @@ class FastStorage(BaseStorage):
                 self._lost(batch[0])
             raise
         self.writes += 1
+        if any(o.requeue for o in batch):
+            self._refreshed = -float("inf")  # the next read sees the points queued again
         for o in batch:
             o.params.clear()
             o.user.clear()
@@ -749,6 +764,11 @@ class FastStorage(BaseStorage):
         conn = session.connection()
         told = [o for o in batch if o.told]
         running = [o.live._trial_id for o in batch if not o.told]
+        requeue = [o for o in told if o.requeue]
+        if requeue:
+            # The study row first, as every writer that numbers trials takes it (the lease
+            # reaper included): taken after the trials' rows, it could deadlock with one.
+            models.StudyModel.find_or_raise_by_id(self._study_id, session, for_update=True)
         if told:
             # The state first: it takes the write lock, and a trial that someone else has
             # finished meanwhile is not overwritten.
@@ -805,6 +825,8 @@ class FastStorage(BaseStorage):
                         self._backend, session, model, row["trial_id"], row["key"], json.loads(row["value_json"]))
             else:
                 conn.execute(st[name], rows if len(rows) > 1 else rows[0])
+        for o in requeue:
+            _lease.queue_again(session, self._study_id, o.live._trial_id, o.live.number)
 
     # -- the study: straight through -------------------------------------------------------
     def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:

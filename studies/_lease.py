@@ -36,6 +36,7 @@ from ._optuna_private import create_scoped_session, models
 from ._storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, lease_timing, rdb
 
 __all__ = ["Lease", "LEASE_KEY", "lease_for", "hold_lease", "reap_stale", "release_dropped", "live_workers",
+           "fail_and_requeue", "queue_again",
            "list_leases", "LEASES_TABLE"]
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ LEASES_TABLE = sa.Table(
     sa.Column("host", sa.String(255), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("device", sa.String(64), nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),  # seconds since the epoch, database clock
     sa.Column("last_heartbeat", sa.Float, nullable=False),  # seconds since the epoch, database clock
     sa.Column("state", sa.String(32), nullable=False),
     sa.Column("study_name", sa.String(128), nullable=True),
@@ -114,7 +115,7 @@ class Lease:
             con.execute(_W.delete().where(_W.c.worker_id == self.id))
             con.execute(_W.insert().values(
                 worker_id=self.id, host=self.host[:255], pid=self.pid, device=self.device[:64],
-                started_at=time.time(), last_heartbeat=db_now(self.engine), state="idle", trials_done=0))
+                started_at=db_now(self.engine), last_heartbeat=db_now(self.engine), state="idle", trials_done=0))
         self.opened = True
         if thread and self._thread is None and not self._stop.is_set():
             self._thread = threading.Thread(target=self._run, name=f"lease-{self.id}", daemon=True)
@@ -261,7 +262,7 @@ def reap_stale(storage: optuna.storages.BaseStorage, study_id: int, grace: float
     for trial_id, number, lease_id in stale:
         why = (f"its worker's lease {lease_id} went stale (no beat for {grace:.0f} s): the worker died "
                "or lost the database" if lease_id else "it was never tied to a live worker's lease")
-        if _fail_and_requeue(backend, study_id, trial_id, number, f"lost: {why}"):
+        if fail_and_requeue(backend, study_id, trial_id, number, f"lost: {why}"):
             reaped.append(number)
     if reaped:
         log.warning("failed %d trial(s) of stale leases and queued their points again: %s",
@@ -285,40 +286,56 @@ def release_dropped(storage: optuna.storages.BaseStorage, lease_id: str, reason:
             .select_from(_T.join(_SA, sa.and_(_SA.c.trial_id == _T.c.trial_id, _SA.c.key == LEASE_KEY)))
             .where(_T.c.state == TrialState.RUNNING, _SA.c.value_json == json.dumps(lease_id))).all()
     released = [r.number for r in rows
-                if _fail_and_requeue(backend, r.study_id, r.trial_id, r.number, f"lost: {reason}")]
+                if fail_and_requeue(backend, r.study_id, r.trial_id, r.number, f"lost: {reason}")]
     if released:
         log.warning("failed %d trial(s) this worker dropped and queued their points again: %s",
                     len(released), released)
     return released
 
 
-def _fail_and_requeue(backend: optuna.storages.RDBStorage, study_id: int, trial_id: int, number: int,
-                      reason: str) -> bool:
-    """One transaction: RUNNING -> FAIL with the reason, and a WAITING trial with its point."""
+def fail_and_requeue(backend: optuna.storages.RDBStorage, study_id: int, trial_id: int, number: int,
+                     reason: str) -> bool:
+    """One transaction: RUNNING -> FAIL with the reason, and a WAITING trial with its point.
+
+    False if the trial was no longer RUNNING (another reaper, or the worker's own tell, came
+    first): then nothing is written.
+    """
     with create_scoped_session(backend.scoped_session) as session:
         models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
         conn = session.connection()
         done = conn.execute(_T.update().where(_T.c.trial_id == trial_id, _T.c.state == TrialState.RUNNING)
                             .values(state=TrialState.FAIL, datetime_complete=datetime.datetime.now())).rowcount
         if done != 1:
-            return False  # another reaper, or the worker's own tell, came first
+            return False
         for key, value in (("fail_reason", reason), (TRIAL_STATE_ATTR, "failed")):
             conn.execute(_UA.delete().where(_UA.c.trial_id == trial_id, _UA.c.key == key))
             conn.execute(_UA.insert().values(trial_id=trial_id, key=key, value_json=json.dumps(value)))
-        params, rows = {}, []
-        for name, value, dist_json in conn.execute(
-                sa.select(_P.c.param_name, _P.c.param_value, _P.c.distribution_json).where(_P.c.trial_id == trial_id)):
-            params[name] = dists.json_to_distribution(dist_json).to_external_repr(value)
-            rows.append({"param_name": name, "param_value": value, "distribution_json": dist_json})
-        if not params:
-            return True  # never drawn: nothing to queue (a fresh trial takes its place)
-        new = models.TrialModel(study_id=study_id, number=None, state=TrialState.WAITING, datetime_start=None)
-        session.add(new)
-        session.flush()
-        new.number = new.count_past_trials(session)
-        # As Optuna's retry callback queues a point: its params with their distributions (the
-        # trial shows them while it waits), and fixed, so that no sampler draws them again.
-        conn.execute(_P.insert(), [{"trial_id": new.trial_id, **r} for r in rows])
-        conn.execute(_SA.insert().values(trial_id=new.trial_id, key="fixed_params", value_json=json.dumps(params)))
-        conn.execute(_UA.insert().values(trial_id=new.trial_id, key="requeued_from", value_json=json.dumps(number)))
+        queue_again(session, study_id, trial_id, number)
     return True
+
+
+def queue_again(session: Any, study_id: int, trial_id: int, number: int) -> int | None:
+    """Queue the point of trial ``trial_id`` (number ``number``) again, in ``session``'s
+    transaction, whose caller holds the study's row lock (trial numbers are counted under it).
+
+    As Optuna's retry callback queues a point: a WAITING trial with its params and their
+    distributions (the trial shows them while it waits), fixed, so that no sampler draws
+    them again, and ``requeued_from``. Returns the new trial's id, or None when the trial has
+    no params (never drawn: a fresh trial takes its place).
+    """
+    conn = session.connection()
+    params, rows = {}, []
+    for name, value, dist_json in conn.execute(
+            sa.select(_P.c.param_name, _P.c.param_value, _P.c.distribution_json).where(_P.c.trial_id == trial_id)):
+        params[name] = dists.json_to_distribution(dist_json).to_external_repr(value)
+        rows.append({"param_name": name, "param_value": value, "distribution_json": dist_json})
+    if not params:
+        return None
+    new = models.TrialModel(study_id=study_id, number=None, state=TrialState.WAITING, datetime_start=None)
+    session.add(new)
+    session.flush()
+    new.number = new.count_past_trials(session)
+    conn.execute(_P.insert(), [{"trial_id": new.trial_id, **r} for r in rows])
+    conn.execute(_SA.insert().values(trial_id=new.trial_id, key="fixed_params", value_json=json.dumps(params)))
+    conn.execute(_UA.insert().values(trial_id=new.trial_id, key="requeued_from", value_json=json.dumps(number)))
+    return int(new.trial_id)

@@ -21,11 +21,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 import core
 
-from . import _fast
+from . import _fast, _lease
 from ._artifacts import ModelStore
 from ._keys import TRIAL_STATE_ATTR
 from ._space import suggest
 from ._spec import OBJECTIVES, StudySpec, count_point, split_params
+from ._storage import rdb
 
 __all__ = ["TRIAL_STATES", "TRIAL_STATE_ATTR", "trial_state", "is_infeasible", "TrialOutcome", "TrialRun",
            "trial_seed"]
@@ -185,9 +186,7 @@ class TrialRun:
             return TrialOutcome(self.number, "pruned", n_params=n, attrs=attrs)
         if self.stopped_by:
             # Cut short from outside: fail it visibly and queue its point again, losing nothing.
-            out = self.fail(f"stopped: {self.stopped_by}", state="stopped")
-            study.enqueue_trial(trial.params, user_attrs={"requeued_from": self.number})
-            return out
+            return self.fail(f"stopped: {self.stopped_by}", state="stopped", requeue=True)
         metrics = {
             "val_accuracy": _mean([_final(r).get("val_accuracy") for r in results]),
             "val_loss": _mean([_final(r).get("val_loss") for r in results]),
@@ -211,13 +210,30 @@ class TrialRun:
                 log.warning("could not keep the weights of trial %s: %s", self.number, exc)
         return TrialOutcome(self.number, "complete", values=values, n_params=n, attrs=attrs)
 
-    def fail(self, reason: str, state: str = "failed") -> TrialOutcome:
-        """Tell it FAIL with ``reason`` in ``fail_reason``."""
+    def fail(self, reason: str, state: str = "failed", requeue: bool = False) -> TrialOutcome:
+        """Tell it FAIL with ``reason`` in ``fail_reason``; with ``requeue``, its point is
+        queued again in the same transaction (nothing is lost if the worker dies between)."""
         log.warning("trial %s failed: %s", self.number, reason)
+        study, trial = self.study, self.trial
         try:
-            self.trial.set_user_attr("fail_reason", reason)
-            self.trial.set_user_attr(TRIAL_STATE_ATTR, "failed")
-            self.study.tell(self.trial, state=TrialState.FAIL)
+            fs = _fast.of(study)
+            if requeue and not (fs is not None and fs.requeue_when_told(trial._trial_id)):
+                backend = rdb(study._storage)
+                if isinstance(backend, optuna.storages.RDBStorage):
+                    if not _lease.fail_and_requeue(backend, study._study_id, trial._trial_id, self.number, reason):
+                        raise UpdateFinishedTrialError(f"trial {self.number} has already finished")
+                    self.outcome = TrialOutcome(self.number, state, reason=reason)
+                    return self.outcome
+                # a storage of this process only: no one else can see the gap between the two
+                trial.set_user_attr("fail_reason", reason)
+                trial.set_user_attr(TRIAL_STATE_ATTR, "failed")
+                study.tell(trial, state=TrialState.FAIL)
+                study.enqueue_trial(trial.params, user_attrs={"requeued_from": self.number})
+                self.outcome = TrialOutcome(self.number, state, reason=reason)
+                return self.outcome
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr(TRIAL_STATE_ATTR, "failed")
+            study.tell(trial, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             self.outcome = self._lost()
             return self.outcome

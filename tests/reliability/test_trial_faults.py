@@ -9,7 +9,16 @@ from typing import Any
 
 import optuna
 import pytest
-from service_helpers import FAST_RETRY, FAST_RETRY_STALE, Api, Procs, tiny_spec, unique, wait_for
+from service_helpers import (
+    FAST_RETRY,
+    FAST_RETRY_STALE,
+    SLOW_EPOCHS,
+    Api,
+    Procs,
+    tiny_spec,
+    unique,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +79,8 @@ def test_a_population_worker_killed_mid_population_still_ends_with_exactly_n_tri
     api, name = sqlite_api, unique("popkill")
     n_trials = 10
     api.create(tiny_spec(name, n_trials=n_trials, n_epochs=POP_EPOCHS))
-    doomed = procs.worker(api.storage, "--studies", name, "--population", "4", env=FAST_RETRY)
+    # each epoch at least 0.1 s: the population is caught mid-training
+    doomed = procs.worker(api.storage, "--studies", name, "--population", "4", env={**FAST_RETRY, **SLOW_EPOCHS})
 
     def members_training() -> list[dict[str, Any]]:
         running = [t for t in api.running(name) if t["n_params"]]

@@ -11,7 +11,16 @@ from typing import Any
 import optuna
 import pytest
 from optuna.trial import TrialState
-from service_helpers import FAST_RETRY, FAST_RETRY_STALE, Api, Procs, tiny_spec, unique, wait_for
+from service_helpers import (
+    FAST_RETRY,
+    FAST_RETRY_STALE,
+    SLOW_EPOCHS,
+    Api,
+    Procs,
+    tiny_spec,
+    unique,
+    wait_for,
+)
 
 import studies
 
@@ -36,9 +45,9 @@ def test_a_killed_population_workers_trials_are_failed_and_requeued_exactly_once
     tmp_path: Path, procs: Procs,
 ) -> None:
     url = f"sqlite:///{tmp_path / 'lease.db'}"
-    # 15 epochs of about 0.1 s: the population is caught mid-training.
+    # 15 epochs of at least 0.1 s: the population is caught mid-training.
     name = _create(url, n_trials=6, n_epochs=15)
-    doomed = procs.worker(url, "--studies", name, "--population", "3", env=FAST_RETRY)
+    doomed = procs.worker(url, "--studies", name, "--population", "3", env={**FAST_RETRY, **SLOW_EPOCHS})
 
     def training() -> list[optuna.trial.FrozenTrial]:
         running = [t for t in _trials(url, name) if t.state == TrialState.RUNNING and t.params]

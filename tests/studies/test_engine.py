@@ -101,6 +101,71 @@ def test_a_batch_ask_takes_at_most_a_fair_share_and_never_more_than_is_left(
     assert len({t.number for t in first + second}) == 10
 
 
+# -- a trial stopped from outside ---------------------------------------------------------------------
+def _stopped_and_queued(url: str, study: optuna.Study, numbers: list[int]) -> None:
+    """Each trial of ``numbers`` is FAIL with the stop's reason, and its point waits, once."""
+    trials = _raw(url).get_all_trials(study._study_id)
+    for number in numbers:
+        cut = next(t for t in trials if t.number == number)
+        assert cut.state == TrialState.FAIL and cut.user_attrs["fail_reason"] == "stopped: stop now"
+        assert cut.user_attrs["dendro.state"] == "failed"
+        (queued,) = [t for t in trials if t.user_attrs.get("requeued_from") == number]
+        assert queued.state == TrialState.WAITING and queued.params == cut.params
+        assert queued.system_attrs["fixed_params"] == cut.params
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "qmc"])  # the batching storage's path, Optuna's plain one
+def test_a_stopped_trial_is_failed_and_its_point_queued_in_one_transaction(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec], monkeypatch: pytest.MonkeyPatch, sampler: str,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'stop.db'}"
+    study, spec = _open(url, _spec(tiny_spec, sampler=sampler, n_epochs=3))
+
+    # The queueing fails: the failure is not written either (one transaction), the trial
+    # stays RUNNING, and its lease's reaper re-queues it later. Nothing is half-written.
+    def broken(*args: Any) -> None:
+        raise RuntimeError("the insert failed")
+
+    if sampler == "qmc":
+        monkeypatch.setattr(_lease, "queue_again", broken)
+        trial = studies.ask_trial(study, spec)
+        assert trial is not None
+        with pytest.raises(RuntimeError, match="the insert failed"):
+            studies.execute_trial(study, trial, spec, device="cpu", should_stop=lambda: "stop now")
+        (t,) = _raw(url).get_all_trials(study._study_id)
+        assert t.state == TrialState.RUNNING and "fail_reason" not in t.user_attrs
+        monkeypatch.undo()
+        study, spec = _open(url, _spec(tiny_spec, sampler=sampler, n_epochs=3), "again")
+
+    trial = studies.ask_trial(study, spec)
+    assert trial is not None
+    assert (_fast.of(study) is not None) == (sampler == "tpe")
+    out = studies.execute_trial(study, trial, spec, device="cpu", should_stop=lambda: "stop now")
+    assert out.state == "stopped" and out.reason == "stopped: stop now"
+    _stopped_and_queued(url, study, [trial.number])
+    # The very next ask of this worker takes the queued point.
+    again = studies.ask_trial(study, spec)
+    assert again is not None and again.user_attrs.get("requeued_from") == trial.number
+
+
+def test_a_stopped_population_fails_its_members_and_queues_their_points_with_their_tells(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    url = f"sqlite:///{tmp_path / 'stoppop.db'}"
+    study, spec = _open(url, _spec(tiny_spec, n_trials=4, n_epochs=3))
+    asked = [0]
+
+    def stop_once_started() -> bool | str:  # no stop before the first batch is asked
+        asked[0] += 1
+        return asked[0] > 1 and "stop now"
+
+    outs = studies.execute_population(study, spec, population_size=4, device="cpu",
+                                      should_stop=stop_once_started, max_trials=4)
+    stopped = [o.number for o in outs if o.state == "stopped"]
+    assert len(stopped) == 4, outs
+    _stopped_and_queued(url, study, stopped)
+
+
 # -- the batching storage's defects --------------------------------------------------------------
 def test_an_enqueued_point_is_seen_by_the_very_next_ask(
     tmp_path: Path, tiny_spec: Callable[..., StudySpec], monkeypatch: pytest.MonkeyPatch,
