@@ -22,7 +22,9 @@ pruner. Columns:
 - ``locks``, ``busy``, ``hold ms``, ``wait ms``: the study lock (asks are serialised under
   it): how often the workers took it, the share of the wall time some worker held it, and
   the mean time one took holding it and waiting for it. ``busy`` near 100% means the lock,
-  not the cores, bounds the aggregate rate.
+  not the cores, bounds the aggregate rate. On PostgreSQL a fast ask (TPE, random) takes
+  the study row's lock instead, for one transaction (count, check, create): that is what
+  these columns time there (its wait includes the connection's ping and BEGIN).
 
 With more workers than cores, ``service ms`` grows with the time each worker waits for a
 core; ``cpu ms`` shows what the service costs. ``--gpu`` runs the real thing instead

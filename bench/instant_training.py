@@ -16,7 +16,7 @@ import bench_overhead  # noqa: E402
 
 import core  # noqa: E402
 import studies  # noqa: E402
-from studies import _population, _runner  # noqa: E402
+from studies import _fast, _population, _runner  # noqa: E402
 
 
 def _no_data(*args: object, **kwargs: object) -> None:
@@ -55,5 +55,34 @@ def _lock_report() -> None:
           f"alive={time.perf_counter() - _LOCK['t0']:.3f}", flush=True)
 
 
+# On PostgreSQL a fast ask takes no study lock: the study row's lock, held from the count
+# (read first thing after ``SELECT ... FOR UPDATE``) to the commit of the trials it creates.
+_create_trials = _fast.FastStorage.create_trials
+_count_states = _fast.FastStorage._count_states
+_ROW: dict[str, float] = {}
+
+
+def _timed_create(self: _fast.FastStorage, n: int, decide: object = None) -> list[int]:
+    if decide is None:
+        return _create_trials(self, n)
+    t0 = _ROW["t0"] = time.perf_counter()
+    try:
+        return _create_trials(self, n, decide)  # type: ignore[arg-type]
+    finally:
+        t1 = _ROW.pop("t1", time.perf_counter())
+        _LOCK["n"] += 1
+        _LOCK["wait"] += t1 - t0
+        _LOCK["hold"] += time.perf_counter() - t1
+
+
+def _timed_count(self: _fast.FastStorage, conn: object, flag: str) -> object:
+    if "t0" in _ROW:
+        _ROW["t1"] = time.perf_counter()
+        del _ROW["t0"]
+    return _count_states(self, conn, flag)
+
+
 _runner.study_lock = _timed_lock  # type: ignore[assignment]
+_fast.FastStorage.create_trials = _timed_create  # type: ignore[method-assign]
+_fast.FastStorage._count_states = _timed_count  # type: ignore[method-assign]
 atexit.register(_lock_report)

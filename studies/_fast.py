@@ -71,7 +71,8 @@ from ._optuna_private import create_scoped_session as _create_scoped_session
 from ._optuna_private import models
 from ._storage import rdb
 
-__all__ = ["FastStorage", "FastTPESampler", "attach", "of", "MAX_AGE", "PRUNERS", "LEASE_KEY"]
+__all__ = ["FastStorage", "FastTPESampler", "attach", "of", "row_lock_serialises", "MAX_AGE", "PRUNERS",
+           "LEASE_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,18 @@ PRUNERS: tuple[type[optuna.pruners.BasePruner], ...] = (
     optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner, optuna.pruners.NopPruner,
 )
 _T = models.TrialModel
+#: ``create_trials``' check: (trials by state, those flagged, the study's attributes) -> how many
+Decide = Callable[[Counter[TrialState], Counter[TrialState], dict[str, Any]], int]
 _UTC = datetime.UTC
+
+
+def row_lock_serialises(storage: BaseStorage) -> bool:
+    """Whether the study row's ``FOR UPDATE`` lock serialises every writer that numbers the
+    study's trials (Optuna's own ``create_new_trial`` takes it): PostgreSQL and MySQL. SQLite
+    ignores it (its writers are serialised by the database's write lock, taken at the first
+    write, after the reads)."""
+    backend = rdb(storage)
+    return isinstance(backend, RDBStorage) and backend.engine.dialect.name in ("postgresql", "mysql")
 
 
 def _utc(value: datetime.datetime) -> datetime.datetime:
@@ -220,29 +232,32 @@ class FastStorage(BaseStorage):
         waited for the lock, and with many workers that wait is long (bench_scale.py), as is
         every round trip made while holding it. Raises KeyError if the study was deleted (as
         Optuna does)."""
+        with self._backend.engine.connect() as conn:
+            return self._count_states(conn, flag)
+
+    def _count_states(self, conn: Any, flag: str) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
         studies_ = models.StudyModel.__table__
         sua = models.StudyUserAttributeModel.__table__
         t = _T.__table__
         tua = models.TrialUserAttributeModel.__table__
-        with self._backend.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(studies_.c.study_id, sua.c.key, sua.c.value_json)
-                .select_from(studies_.outerjoin(sua, sua.c.study_id == studies_.c.study_id))
-                .where(studies_.c.study_id == self._study_id)).all()
-            if not rows:
-                raise KeyError(models.NOT_FOUND_MSG)
-            attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
-            by_state: Counter[TrialState] = Counter()
-            flagged: Counter[TrialState] = Counter()
-            # one pass: every trial with its flag's value, if it has one
-            for state, value, n in conn.execute(
-                    sa.select(t.c.state, tua.c.value_json, sa.func.count())
-                    .select_from(t.outerjoin(tua, sa.and_(tua.c.trial_id == t.c.trial_id, tua.c.key == flag)))
-                    .where(t.c.study_id == self._study_id)
-                    .group_by(t.c.state, tua.c.value_json)):
-                by_state[state] += int(n)
-                if value is not None and json.loads(value):
-                    flagged[state] += int(n)
+        rows = conn.execute(
+            sa.select(studies_.c.study_id, sua.c.key, sua.c.value_json)
+            .select_from(studies_.outerjoin(sua, sua.c.study_id == studies_.c.study_id))
+            .where(studies_.c.study_id == self._study_id)).all()
+        if not rows:
+            raise KeyError(models.NOT_FOUND_MSG)
+        attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
+        by_state: Counter[TrialState] = Counter()
+        flagged: Counter[TrialState] = Counter()
+        # one pass: every trial with its flag's value, if it has one
+        for state, value, n in conn.execute(
+                sa.select(t.c.state, tua.c.value_json, sa.func.count())
+                .select_from(t.outerjoin(tua, sa.and_(tua.c.trial_id == t.c.trial_id, tua.c.key == flag)))
+                .where(t.c.study_id == self._study_id)
+                .group_by(t.c.state, tua.c.value_json)):
+            by_state[state] += int(n)
+            if value is not None and json.loads(value):
+                flagged[state] += int(n)
         return by_state, flagged, attrs
 
     def _load_full(self, conn: Any, ids: list[int]) -> None:
@@ -434,19 +449,27 @@ class FastStorage(BaseStorage):
                 return self._reserved.pop(0)
         return self.create_trials(1)[0]
 
-    def reserve(self, n: int) -> None:
-        """Create ``n`` trials now, in one transaction, for the next ``create_new_trial`` calls."""
-        ids = self.create_trials(n)
+    def reserve(self, n: int, decide: Decide | None = None) -> list[int]:
+        """Create ``n`` trials now, in one transaction, for the next ``create_new_trial`` calls
+        (with ``decide``, as many as it says: see :meth:`create_trials`). Returns their ids."""
+        ids = self.create_trials(n, decide)
         with self._lock:
             self._reserved.extend(ids)
+        return ids
 
-    def create_trials(self, n: int) -> list[int]:
+    def create_trials(self, n: int, decide: Decide | None = None) -> list[int]:
         """Create ``n`` RUNNING trials, tied to :attr:`lease_id`, in one transaction.
 
         Numbers are counted under the study row lock as Optuna counts them: the trials of
-        the study with smaller ids. It is made under the study lock, so each round trip here
-        is paid by every worker waiting for it: five statements whatever ``n`` (the row lock,
-        the rows, their count, their numbers, their lease), not one or more per trial.
+        the study with smaller ids. Each round trip here is paid by every worker waiting for
+        the lock: five statements whatever ``n`` (the row lock, the rows, their count, their
+        numbers, their lease), not one or more per trial.
+
+        ``decide(by_state, flagged, attrs)``, given :meth:`count_states`'s answer (flag
+        ``"infeasible"``) read under the row lock, says how many to create instead of ``n``
+        (none if it says 0 or less). On a database whose row lock serialises every writer
+        that numbers trials (PostgreSQL, MySQL) the count, the check and the creation are
+        then one transaction: no other lock is needed for a study's asks to never overshoot.
         """
         t = _T.__table__
         with self._lock, _create_scoped_session(self._backend.scoped_session) as session:
@@ -455,13 +478,24 @@ class FastStorage(BaseStorage):
             if conn.execute(sa.select(studies_.c.study_id).where(studies_.c.study_id == self._study_id)
                             .with_for_update()).first() is None:
                 raise KeyError(models.NOT_FOUND_MSG)
+            base = None
+            if decide is not None:
+                by_state, flagged, attrs = self._count_states(conn, "infeasible")
+                n = decide(by_state, flagged, attrs)
+                if n <= 0:
+                    return []
+                if row_lock_serialises(self._backend):
+                    # every writer that numbers this study's trials holds its row lock: the
+                    # count now is the count of the trials with smaller ids
+                    base = sum(by_state.values())
             now = datetime.datetime.now()
             ids = sorted(conn.execute(
                 t.insert().returning(t.c.trial_id, sort_by_parameter_order=True),
                 [{"study_id": self._study_id, "number": None, "state": TrialState.RUNNING,
                   "datetime_start": now} for _ in range(n)]).scalars())
-            base = conn.execute(sa.select(sa.func.count()).select_from(t).where(
-                t.c.study_id == self._study_id, t.c.trial_id < ids[0])).scalar_one()
+            if base is None:
+                base = conn.execute(sa.select(sa.func.count()).select_from(t).where(
+                    t.c.study_id == self._study_id, t.c.trial_id < ids[0])).scalar_one()
             numbers = {tid: base + i for i, tid in enumerate(ids)}
             conn.execute(t.update().where(t.c.trial_id.in_(ids))
                          .values(number=sa.case(numbers, value=t.c.trial_id)))

@@ -459,6 +459,10 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
     # is as good: workers come and go at heartbeat pace)
     live = max(1, _lease.live_workers(fs._backend.engine, study.study_name, lease.grace)) \
         if n > 1 and lease is not None else 1
+    if _fast.row_lock_serialises(study._storage):
+        asked = _ask_row_locked(study, spec, fs, lease, n, live)
+        if asked is not None:
+            return asked
     with study_lock(study._storage, study.study_name):
         counts, attrs = _counts_now(fs)
         if _reap(study, lease):
@@ -480,10 +484,53 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
             return [study.ask() for _ in range(n)]
 
 
+def _ask_row_locked(study: optuna.Study, spec: StudySpec, fs: _fast.FastStorage, lease: _lease.Lease | None,
+                    n: int, live: int) -> list[optuna.Trial] | None:
+    """The asks of :func:`ask_trials` where the study row's lock serialises every writer that
+    numbers its trials (PostgreSQL): the counts, the checks and the creation of the trials are
+    one transaction under that lock, which is held for those few statements only. None when
+    re-queued points wait: they take the study lock's path (popping them is a second write).
+
+    Stale leases are reaped first, outside any lock: each of their trials is failed and its
+    point queued in one transaction, under the row lock, only if it is still RUNNING.
+    """
+    _reap(study, lease)
+    seen: dict[str, Any] = {}
+
+    def decide(by_state: Any, infeasible: Any, attrs: dict[str, Any]) -> int:
+        counts, attrs = _counts_of(by_state, infeasible, attrs)
+        seen.update(counts=counts, attrs=attrs)
+        if attrs.get(STATE_ATTR, "running") != "running" or counts["waiting"]:
+            return 0
+        if counts["finished"] >= spec.n_trials:
+            return 0
+        if spec.timeout is not None and time.time() - float(attrs.get(STARTED_ATTR, time.time())) > spec.timeout:
+            return 0
+        k = min(n, spec.n_trials - counts["finished"] - counts["running"])
+        if k > 1:
+            k = min(k, math.ceil((spec.n_trials - counts["finished"]) / live))
+        return k
+
+    ids = fs.reserve(n, decide)
+    if not ids:
+        counts, attrs = seen["counts"], seen["attrs"]
+        if attrs.get(STATE_ATTR, "running") == "running" and counts["waiting"] \
+                and counts["finished"] < spec.n_trials:
+            return None
+        if attrs.get(STATE_ATTR, "running") == "running":
+            _mark_done_if_finished(study, spec, counts, attrs)
+        return []
+    with fs.quiet():
+        return [study.ask() for _ in ids]
+
+
 def _counts_now(fs: _fast.FastStorage) -> tuple[dict[str, Any], dict[str, Any]]:
     """The study's counts (as :func:`progress` gives them) and user attributes, from the
     database as it is now, without loading trials: what the checks under the lock need."""
-    by_state, infeasible, attrs = fs.count_states("infeasible")
+    return _counts_of(*fs.count_states("infeasible"))
+
+
+def _counts_of(by_state: Any, infeasible: Any, attrs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     kinds = {name: by_state[state] - infeasible[state] for state, name in _BY_OPTUNA.items()}
     kinds["infeasible"] = sum(infeasible.values())
     return _counts(kinds), attrs

@@ -393,17 +393,27 @@ def test_the_incremental_view_sees_what_other_storages_and_processes_write(
 
 
 def test_two_workers_racing_for_the_last_trials_never_overshoot(
-    tmp_path: Path, tiny_spec: Callable[..., StudySpec],
+    url: str, tiny_spec: Callable[..., StudySpec], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'race.db'}"
+    # On PostgreSQL the asks count, check and create under the study row's lock alone, in
+    # one transaction (studies._runner._ask_row_locked); on SQLite under the study lock.
+    name = _name("race")
     spec = _spec(tiny_spec, n_trials=24, pruner="none", n_epochs=2)
-    studies.create_study(spec, studies.open_storage(url), "race")
+    studies.create_study(spec, studies.open_storage(url), name)
+    locks = [0]
+    study_lock = _runner.study_lock
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        locks[0] += 1
+        return study_lock(*args, **kwargs)
+
+    monkeypatch.setattr(_runner, "study_lock", counted)
     start = threading.Barrier(3)
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
         try:
-            study, sp = studies.load_study("race", _own_storage(url), sampler_seed=i)
+            study, sp = studies.load_study(name, _own_storage(url), sampler_seed=i)
             start.wait()
             if i == 0:
                 _population.execute_population(study, sp, population_size=4, device="cpu", worker="pop")
@@ -419,10 +429,18 @@ def test_two_workers_racing_for_the_last_trials_never_overshoot(
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors
-    c = studies.progress(optuna.load_study(study_name="race", storage=_own_storage(url)))
-    assert c["finished"] == spec.n_trials
-    assert c["running"] == c["waiting"] == c["failed"] == 0
-    assert c["total"] == spec.n_trials + c["infeasible"]
+    try:
+        done = optuna.load_study(study_name=name, storage=_own_storage(url))
+        c = studies.progress(done)
+        assert c["finished"] == spec.n_trials
+        assert c["running"] == c["waiting"] == c["failed"] == 0
+        assert c["total"] == spec.n_trials + c["infeasible"]
+        numbers = [t.number for t in done.get_trials()]
+        assert sorted(numbers) == list(range(len(numbers)))
+        if url.startswith("postgresql"):
+            assert locks[0] < spec.n_trials / 2, "the asks did not take the study lock"
+    finally:
+        _drop(url, name)
 
 
 def test_a_dead_workers_trial_keeps_its_params_and_is_retried(
