@@ -55,8 +55,8 @@ def _lock_report() -> None:
           f"alive={time.perf_counter() - _LOCK['t0']:.3f}", flush=True)
 
 
-# On PostgreSQL a fast ask takes no study lock: the study row's lock, held from the count
-# (read first thing after ``SELECT ... FOR UPDATE``) to the commit of the trials it creates.
+# On PostgreSQL a fast ask takes no study lock: the study row's lock, held from the answer of
+# the statement that takes it (``FOR UPDATE``) to the commit of the trials it creates.
 _create_trials = _fast.FastStorage.create_trials
 _count_states = _fast.FastStorage._count_states
 _ROW: dict[str, float] = {}
@@ -75,11 +75,28 @@ def _timed_create(self: _fast.FastStorage, n: int, decide: object = None) -> lis
         _LOCK["hold"] += time.perf_counter() - t1
 
 
-def _timed_count(self: _fast.FastStorage, conn: object, flag: str) -> object:
+class _FirstAnswer:
+    """A connection whose first statement's answer (the row lock taken) is timed."""
+
+    def __init__(self, conn: object) -> None:
+        self.conn, self.first = conn, True
+
+    def execute(self, *args: object, **kwargs: object) -> object:
+        result = self.conn.execute(*args, **kwargs)  # type: ignore[attr-defined]
+        if self.first:
+            self.first = False
+            _ROW["t1"] = time.perf_counter()
+        return result
+
+
+def _timed_count(self: _fast.FastStorage, conn: object, flag: str, lock: bool = False) -> object:
     if "t0" in _ROW:
-        _ROW["t1"] = time.perf_counter()
         del _ROW["t0"]
-    return _count_states(self, conn, flag)
+        if lock:  # the row lock comes with the first read here
+            conn = _FirstAnswer(conn)
+        else:  # it came with the statement before
+            _ROW["t1"] = time.perf_counter()
+    return _count_states(self, conn, flag, lock)
 
 
 _runner.study_lock = _timed_lock  # type: ignore[assignment]

@@ -235,15 +235,18 @@ class FastStorage(BaseStorage):
         with self._backend.engine.connect() as conn:
             return self._count_states(conn, flag)
 
-    def _count_states(self, conn: Any, flag: str) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
+    def _count_states(self, conn: Any, flag: str,
+                      lock: bool = False) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
+        """:meth:`count_states` on ``conn``; with ``lock``, the read of the study's attributes
+        takes its row's lock too (PostgreSQL's ``FOR UPDATE OF``)."""
         studies_ = models.StudyModel.__table__
         sua = models.StudyUserAttributeModel.__table__
         t = _T.__table__
         tua = models.TrialUserAttributeModel.__table__
-        rows = conn.execute(
-            sa.select(studies_.c.study_id, sua.c.key, sua.c.value_json)
-            .select_from(studies_.outerjoin(sua, sua.c.study_id == studies_.c.study_id))
-            .where(studies_.c.study_id == self._study_id)).all()
+        q = (sa.select(studies_.c.study_id, sua.c.key, sua.c.value_json)
+             .select_from(studies_.outerjoin(sua, sua.c.study_id == studies_.c.study_id))
+             .where(studies_.c.study_id == self._study_id))
+        rows = conn.execute(q.with_for_update(of=studies_) if lock else q).all()
         if not rows:
             raise KeyError(models.NOT_FOUND_MSG)
         attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
@@ -475,12 +478,16 @@ class FastStorage(BaseStorage):
         with self._lock, _create_scoped_session(self._backend.scoped_session) as session:
             conn = session.connection()
             studies_ = models.StudyModel.__table__
-            if conn.execute(sa.select(studies_.c.study_id).where(studies_.c.study_id == self._study_id)
-                            .with_for_update()).first() is None:
+            # PostgreSQL: the row lock is taken by the read of the study's attributes (one
+            # round trip less while holding it); the counts are read after it, fresh.
+            lock_with_attrs = decide is not None and self._backend.engine.dialect.name == "postgresql"
+            if not lock_with_attrs and conn.execute(
+                    sa.select(studies_.c.study_id).where(studies_.c.study_id == self._study_id)
+                    .with_for_update()).first() is None:
                 raise KeyError(models.NOT_FOUND_MSG)
             base = None
             if decide is not None:
-                by_state, flagged, attrs = self._count_states(conn, "infeasible")
+                by_state, flagged, attrs = self._count_states(conn, "infeasible", lock=lock_with_attrs)
                 n = decide(by_state, flagged, attrs)
                 if n <= 0:
                     return []
@@ -489,16 +496,21 @@ class FastStorage(BaseStorage):
                     # count now is the count of the trials with smaller ids
                     base = sum(by_state.values())
             now = datetime.datetime.now()
-            ids = sorted(conn.execute(
-                t.insert().returning(t.c.trial_id, sort_by_parameter_order=True),
-                [{"study_id": self._study_id, "number": None, "state": TrialState.RUNNING,
-                  "datetime_start": now} for _ in range(n)]).scalars())
+            # With the base known, the rows are written with their numbers: one statement.
+            rows = [{"study_id": self._study_id, "number": None if base is None else base + i,
+                     "state": TrialState.RUNNING, "datetime_start": now} for i in range(n)]
+            inserted = list(conn.execute(t.insert().returning(t.c.trial_id, sort_by_parameter_order=True),
+                                         rows).scalars())
+            ids = sorted(inserted)
             if base is None:
                 base = conn.execute(sa.select(sa.func.count()).select_from(t).where(
                     t.c.study_id == self._study_id, t.c.trial_id < ids[0])).scalar_one()
             numbers = {tid: base + i for i, tid in enumerate(ids)}
-            conn.execute(t.update().where(t.c.trial_id.in_(ids))
-                         .values(number=sa.case(numbers, value=t.c.trial_id)))
+            if inserted != ids or rows[0]["number"] is None:
+                # Optuna's numbering: by id. (A database that gave the rows' ids out of their
+                # order would need this too.)
+                conn.execute(t.update().where(t.c.trial_id.in_(ids))
+                             .values(number=sa.case(numbers, value=t.c.trial_id)))
             system: dict[str, Any] = {}
             if self.lease_id is not None:
                 system[LEASE_KEY] = self.lease_id
