@@ -245,10 +245,12 @@ def test_study_extend_gives_a_done_study_more_trials(folder: Path, capsys: pytes
     assert "give --n-trials" in _one_error_line(capsys.readouterr().err), "checked before the storage opens"
 
 
+@pytest.mark.parametrize(("name", "value"), [("DENDRO_HEARTBEAT_INTERVAL", "often"),
+                                           ("DENDRO_FAULT_EPOCH_SECONDS", "-1")])
 def test_a_bad_setting_in_the_environment_is_one_line_and_exit_2(
-    folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str, value: str,
 ) -> None:
-    monkeypatch.setenv("DENDRO_HEARTBEAT_INTERVAL", "often")
+    monkeypatch.setenv(name, value)
     assert main(["study", "list"]) == 2
-    assert "invalid setting: DENDRO_HEARTBEAT_INTERVAL" in _one_error_line(capsys.readouterr().err)
+    assert f"invalid setting: {name}" in _one_error_line(capsys.readouterr().err)
     assert _listing(folder) == ["spec.json"]
