@@ -217,23 +217,20 @@ class TrialRun:
         study, trial = self.study, self.trial
         try:
             fs = _fast.of(study)
-            if requeue and not (fs is not None and fs.requeue_when_told(trial._trial_id)):
-                backend = rdb(study._storage)
-                if isinstance(backend, optuna.storages.RDBStorage):
-                    if not _lease.fail_and_requeue(backend, study._study_id, trial._trial_id, self.number, reason):
-                        raise UpdateFinishedTrialError(f"trial {self.number} has already finished")
-                    self.outcome = TrialOutcome(self.number, state, reason=reason)
-                    return self.outcome
-                # a storage of this process only: no one else can see the gap between the two
+            # the batching storage writes the re-queue with the tell
+            together = requeue and fs is not None and fs.requeue_when_told(trial._trial_id)
+            backend = rdb(study._storage)
+            if requeue and not together and isinstance(backend, optuna.storages.RDBStorage):
+                # Optuna's path: the lease reaper's one transaction
+                if not _lease.fail_and_requeue(backend, study._study_id, trial._trial_id, self.number, reason):
+                    raise UpdateFinishedTrialError(f"trial {self.number} has already finished")
+            else:
                 trial.set_user_attr("fail_reason", reason)
                 trial.set_user_attr(TRIAL_STATE_ATTR, "failed")
                 study.tell(trial, state=TrialState.FAIL)
-                study.enqueue_trial(trial.params, user_attrs={"requeued_from": self.number})
-                self.outcome = TrialOutcome(self.number, state, reason=reason)
-                return self.outcome
-            trial.set_user_attr("fail_reason", reason)
-            trial.set_user_attr(TRIAL_STATE_ATTR, "failed")
-            study.tell(trial, state=TrialState.FAIL)
+                if requeue and not together:
+                    # a storage of this process only: no one else sees between the two writes
+                    study.enqueue_trial(trial.params, user_attrs={"requeued_from": self.number})
         except UpdateFinishedTrialError:
             self.outcome = self._lost()
             return self.outcome
