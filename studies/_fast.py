@@ -465,8 +465,9 @@ class FastStorage(BaseStorage):
 
         Numbers are counted under the study row lock as Optuna counts them: the trials of
         the study with smaller ids. Each round trip here is paid by every worker waiting for
-        the lock: five statements whatever ``n`` (the row lock, the rows, their count, their
-        numbers, their lease), not one or more per trial.
+        the lock, so the statements do not grow with ``n``: the row lock, the rows, their
+        count, their numbers, their lease (with ``decide`` on PostgreSQL: the row lock with the
+        study's attributes, the counts, the rows with their numbers, their lease).
 
         ``decide(by_state, flagged, attrs)``, given :meth:`count_states`'s answer (flag
         ``"infeasible"``) read under the row lock, says how many to create instead of ``n``
@@ -485,7 +486,7 @@ class FastStorage(BaseStorage):
                     sa.select(studies_.c.study_id).where(studies_.c.study_id == self._study_id)
                     .with_for_update()).first() is None:
                 raise KeyError(models.NOT_FOUND_MSG)
-            base = None
+            base: int | None = None
             if decide is not None:
                 by_state, flagged, attrs = self._count_states(conn, "infeasible", lock=lock_with_attrs)
                 n = decide(by_state, flagged, attrs)
@@ -497,7 +498,8 @@ class FastStorage(BaseStorage):
                     base = sum(by_state.values())
             now = datetime.datetime.now()
             # With the base known, the rows are written with their numbers: one statement.
-            rows = [{"study_id": self._study_id, "number": None if base is None else base + i,
+            numbered = base is not None
+            rows = [{"study_id": self._study_id, "number": base + i if base is not None else None,
                      "state": TrialState.RUNNING, "datetime_start": now} for i in range(n)]
             inserted = list(conn.execute(t.insert().returning(t.c.trial_id, sort_by_parameter_order=True),
                                          rows).scalars())
@@ -506,7 +508,7 @@ class FastStorage(BaseStorage):
                 base = conn.execute(sa.select(sa.func.count()).select_from(t).where(
                     t.c.study_id == self._study_id, t.c.trial_id < ids[0])).scalar_one()
             numbers = {tid: base + i for i, tid in enumerate(ids)}
-            if inserted != ids or rows[0]["number"] is None:
+            if not numbered or inserted != ids:
                 # Optuna's numbering: by id. (A database that gave the rows' ids out of their
                 # order would need this too.)
                 conn.execute(t.update().where(t.c.trial_id.in_(ids))

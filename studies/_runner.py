@@ -367,16 +367,31 @@ def _mark_done_if_finished(
 ) -> bool:
     """Mark the study done when it has its trials or its time is up. ``attrs``: the study's
     user attributes when the caller has just read them."""
-    timed_out = False
-    if spec.timeout is not None:
-        started = float((study.user_attrs if attrs is None else attrs).get(STARTED_ATTR, time.time()))
-        timed_out = time.time() - started > spec.timeout
-    if counts["finished"] >= spec.n_trials or timed_out:
+    if _over(spec, counts, lambda: study.user_attrs if attrs is None else attrs):
         state = study_state(study) if attrs is None else str(attrs.get(STATE_ATTR, "running"))
         if state == "running":
             study.set_user_attr(STATE_ATTR, "done")
         return True
     return False
+
+
+def _over(spec: StudySpec, counts: dict[str, Any], attrs: Callable[[], dict[str, Any]]) -> bool:
+    """Whether the study has its trials or its time is up (``attrs``, the study's user
+    attributes, are asked for only when it has a timeout)."""
+    if counts["finished"] >= spec.n_trials:
+        return True
+    if spec.timeout is None:
+        return False
+    return time.time() - float(attrs().get(STARTED_ATTR, time.time())) > spec.timeout
+
+
+def _batch_size(spec: StudySpec, counts: dict[str, Any], n: int, live: int) -> int:
+    """How many of the ``n`` trials asked for to create: never more than the trials left, and
+    for a batch never more than a fair share of them among ``live`` workers (0 or less: none)."""
+    k = min(n, spec.n_trials - counts["finished"] - counts["running"])
+    if k > 1:
+        k = min(k, math.ceil((spec.n_trials - counts["finished"]) / live))
+    return k
 
 
 def _fast_storage(study: optuna.Study) -> _fast.FastStorage | None:
@@ -471,9 +486,7 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
             return []
         if _mark_done_if_finished(study, spec, counts, attrs):
             return []
-        n = min(n, spec.n_trials - counts["finished"] - counts["running"])
-        if n > 1:
-            n = min(n, math.ceil((spec.n_trials - counts["finished"]) / live))
+        n = _batch_size(spec, counts, n, live)
         if n <= 0:
             return []
         if counts["waiting"]:
@@ -500,25 +513,19 @@ def _ask_row_locked(study: optuna.Study, spec: StudySpec, fs: _fast.FastStorage,
     def decide(by_state: Any, infeasible: Any, attrs: dict[str, Any]) -> int:
         counts, attrs = _counts_of(by_state, infeasible, attrs)
         seen.update(counts=counts, attrs=attrs)
-        if attrs.get(STATE_ATTR, "running") != "running" or counts["waiting"]:
+        if attrs.get(STATE_ATTR, "running") != "running" or counts["waiting"] \
+                or _over(spec, counts, lambda: attrs):
             return 0
-        if counts["finished"] >= spec.n_trials:
-            return 0
-        if spec.timeout is not None and time.time() - float(attrs.get(STARTED_ATTR, time.time())) > spec.timeout:
-            return 0
-        k = min(n, spec.n_trials - counts["finished"] - counts["running"])
-        if k > 1:
-            k = min(k, math.ceil((spec.n_trials - counts["finished"]) / live))
-        return k
+        return _batch_size(spec, counts, n, live)
 
     ids = fs.reserve(n, decide)
     if not ids:
         counts, attrs = seen["counts"], seen["attrs"]
-        if attrs.get(STATE_ATTR, "running") == "running" and counts["waiting"] \
-                and counts["finished"] < spec.n_trials:
+        if attrs.get(STATE_ATTR, "running") != "running":
+            return []
+        if counts["waiting"] and counts["finished"] < spec.n_trials:
             return None
-        if attrs.get(STATE_ATTR, "running") == "running":
-            _mark_done_if_finished(study, spec, counts, attrs)
+        _mark_done_if_finished(study, spec, counts, attrs)
         return []
     with fs.quiet():
         return [study.ask() for _ in ids]
