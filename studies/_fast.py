@@ -71,7 +71,7 @@ from ._optuna_private import create_scoped_session as _create_scoped_session
 from ._optuna_private import models
 from ._storage import rdb
 
-__all__ = ["FastStorage", "FastTPESampler", "attach", "of", "row_lock_serialises", "MAX_AGE", "PRUNERS",
+__all__ = ["FastStorage", "PlainView", "FastTPESampler", "attach", "of", "view", "row_lock_serialises", "MAX_AGE", "PRUNERS",
            "LEASE_KEY"]
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,9 @@ def _transient(exc: BaseException) -> bool:
 
 class FastStorage(BaseStorage):
     """``study._storage`` for a worker: see the module's docstring. One study, one process."""
+
+    #: asks come in batches, made in one transaction (:meth:`reserve`); tells can be held back
+    batching = True
 
     def __init__(self, inner: BaseStorage, study_id: int,
                  classify: Callable[[FrozenTrial], str] | None = None) -> None:
@@ -919,6 +922,55 @@ def of(obj: optuna.Study | optuna.Trial) -> FastStorage | None:
     """The FastStorage behind a study or a trial, if it has one."""
     storage = getattr(obj, "_storage", None) or getattr(obj, "storage", None)
     return storage if isinstance(storage, FastStorage) else None
+
+
+class PlainView:
+    """The batching storage's interface over Optuna's own storage, where a study cannot have
+    a :class:`FastStorage` (its sampler or pruner keeps state in the storage: grid, CMA-ES,
+    QMC, ...; or nothing asked through the engine yet): each write goes straight to the
+    database, so there is nothing to hold back or flush, and each read reads it.
+
+    :func:`view` returns one or the other, so the lifecycle, the population and the counts
+    are written once, against this interface, whichever storage is underneath.
+    """
+
+    #: a study with a PlainView is asked one trial at a time, through Optuna's own ask
+    batching = False
+    lease_id: str | None = None
+
+    def __init__(self, storage: BaseStorage, study_id: int,
+                 classify: Callable[[FrozenTrial], str] | None = None) -> None:
+        self._storage, self._study_id = storage, study_id
+        self._classify = classify or (lambda t: t.state.name.lower())
+
+    def refresh(self, *, study_attrs: bool = False) -> dict[str, Any] | None:
+        """Nothing is cached; with ``study_attrs``, the study's user attributes, read now."""
+        return self._storage.get_study_user_attrs(self._study_id) if study_attrs else None
+
+    def kinds(self) -> Counter[str]:
+        """Trials by ``classify``, read now."""
+        return Counter(self._classify(t) for t in self._storage.get_all_trials(self._study_id, deepcopy=False))
+
+    def flush(self, trial_ids: Iterable[int] = ()) -> int:
+        return 0  # every write was made when it was set
+
+    def requeue_when_told(self, trial_id: int) -> bool:
+        return False  # a tell here is Optuna's own write: the re-queue is the caller's
+
+    def deferring(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def view(obj: optuna.Study | optuna.Trial,
+         classify: Callable[[FrozenTrial], str] | None = None) -> FastStorage | PlainView:
+    """The storage interface that a study's (or a trial's) lifecycle writes through: its
+    FastStorage if it has one (see :func:`attach`), else a :class:`PlainView` of its storage."""
+    fs = of(obj)
+    if fs is not None:
+        return fs
+    if isinstance(obj, optuna.Study):
+        return PlainView(obj._storage, obj._study_id, classify)
+    return PlainView(obj.storage, obj.study._study_id, classify)
 
 
 def attach(study: optuna.Study, classify: Callable[[FrozenTrial], str] | None = None) -> FastStorage | None:

@@ -113,9 +113,8 @@ class TrialRun:
         if self.worker:
             t.set_user_attr("worker", self.worker)
         t.set_user_attr(TRIAL_STATE_ATTR, "running")
-        fs = _fast.of(t)
-        if flush and fs is not None:
-            fs.flush([t._trial_id])
+        if flush:
+            _fast.view(t).flush([t._trial_id])
 
     def _constraint(self, n: int | None) -> None:
         spec, t = self.spec, self.trial
@@ -216,9 +215,8 @@ class TrialRun:
         log.warning("trial %s failed: %s", self.number, reason)
         study, trial = self.study, self.trial
         try:
-            fs = _fast.of(study)
             # the batching storage writes the re-queue with the tell
-            together = requeue and fs is not None and fs.requeue_when_told(trial._trial_id)
+            together = requeue and _fast.view(study).requeue_when_told(trial._trial_id)
             backend = rdb(study._storage)
             if requeue and not together and isinstance(backend, optuna.storages.RDBStorage):
                 # Optuna's path: the lease reaper's one transaction

@@ -24,6 +24,7 @@ from ._runner import (
     _after_tell,
     _counts,
     _fast_storage,
+    _kind,
     ask_trials,
     load_data,
     recipe_args,
@@ -82,13 +83,9 @@ def fair_share(study: optuna.Study, spec: StudySpec) -> int:
     """This process's fair share of the study's remaining trials: ``ceil((n_trials - finished)
     / live workers of the study)`` (at least 1). A population is never larger."""
     lease = _lease.lease_for(study._storage)
-    fs = _fast.of(study)
-    if fs is not None:
-        fs.refresh()
-        finished = _counts(fs.kinds())["finished"]
-    else:
-        finished = sum(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL
-                       and not t.user_attrs.get("infeasible") for t in study.get_trials(deepcopy=False))
+    v = _fast.view(study, _kind)
+    v.refresh()
+    finished = _counts(v.kinds())["finished"]
     remaining = max(1, spec.n_trials - finished)
     if lease is None:
         return remaining
@@ -162,7 +159,7 @@ def execute_population(
                              "flushed": time.monotonic(), "results": 0}
 
     def batch() -> int:
-        if fs is None:
+        if not fs.batching:
             return 1  # Optuna's plain path asks one at a time, as ask_trial does
         if not state["training"]:  # filling the first population: up to its K, no more
             n = size if isinstance(size, int) else state["chunk"]
@@ -187,12 +184,12 @@ def execute_population(
                 run = TrialRun(study, trial, spec, worker=worker)
                 run.normalization = getattr(data, "normalization", None)
                 if run.gate():
-                    run.start(flush=fs is None)
+                    run.start(flush=False)
                     ready.append(run)
                 else:
                     assert run.outcome is not None
                     outcomes.append(run.outcome)
-        if fs is not None and ready:
+        if ready:
             fs.flush([r.trial._trial_id for r in ready])  # params and attributes: one write
         queue.extend(ready)
         return True
@@ -258,16 +255,15 @@ def execute_population(
         state["results"] += 1
         out = run.finish([result], dev, getattr(result, "state_dict", None), model_store)
         outcomes.append(out)
-        if fs is None and out.state == "complete":
+        if not fs.batching and out.state == "complete":
             _after_tell(study, spec)
-        elif fs is not None and time.monotonic() - state["flushed"] > _FLUSH_EVERY:
+        elif fs.batching and time.monotonic() - state["flushed"] > _FLUSH_EVERY:
             state["flushed"] = time.monotonic()
             fs.flush()  # the held-back tells, when no ask came to write them for a while
 
     # Tells are held back and written together: at the next ask, the next epoch, or the end.
-    deferring = fs.deferring() if fs is not None else contextlib.nullcontext()
     try:
-        with deferring:
+        with fs.deferring():
             common: dict[str, Any] = dict(
                 batch_size=spec.batch_size, device=dev, seed=spec.seed, on_epoch=on_epoch,
                 population_size=size, on_result=on_result, max_population=max_population,
@@ -280,6 +276,6 @@ def execute_population(
     finally:
         for run in list(queue):  # asked and written, never handed to the trainer (an error)
             run.fail("the population ended before it trained")
-    if fs is not None:
+    if fs.batching:
         _after_tell(study, spec)
     return outcomes

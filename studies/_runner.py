@@ -351,15 +351,9 @@ def _counts(kinds: dict[str, int]) -> dict[str, Any]:
 
 def progress(study: optuna.Study) -> dict[str, Any]:
     """Counts of trials by state; ``finished`` (complete + pruned, trained) is what n_trials counts."""
-    fs = _fast.of(study)
-    if fs is not None:
-        fs.refresh()  # incremental: finished trials are counted once, when first read
-        return _counts(fs.kinds())
-    kinds: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        k = _kind(t)
-        kinds[k] = kinds.get(k, 0) + 1
-    return _counts(kinds)
+    v = _fast.view(study, _kind)
+    v.refresh()  # a FastStorage's is incremental: finished trials are counted once, when first read
+    return _counts(v.kinds())
 
 
 def _mark_done_if_finished(
@@ -394,8 +388,9 @@ def _batch_size(spec: StudySpec, counts: dict[str, Any], n: int, live: int) -> i
     return k
 
 
-def _fast_storage(study: optuna.Study) -> _fast.FastStorage | None:
-    """The study's FastStorage, put under it on first use where its sampler and pruner allow.
+def _fast_storage(study: optuna.Study) -> _fast.FastStorage | _fast.PlainView:
+    """The study's FastStorage, put under it on first use where its sampler and pruner allow;
+    else a PlainView of its storage (the same interface: ``_fast.view``).
 
     The sampler must read the study only through ``get_trials`` and write nothing but the
     asked trial's own attributes: TPE and random, budget-aware or not. (TPE's constant liar,
@@ -409,9 +404,9 @@ def _fast_storage(study: optuna.Study) -> _fast.FastStorage | None:
         return fs
     s = study.sampler
     base = s.base if isinstance(s, BudgetAwareSampler) else s
-    if type(base) not in (optuna.samplers.TPESampler, _fast.FastTPESampler, optuna.samplers.RandomSampler):
-        return None
-    return _fast.attach(study, classify=_kind)
+    if type(base) in (optuna.samplers.TPESampler, _fast.FastTPESampler, optuna.samplers.RandomSampler):
+        fs = _fast.attach(study, classify=_kind)
+    return fs if fs is not None else _fast.PlainView(study._storage, study._study_id, _kind)
 
 
 #: (storage id, study id) -> when this process last reaped the study's stale leases
@@ -455,7 +450,7 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
     if lease is not None:
         lease.update(study_name=study.study_name)
     fs = _fast_storage(study)
-    if fs is None:
+    if not isinstance(fs, _fast.FastStorage):  # Optuna's own ask, one trial at a time
         out = []
         for _ in range(n):
             trial = _ask_plain(study, spec, lease)
@@ -574,17 +569,14 @@ def _after_tell(study: optuna.Study, spec: StudySpec) -> None:
     add up to ``n_trials`` (or the study has a timeout); a study that another worker's tell
     completes unseen is marked done by the next ask, which always reads.
     """
-    fs = _fast.of(study)
-    if fs is not None:
-        c = _counts(fs.kinds())
+    v = _fast.view(study, _kind)
+    if v.batching:  # its counts cost no read
+        c = _counts(v.kinds())
         if spec.timeout is None and c["finished"] + c["running"] + c["waiting"] < spec.n_trials:
             return
     with study_lock(study._storage, study.study_name):
-        if fs is None:
-            _mark_done_if_finished(study, spec, progress(study))
-        else:
-            attrs = fs.refresh(study_attrs=True) or {}
-            _mark_done_if_finished(study, spec, _counts(fs.kinds()), attrs)
+        attrs = v.refresh(study_attrs=True) or {}
+        _mark_done_if_finished(study, spec, _counts(v.kinds()), attrs)
 
 
 def _grid_exhausted(study: optuna.Study, spec: StudySpec) -> bool:

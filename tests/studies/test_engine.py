@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ def test_an_enqueued_point_is_seen_by_the_very_next_ask(
     url = f"sqlite:///{tmp_path / 'enq.db'}"
     study, spec = _open(url, _spec(tiny_spec))
     fs = _runner._fast_storage(study)
-    assert fs is not None
+    assert isinstance(fs, _fast.FastStorage)
     fs.refresh()
     point = {"n_neurons": 3, "n_dendrites": 2, "n_dendrite_inputs": 8}
     study.enqueue_trial(point, user_attrs={"mine": 1})
@@ -204,7 +205,7 @@ def test_a_write_the_database_refuses_fails_that_trial_alone_and_later_tells_wor
     url = f"sqlite:///{tmp_path / 'iso.db'}"
     study, spec = _open(url, _spec(tiny_spec))
     fs = _fast.of(study) or _runner._fast_storage(study)
-    assert fs is not None
+    assert isinstance(fs, _fast.FastStorage)
     a, b = studies.ask_trials(study, spec, 2)
     write = _fast.FastStorage._write
 
@@ -279,3 +280,27 @@ def test_a_population_proposes_each_batch_from_one_fit(
     assert sum(o.state == "complete" for o in outs) == 60
     # two batches of 30: TPE's startup trials are random, then one fit for the second batch
     assert len(fits) <= 2, fits
+
+
+# -- one storage interface -----------------------------------------------------------------------
+@pytest.mark.parametrize("sampler", ["tpe", "qmc"])
+def test_the_lifecycle_writes_through_one_interface_whichever_storage_is_underneath(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec], sampler: str,
+) -> None:
+    """TPE gets the batching storage, QMC (state of its own in the storage) a plain view;
+    callers see the same interface and the same counts, read back from the database."""
+    url = f"sqlite:///{tmp_path / 'view.db'}"
+    study, spec = _open(url, _spec(tiny_spec, sampler=sampler, n_trials=4, n_epochs=1))
+    assert isinstance(_fast.view(study), _fast.PlainView)  # nothing asked through the engine yet
+    while (trial := studies.ask_trial(study, spec)) is not None:
+        studies.execute_trial(study, trial, spec, device="cpu")
+    v = _fast.view(study, _runner._kind)
+    assert isinstance(v, _fast.FastStorage if sampler == "tpe" else _fast.PlainView)
+    assert v.batching == (sampler == "tpe")
+    with v.deferring():
+        assert v.flush() == 0  # every tell is written
+    v.refresh()
+    from_db = Counter(studies.trial_state(t) for t in _raw(url).get_all_trials(study._study_id))
+    assert v.kinds() == from_db and sum(from_db.values()) >= 4
+    assert studies.progress(study)["finished"] == from_db["complete"] + from_db["pruned"] == 4
+    assert studies.study_state(study) == "done"

@@ -110,8 +110,11 @@ def instant_training(monkeypatch: pytest.MonkeyPatch) -> None:
 def plain_path() -> Iterator[None]:
     """Optuna's own storage path: no FastStorage under the study."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_runner, "_fast_storage", lambda study: None)
-        mp.setattr(_population, "_fast_storage", lambda study: None)
+        def plain(study: optuna.Study) -> _fast.PlainView:
+            return _fast.PlainView(study._storage, study._study_id, _runner._kind)
+
+        mp.setattr(_runner, "_fast_storage", plain)
+        mp.setattr(_population, "_fast_storage", plain)
         yield
 
 
@@ -354,7 +357,7 @@ def test_the_incremental_view_sees_what_other_storages_and_processes_write(
     studies.create_study(spec, st, "view")
     study, spec = studies.load_study("view", st, sampler_seed=1)
     fs = _runner._fast_storage(study)
-    assert fs is not None
+    assert isinstance(fs, _fast.FastStorage)
     first = studies.ask_trial(study, spec)
     assert first is not None
     studies.execute_trial(study, first, spec, device="cpu", worker="w1")
