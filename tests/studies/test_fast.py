@@ -446,6 +446,44 @@ def test_two_workers_racing_for_the_last_trials_never_overshoot(
         _drop(url, name)
 
 
+@pytest.mark.postgres
+def test_on_postgresql_only_the_creation_of_trials_commits_without_waiting_for_the_disk(
+    tiny_spec: Callable[..., StudySpec],
+) -> None:
+    """The ask's transaction (under the study row lock) sets ``synchronous_commit`` off for
+    itself, before it takes the lock; the tells, which carry results, stay synchronous."""
+    if not _pg_reachable():
+        pytest.skip(f"PostgreSQL at {PG_URL} cannot be reached")
+    name = _name("async")
+    spec = _spec(tiny_spec, n_trials=2, pruner="none", n_epochs=1)
+    st = studies.open_storage(PG_URL)
+    studies.create_study(spec, st, name)
+    study, spec = studies.load_study(name, st, sampler_seed=1)
+    seen: list[tuple[str, str]] = []  # (statement, synchronous_commit in force when it ran)
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        with conn.connection.dbapi_connection.cursor() as cur:
+            cur.execute("show synchronous_commit")
+            seen.append((statement, cur.fetchone()[0]))
+
+    sa.event.listen(st.engine, "after_cursor_execute", record)
+    try:
+        trial = studies.ask_trial(study, spec)
+        assert trial is not None
+        studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+    finally:
+        sa.event.remove(st.engine, "after_cursor_execute", record)
+        _drop(PG_URL, name)
+    creation = [i for i, (q, _) in enumerate(seen) if q.lstrip().upper().startswith("INSERT INTO TRIALS ")]
+    locked = [i for i, (q, _) in enumerate(seen) if "FOR UPDATE" in q.upper()]
+    async_set = [i for i, (q, _) in enumerate(seen) if "synchronous_commit TO off" in q]
+    assert creation and locked and async_set
+    assert async_set[0] < locked[0] < creation[0], "the setting comes first, before the lock"
+    assert seen[creation[0]][1] == "off"
+    told = [i for i, (q, _) in enumerate(seen) if q.lstrip().upper().startswith("INSERT INTO TRIAL_VALUES")]
+    assert told and all(seen[i][1] == "on" for i in told), "a tell commits synchronously"
+
+
 def test_a_dead_workers_trial_keeps_its_params_and_is_retried(
     tmp_path: Path, tiny_spec: Callable[..., StudySpec],
 ) -> None:
