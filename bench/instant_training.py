@@ -89,14 +89,15 @@ class _FirstAnswer:
         return result
 
 
-def _timed_count(self: _fast.FastStorage, conn: object, flag: str, lock: bool = False) -> object:
+def _timed_count(self: _fast.FastStorage, conn: object, flag: str, lock: bool = False,
+                 settled: object = None) -> object:
     if "t0" in _ROW:
         del _ROW["t0"]
         if lock:  # the row lock comes with the first read here
             conn = _FirstAnswer(conn)
         else:  # it came with the statement before
             _ROW["t1"] = time.perf_counter()
-    return _count_states(self, conn, flag, lock)
+    return _count_states(self, conn, flag, lock, settled)  # type: ignore[arg-type]
 
 
 _runner.study_lock = _timed_lock  # type: ignore[assignment]

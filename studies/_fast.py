@@ -166,6 +166,7 @@ class FastStorage(BaseStorage):
         #: the lease the trials this process creates are tied to (set by the asker)
         self.lease_id: str | None = None
         self._json_dists: dict[str, dists.BaseDistribution] = {}
+        self._settle: dict[str, tuple[int, Counter[TrialState], Counter[TrialState]]] = {}
 
     # -- the view ----------------------------------------------------------------------------
     def refresh(self, *, study_attrs: bool = False) -> dict[str, Any] | None:
@@ -235,13 +236,36 @@ class FastStorage(BaseStorage):
         waited for the lock, and with many workers that wait is long (bench_scale.py), as is
         every round trip made while holding it. Raises KeyError if the study was deleted (as
         Optuna does)."""
+        settled = self._settled(flag)
         with self._backend.engine.connect() as conn:
-            return self._count_states(conn, flag)
+            return self._count_states(conn, flag, settled=settled)
 
-    def _count_states(self, conn: Any, flag: str,
-                      lock: bool = False) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
+    def _settled(self, flag: str) -> tuple[int, Counter[TrialState], Counter[TrialState]]:
+        """``(w, by_state, flagged)``: the counts of this study's trials with ids up to ``w``,
+        every one of them finished and written when the view read it. A finished trial never
+        changes, so these counts are final, and a count needs to read only the trials after
+        ``w`` (the count under the lock read them all: its time grew with the study, and
+        every worker waiting for the lock paid it). No read; taken before the lock."""
+        with self._lock:
+            upto, by_state, flagged = self._settle.get(flag, (-1, Counter(), Counter()))
+            # the view holds every trial of the study with an id up to _max_id (refresh)
+            for tid in sorted(i for i in self._numbers if upto < i <= self._max_id):
+                t = self._trials[self._numbers[tid]]
+                if tid in self._owned or not t.state.is_finished():
+                    break  # running, or told here and not yet written
+                by_state[t.state] += 1
+                if t.user_attrs.get(flag):
+                    flagged[t.state] += 1
+                upto = tid
+            self._settle[flag] = (upto, by_state, flagged)
+            return upto, Counter(by_state), Counter(flagged)
+
+    def _count_states(self, conn: Any, flag: str, lock: bool = False,
+                      settled: tuple[int, Counter[TrialState], Counter[TrialState]] | None = None,
+                      ) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
         """:meth:`count_states` on ``conn``; with ``lock``, the read of the study's attributes
-        takes its row's lock too (PostgreSQL's ``FOR UPDATE OF``)."""
+        takes its row's lock too (PostgreSQL's ``FOR UPDATE OF``). ``settled``
+        (:meth:`_settled`): counts already known, up to a trial id; only later trials are read."""
         studies_ = models.StudyModel.__table__
         sua = models.StudyUserAttributeModel.__table__
         t = _T.__table__
@@ -253,13 +277,12 @@ class FastStorage(BaseStorage):
         if not rows:
             raise KeyError(models.NOT_FOUND_MSG)
         attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
-        by_state: Counter[TrialState] = Counter()
-        flagged: Counter[TrialState] = Counter()
-        # one pass: every trial with its flag's value, if it has one
+        upto, by_state, flagged = settled or (-1, Counter(), Counter())
+        # one pass: every trial after the settled ones, with its flag's value if it has one
         for state, value, n in conn.execute(
                 sa.select(t.c.state, tua.c.value_json, sa.func.count())
                 .select_from(t.outerjoin(tua, sa.and_(tua.c.trial_id == t.c.trial_id, tua.c.key == flag)))
-                .where(t.c.study_id == self._study_id)
+                .where(t.c.study_id == self._study_id, t.c.trial_id > upto)
                 .group_by(t.c.state, tua.c.value_json)):
             by_state[state] += int(n)
             if value is not None and json.loads(value):
@@ -487,6 +510,7 @@ class FastStorage(BaseStorage):
         depends on them, and the rows are never corrupt.
         """
         t = _T.__table__
+        settled = self._settled("infeasible") if decide is not None else None
         with self._lock, _create_scoped_session(self._backend.scoped_session) as session:
             conn = session.connection()
             if self._backend.engine.dialect.name == "postgresql":  # before the lock: see above
@@ -501,7 +525,8 @@ class FastStorage(BaseStorage):
                 raise KeyError(models.NOT_FOUND_MSG)
             base: int | None = None
             if decide is not None:
-                by_state, flagged, attrs = self._count_states(conn, "infeasible", lock=lock_with_attrs)
+                by_state, flagged, attrs = self._count_states(conn, "infeasible", lock=lock_with_attrs,
+                                                              settled=settled)
                 n = decide(by_state, flagged, attrs)
                 if n <= 0:
                     return []
@@ -529,9 +554,10 @@ class FastStorage(BaseStorage):
             system: dict[str, Any] = {}
             if self.lease_id is not None:
                 system[LEASE_KEY] = self.lease_id
-                conn.execute(sa.insert(models.TrialSystemAttributeModel.__table__),
-                             [{"trial_id": tid, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
-                              for tid in ids])
+                # one statement with many rows: an executemany was one round trip per row
+                conn.execute(sa.insert(models.TrialSystemAttributeModel.__table__).values(
+                    [{"trial_id": tid, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
+                     for tid in ids]))
             for tid in ids:
                 live = FrozenTrial(
                     number=numbers[tid], state=TrialState.RUNNING, value=None, values=None,

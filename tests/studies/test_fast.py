@@ -446,6 +446,53 @@ def test_two_workers_racing_for_the_last_trials_never_overshoot(
         _drop(url, name)
 
 
+def test_counts_read_only_the_trials_after_the_settled_ones_and_equal_a_full_count(
+    url: str, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    """The counts under the lock add the trials after the last id up to which all are finished
+    (and written) to counts kept from the view: the same answer as counting every trial,
+    with running, held-back, failed, infeasible and another storage's trials about."""
+    name = _name("settled")
+    spec = _spec(tiny_spec, n_trials=30, pruner="median", n_epochs=2, max_params=900)
+    st = studies.open_storage(url)
+    studies.create_study(spec, st, name)
+    study, spec = studies.load_study(name, st, sampler_seed=5)
+    try:
+        for _ in range(6):
+            trial = studies.ask_trial(study, spec)
+            assert trial is not None
+            studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+        other = optuna.load_study(study_name=name, storage=_own_storage(url))
+        other.tell(other.ask(), state=TrialState.FAIL)  # another process's trial, failed
+        running = studies.ask_trial(study, spec)  # stays running
+        fs = _runner._fast_storage(study)
+        assert isinstance(fs, _fast.FastStorage)
+        with fs.deferring():
+            for _ in range(3):
+                trial = studies.ask_trial(study, spec)
+                assert trial is not None
+                studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+            fs.refresh()
+            held = fs._settled("infeasible")  # told here, not yet written: not settled
+            with fs._backend.engine.connect() as conn:
+                assert fs._count_states(conn, "infeasible") == fs.count_states("infeasible")
+        fs.refresh()
+        upto, by_state, _ = fs._settled("infeasible")
+        assert running is not None and held[0] < running._trial_id and upto < running._trial_id
+        assert sum(by_state.values()) >= 7  # the first six and the failed one, at least
+        with fs._backend.engine.connect() as conn:
+            full = fs._count_states(conn, "infeasible")
+        assert full == fs.count_states("infeasible")
+        studies.execute_trial(study, running, spec, device="cpu", worker="w1")
+        fs.refresh()
+        upto_after, by_state_after, _ = fs._settled("infeasible")
+        assert upto_after > running._trial_id and sum(by_state_after.values()) == sum(full[0].values())
+        with fs._backend.engine.connect() as conn:
+            assert fs._count_states(conn, "infeasible") == fs.count_states("infeasible")
+    finally:
+        _drop(url, name)
+
+
 @pytest.mark.postgres
 def test_on_postgresql_only_the_creation_of_trials_commits_without_waiting_for_the_disk(
     tiny_spec: Callable[..., StudySpec],
