@@ -518,8 +518,10 @@ def test_on_postgresql_only_the_creation_of_trials_commits_without_waiting_for_t
         trial = studies.ask_trial(study, spec)
         assert trial is not None
         studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
-    finally:
         sa.event.remove(st.engine, "after_cursor_execute", record)
+        lease_of_trial = _own_storage(PG_URL, heartbeat=False).get_trial_system_attrs(
+            trial._trial_id).get(_fast.LEASE_KEY)
+    finally:
         _drop(PG_URL, name)
     creation = [i for i, (q, _) in enumerate(seen) if q.lstrip().upper().startswith("INSERT INTO TRIALS ")]
     locked = [i for i, (q, _) in enumerate(seen) if "FOR UPDATE" in q.upper()]
@@ -527,6 +529,7 @@ def test_on_postgresql_only_the_creation_of_trials_commits_without_waiting_for_t
     assert creation and locked and async_set
     assert async_set[0] < locked[0] < creation[0], "the setting comes first, before the lock"
     assert seen[creation[0]][1] == "off"
+    assert lease_of_trial, "the trial was created with its lease"
     told = [i for i, (q, _) in enumerate(seen) if q.lstrip().upper().startswith("INSERT INTO TRIAL_VALUES")]
     assert told and all(seen[i][1] == "on" for i in told), "a tell commits synchronously"
 
