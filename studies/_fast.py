@@ -1058,14 +1058,18 @@ class FastTPESampler(optuna.samplers.TPESampler):
 
     @contextlib.contextmanager
     def one_fit(self) -> Iterator[None]:
-        """Inside, every ask reuses the first ask's fit (for the same study and space)."""
-        self._frozen = True
+        """Inside, every ask reuses the fit of the block's first ask (for the same study and
+        space). That first ask fits on the trials as they are now: a block never reuses an
+        earlier block's fit, which saw none of the trials finished since."""
+        self._frozen, self._batch_fit = True, None
         try:
             yield
         finally:
-            self._frozen = False
+            self._frozen, self._batch_fit = False, None
 
     _frozen: bool = False
+    #: the estimators the current one_fit block's first ask fitted (or found up to date)
+    _batch_fit: tuple[Any, Any] | None = None
     #: if set, ``feasible(point)`` says whether a proposed point is acceptable: each draw is
     #: then TPE's best acceptable candidate (BudgetAwareSampler sets its budget check here)
     feasible: Callable[[dict[str, Any]], bool] | None = None
@@ -1078,13 +1082,16 @@ class FastTPESampler(optuna.samplers.TPESampler):
         if liar:  # the asked trial is no lie to itself
             trials = [t for t in trials if t.number != trial.number]
         cached = self._estimators
-        if self._frozen and cached is not None and cached[0][:2] == (study._study_id, tuple(search_space.items())):
-            pass  # one fit for the whole batch
+        if self._frozen and cached is not None and cached is self._batch_fit \
+                and cached[0][:2] == (study._study_id, tuple(search_space.items())):
+            pass  # this block's fit, for the rest of its batch
         elif not (cached is not None and self._stale_ok(study, trials, search_space)):
             key = self._key(study, trials, search_space)
             if cached is None or cached[0] != key:
                 cached = self._estimators = (key, self._fit(study, trials, search_space))
                 self._fitted = (key[:3], frozenset(t._trial_id for t in trials if t.state == TrialState.RUNNING))
+        if self._frozen:
+            self._batch_fit = cached
         below, above = cached[1]
         candidates = below.sample(self._rng.rng, self._n_ei_candidates)
         # TPE's acquisition, log l(x) - log g(x), with the tail mass computed array-wise
