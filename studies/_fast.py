@@ -162,6 +162,8 @@ class FastStorage(BaseStorage):
         self._quiet = False
         self._directions: list[StudyDirection] | None = None
         self._stmts: dict[str, Any] | None = None
+        self._locked: dict[str, Any] | None = None
+        self._counts_st: dict[str, Any] | None = None
         self.writes = 0  # transactions written, for tests and benchmarks
         #: the lease the trials this process creates are tied to (set by the asker)
         self.lease_id: str | None = None
@@ -266,24 +268,15 @@ class FastStorage(BaseStorage):
         """:meth:`count_states` on ``conn``; with ``lock``, the read of the study's attributes
         takes its row's lock too (PostgreSQL's ``FOR UPDATE OF``). ``settled``
         (:meth:`_settled`): counts already known, up to a trial id; only later trials are read."""
-        studies_ = models.StudyModel.__table__
-        sua = models.StudyUserAttributeModel.__table__
-        t = _T.__table__
-        tua = models.TrialUserAttributeModel.__table__
-        q = (sa.select(studies_.c.study_id, sua.c.key, sua.c.value_json)
-             .select_from(studies_.outerjoin(sua, sua.c.study_id == studies_.c.study_id))
-             .where(studies_.c.study_id == self._study_id))
-        rows = conn.execute(q.with_for_update(of=studies_) if lock else q).all()
+        st = self._count_statements()
+        params = {"sid": self._study_id}
+        rows = conn.execute(st["attrs_locked" if lock else "attrs"], params).all()
         if not rows:
             raise KeyError(models.NOT_FOUND_MSG)
         attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
         upto, by_state, flagged = settled or (-1, Counter(), Counter())
         # one pass: every trial after the settled ones, with its flag's value if it has one
-        for state, value, n in conn.execute(
-                sa.select(t.c.state, tua.c.value_json, sa.func.count())
-                .select_from(t.outerjoin(tua, sa.and_(tua.c.trial_id == t.c.trial_id, tua.c.key == flag)))
-                .where(t.c.study_id == self._study_id, t.c.trial_id > upto)
-                .group_by(t.c.state, tua.c.value_json)):
+        for state, value, n in conn.execute(st["counts"], {"sid": self._study_id, "upto": upto, "flag": flag}):
             by_state[state] += int(n)
             if value is not None and json.loads(value):
                 flagged[state] += int(n)
@@ -537,10 +530,20 @@ class FastStorage(BaseStorage):
             now = datetime.datetime.now()
             # With the base known, the rows are written with their numbers: one statement.
             numbered = base is not None
-            rows = [{"study_id": self._study_id, "number": base + i if base is not None else None,
-                     "state": TrialState.RUNNING, "datetime_start": now} for i in range(n)]
-            inserted = list(conn.execute(t.insert().returning(t.c.trial_id, sort_by_parameter_order=True),
-                                         rows).scalars())
+            pg = numbered and conn.dialect.name == "postgresql"
+            if pg:
+                # statements built once, whatever n (each new statement object cost a compile's
+                # worth of Python while holding the lock); row i is the one numbered base + i
+                assert base is not None
+                got = conn.execute(self._locked_statements()["trials"], {
+                    "lo": base, "hi": base + n - 1, "sid": self._study_id, "state": TrialState.RUNNING,
+                    "start": now}).all()
+                inserted = [tid for tid, _ in sorted(got, key=lambda r: r[1])]
+            else:
+                rows = [{"study_id": self._study_id, "number": base + i if base is not None else None,
+                         "state": TrialState.RUNNING, "datetime_start": now} for i in range(n)]
+                inserted = list(conn.execute(
+                    t.insert().returning(t.c.trial_id, sort_by_parameter_order=True), rows).scalars())
             ids = sorted(inserted)
             if base is None:
                 base = conn.execute(sa.select(sa.func.count()).select_from(t).where(
@@ -554,10 +557,13 @@ class FastStorage(BaseStorage):
             system: dict[str, Any] = {}
             if self.lease_id is not None:
                 system[LEASE_KEY] = self.lease_id
-                # one statement with many rows: an executemany was one round trip per row
-                conn.execute(sa.insert(models.TrialSystemAttributeModel.__table__).values(
-                    [{"trial_id": tid, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
-                     for tid in ids]))
+                if pg:
+                    conn.execute(self._locked_statements()["leases"], {
+                        "ids": ids, "key": LEASE_KEY, "value": json.dumps(self.lease_id)})
+                else:  # one statement with many rows: an executemany was one round trip per row
+                    conn.execute(sa.insert(models.TrialSystemAttributeModel.__table__).values(
+                        [{"trial_id": tid, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
+                         for tid in ids]))
             for tid in ids:
                 live = FrozenTrial(
                     number=numbers[tid], state=TrialState.RUNNING, value=None, values=None,
@@ -808,6 +814,49 @@ class FastStorage(BaseStorage):
             self._finished[self._classify(o.live)] -= 1
         with contextlib.suppress(KeyError):
             self._put(self._backend.get_trial(tid))
+
+    def _count_statements(self) -> dict[str, Any]:
+        """:meth:`_count_states`' reads, built once (they run under the lock: a statement built
+        for each call cost its construction there)."""
+        if self._counts_st is None:
+            studies_ = models.StudyModel.__table__
+            sua = models.StudyUserAttributeModel.__table__
+            t = _T.__table__
+            tua = models.TrialUserAttributeModel.__table__
+            attrs = (sa.select(studies_.c.study_id, sua.c.key, sua.c.value_json)
+                     .select_from(studies_.outerjoin(sua, sua.c.study_id == studies_.c.study_id))
+                     .where(studies_.c.study_id == sa.bindparam("sid")))
+            counts = (sa.select(t.c.state, tua.c.value_json, sa.func.count())
+                      .select_from(t.outerjoin(tua, sa.and_(tua.c.trial_id == t.c.trial_id,
+                                                            tua.c.key == sa.bindparam("flag"))))
+                      .where(t.c.study_id == sa.bindparam("sid"), t.c.trial_id > sa.bindparam("upto"))
+                      .group_by(t.c.state, tua.c.value_json))
+            self._counts_st = {"attrs": attrs, "attrs_locked": attrs.with_for_update(of=studies_),
+                               "counts": counts}
+        return self._counts_st
+
+    def _locked_statements(self) -> dict[str, Any]:
+        """PostgreSQL's statements of :meth:`create_trials`, built once, the same whatever the
+        number of trials: the numbered rows (``generate_series``) and their leases (``unnest``)."""
+        if self._locked is None:
+            from sqlalchemy.dialects import postgresql
+
+            t = _T.__table__
+            sat = models.TrialSystemAttributeModel.__table__
+            n = sa.func.generate_series(sa.bindparam("lo", type_=sa.Integer),
+                                        sa.bindparam("hi", type_=sa.Integer)).column_valued("n")
+            trials = t.insert().from_select(
+                ["number", "study_id", "state", "datetime_start"],
+                sa.select(n, sa.bindparam("sid", type_=sa.Integer), sa.bindparam("state", type_=t.c.state.type),
+                          sa.bindparam("start", type_=t.c.datetime_start.type)).order_by(n),
+            ).returning(t.c.trial_id, t.c.number)
+            tid = sa.func.unnest(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Integer)))
+            leases = sa.insert(sat).from_select(
+                ["trial_id", "key", "value_json"],
+                sa.select(tid, sa.bindparam("key", type_=sat.c.key.type),
+                          sa.bindparam("value", type_=sat.c.value_json.type)))
+            self._locked = {"trials": trials, "leases": leases}
+        return self._locked
 
     def _statements(self) -> dict[str, Any]:
         """The write statements, built once: Core tables, no ORM unit of work."""
