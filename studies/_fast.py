@@ -66,7 +66,7 @@ from sqlalchemy import orm
 
 from . import _lease, _tpe_math
 from . import _optuna_private as private
-from ._keys import LEASE_KEY, TRIAL_STATE_ATTR
+from ._keys import LEASE_KEY, TRIAL_STATE_ATTR, UID_ATTR
 from ._optuna_private import create_scoped_session as _create_scoped_session
 from ._optuna_private import models
 from ._storage import rdb
@@ -156,6 +156,7 @@ class FastStorage(BaseStorage):
         self._reserved: list[int] = []  # created by reserve(), handed out by create_new_trial
         self._defer = False
         self._finished: Counter[str] = Counter()
+        self._counted: set[int] = set()  # the finished trials counted in _finished
         self._dists: dict[str, dists.BaseDistribution] = {}
         self._lists: dict[Any, list[FrozenTrial]] = {}
         self._refreshed = -float("inf")
@@ -164,6 +165,7 @@ class FastStorage(BaseStorage):
         self._stmts: dict[str, Any] | None = None
         self._locked: dict[str, Any] | None = None
         self._counts_st: dict[str, Any] | None = None
+        self._uid: str | None = None  # the study's creation (UID_ATTR), once read
         self.writes = 0  # transactions written, for tests and benchmarks
         #: the lease the trials this process creates are tied to (set by the asker)
         self.lease_id: str | None = None
@@ -188,13 +190,14 @@ class FastStorage(BaseStorage):
             # params (what counts and TPE's lies need), again only when they changed.
             full: list[int] = []
             light: dict[int, TrialState] = {}
+            max_id = self._max_id  # moved on only once every trial up to it is loaded (below)
             for tid, state in conn.execute(sa.select(_T.trial_id, _T.state)
                                            .where(_T.study_id == self._study_id, cond)):
                 if state.is_finished():
                     full.append(tid)
                 else:
                     light[tid] = state
-                self._max_id = max(self._max_id, tid)
+                max_id = max(max_id, tid)
             watch = sorted(self._watch)
             for lo in range(0, len(watch), 5000):
                 for tid, state in conn.execute(sa.select(_T.trial_id, _T.state)
@@ -211,8 +214,10 @@ class FastStorage(BaseStorage):
             for lo in range(0, len(unfinished), 500):
                 self._load_light(conn, {i: light[i] for i in unfinished[lo:lo + 500]})
             # Every trial below one this process created was committed before it (trials are
-            # created under the study row lock), so this read has them all.
-            self._max_id = max([self._max_id, *self._mine])
+            # created under the study row lock), so this read has them all. A read that fails
+            # before here leaves _max_id where it was: the next one reads the same trials again
+            # (the view and the settled counts rely on holding every trial up to _max_id).
+            self._max_id = max([max_id, *self._mine])
             self._mine.clear()
             self._refreshed = time.monotonic()
         return attrs
@@ -274,6 +279,12 @@ class FastStorage(BaseStorage):
         if not rows:
             raise KeyError(models.NOT_FOUND_MSG)
         attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
+        uid = attrs.get(UID_ATTR)
+        if self._uid is not None and uid != self._uid:
+            # the study this view was made for was deleted, and another created under its id
+            # (SQLite reuses ids): its trials, kept here, are not this one's
+            raise KeyError(models.NOT_FOUND_MSG)
+        self._uid = uid
         upto, by_state, flagged = settled or (-1, Counter(), Counter())
         # one pass: every trial after the settled ones, with its flag's value if it has one
         for state, value, n in conn.execute(st["counts"], {"sid": self._study_id, "upto": upto, "flag": flag}):
@@ -358,7 +369,9 @@ class FastStorage(BaseStorage):
         self._numbers[t._trial_id] = t.number
         if t.state.is_finished():
             self._watch.discard(t._trial_id)
-            self._finished[self._classify(t)] += 1
+            if t._trial_id not in self._counted:  # a read that failed midway loads it again
+                self._counted.add(t._trial_id)
+                self._finished[self._classify(t)] += 1
             for name, d in t.distributions.items():
                 self._dists.setdefault(name, d)
         elif t._trial_id not in self._owned:
@@ -494,20 +507,31 @@ class FastStorage(BaseStorage):
         that numbers trials (PostgreSQL, MySQL) the count, the check and the creation are
         then one transaction: no other lock is needed for a study's asks to never overshoot.
 
-        On PostgreSQL the transaction commits without waiting for its WAL to reach the disk
-        (``synchronous_commit`` off for it alone): the wait was a third to a half of the lock's
-        hold (``bench_scale.py``, one worker: population hold 7.8-10.0 -> 4.4-5.9 ms), and every
-        worker waiting for the lock paid it. What can be lost is only these new rows, and only
-        if the server itself crashes before any later commit flushes the log (every tell is
-        synchronous and flushes it): the trials then never existed, nothing anyone wrote
-        depends on them, and the rows are never corrupt.
+        The commit is synchronous. (Committing this transaction asynchronously shortened the
+        lock's hold, but a server crash could then lose the ids' sequence advance as well as
+        the rows, and hand the same ids out again while this worker still holds them.) The
+        view learns of the new trials only once they are committed.
         """
-        t = _T.__table__
         settled = self._settled("infeasible") if decide is not None else None
-        with self._lock, _create_scoped_session(self._backend.scoped_session) as session:
+        with self._lock:
+            ids, lives = self._create(n, decide, settled)
+            for live in lives:  # committed: now the view may hold them
+                self._owned[live._trial_id] = _Owned(live)
+                self._trials[live.number] = live
+                self._numbers[live._trial_id] = live.number
+            self._mine.update(ids)  # not to be read back: this process knows them
+            self._lists.clear()
+            if ids:
+                self.writes += 1
+        return ids
+
+    def _create(self, n: int, decide: Decide | None,
+                settled: tuple[int, Counter[TrialState], Counter[TrialState]] | None,
+                ) -> tuple[list[int], list[FrozenTrial]]:
+        """:meth:`create_trials`' transaction: the ids and the new trials, once committed."""
+        t = _T.__table__
+        with _create_scoped_session(self._backend.scoped_session) as session:
             conn = session.connection()
-            if self._backend.engine.dialect.name == "postgresql":  # before the lock: see above
-                conn.execute(sa.text("SET LOCAL synchronous_commit TO off"))
             studies_ = models.StudyModel.__table__
             # PostgreSQL: the row lock is taken by the read of the study's attributes (one
             # round trip less while holding it); the counts are read after it, fresh.
@@ -522,7 +546,7 @@ class FastStorage(BaseStorage):
                                                               settled=settled)
                 n = decide(by_state, flagged, attrs)
                 if n <= 0:
-                    return []
+                    return [], []
                 if row_lock_serialises(self._backend):
                     # every writer that numbers this study's trials holds its row lock: the
                     # count now is the count of the trials with smaller ids
@@ -560,23 +584,16 @@ class FastStorage(BaseStorage):
                 if pg:
                     conn.execute(self._locked_statements()["leases"], {
                         "ids": ids, "key": LEASE_KEY, "value": json.dumps(self.lease_id)})
-                else:  # one statement with many rows: an executemany was one round trip per row
-                    conn.execute(sa.insert(models.TrialSystemAttributeModel.__table__).values(
-                        [{"trial_id": tid, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
-                         for tid in ids]))
-            for tid in ids:
-                live = FrozenTrial(
-                    number=numbers[tid], state=TrialState.RUNNING, value=None, values=None,
-                    datetime_start=now, datetime_complete=None, params={},
-                    distributions={}, user_attrs={}, system_attrs=dict(system), intermediate_values={},
-                    trial_id=tid)
-                self._owned[tid] = _Owned(live)
-                self._trials[live.number] = live
-                self._numbers[tid] = live.number
-            self._mine.update(ids)  # not to be read back: this process knows them
-            self._lists.clear()
-            self.writes += 1
-        return ids
+                else:
+                    conn.execute(sa.insert(models.TrialSystemAttributeModel.__table__),
+                                 [{"trial_id": tid, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
+                                  for tid in ids])
+            lives = [FrozenTrial(
+                number=numbers[tid], state=TrialState.RUNNING, value=None, values=None,
+                datetime_start=now, datetime_complete=None, params={},
+                distributions={}, user_attrs={}, system_attrs=dict(system), intermediate_values={},
+                trial_id=tid) for tid in ids]
+        return ids, lives
 
     def _adopt(self, trial_id: int) -> None:
         """A waiting trial this process just set RUNNING: run it as its own from now on."""
@@ -776,6 +793,7 @@ class FastStorage(BaseStorage):
             self._deferred.append(live._trial_id)
         if was is not None:
             self._finished[was] -= 1
+            self._counted.discard(live._trial_id)
         self._put(live)
         try:
             self._flush([fail])
@@ -812,6 +830,7 @@ class FastStorage(BaseStorage):
         self._drop(tid)
         if o.told:
             self._finished[self._classify(o.live)] -= 1
+            self._counted.discard(tid)
         with contextlib.suppress(KeyError):
             self._put(self._backend.get_trial(tid))
 

@@ -20,6 +20,7 @@ import core
 
 from . import _fast, _lease
 from ._artifacts import ModelStore
+from ._keys import UID_ATTR
 from ._lifecycle import (  # noqa: F401 - old names
     _BY_OPTUNA,
     TRIAL_STATES,
@@ -74,8 +75,6 @@ STATE_ATTR = "dendro.state"
 STARTED_ATTR = "dendro.started_at"
 #: the reason a study is in state ``error`` (no worker can run it)
 ERROR_ATTR = "dendro.error"
-#: unique to each creation of a study (SQLite reuses a deleted study's id)
-UID_ATTR = "dendro.uid"
 STATES = ("queued", "running", "stopped", "done", "error")
 _ALLOWED = {
     "stop": {"queued", "running"},

@@ -493,45 +493,70 @@ def test_counts_read_only_the_trials_after_the_settled_ones_and_equal_a_full_cou
         _drop(url, name)
 
 
-@pytest.mark.postgres
-def test_on_postgresql_only_the_creation_of_trials_commits_without_waiting_for_the_disk(
-    tiny_spec: Callable[..., StudySpec],
-) -> None:
-    """The ask's transaction (under the study row lock) sets ``synchronous_commit`` off for
-    itself, before it takes the lock; the tells, which carry results, stay synchronous."""
-    if not _pg_reachable():
-        pytest.skip(f"PostgreSQL at {PG_URL} cannot be reached")
-    name = _name("async")
-    spec = _spec(tiny_spec, n_trials=2, pruner="none", n_epochs=1)
-    st = studies.open_storage(PG_URL)
-    studies.create_study(spec, st, name)
-    study, spec = studies.load_study(name, st, sampler_seed=1)
-    seen: list[tuple[str, str]] = []  # (statement, synchronous_commit in force when it ran)
+def test_a_read_that_fails_midway_is_read_again_and_the_counts_stay_exact(url: str) -> None:
+    """A refresh that loses the database while loading trials moves nothing on: the next one
+    reads the same trials again (each counted once), so the counts under the lock, which trust
+    the view up to its last complete read, and the numbers made from them stay exact."""
+    name = _name("midway")
+    st = _own_storage(url, heartbeat=False)
+    sid = optuna.create_study(study_name=name, storage=st)._study_id
+    a = _fast.FastStorage(st, sid)
+    b = _fast.FastStorage(_own_storage(url, heartbeat=False), sid)
 
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        with conn.connection.dbapi_connection.cursor() as cur:
-            cur.execute("show synchronous_commit")
-            seen.append((statement, cur.fetchone()[0]))
+    def finish(k: int) -> None:
+        for _ in range(k):
+            (tid,) = b.create_trials(1, lambda *args: 1)
+            b.set_trial_state_values(tid, TrialState.COMPLETE, [1.0])
 
-    sa.event.listen(st.engine, "after_cursor_execute", record)
     try:
-        trial = studies.ask_trial(study, spec)
-        assert trial is not None
-        studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
-        sa.event.remove(st.engine, "after_cursor_execute", record)
-        lease_of_trial = _own_storage(PG_URL, heartbeat=False).get_trial_system_attrs(
-            trial._trial_id).get(_fast.LEASE_KEY)
+        finish(5)
+        a.refresh()
+        finish(5)
+        load, calls = a._load_full, [0]
+
+        def flaky(conn: Any, ids: list[int]) -> None:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise sa.exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
+            load(conn, ids)
+
+        a._load_full = flaky  # type: ignore[method-assign]
+        with pytest.raises(optuna.exceptions.StorageInternalError):
+            a.refresh()
+        finish(2)
+        a.refresh()
+        assert a.kinds()["complete"] == 12
+        assert a.count_states("infeasible")[0][TrialState.COMPLETE] == 12
+        a.create_trials(2, lambda *args: 2)
+        numbers = sorted(t.number for t in _own_storage(url, heartbeat=False).get_all_trials(sid))
+        assert numbers == list(range(14))
     finally:
-        _drop(PG_URL, name)
-    creation = [i for i, (q, _) in enumerate(seen) if q.lstrip().upper().startswith("INSERT INTO TRIALS ")]
-    locked = [i for i, (q, _) in enumerate(seen) if "FOR UPDATE" in q.upper()]
-    async_set = [i for i, (q, _) in enumerate(seen) if "synchronous_commit TO off" in q]
-    assert creation and locked and async_set
-    assert async_set[0] < locked[0] < creation[0], "the setting comes first, before the lock"
-    assert seen[creation[0]][1] == "off"
-    assert lease_of_trial, "the trial was created with its lease"
-    told = [i for i, (q, _) in enumerate(seen) if q.lstrip().upper().startswith("INSERT INTO TRIAL_VALUES")]
-    assert told and all(seen[i][1] == "on" for i in told), "a tell commits synchronously"
+        _drop(url, name)
+
+
+def test_a_view_of_a_deleted_study_does_not_count_the_one_created_under_its_id(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    """SQLite reuses a deleted study's id: a view kept from the old study refuses to count
+    the new one (KeyError, as for a deleted study) rather than add the old trials to it."""
+    url = f"sqlite:///{tmp_path / 'again.db'}"
+    spec = _spec(tiny_spec, n_trials=8, pruner="none", n_epochs=1)
+    st = studies.open_storage(url)
+    studies.create_study(spec, st, "again")
+    study, spec = studies.load_study("again", st, sampler_seed=1)
+    while (trial := studies.ask_trial(study, spec)) is not None:
+        studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+    fs = _runner._fast_storage(study)
+    assert isinstance(fs, _fast.FastStorage)
+    fs.refresh()
+    assert fs.count_states("infeasible")[0][TrialState.COMPLETE] >= 8
+    studies.delete_study(st, "again")
+    studies.create_study(spec, st, "again")
+    again = optuna.load_study(study_name="again", storage=_own_storage(url, heartbeat=False))
+    assert again._study_id == study._study_id  # the id is reused
+    again.tell(again.ask(), 0.5)
+    with pytest.raises(KeyError):
+        fs.count_states("infeasible")
 
 
 def test_a_dead_workers_trial_keeps_its_params_and_is_retried(
