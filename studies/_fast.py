@@ -97,6 +97,11 @@ def row_lock_serialises(storage: BaseStorage) -> bool:
     return isinstance(backend, RDBStorage) and backend.engine.dialect.name in ("postgresql", "mysql")
 
 
+def _state_name(t: FrozenTrial) -> str:
+    """The default ``classify`` of a view: Optuna's state, lower case."""
+    return t.state.name.lower()
+
+
 def _utc(value: datetime.datetime) -> datetime.datetime:
     """A local naive datetime as the naive UTC that Optuna's trial table stores."""
     return value.astimezone(_UTC).replace(tzinfo=None)
@@ -144,7 +149,7 @@ class FastStorage(BaseStorage):
         self._inner = inner
         self._backend = backend  # studies._storage.rdb() finds the RDBStorage here
         self._study_id = study_id
-        self._classify = classify or (lambda t: t.state.name.lower())
+        self._classify = classify or _state_name
         self._lock = threading.RLock()
         self._trials: dict[int, FrozenTrial] = {}  # number -> trial, every trial seen
         self._numbers: dict[int, int] = {}  # trial_id -> number
@@ -1045,7 +1050,7 @@ class PlainView:
     def __init__(self, storage: BaseStorage, study_id: int,
                  classify: Callable[[FrozenTrial], str] | None = None) -> None:
         self._storage, self._study_id = storage, study_id
-        self._classify = classify or (lambda t: t.state.name.lower())
+        self._classify = classify or _state_name
 
     def refresh(self, *, study_attrs: bool = False) -> dict[str, Any] | None:
         """Nothing is cached; with ``study_attrs``, the study's user attributes, read now."""

@@ -398,14 +398,11 @@ def _fast_storage(study: optuna.Study) -> _fast.FastStorage | _fast.PlainView:
     in the storage: those studies take Optuna's plain path. The pruners must write nothing
     either: median, percentile, none and dendro's rung pruner (successive halving, Hyperband).
     """
-    fs = _fast.of(study)
-    if fs is not None:
-        return fs
     s = study.sampler
     base = s.base if isinstance(s, BudgetAwareSampler) else s
     if type(base) in (optuna.samplers.TPESampler, _fast.FastTPESampler, optuna.samplers.RandomSampler):
-        fs = _fast.attach(study, classify=_kind)
-    return fs if fs is not None else _fast.PlainView(study._storage, study._study_id, _kind)
+        _fast.attach(study, classify=_kind)  # once; None where the storage or pruner do not allow
+    return _fast.view(study, _kind)
 
 
 #: (storage id, study id) -> when this process last reaped the study's stale leases
