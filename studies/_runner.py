@@ -571,7 +571,9 @@ def _after_tell(study: optuna.Study, spec: StudySpec) -> None:
         if spec.timeout is None and c["finished"] + c["running"] + c["waiting"] < spec.n_trials:
             return
     with study_lock(study._storage, study.study_name):
-        attrs = v.refresh(study_attrs=True) or {}
+        # a FastStorage reads the attributes with its refresh, in one session; on the plain
+        # path _mark_done_if_finished reads them only when the study is over or has a timeout
+        attrs = v.refresh(study_attrs=v.batching)
         _mark_done_if_finished(study, spec, _counts(v.kinds()), attrs)
 
 
