@@ -16,9 +16,12 @@ pruner. Columns:
 - ``wall``: from the first trial's start to the last one's end (database timestamps);
 - ``trials/s``: finished trials / wall;
 - ``service ms``: per-trial service time, N x wall / trials (a worker's seconds per trial);
-- ``cpu ms``: the workers' CPU time (user + system, from the kernel at exit) per finished
-  trial, less N times the CPU time of a worker that starts and exits without a trial
-  (measured first): what the service costs, which the machine's core count does not inflate.
+- ``cpu ms``: the workers' CPU time (user + system, read from ``/proc`` when the study is set
+  running and again when its last trial has finished) per finished trial: what the service
+  costs in the workers, which the machine's core count does not inflate (their start-up and
+  exit are left out, which on a loaded machine cost more than a lone worker's);
+- ``host``: the share of all the machine's cores busy over the same span (``/proc/stat``;
+  PostgreSQL's own work included): near 100%, the cores bound the aggregate rate.
 - ``locks``, ``busy``, ``hold ms``, ``wait ms``: the study lock (asks are serialised under
   it): how often the workers took it, the share of the wall time some worker held it, and
   the mean time one took holding it and waiting for it. ``busy`` near 100% means the lock,
@@ -90,6 +93,28 @@ def _start(n: int, storage: str, name: str, mode: str, k: int | str, logs: Path,
     return procs
 
 
+def _ticks(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far (0 where unreadable)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _host() -> tuple[float, float]:
+    """(busy, all) clock ticks of every core since boot (``/proc/stat``), or (0, 0)."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return float(sum(ticks) - idle), float(sum(ticks))
+
+
 def _run_when_all_up(storage: str, name: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     """Set the (queued) study running once every worker holds its lease: all N start together."""
     engine = sa.create_engine(storage)
@@ -107,17 +132,21 @@ def _run_when_all_up(storage: str, name: str, procs: list[subprocess.Popen[bytes
 
 
 def _wait_done(storage: str, name: str, n_trials: int, timeout: float) -> None:
-    st = optuna.storages.RDBStorage(storage)
+    """Until n_trials have finished and none runs: one count by state a poll (loading the
+    trials, as a client would, would cost this process and the database a core at 2,400)."""
+    engine = sa.create_engine(storage)
     deadline = time.monotonic() + timeout
+    count = sa.text("SELECT t.state, count(*) FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                    "WHERE s.study_name = :name GROUP BY t.state")
     try:
-        sid = st.get_study_id_from_name(name)
         while time.monotonic() < deadline:
-            c = Counter(studies.trial_state(t) for t in st.get_all_trials(sid, deepcopy=False))
-            if c["complete"] + c["pruned"] >= n_trials and not c["running"]:
+            with engine.connect() as conn:
+                c = {str(state): int(k) for state, k in conn.execute(count, {"name": name})}
+            if c.get("COMPLETE", 0) + c.get("PRUNED", 0) >= n_trials and not c.get("RUNNING"):
                 return
             time.sleep(0.2)
     finally:
-        st.engine.dispose()
+        engine.dispose()
 
 
 def _reap(procs: list[subprocess.Popen[bytes]], timeout: float,
@@ -179,12 +208,6 @@ def _drop(storage: str, name: str) -> None:
         print(f"  (could not delete {name}: {exc})")
 
 
-def idle_cpu(storage: str, logs: Path) -> float:
-    """CPU seconds of a worker that starts, finds nothing to do and exits (its start-up)."""
-    procs = _start(1, storage, "no-such-study", "trial", 1, logs, True, ["cpu"], None, idle_exit=0.5)
-    return _reap(procs, 120, terminate=False)[0]
-
-
 def run_row(backend: str, mode: str, n: int, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     name = f"scale-{mode[:3]}-{n}-{uuid.uuid4().hex[:8]}"
     if backend == "sqlite":
@@ -193,13 +216,17 @@ def run_row(backend: str, mode: str, n: int, args: argparse.Namespace, logs: Pat
         storage = args.pg_url
     studies.create_study(make_spec(name, args.trials, seed=n), storage, name, state="queued")
     procs = _start(n, storage, name, mode, args.population, logs, True, ["cpu"], None)
+    pids = [p.pid for p in procs]
     try:
         _run_when_all_up(storage, name, procs, args.timeout)
+        cpu0, host0 = _ticks(pids), _host()
         _wait_done(storage, name, args.trials, args.timeout)
+        cpu, host1 = _ticks(pids) - cpu0, _host()
     finally:
-        cpu, codes = _reap(procs, 60)
+        codes = _reap(procs, 60)[1]
     res = _check(storage, name, args.trials)
-    res |= {"backend": backend, "mode": mode, "n": n, "cpu": cpu - n * args.idle_cpu, "codes": codes,
+    busy = (host1[0] - host0[0]) / max(1.0, host1[1] - host0[1])
+    res |= {"backend": backend, "mode": mode, "n": n, "cpu": cpu, "host": busy, "codes": codes,
             "lock": _lock_stats(logs, name, n)}
     if backend != "sqlite":
         _drop(storage, name)
@@ -230,8 +257,9 @@ def _fmt(r: dict[str, Any], trials: int) -> str:
     if lock.get("n"):
         locks = (f" {lock['n']:6.0f} {100 * lock['hold'] / wall:6.0f}% {1000 * lock['hold'] / lock['n']:7.1f} "
                  f"{1000 * lock['wait'] / lock['n']:7.1f}")
+    host = f" {100 * r['host']:5.0f}%" if "host" in r else ""
     return (f"{r['backend']:10s} {r['mode']:10s} {r['n']:3d} {r['finished']:6d} {wall:8.2f} {rate:9.1f} "
-            f"{service:11.1f} {cpu:8.1f}{locks}  {ok}")
+            f"{service:11.1f} {cpu:8.1f}{host}{locks}  {ok}")
 
 
 def gpu(args: argparse.Namespace, logs: Path) -> None:
@@ -275,6 +303,8 @@ def main() -> None:
     p.add_argument("--pg-url", default=PG_URL)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds a row may take")
     p.add_argument("--keep", action="store_true", help="keep the workers' logs and SQLite files")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="each instant worker writes a cProfile of itself to DIR/<pid>.prof at exit")
     p.add_argument("--gpu", action="store_true", help="the two-GPU run (real training) instead")
     p.add_argument("--gpu-trials", type=int, default=4000)
     p.add_argument("--gpu-storage", default="sqlite", choices=["sqlite", "postgresql"])
@@ -284,15 +314,16 @@ def main() -> None:
     p.add_argument("--gpu-subset", type=int, default=None, help="train on this many examples (a quick try)")
     args = p.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="bench_scale-"))
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        os.environ["BENCH_SCALE_PROFILE"] = str(Path(args.profile).resolve())
     print(f"bench_scale: cpu count {os.cpu_count()}, logs in {logs}", flush=True)
     try:
         if args.gpu:
             gpu(args, logs)
             return
-        args.idle_cpu = idle_cpu(f"sqlite:///{logs / 'idle.db'}", logs)
-        print(f"a worker's start-up and exit: {args.idle_cpu:.2f} s of CPU (left out of cpu ms)")
         print(f"{'backend':10s} {'mode':10s} {'N':>3s} {'trials':>6s} {'wall s':>8s} {'trials/s':>9s} "
-              f"{'service ms':>11s} {'cpu ms':>8s} {'locks':>6s} {'busy':>7s} {'hold ms':>7s} {'wait ms':>7s}  checks",
+              f"{'service ms':>11s} {'cpu ms':>8s} {'host':>6s} {'locks':>6s} {'busy':>7s} {'hold ms':>7s} {'wait ms':>7s}  checks",
               flush=True)
         for backend in args.backends.split(","):
             if backend == "postgresql":

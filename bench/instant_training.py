@@ -104,3 +104,16 @@ _runner.study_lock = _timed_lock  # type: ignore[assignment]
 _fast.FastStorage.create_trials = _timed_create  # type: ignore[method-assign]
 _fast.FastStorage._count_states = _timed_count  # type: ignore[method-assign]
 atexit.register(_lock_report)
+
+# -- optional: each worker profiles itself (cProfile) and dumps to $BENCH_SCALE_PROFILE/<pid>.prof at exit --
+if os.environ.get("BENCH_SCALE_PROFILE"):
+    import cProfile  # noqa: E402
+
+    _PROF = cProfile.Profile(time.process_time)  # CPU seconds: what contention for cores does not inflate
+
+    def _dump_profile() -> None:
+        _PROF.disable()
+        _PROF.dump_stats(os.path.join(os.environ["BENCH_SCALE_PROFILE"], f"{os.getpid()}.prof"))
+
+    atexit.register(_dump_profile)
+    _PROF.enable()
