@@ -16,6 +16,9 @@ pruner. Columns:
 - ``wall``: from the first trial's start to the last one's end (database timestamps);
 - ``trials/s``: finished trials / wall;
 - ``service ms``: per-trial service time, N x wall / trials (a worker's seconds per trial);
+- ``span ms``: the sum over the workers of each one's span (from the start of its first trial
+  to the end of its last, found by the lease on its trials) per finished trial: the service
+  time without the tail where some workers had no trial left while others finished theirs;
 - ``cpu ms``: the workers' CPU time (user + system, read from ``/proc`` when the study is set
   running and again when its last trial has finished) per finished trial: what the service
   costs in the workers, which the machine's core count does not inflate (their start-up and
@@ -61,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import PG_URL, make_spec  # noqa: E402
 
 import studies  # noqa: E402
+from studies._keys import LEASE_KEY  # noqa: E402
 
 _LAUNCH = ("import sys; sys.path.insert(0, {bench!r}); {plugin}"
            "from service.cli import main; sys.exit(main(sys.argv[1:]))")
@@ -81,8 +85,10 @@ def _start(n: int, storage: str, name: str, mode: str, k: int | str, logs: Path,
         env["DENDRO_PLUGINS"] = "instant_training"
     procs = []
     for i in range(n):
+        # an idle worker looks for work ten times a second, so all start within 0.1 s of the
+        # study being set running (at the default 1 s, up to a second of each row's wall)
         args = ["worker", "--storage", storage, "--studies", name, "--idle-exit", str(idle_exit),
-                "--device", devices[i % len(devices)]]
+                "--device", devices[i % len(devices)], "--poll-interval", "0.1"]
         if data_dir:
             args += ["--data-dir", data_dir]
         if mode == "population":
@@ -190,6 +196,15 @@ def _check(storage: str, name: str, n_trials: int) -> dict[str, Any]:
     starts = [t.datetime_start for t in trials if t.datetime_start and t.state != TrialState.WAITING]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     wall = (max(ends) - min(starts)).total_seconds() if starts and ends else float("nan")
+    # each worker's span: from the start of its first trial to the end of its last (its lease
+    # is on every trial it ran); their sum leaves out the tail where a worker had nothing left
+    spans: dict[str, list[Any]] = {}
+    for t in trials:
+        lease = t.system_attrs.get(LEASE_KEY)
+        if lease and t.datetime_start and t.datetime_complete:
+            span = spans.setdefault(lease, [t.datetime_start, t.datetime_complete])
+            span[0], span[1] = min(span[0], t.datetime_start), max(span[1], t.datetime_complete)
+    busy = sum((b - a).total_seconds() for a, b in spans.values())
     problems = []
     if finished != n_trials:
         problems.append(f"{finished} finished, not {n_trials}")
@@ -197,7 +212,7 @@ def _check(storage: str, name: str, n_trials: int) -> dict[str, Any]:
         problems.append("duplicate trial numbers")
     if states["running"] or states["waiting"]:
         problems.append(f"{states['running']} running, {states['waiting']} waiting")
-    return {"finished": finished, "wall": wall, "states": dict(states), "ok": not problems,
+    return {"finished": finished, "wall": wall, "spans": busy, "states": dict(states), "ok": not problems,
             "problems": problems}
 
 
@@ -249,6 +264,7 @@ def _fmt(r: dict[str, Any], trials: int) -> str:
     wall = r["wall"]
     rate = r["finished"] / wall if wall and wall == wall else float("nan")
     service = 1000 * r["n"] * wall / max(1, r["finished"])
+    span = 1000 * r["spans"] / max(1, r["finished"])
     cpu = 1000 * r["cpu"] / max(1, r["finished"])
     ok = "ok" if r["ok"] and all(c == 0 for c in r["codes"]) else "FAIL " + "; ".join(
         r["problems"] + ([f"exit codes {r['codes']}"] if any(r["codes"]) else []))
@@ -259,7 +275,7 @@ def _fmt(r: dict[str, Any], trials: int) -> str:
                  f"{1000 * lock['wait'] / lock['n']:7.1f}")
     host = f" {100 * r['host']:5.0f}%" if "host" in r else ""
     return (f"{r['backend']:10s} {r['mode']:10s} {r['n']:3d} {r['finished']:6d} {wall:8.2f} {rate:9.1f} "
-            f"{service:11.1f} {cpu:8.1f}{host}{locks}  {ok}")
+            f"{service:11.1f} {span:8.1f} {cpu:8.1f}{host}{locks}  {ok}")
 
 
 def gpu(args: argparse.Namespace, logs: Path) -> None:
@@ -268,7 +284,7 @@ def gpu(args: argparse.Namespace, logs: Path) -> None:
 
     rows = []
     print(f"{'backend':10s} {'mode':10s} {'N':>3s} {'trials':>6s} {'wall s':>8s} {'trials/s':>9s} "
-          f"{'service ms':>11s} {'cpu ms':>8s}  checks   (real training; cpu ms includes start-up)", flush=True)
+          f"{'service ms':>11s} {'span ms':>8s} {'cpu ms':>8s}  checks   (real training; cpu ms includes start-up)", flush=True)
     devs = args.gpu_devices.split(",")
     for n, devices, trials in ((1, devs[:1], args.gpu_trials // 2), (2, devs[:2], args.gpu_trials)):
         name = f"gpu-{n}-{uuid.uuid4().hex[:8]}"
@@ -323,7 +339,7 @@ def main() -> None:
             gpu(args, logs)
             return
         print(f"{'backend':10s} {'mode':10s} {'N':>3s} {'trials':>6s} {'wall s':>8s} {'trials/s':>9s} "
-              f"{'service ms':>11s} {'cpu ms':>8s} {'host':>6s} {'locks':>6s} {'busy':>7s} {'hold ms':>7s} {'wait ms':>7s}  checks",
+              f"{'service ms':>11s} {'span ms':>8s} {'cpu ms':>8s} {'host':>6s} {'locks':>6s} {'busy':>7s} {'hold ms':>7s} {'wait ms':>7s}  checks",
               flush=True)
         for backend in args.backends.split(","):
             if backend == "postgresql":

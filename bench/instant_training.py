@@ -58,58 +58,42 @@ def _lock_report() -> None:
 # On PostgreSQL a fast ask takes no study lock: the study row's lock, held from the answer of
 # the statement that takes it (``FOR UPDATE``) to the commit of the trials it creates.
 _create_trials = _fast.FastStorage.create_trials
-_count_states = _fast.FastStorage._count_states
+_study_attrs = _fast.FastStorage._study_attrs
 _ROW: dict[str, float] = {}
 
 
 def _timed_create(self: _fast.FastStorage, n: int, decide: object = None) -> list[int]:
     if decide is None:
         return _create_trials(self, n)
+    _ROW.pop("t1", None)
     t0 = _ROW["t0"] = time.perf_counter()
     try:
         return _create_trials(self, n, decide)  # type: ignore[arg-type]
     finally:
+        del _ROW["t0"]
         t1 = _ROW.pop("t1", time.perf_counter())
         _LOCK["n"] += 1
         _LOCK["wait"] += t1 - t0
         _LOCK["hold"] += time.perf_counter() - t1
 
 
-class _FirstAnswer:
-    """A connection whose first statement's answer (the row lock taken) is timed."""
-
-    def __init__(self, conn: object) -> None:
-        self.conn, self.first = conn, True
-
-    def execute(self, *args: object, **kwargs: object) -> object:
-        result = self.conn.execute(*args, **kwargs)  # type: ignore[attr-defined]
-        if self.first:
-            self.first = False
-            _ROW["t1"] = time.perf_counter()
-        return result
-
-
-def _timed_count(self: _fast.FastStorage, conn: object, flag: str, lock: bool = False,
-                 settled: object = None) -> object:
-    if "t0" in _ROW:
-        del _ROW["t0"]
-        if lock:  # the row lock comes with the first read here
-            conn = _FirstAnswer(conn)
-        else:  # it came with the statement before
-            _ROW["t1"] = time.perf_counter()
-    return _count_states(self, conn, flag, lock, settled)  # type: ignore[arg-type]
+def _timed_attrs(self: _fast.FastStorage, rows: object) -> object:
+    # the answer of the read that takes the row lock (or, without one, the first read) is here
+    if "t0" in _ROW and "t1" not in _ROW:
+        _ROW["t1"] = time.perf_counter()
+    return _study_attrs(self, rows)
 
 
 _runner.study_lock = _timed_lock  # type: ignore[assignment]
 _fast.FastStorage.create_trials = _timed_create  # type: ignore[method-assign]
-_fast.FastStorage._count_states = _timed_count  # type: ignore[method-assign]
+_fast.FastStorage._study_attrs = _timed_attrs  # type: ignore[method-assign]
 atexit.register(_lock_report)
 
 # -- optional: each worker profiles itself (cProfile) and dumps to $BENCH_SCALE_PROFILE/<pid>.prof at exit --
 if os.environ.get("BENCH_SCALE_PROFILE"):
     import cProfile  # noqa: E402
 
-    _PROF = cProfile.Profile(time.process_time)  # CPU seconds: what contention for cores does not inflate
+    _PROF = cProfile.Profile()
 
     def _dump_profile() -> None:
         _PROF.disable()

@@ -297,6 +297,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         studies=[s for s in args.studies.split(",") if s] if args.studies else None,
         max_trials=args.max_trials,
         idle_exit=args.idle_exit,
+        poll_interval=args.poll_interval,
         data_dir=str(settings.data_dir),
         population=population,
         max_population=settings.max_population,
@@ -568,6 +569,17 @@ def _population_arg(value: str) -> str:
     raise argparse.ArgumentTypeError(f"--population must be a positive integer or 'auto', got {value!r}")
 
 
+def _seconds_arg(value: str) -> float:
+    """A positive number of seconds (``--poll-interval``)."""
+    try:
+        v = float(value)
+    except ValueError:
+        v = float("nan")
+    if not (0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"--poll-interval must be a positive number of seconds, got {value!r}")
+    return v
+
+
 def _population_value(value: str | None) -> int | str | None:
     """``--population`` as the studies API takes it: None, "auto" or an int (one line, exit 2, if bad)."""
     if value is None:
@@ -612,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--studies", help="comma-separated study names to serve (default: all)")
     w.add_argument("--max-trials", type=int)
     w.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
+    w.add_argument("--poll-interval", type=_seconds_arg, default=1.0, metavar="S",
+                   help="seconds an idle worker waits before it looks for work again (default 1)")
     w.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     w.add_argument("--population", type=_population_arg,
                    help="train K trials of a study at once on the device: an integer or 'auto'")

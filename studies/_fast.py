@@ -97,6 +97,17 @@ def row_lock_serialises(storage: BaseStorage) -> bool:
     return isinstance(backend, RDBStorage) and backend.engine.dialect.name in ("postgresql", "mysql")
 
 
+def _pipelines(conn: Any) -> bool:
+    """Whether ``conn``'s driver connection can send statements without waiting for each
+    answer (psycopg 3's pipeline mode, on libpq 14 or newer)."""
+    raw = getattr(conn.connection, "dbapi_connection", None)
+    if raw is None or not hasattr(raw, "pipeline"):
+        return False
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
+
+
 def _state_name(t: FrozenTrial) -> str:
     """The default ``classify`` of a view: Optuna's state, lower case."""
     return t.state.name.lower()
@@ -170,6 +181,7 @@ class FastStorage(BaseStorage):
         self._stmts: dict[str, Any] | None = None
         self._locked: dict[str, Any] | None = None
         self._counts_st: dict[str, Any] | None = None
+        self._pipeline: dict[str, str] | None = None
         self._uid: str | None = None  # the study's creation (UID_ATTR), once read
         self.writes = 0  # transactions written, for tests and benchmarks
         #: the lease the trials this process creates are tied to (set by the asker)
@@ -279,8 +291,15 @@ class FastStorage(BaseStorage):
         takes its row's lock too (PostgreSQL's ``FOR UPDATE OF``). ``settled``
         (:meth:`_settled`): counts already known, up to a trial id; only later trials are read."""
         st = self._count_statements()
-        params = {"sid": self._study_id}
-        rows = conn.execute(st["attrs_locked" if lock else "attrs"], params).all()
+        rows = conn.execute(st["attrs_locked" if lock else "attrs"], {"sid": self._study_id}).all()
+        attrs = self._study_attrs(rows)
+        upto = (settled or (-1,))[0]
+        counts = conn.execute(st["counts"], {"sid": self._study_id, "upto": upto, "flag": flag}).all()
+        return (*self._add_counts(counts, settled), attrs)
+
+    def _study_attrs(self, rows: Sequence[Any]) -> dict[str, Any]:
+        """The study's user attributes from the ``attrs`` read's rows; KeyError if the study is
+        gone, or is not the one this view was made for."""
         if not rows:
             raise KeyError(models.NOT_FOUND_MSG)
         attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
@@ -290,13 +309,20 @@ class FastStorage(BaseStorage):
             # (SQLite reuses ids): its trials, kept here, are not this one's
             raise KeyError(models.NOT_FOUND_MSG)
         self._uid = uid
-        upto, by_state, flagged = settled or (-1, Counter(), Counter())
-        # one pass: every trial after the settled ones, with its flag's value if it has one
-        for state, value, n in conn.execute(st["counts"], {"sid": self._study_id, "upto": upto, "flag": flag}):
+        return attrs
+
+    @staticmethod
+    def _add_counts(rows: Iterable[Any], settled: tuple[int, Counter[TrialState], Counter[TrialState]] | None,
+                    ) -> tuple[Counter[TrialState], Counter[TrialState]]:
+        """The ``counts`` read's rows (every trial after the settled ones, by state and its
+        flag's value) added to the settled counts."""
+        _, by_state, flagged = settled or (-1, Counter(), Counter())
+        for state, value, n in rows:
+            state = state if isinstance(state, TrialState) else TrialState[state]  # a raw row: the name
             by_state[state] += int(n)
             if value is not None and json.loads(value):
                 flagged[state] += int(n)
-        return by_state, flagged, attrs
+        return by_state, flagged
 
     def _load_full(self, conn: Any, ids: list[int]) -> None:
         """Finished trials, whole: the rows Optuna's ``get_trial`` reads, as it builds them
@@ -541,6 +567,9 @@ class FastStorage(BaseStorage):
             # PostgreSQL: the row lock is taken by the read of the study's attributes (one
             # round trip less while holding it); the counts are read after it, fresh.
             lock_with_attrs = decide is not None and self._backend.engine.dialect.name == "postgresql"
+            if lock_with_attrs and _pipelines(conn):
+                assert decide is not None
+                return self._create_pipelined(conn, n, decide, settled)
             if not lock_with_attrs and conn.execute(
                     sa.select(studies_.c.study_id).where(studies_.c.study_id == self._study_id)
                     .with_for_update()).first() is None:
@@ -583,9 +612,7 @@ class FastStorage(BaseStorage):
                 # order would need this too.)
                 conn.execute(t.update().where(t.c.trial_id.in_(ids))
                              .values(number=sa.case(numbers, value=t.c.trial_id)))
-            system: dict[str, Any] = {}
             if self.lease_id is not None:
-                system[LEASE_KEY] = self.lease_id
                 if pg:
                     conn.execute(self._locked_statements()["leases"], {
                         "ids": ids, "key": LEASE_KEY, "value": json.dumps(self.lease_id)})
@@ -593,12 +620,68 @@ class FastStorage(BaseStorage):
                     conn.execute(sa.insert(models.TrialSystemAttributeModel.__table__),
                                  [{"trial_id": tid, "key": LEASE_KEY, "value_json": json.dumps(self.lease_id)}
                                   for tid in ids])
-            lives = [FrozenTrial(
-                number=numbers[tid], state=TrialState.RUNNING, value=None, values=None,
-                datetime_start=now, datetime_complete=None, params={},
-                distributions={}, user_attrs={}, system_attrs=dict(system), intermediate_values={},
-                trial_id=tid) for tid in ids]
-        return ids, lives
+        return ids, self._new_trials(numbers, now)
+
+    def _create_pipelined(self, conn: Any, n: int, decide: Decide,
+                          settled: tuple[int, Counter[TrialState], Counter[TrialState]] | None,
+                          ) -> tuple[list[int], list[FrozenTrial]]:
+        """:meth:`_create` on PostgreSQL through psycopg's pipeline: two round trips, where
+        the statements one at a time took five, each paid by every worker waiting for the lock.
+
+        The first sends the read that takes the study row's lock (with the study's attributes)
+        and the count together; the server runs them in order, and the count, a statement of
+        its own, sees every trial committed before the lock was granted. ``decide`` runs on
+        the answer. The second sends the numbered rows with their leases (one statement: the
+        leases are a data-modifying ``WITH`` on the inserted rows) and the commit.
+        """
+        sql = self._pipeline_sql()
+        raw = conn.connection.dbapi_connection
+        upto = (settled or (-1,))[0]
+        with raw.pipeline():
+            locked, counted = raw.cursor(), raw.cursor()
+            locked.execute(sql["attrs_locked"], {"sid": self._study_id})
+            counted.execute(sql["counts"], {"sid": self._study_id, "upto": upto, "flag": "infeasible"})
+            attrs = self._study_attrs(locked.fetchall())
+            by_state, flagged = self._add_counts(counted.fetchall(), settled)
+            n = decide(by_state, flagged, attrs)
+            if n <= 0:
+                return [], []
+            base = sum(by_state.values())  # the row lock serialises every writer that numbers trials
+            now = datetime.datetime.now()
+            inserted = raw.cursor()
+            params = {"lo": base, "hi": base + n - 1, "sid": self._study_id, "state": TrialState.RUNNING.name,
+                      "start": now, "key": LEASE_KEY, "value": json.dumps(self.lease_id)}
+            inserted.execute(sql["trials" if self.lease_id is None else "leased"], params)
+            raw.commit()  # sent with the insert; SQLAlchemy's own commit after it finds nothing to do
+            got = inserted.fetchall()
+        numbers = {tid: number for tid, number in got}
+        return sorted(numbers), self._new_trials(numbers, now)
+
+    def _new_trials(self, numbers: dict[int, int], now: datetime.datetime) -> list[FrozenTrial]:
+        """The view's trials for rows just created (id -> number), RUNNING under this lease."""
+        system = {LEASE_KEY: self.lease_id} if self.lease_id is not None else {}
+        return [FrozenTrial(
+            number=numbers[tid], state=TrialState.RUNNING, value=None, values=None,
+            datetime_start=now, datetime_complete=None, params={},
+            distributions={}, user_attrs={}, system_attrs=dict(system), intermediate_values={},
+            trial_id=tid) for tid in sorted(numbers)]
+
+    def _pipeline_sql(self) -> dict[str, str]:
+        """:meth:`_create_pipelined`'s statements as psycopg SQL, compiled once from the same
+        Core statements the one-at-a-time path runs."""
+        if self._pipeline is None:
+            dialect = self._backend.engine.dialect
+            counts, locked = self._count_statements(), self._locked_statements()
+            trials = str(locked["trials"].compile(dialect=dialect))
+            sat = models.TrialSystemAttributeModel.__table__.name
+            self._pipeline = {
+                "attrs_locked": str(counts["attrs_locked"].compile(dialect=dialect)),
+                "counts": str(counts["counts"].compile(dialect=dialect)),
+                "trials": trials,
+                "leased": (f"WITH ins AS ({trials}), lease AS (INSERT INTO {sat} (trial_id, key, value_json) "
+                           "SELECT ins.trial_id, %(key)s, %(value)s FROM ins) SELECT trial_id, number FROM ins"),
+            }
+        return self._pipeline
 
     def _adopt(self, trial_id: int) -> None:
         """A waiting trial this process just set RUNNING: run it as its own from now on."""

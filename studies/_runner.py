@@ -571,10 +571,16 @@ def _after_tell(study: optuna.Study, spec: StudySpec) -> None:
         if spec.timeout is None and c["finished"] + c["running"] + c["waiting"] < spec.n_trials:
             return
     with study_lock(study._storage, study.study_name):
-        # a FastStorage reads the attributes with its refresh, in one session; on the plain
-        # path _mark_done_if_finished reads them only when the study is over or has a timeout
-        attrs = v.refresh(study_attrs=v.batching)
-        _mark_done_if_finished(study, spec, _counts(v.kinds()), attrs)
+        if isinstance(v, _fast.FastStorage):
+            # the counts and attributes as the database has them now, no trial loaded: at a
+            # study's end every worker comes here, one after another, and a refresh of the
+            # view would load every trial it has not seen while the others wait
+            _mark_done_if_finished(study, spec, *_counts_now(v))
+            return
+        # the plain path: _mark_done_if_finished reads the attributes only when the study is
+        # over or has a timeout
+        v.refresh()
+        _mark_done_if_finished(study, spec, _counts(v.kinds()), None)
 
 
 def _grid_exhausted(study: optuna.Study, spec: StudySpec) -> bool:

@@ -118,6 +118,20 @@ def test_a_worker_population_over_the_limit_exits_2_naming_it(
     assert not (tmp_path / "pop.db").exists(), "refused before the storage is opened"
 
 
+def test_a_worker_poll_interval_that_is_not_a_positive_number_exits_2_naming_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from service.cli import main
+
+    storage = f"sqlite:///{tmp_path / 'poll.db'}"
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        with pytest.raises(SystemExit) as exc:
+            main(["worker", "--storage", storage, "--poll-interval", bad])
+        assert exc.value.code == 2
+        assert f"--poll-interval must be a positive number of seconds, got {bad!r}" in capsys.readouterr().err
+    assert not (tmp_path / "poll.db").exists(), "refused before the storage is opened"
+
+
 # -- study names -------------------------------------------------------------------------------
 def _files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")

@@ -559,6 +559,60 @@ def test_a_view_of_a_deleted_study_does_not_count_the_one_created_under_its_id(
         fs.count_states("infeasible")
 
 
+@pytest.mark.postgres
+def test_the_pipelined_ask_writes_what_the_ask_one_statement_at_a_time_writes() -> None:
+    """PostgreSQL's ask in two round trips (psycopg's pipeline) numbers its rows, ties them to
+    the lease and decides on fresh counts exactly as the five-statement path does; a decision
+    of none creates nothing and leaves no transaction open; a deleted study raises KeyError."""
+    if not _pg_reachable():
+        pytest.skip(f"PostgreSQL at {PG_URL} cannot be reached")
+    names = [_name("pipe"), _name("plain")]
+    st = _own_storage(PG_URL, heartbeat=False)
+    seen: list[tuple[int, int]] = []
+
+    def decide(by_state: Any, flagged: Any, attrs: dict[str, Any]) -> int:
+        seen.append((sum(by_state.values()), sum(flagged.values())))
+        assert attrs["tag"] == "t"
+        return 3
+
+    try:
+        rows = []
+        for name, pipelined in zip(names, (True, False), strict=True):
+            study = optuna.create_study(study_name=name, storage=st)
+            study.set_user_attr("tag", "t")
+            done = study.ask()  # another writer's trials: counted, and flagged when infeasible
+            study._storage.set_trial_user_attr(done._trial_id, "infeasible", True)
+            study.tell(done, state=TrialState.PRUNED)
+            fs = _fast.FastStorage(st, study._study_id)
+            fs.lease_id = "lease-1"
+            original = _fast._pipelines
+            _fast._pipelines = (lambda conn: True) if pipelined else (lambda conn: False)  # type: ignore[assignment]
+            try:
+                first = fs.create_trials(5, decide)
+                assert fs.create_trials(5, lambda *a: 0) == []
+                second = fs.create_trials(5, decide)
+            finally:
+                _fast._pipelines = original  # type: ignore[assignment]
+            assert len(first) == len(second) == 3 and first == sorted(first) and max(first) < min(second)
+            with st.engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE state = "
+                                            "'idle in transaction' AND datname = current_database()")).scalar() == 0
+            rows.append([{"number": t.number, "state": t.state, "lease": t.system_attrs.get(_fast.LEASE_KEY)}
+                         for t in optuna.load_study(study_name=name, storage=st).get_trials()])
+            assert [fs.get_trial(tid).number for tid in first + second] == list(range(1, 7))
+        assert rows[0] == rows[1]
+        assert [r["number"] for r in rows[0]] == list(range(7))
+        assert all(r["lease"] == "lease-1" and r["state"] == TrialState.RUNNING for r in rows[0][1:])
+        assert seen == [(1, 1), (4, 1)] * 2, "fresh counts (the trials just created among them), the flag counted"
+        fs = _fast.FastStorage(st, optuna.load_study(study_name=names[0], storage=st)._study_id)
+        optuna.delete_study(study_name=names[0], storage=st)
+        with pytest.raises(KeyError):
+            fs.create_trials(1, decide)
+    finally:
+        _drop(PG_URL, *names)
+        st.engine.dispose()
+
+
 def test_a_dead_workers_trial_keeps_its_params_and_is_retried(
     tmp_path: Path, tiny_spec: Callable[..., StudySpec],
 ) -> None:
