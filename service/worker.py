@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
@@ -27,6 +28,16 @@ from ._errors import DB_ERRORS
 #: enough that a stop lands at the end of the epoch it came in, long enough that a worker of
 #: many short epochs (or many members) reads it ten times a second, not once an epoch
 STATE_POLL = 0.1
+
+#: a single-trial worker asks as many trials at once as its recent trials of the study take this
+#: many seconds to run (at least 1, at most MAX_ASK_AHEAD): trials of seconds or more are asked
+#: one at a time, as ever; trials of milliseconds are asked a few at a time, because each ask
+#: takes the study's lock and reads what the other workers did, and with many workers the asks,
+#: not the trials, were the bound (bench/bench_scale.py)
+ASK_AHEAD_SECONDS = 0.25
+MAX_ASK_AHEAD = 8
+#: seconds a busy worker reuses its listing of the running studies (an idle one lists anew)
+LIST_REUSE = 1.0
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -81,6 +92,10 @@ class Worker:
         self._current: tuple[str, int] | None = None
         self._state_unread = False  # the last look at a study's state failed (logged once)
         self._state_seen: tuple[Any, float, str | bool] | None = None  # (which study, when, answer)
+        self._listing: tuple[float, list[tuple[str, Any]]] | None = None  # (when, running studies)
+        #: trials asked ahead (single-trial mode), run before anything else is asked
+        self._ahead: deque[tuple[str, optuna.Study, studies.StudySpec, optuna.Trial]] = deque()
+        self._pace: dict[str, float] = {}  # study -> recent seconds per trial (single-trial mode)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -130,7 +145,19 @@ class Worker:
 
     # -- choosing work ------------------------------------------------------------------------
     def _runnable(self) -> list[tuple[str, Any]]:
-        """Running studies as (name, identity), the least recently served first."""
+        """Running studies as (name, identity), the least recently served first. A busy worker
+        reuses its listing for up to LIST_REUSE seconds (each listing reads every study's
+        attributes, specs included); an idle one lists anew each time it looks."""
+        now = time.monotonic()
+        if self._listing is None or now - self._listing[0] >= LIST_REUSE:
+            self._listing = (now, self._list_running())
+        found = list(self._listing[1])
+        # Fair between studies: the one served least recently goes first.
+        random.shuffle(found)
+        found.sort(key=lambda f: self._served.get(f[0], 0.0))
+        return found
+
+    def _list_running(self) -> list[tuple[str, Any]]:
         assert self._storage is not None
         found = []
         for s in self._storage.get_all_studies():
@@ -143,9 +170,6 @@ class Worker:
                 uid = attrs.get(studies.UID_ATTR)
                 found.append((s.study_name, uid if uid else
                               (s._study_id, json.dumps(attrs[studies.SPEC_ATTR], sort_keys=True))))
-        # Fair between studies: the one served least recently goes first.
-        random.shuffle(found)
-        found.sort(key=lambda f: self._served.get(f[0], 0.0))
         return found
 
     def _study(self, name: str, identity: Any) -> tuple[optuna.Study, studies.StudySpec]:
@@ -243,61 +267,99 @@ class Worker:
             studies.release_dropped(self._storage, self.config.worker_id,
                                     "the database went away while it trained; its worker went on")
             self._dropped = False
+        if self._ahead:  # asked already: run before anything else is asked (a stop ends it)
+            return self._run_trial(*self._ahead.popleft())
         for name, identity in self._runnable():
             try:
                 try:
                     study, spec = self._study(name, identity)
                 except _Unrunnable as exc:
+                    self._listing = None
                     self._mark_error(name, identity, str(exc))
                     continue
                 if self.config.population and studies.population_supported(spec) is None:
                     if self._run_population(name, study, spec):
                         return True
                     continue
-                trial = studies.ask_trial(study, spec)
+                trials = self._ask(name, study, spec)
             except (studies.StudyNotFoundError, KeyError):
                 # Deleted between the listing and the ask (Optuna: "record does not exist").
                 log.info("study %s is gone", name)
                 self._studies.pop(name, None)
+                self._listing = None
                 continue
-            if trial is None:
+            if not trials:
                 continue
-            # The trial is tied to this worker's lease, which its one thread keeps beating.
-            started = self._storage.get_trial(trial._trial_id).datetime_start
-            self._served[name] = time.time()
-            self._current = (name, trial.number)
-            self._note()
-            try:
-                out = studies.execute_trial(
-                    study, trial, spec, device=self.config.device, data_dir=self.config.data_dir,
-                    model_store=studies.ModelStore(self._storage.engine),
-                    should_stop=functools.partial(self._should_stop, study, trial.number),
-                    worker=f"{self.host}:{os.getpid()}",
-                )
-            except KeyError:
-                # Optuna's "record does not exist": the study, and so this trial, was deleted
-                # while it trained; there is nothing left to tell.
-                self._studies.pop(name, None)
-                if not self._trial_gone(trial._trial_id, started):
-                    raise
-                log.info("study %s was deleted while trial %d ran; dropped it", name, trial.number)
-                return True
-            except DB_ERRORS:
-                raise  # run() backs off and retries; the trial's heartbeat lapses and it is retried
-            except Exception as exc:  # noqa: BLE001 - one trial's error must not stop the worker
-                log.exception("study %s trial %d raised; the worker goes on", name, trial.number)
-                self._fail_if_running(study, trial, f"{exc.__class__.__name__}: {exc}")
-                return True
-            finally:
-                self._current = None
-                self._note()
-            if out.state not in ("infeasible", "lost"):
-                self.trials_done += 1
-            log.info("study %s trial %d: %s %s", name, out.number, out.state,
-                     out.values if out.values else (out.reason or ""))
-            return True
+            self._ahead.extend((name, study, spec, t) for t in trials[1:])
+            return self._run_trial(name, study, spec, trials[0])
         return studies.serve_finalize(self._storage, self.config.device, self.config.data_dir,
                                       self.config.worker_id, study_names=list(self.config.studies or []))
+
+    def _ask(self, name: str, study: optuna.Study, spec: studies.StudySpec) -> list[optuna.Trial]:
+        """One trial, or as many as the study's recent trials ran in ASK_AHEAD_SECONDS (see
+        there; never past ``max_trials``): they are tied to this worker's lease at once."""
+        pace = self._pace.get(name)
+        n = 1 if pace is None else max(1, min(MAX_ASK_AHEAD, int(ASK_AHEAD_SECONDS / max(pace, 1e-6))))
+        if self.config.max_trials is not None:
+            n = max(1, min(n, self.config.max_trials - self.trials_done))
+        if n == 1:
+            trial = studies.ask_trial(study, spec)
+            return [] if trial is None else [trial]
+        return studies.ask_trials(study, spec, n)
+
+    def _release_ahead(self, reason: str) -> None:
+        """Fail the trials asked ahead and never started (no point was drawn for them: the
+        study asks fresh ones in their place)."""
+        while self._ahead:
+            _, study, _, trial = self._ahead.popleft()
+            self._fail_if_running(study, trial, reason)
+
+    def _run_trial(self, name: str, study: optuna.Study, spec: studies.StudySpec, trial: optuna.Trial) -> bool:
+        """Train one asked trial and tell it; True (it ran, or its study went away meanwhile)."""
+        assert self._storage is not None
+        # The trial is tied to this worker's lease, which its one thread keeps beating.
+        # (Its start as the study's storage holds it: this worker's view, no read.)
+        try:
+            started = study._storage.get_trial(trial._trial_id).datetime_start
+        except KeyError:  # asked ahead, and its study was deleted since
+            self._studies.pop(name, None)
+            return True
+        self._served[name] = time.time()
+        self._current = (name, trial.number)
+        self._note()
+        t0 = time.monotonic()
+        try:
+            out = studies.execute_trial(
+                study, trial, spec, device=self.config.device, data_dir=self.config.data_dir,
+                model_store=studies.ModelStore(self._storage.engine),
+                should_stop=functools.partial(self._should_stop, study, trial.number),
+                worker=f"{self.host}:{os.getpid()}",
+            )
+        except KeyError:
+            # Optuna's "record does not exist": the study, and so this trial, was deleted
+            # while it trained; there is nothing left to tell.
+            self._studies.pop(name, None)
+            if not self._trial_gone(trial._trial_id, started):
+                raise
+            log.info("study %s was deleted while trial %d ran; dropped it", name, trial.number)
+            return True
+        except DB_ERRORS:
+            raise  # run() backs off and retries; the trial's heartbeat lapses and it is retried
+        except Exception as exc:  # noqa: BLE001 - one trial's error must not stop the worker
+            log.exception("study %s trial %d raised; the worker goes on", name, trial.number)
+            self._fail_if_running(study, trial, f"{exc.__class__.__name__}: {exc}")
+            return True
+        finally:
+            self._current = None
+            self._note()
+        seconds = time.monotonic() - t0
+        pace = self._pace.get(name)
+        self._pace[name] = seconds if pace is None else 0.7 * pace + 0.3 * seconds
+        if out.state not in ("infeasible", "lost"):
+            self.trials_done += 1
+        log.info("study %s trial %d: %s %s", name, out.number, out.state,
+                 out.values if out.values else (out.reason or ""))
+        return True
 
     def _population_size(self) -> int | str:
         p = str(self.config.population).strip().lower()
@@ -372,6 +434,8 @@ class Worker:
                     log.warning("database unavailable (%s); retrying in %.0fs",
                                 exc.__class__.__name__, backoff)
                     self._studies.clear()
+                    self._ahead.clear()  # RUNNING under this lease: released with the dropped ones
+                    self._listing = None
                     self._dropped = True
                     self.stop_requested.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
@@ -379,12 +443,14 @@ class Worker:
                 if ran:
                     idle_since = time.monotonic()
                     continue
+                self._listing = None  # idle: the next look lists the studies anew
                 if self.config.idle_exit is not None and time.monotonic() - idle_since >= self.config.idle_exit:
                     log.info("idle for %.0fs: exiting", self.config.idle_exit)
                     break
                 self.stop_requested.wait(self.config.poll_interval)
         finally:
             self.stop_requested.set()
+            self._release_ahead("the worker stopped before this trial started")
             if self._lease is not None:
                 self._lease.close(remove=True)  # best effort: a lease left behind goes stale
         return 0

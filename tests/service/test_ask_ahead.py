@@ -1,0 +1,65 @@
+"""A single-trial worker of short trials asks several at once; a stop fails the unstarted ones."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from service_helpers import tiny_spec
+
+import studies
+from service import worker as worker_mod
+from service.worker import Worker, WorkerConfig
+
+
+def test_a_worker_of_short_trials_asks_ahead_and_a_stop_fails_only_the_unstarted_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ahead.db'}"
+    n_trials = 30
+    spec = studies.StudySpec(**tiny_spec("ahead", n_trials=n_trials, n_epochs=1))
+    studies.create_study(spec, url, "ahead")
+    # whatever this machine's speed, the trials are "short": the most asked at once
+    monkeypatch.setattr(worker_mod, "ASK_AHEAD_SECONDS", 1e6)
+    w = Worker(WorkerConfig(storage=url, device="cpu", studies=["ahead"]))
+    assert w.run_once() and not w._ahead, "the first trial of a study is asked alone"
+    assert w.run_once()
+    assert len(w._ahead) == worker_mod.MAX_ASK_AHEAD - 1, "then several at once, one run"
+    unstarted = {t.number for *_, t in w._ahead}
+    w.stop_requested.set()
+    assert w.run() == 0  # stops at once: the trials asked ahead are failed, visibly
+
+    trials = optuna.load_study(study_name="ahead", storage=url).get_trials()
+    by_number = {t.number: t for t in trials}
+    for number in unstarted:
+        t = by_number[number]
+        assert t.state == TrialState.FAIL and not t.params, "never started: no point drawn, none lost"
+        assert t.user_attrs["fail_reason"] == "the worker stopped before this trial started"
+    assert Counter(t.state for t in trials) == {TrialState.COMPLETE: 2, TrialState.FAIL: len(unstarted)}
+
+    # another worker finishes the study: exactly n_trials, no number twice, none left running
+    again = Worker(WorkerConfig(storage=url, device="cpu", studies=["ahead"], idle_exit=0.5, poll_interval=0.1))
+    assert again.run() == 0
+    trials = optuna.load_study(study_name="ahead", storage=url).get_trials()
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == n_trials
+    assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
+    assert len({t.number for t in trials}) == len(trials)
+    # asked in batches: trials created in one transaction share their start
+    batches = Counter(t.datetime_start for t in trials if t.state == TrialState.COMPLETE)
+    assert max(batches.values()) > 1
+    assert studies.study_state(optuna.load_study(study_name="ahead", storage=url)) == "done"
+
+
+def test_a_worker_of_long_trials_asks_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    spec = studies.StudySpec(**tiny_spec("one", n_trials=4, n_epochs=1))
+    studies.create_study(spec, url, "one")
+    monkeypatch.setattr(worker_mod, "ASK_AHEAD_SECONDS", 1e-9)  # every trial is "long"
+    w = Worker(WorkerConfig(storage=url, device="cpu", studies=["one"], idle_exit=0.5, poll_interval=0.1))
+    assert w.run() == 0
+    trials = optuna.load_study(study_name="one", storage=url).get_trials()
+    assert len(trials) == 4 and len({t.datetime_start for t in trials}) == 4, "one ask per trial"
