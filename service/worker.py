@@ -220,6 +220,10 @@ class Worker:
             self.stop_requested.wait(self.config.epoch_seconds)
         if self.stop_requested.is_set():
             return "the worker is shutting down"
+        return self._study_stopped(study)
+
+    def _study_stopped(self, study: optuna.Study) -> str | bool:
+        """Why the study may run no more (stopped, deleted), or False."""
         # The study's state is read from the database at most every STATE_POLL seconds: every
         # epoch of every trial asks, and with many workers those reads were most of a worker's
         # service time (bench/bench_scale.py).
@@ -267,8 +271,13 @@ class Worker:
             studies.release_dropped(self._storage, self.config.worker_id,
                                     "the database went away while it trained; its worker went on")
             self._dropped = False
-        if self._ahead:  # asked already: run before anything else is asked (a stop ends it)
-            return self._run_trial(*self._ahead.popleft())
+        if self._ahead:  # asked already: run before anything else is asked
+            name, study, spec, trial = self._ahead.popleft()
+            why = self._study_stopped(study)
+            if why:  # stopped or deleted since the ask: failed unstarted (no point drawn yet)
+                self._fail_if_running(study, trial, f"{why} before this trial started")
+                return True
+            return self._run_trial(name, study, spec, trial)
         for name, identity in self._runnable():
             try:
                 try:

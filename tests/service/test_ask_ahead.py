@@ -63,3 +63,27 @@ def test_a_worker_of_long_trials_asks_one_at_a_time(tmp_path: Path, monkeypatch:
     assert w.run() == 0
     trials = optuna.load_study(study_name="one", storage=url).get_trials()
     assert len(trials) == 4 and len({t.datetime_start for t in trials}) == 4, "one ask per trial"
+
+
+def test_trials_asked_ahead_of_a_study_stopped_since_are_failed_unstarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'stop.db'}"
+    spec = studies.StudySpec(**tiny_spec("stop", n_trials=20, n_epochs=1))
+    studies.create_study(spec, url, "stop")
+    monkeypatch.setattr(worker_mod, "ASK_AHEAD_SECONDS", 1e6)
+    w = Worker(WorkerConfig(storage=url, device="cpu", studies=["stop"]))
+    assert w.run_once() and w.run_once()
+    unstarted = {t.number for *_, t in w._ahead}
+    assert unstarted
+    optuna.load_study(study_name="stop", storage=url).set_user_attr(studies.STATE_ATTR, "stopped")
+    w._state_seen = None  # as after STATE_POLL seconds
+    while w._ahead:
+        assert w.run_once()
+    trials = {t.number: t for t in optuna.load_study(study_name="stop", storage=url).get_trials()}
+    for number in unstarted:
+        assert trials[number].state == TrialState.FAIL and not trials[number].params
+        assert trials[number].user_attrs["fail_reason"] == "the study was stopped before this trial started"
+    assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials.values())
+    w.stop_requested.set()
+    assert w.run() == 0
