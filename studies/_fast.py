@@ -182,6 +182,8 @@ class FastStorage(BaseStorage):
         self._locked: dict[str, Any] | None = None
         self._counts_st: dict[str, Any] | None = None
         self._pipeline: dict[str, str] | None = None
+        self._loads: dict[str, Any] | None = None
+        self._raw_loads: dict[str, str] | None = None
         self._uid: str | None = None  # the study's creation (UID_ATTR), once read
         self.writes = 0  # transactions written, for tests and benchmarks
         #: the lease the trials this process creates are tied to (set by the asker)
@@ -324,34 +326,85 @@ class FastStorage(BaseStorage):
                 flagged[state] += int(n)
         return by_state, flagged
 
+    def _load_statements(self) -> dict[str, Any]:
+        """The loads' reads, built once, each for a list of trial ids (bound as ``ids``)."""
+        if self._loads is None:
+            t, v = _T.__table__, models.TrialValueModel.__table__
+            iv = models.TrialIntermediateValueModel.__table__
+            ua, sa_ = models.TrialUserAttributeModel.__table__, models.TrialSystemAttributeModel.__table__
+            p = models.TrialParamModel.__table__
+
+            def among(table: Any) -> Any:
+                return table.c.trial_id.in_(sa.bindparam("ids", expanding=True))
+
+            self._loads = {
+                "values": sa.select(v.c.trial_id, v.c.objective, v.c.value, v.c.value_type).where(among(v)),
+                "params": sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
+                .where(among(p)).order_by(p.c.param_id),
+                "user": sa.select(ua.c.trial_id, ua.c.key, ua.c.value_json).where(among(ua)).order_by(*ua.primary_key),
+                "system": sa.select(sa_.c.trial_id, sa_.c.key, sa_.c.value_json).where(among(sa_))
+                .order_by(*sa_.primary_key),
+                "ivs": sa.select(iv.c.trial_id, iv.c.step, iv.c.intermediate_value, iv.c.intermediate_value_type)
+                .where(among(iv)).order_by(iv.c.trial_intermediate_value_id),
+                "trials": sa.select(t.c.trial_id, t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete)
+                .where(among(t)).order_by(t.c.trial_id),
+                "light": sa.select(t.c.trial_id, t.c.number, t.c.datetime_start).where(among(t)),
+            }
+        return self._loads
+
+    def _reads(self, conn: Any, names: Sequence[str], ids: list[int]) -> list[list[Any]]:
+        """The rows of the load statements ``names`` for ``ids``. On PostgreSQL through psycopg's
+        pipeline, all in one round trip and without SQLAlchemy's per-statement and per-row work
+        (every worker loads every other worker's trials, a few at a time: with many workers
+        that was most of the growth in a worker's CPU per trial); enum columns then come back
+        as their names."""
+        st = self._load_statements()
+        if not _pipelines(conn):
+            return [conn.execute(st[name], {"ids": ids}).all() for name in names]
+        if self._raw_loads is None:
+            # the same statements as psycopg SQL, ``IN (...)`` as ``= ANY(array)``: one text
+            # whatever the number of ids
+            dialect = self._backend.engine.dialect
+            self._raw_loads = {}
+            for name, stmt in st.items():
+                sql = str(stmt.compile(dialect=dialect))
+                assert "IN (__[POSTCOMPILE_ids])" in sql, sql
+                self._raw_loads[name] = sql.replace("IN (__[POSTCOMPILE_ids])", "= ANY(%(ids)s)")
+        raw = conn.connection.dbapi_connection
+        with raw.pipeline():
+            cursors = []
+            for name in names:
+                cur = raw.cursor()
+                cur.execute(self._raw_loads[name], {"ids": ids})
+                cursors.append(cur)
+            return [cur.fetchall() for cur in cursors]
+
     def _load_full(self, conn: Any, ids: list[int]) -> None:
         """Finished trials, whole: the rows Optuna's ``get_trial`` reads, as it builds them
         (values by objective, params in the order they were written), with one plain query
-        per table. Every worker loads every other worker's finished trials once, so this is
-        the read that grows with the number of workers: no ORM objects are made for it."""
-        t, v = _T.__table__, models.TrialValueModel.__table__
-        iv = models.TrialIntermediateValueModel.__table__
-        ua, sa_ = models.TrialUserAttributeModel.__table__, models.TrialSystemAttributeModel.__table__
+        per table (on PostgreSQL, all sent at once: :meth:`_reads`). Every worker loads every
+        other worker's finished trials once, so this is the read that grows with the number of
+        workers: no ORM objects are made for it."""
+        v_rows, p_rows, u_rows, s_rows, iv_rows, t_rows = self._reads(
+            conn, ("values", "params", "user", "system", "ivs", "trials"), ids)
+        value_type = models.TrialValueModel.TrialValueType
+        iv_type = models.TrialIntermediateValueModel.TrialIntermediateValueType
         values: dict[int, dict[int, float]] = {}
-        for tid, objective, value, kind in conn.execute(
-                sa.select(v.c.trial_id, v.c.objective, v.c.value, v.c.value_type).where(v.c.trial_id.in_(ids))):
+        for tid, objective, value, kind in v_rows:
+            kind = kind if isinstance(kind, value_type) else value_type[kind]
             values.setdefault(tid, {})[objective] = models.TrialValueModel.stored_repr_to_value(value, kind)
-        params, distributions = self._load_params(conn, ids)
+        params, distributions = self._params_of(p_rows)
         attrs: list[dict[int, dict[str, Any]]] = [{}, {}]
-        for i, table in enumerate((ua, sa_)):
-            for tid, key, value_json in conn.execute(
-                    sa.select(table.c.trial_id, table.c.key, table.c.value_json)
-                    .where(table.c.trial_id.in_(ids)).order_by(*table.primary_key)):
+        for i, rows in enumerate((u_rows, s_rows)):
+            for tid, key, value_json in rows:
                 attrs[i].setdefault(tid, {})[key] = json.loads(value_json)
         ivs: dict[int, dict[int, float]] = {}
-        for tid, step, value, kind in conn.execute(
-                sa.select(iv.c.trial_id, iv.c.step, iv.c.intermediate_value, iv.c.intermediate_value_type)
-                .where(iv.c.trial_id.in_(ids)).order_by(iv.c.trial_intermediate_value_id)):
+        for tid, step, value, kind in iv_rows:
+            kind = kind if isinstance(kind, iv_type) else iv_type[kind]
             ivs.setdefault(tid, {})[step] = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(
                 value, kind)
-        for tid, number, state, start, complete in conn.execute(
-                sa.select(t.c.trial_id, t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete)
-                .where(t.c.trial_id.in_(ids)).order_by(t.c.trial_id)):
+        for tid, number, state, start, complete in t_rows:
+            state = state if isinstance(state, TrialState) else TrialState[state]
             vals = values.get(tid)
             self._put(FrozenTrial(
                 number=number, state=state, value=None,
@@ -360,15 +413,12 @@ class FastStorage(BaseStorage):
                 distributions=distributions.get(tid, {}), user_attrs=attrs[0].get(tid, {}),
                 system_attrs=attrs[1].get(tid, {}), intermediate_values=ivs.get(tid, {}), trial_id=tid))
 
-    def _load_params(self, conn: Any, ids: list[int]) -> tuple[dict[int, dict[str, Any]],
-                                                                 dict[int, dict[str, dists.BaseDistribution]]]:
-        """The params and distributions of trials ``ids``, in the order they were written."""
-        p = models.TrialParamModel.__table__
+    def _params_of(self, rows: Iterable[Any]) -> tuple[dict[int, dict[str, Any]],
+                                                     dict[int, dict[str, dists.BaseDistribution]]]:
+        """The params and distributions in the ``params`` read's rows, in the order written."""
         params: dict[int, dict[str, Any]] = {}
         distributions: dict[int, dict[str, dists.BaseDistribution]] = {}
-        for tid, name, value, dj in conn.execute(
-                sa.select(p.c.trial_id, p.c.param_name, p.c.param_value, p.c.distribution_json)
-                .where(p.c.trial_id.in_(ids)).order_by(p.c.param_id)):
+        for tid, name, value, dj in rows:
             d = self._json_dists.get(dj)
             if d is None:
                 d = self._json_dists[dj] = dists.json_to_distribution(dj)
@@ -382,11 +432,9 @@ class FastStorage(BaseStorage):
         ``states`` are as first read: a trial that finished since stays unfinished here until
         the next refresh loads it whole (each read may see a newer database).
         """
-        ids = list(states)
-        params, distributions = self._load_params(conn, ids)
-        t = _T.__table__
-        for tid, number, start in conn.execute(
-                sa.select(t.c.trial_id, t.c.number, t.c.datetime_start).where(t.c.trial_id.in_(ids))):
+        p_rows, t_rows = self._reads(conn, ("params", "light"), list(states))
+        params, distributions = self._params_of(p_rows)
+        for tid, number, start in t_rows:
             state = states[tid]
             if tid in self._owned:
                 continue
