@@ -94,7 +94,7 @@ class Worker:
         self._state_seen: tuple[Any, float, str | bool] | None = None  # (which study, when, answer)
         self._listing: tuple[float, list[tuple[str, Any]]] | None = None  # (when, running studies)
         #: trials asked ahead (single-trial mode), run before anything else is asked
-        self._ahead: deque[tuple[str, optuna.Study, studies.StudySpec, optuna.Trial]] = deque()
+        self._ahead: deque[tuple[str, Any, optuna.Study, studies.StudySpec, optuna.Trial]] = deque()
         self._pace: dict[str, float] = {}  # study -> recent seconds per trial (single-trial mode)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -222,24 +222,30 @@ class Worker:
             return "the worker is shutting down"
         return self._study_stopped(study)
 
-    def _study_stopped(self, study: optuna.Study) -> str | bool:
-        """Why the study may run no more (stopped, deleted), or False."""
+    def _study_stopped(self, study: optuna.Study, identity: Any = None) -> str | bool:
+        """Why the study may run no more (stopped, deleted), or False. With the ``identity``
+        the listing gave it (its uid), a study deleted and created again under its name is
+        deleted too."""
         # The study's state is read from the database at most every STATE_POLL seconds: every
         # epoch of every trial asks, and with many workers those reads were most of a worker's
         # service time (bench/bench_scale.py).
+        uid = identity if isinstance(identity, str) else None
         seen, now = self._state_seen, time.monotonic()
-        key = (id(study), study._study_id)
+        key = (id(study), study._study_id, uid)
         if seen is not None and seen[0] == key and now - seen[1] < STATE_POLL:
             return seen[2]
-        answer = self._read_stop(study)
+        answer = self._read_stop(study, uid)
         self._state_seen = (key, now, answer)
         return answer
 
-    def _read_stop(self, study: optuna.Study) -> str | bool:
+    def _read_stop(self, study: optuna.Study, uid: str | None = None) -> str | bool:
         try:
-            state = studies.study_state(study)
+            attrs = study._storage.get_study_user_attrs(study._study_id)
+            if uid is not None and attrs.get(studies.UID_ATTR) != uid:
+                return _DELETED
+            state = str(attrs.get(studies.STATE_ATTR, "running"))
         except KeyError:
-            return "the study was deleted"
+            return _DELETED
         except DB_ERRORS as exc:
             # The database is away: keep training rather than throw the epochs away. The tell
             # waits for it (run() backs off; then the trials it dropped are re-queued).
@@ -272,9 +278,16 @@ class Worker:
                                     "the database went away while it trained; its worker went on")
             self._dropped = False
         if self._ahead:  # asked already: run before anything else is asked
-            name, study, spec, trial = self._ahead.popleft()
-            why = self._study_stopped(study)
-            if why:  # stopped or deleted since the ask: failed unstarted (no point drawn yet)
+            name, identity, study, spec, trial = self._ahead.popleft()
+            why = self._study_stopped(study, identity)
+            if why == _DELETED:
+                # its rows went with the study; a study created again under the name (SQLite
+                # reuses ids) may hold a trial with this id: nothing is told
+                self._studies.pop(name, None)
+                self._listing = None
+                log.info("study %s was deleted; dropped trial %d asked ahead", name, trial.number)
+                return True
+            if why:  # stopped since the ask: failed unstarted (no point drawn yet)
                 self._fail_if_running(study, trial, f"{why} before this trial started")
                 return True
             return self._run_trial(name, study, spec, trial)
@@ -299,7 +312,7 @@ class Worker:
                 continue
             if not trials:
                 continue
-            self._ahead.extend((name, study, spec, t) for t in trials[1:])
+            self._ahead.extend((name, identity, study, spec, t) for t in trials[1:])
             return self._run_trial(name, study, spec, trials[0])
         return studies.serve_finalize(self._storage, self.config.device, self.config.data_dir,
                                       self.config.worker_id, study_names=list(self.config.studies or []))
@@ -309,6 +322,8 @@ class Worker:
         there; never past ``max_trials``): they are tied to this worker's lease at once."""
         pace = self._pace.get(name)
         n = 1 if pace is None else max(1, min(MAX_ASK_AHEAD, int(ASK_AHEAD_SECONDS / max(pace, 1e-6))))
+        if n > 1 and not studies.draws_at_start(study):
+            n = 1  # its sampler gives a trial its point at the ask (a grid id): never ask ahead
         if self.config.max_trials is not None:
             n = max(1, min(n, self.config.max_trials - self.trials_done))
         if n == 1:
@@ -320,8 +335,9 @@ class Worker:
         """Fail the trials asked ahead and never started (no point was drawn for them: the
         study asks fresh ones in their place)."""
         while self._ahead:
-            _, study, _, trial = self._ahead.popleft()
-            self._fail_if_running(study, trial, reason)
+            _, identity, study, _, trial = self._ahead.popleft()
+            if self._study_stopped(study, identity) != _DELETED:
+                self._fail_if_running(study, trial, reason)
 
     def _run_trial(self, name: str, study: optuna.Study, spec: studies.StudySpec, trial: optuna.Trial) -> bool:
         """Train one asked trial and tell it; True (it ran, or its study went away meanwhile)."""
@@ -463,6 +479,10 @@ class Worker:
             if self._lease is not None:
                 self._lease.close(remove=True)  # best effort: a lease left behind goes stale
         return 0
+
+
+#: the stop reason of a study that was deleted
+_DELETED = "the study was deleted"
 
 
 class _Unrunnable(Exception):

@@ -108,6 +108,27 @@ def _pipelines(conn: Any) -> bool:
     return bool(psycopg.Pipeline.is_supported())
 
 
+@contextlib.contextmanager
+def _driver_errors(conn: Any) -> Iterator[None]:
+    """psycopg's errors from statements sent on ``conn``'s driver connection (the pipelines),
+    raised as SQLAlchemy raises them for its own statements (``OperationalError`` for a lock
+    timeout, a cancelled query or a lost connection, ...), so that every caller that tells "the
+    database is away" from other errors (a worker backs off, the API answers 503) sees the
+    same exceptions on both paths. A lost connection is invalidated, not returned to the pool."""
+    try:
+        yield
+    except Exception as exc:
+        import psycopg
+
+        if not isinstance(exc, psycopg.Error):
+            raise
+        gone = bool(conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None))
+        if gone:
+            conn.invalidate()
+        raise sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=gone,
+                                         dialect=conn.dialect) from exc
+
+
 def _state_name(t: FrozenTrial) -> str:
     """The default ``classify`` of a view: Optuna's state, lower case."""
     return t.state.name.lower()
@@ -371,7 +392,7 @@ class FastStorage(BaseStorage):
                 assert "IN (__[POSTCOMPILE_ids])" in sql, sql
                 self._raw_loads[name] = sql.replace("IN (__[POSTCOMPILE_ids])", "= ANY(%(ids)s)")
         raw = conn.connection.dbapi_connection
-        with raw.pipeline():
+        with _driver_errors(conn), raw.pipeline():
             cursors = []
             for name in names:
                 cur = raw.cursor()
@@ -685,7 +706,7 @@ class FastStorage(BaseStorage):
         sql = self._pipeline_sql()
         raw = conn.connection.dbapi_connection
         upto = (settled or (-1,))[0]
-        with raw.pipeline():
+        with _driver_errors(conn), raw.pipeline():
             locked, counted = raw.cursor(), raw.cursor()
             locked.execute(sql["attrs_locked"], {"sid": self._study_id})
             counted.execute(sql["counts"], {"sid": self._study_id, "upto": upto, "flag": "infeasible"})

@@ -405,6 +405,13 @@ def _fast_storage(study: optuna.Study) -> _fast.FastStorage | _fast.PlainView:
     return _fast.view(study, _kind)
 
 
+def draws_at_start(study: optuna.Study) -> bool:
+    """Whether a trial this study asks gets its point only when it starts (the worker's
+    batching storage: TPE and random), so that an asked trial failed before it started holds
+    no point. Samplers on Optuna's plain path may give it one at the ask (a grid id)."""
+    return _fast_storage(study).batching
+
+
 #: (storage id, study id) -> when this process last reaped the study's stale leases
 _REAPED: dict[tuple[int, int], float] = {}
 

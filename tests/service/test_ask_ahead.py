@@ -15,18 +15,26 @@ from service import worker as worker_mod
 from service.worker import Worker, WorkerConfig
 
 
+def _queued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+            n_trials: int = 20) -> tuple[str, studies.StudySpec, Worker]:
+    """A study of short trials and a worker that has run two of them, with trials asked ahead."""
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    spec = studies.StudySpec(**tiny_spec(name, n_trials=n_trials, n_epochs=1))
+    studies.create_study(spec, url, name)
+    # whatever this machine's speed, the trials are "short": the most asked at once
+    monkeypatch.setattr(worker_mod, "ASK_AHEAD_SECONDS", 1e6)
+    w = Worker(WorkerConfig(storage=url, device="cpu", studies=[name]))
+    assert w.run_once() and not w._ahead, "the first trial of a study is asked alone"
+    assert w.run_once()
+    assert w._ahead
+    return url, spec, w
+
+
 def test_a_worker_of_short_trials_asks_ahead_and_a_stop_fails_only_the_unstarted_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'ahead.db'}"
     n_trials = 30
-    spec = studies.StudySpec(**tiny_spec("ahead", n_trials=n_trials, n_epochs=1))
-    studies.create_study(spec, url, "ahead")
-    # whatever this machine's speed, the trials are "short": the most asked at once
-    monkeypatch.setattr(worker_mod, "ASK_AHEAD_SECONDS", 1e6)
-    w = Worker(WorkerConfig(storage=url, device="cpu", studies=["ahead"]))
-    assert w.run_once() and not w._ahead, "the first trial of a study is asked alone"
-    assert w.run_once()
+    url, _, w = _queued(tmp_path, monkeypatch, "ahead", n_trials)
     assert len(w._ahead) == worker_mod.MAX_ASK_AHEAD - 1, "then several at once, one run"
     unstarted = {t.number for *_, t in w._ahead}
     w.stop_requested.set()
@@ -68,14 +76,8 @@ def test_a_worker_of_long_trials_asks_one_at_a_time(tmp_path: Path, monkeypatch:
 def test_trials_asked_ahead_of_a_study_stopped_since_are_failed_unstarted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    url = f"sqlite:///{tmp_path / 'stop.db'}"
-    spec = studies.StudySpec(**tiny_spec("stop", n_trials=20, n_epochs=1))
-    studies.create_study(spec, url, "stop")
-    monkeypatch.setattr(worker_mod, "ASK_AHEAD_SECONDS", 1e6)
-    w = Worker(WorkerConfig(storage=url, device="cpu", studies=["stop"]))
-    assert w.run_once() and w.run_once()
+    url, _, w = _queued(tmp_path, monkeypatch, "stop")
     unstarted = {t.number for *_, t in w._ahead}
-    assert unstarted
     optuna.load_study(study_name="stop", storage=url).set_user_attr(studies.STATE_ATTR, "stopped")
     w._state_seen = None  # as after STATE_POLL seconds
     while w._ahead:
@@ -87,3 +89,47 @@ def test_trials_asked_ahead_of_a_study_stopped_since_are_failed_unstarted(
     assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials.values())
     w.stop_requested.set()
     assert w.run() == 0
+
+
+def test_a_grid_study_is_never_asked_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid sampler gives a trial its grid point at the ask: a trial asked ahead and failed
+    unstarted would take its point with it (found in review)."""
+    url = f"sqlite:///{tmp_path / 'grid.db'}"
+    grid = {"n_neurons": {"type": "categorical", "choices": [4, 6]},
+            "n_dendrites": {"type": "categorical", "choices": [2, 3]},
+            "n_dendrite_inputs": {"type": "categorical", "choices": [4, 8]},
+            "lr": {"type": "categorical", "choices": [0.01]}}
+    spec = studies.StudySpec(**tiny_spec("grid", sampler="grid", n_trials=8, n_epochs=1, search_space=grid))
+    studies.create_study(spec, url, "grid")
+    monkeypatch.setattr(worker_mod, "ASK_AHEAD_SECONDS", 1e6)
+    w = Worker(WorkerConfig(storage=url, device="cpu", studies=["grid"]))
+    assert w.run_once() and w.run_once() and not w._ahead
+    w.stop_requested.set()
+    assert w.run() == 0
+    again = Worker(WorkerConfig(storage=url, device="cpu", studies=["grid"], idle_exit=0.5, poll_interval=0.1))
+    assert again.run() == 0
+    trials = optuna.load_study(study_name="grid", storage=url).get_trials()
+    trained = {tuple(sorted(t.params.items())) for t in trials if t.state == TrialState.COMPLETE}
+    assert len(trained) == 8, "every grid point trained"
+
+
+def test_trials_asked_ahead_of_a_study_deleted_and_created_again_are_dropped_untold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQLite reuses a deleted study's id, and so its trials' ids: the trials asked ahead of the
+    old study must not be trained and told into the new study's trials (found in review)."""
+    url, spec, w = _queued(tmp_path, monkeypatch, "again")
+    n_ahead = len(w._ahead)
+    studies.delete_study(url, "again")
+    studies.create_study(spec, url, "again")
+    other = optuna.load_study(study_name="again", storage=url)
+    held = [other.ask() for _ in range(n_ahead + 2)]  # another client's trials, ids reused
+    w._state_seen = None
+    while w._ahead:
+        assert w.run_once()
+    trials = optuna.load_study(study_name="again", storage=url).get_trials()
+    assert [t.number for t in trials] == [t.number for t in held]
+    assert all(t.state == TrialState.RUNNING and not t.user_attrs for t in trials), "nothing told into them"
+    w.stop_requested.set()
+    assert w.run() == 0
+    assert all(t.state == TrialState.RUNNING for t in optuna.load_study(study_name="again", storage=url).get_trials())

@@ -613,6 +613,43 @@ def test_the_pipelined_ask_writes_what_the_ask_one_statement_at_a_time_writes() 
         st.engine.dispose()
 
 
+@pytest.mark.postgres
+def test_a_database_error_in_the_pipelined_ask_is_raised_as_on_the_plain_path() -> None:
+    """A lock timeout inside the pipeline reaches the caller as the same storage error as on
+    the one-statement-at-a-time path (which workers back off from), not as a raw psycopg
+    error, and the next ask works (found in review)."""
+    if not _pg_reachable():
+        pytest.skip(f"PostgreSQL at {PG_URL} cannot be reached")
+    name = _name("locktimeout")
+    st = optuna.storages.RDBStorage(PG_URL, engine_kwargs={"connect_args": {"options": "-c lock_timeout=300"}})
+    holder = sa.create_engine(PG_URL)
+    try:
+        study = optuna.create_study(study_name=name, storage=st)
+        raised = []
+        for pipelined in (True, False):
+            fs = _fast.FastStorage(st, study._study_id)
+            original = _fast._pipelines
+            _fast._pipelines = (lambda conn: True) if pipelined else (lambda conn: False)  # type: ignore[assignment]
+            try:
+                with holder.connect() as conn:  # another transaction holds the study row
+                    conn.execute(sa.text("SELECT 1 FROM studies WHERE study_id = :s FOR UPDATE"),
+                                 {"s": study._study_id})
+                    with pytest.raises(Exception) as exc:
+                        fs.create_trials(1, lambda *a: 1)
+                    conn.rollback()
+                raised.append(exc.value)
+                assert len(fs.create_trials(1, lambda *a: 1)) == 1
+            finally:
+                _fast._pipelines = original  # type: ignore[assignment]
+        assert type(raised[0]) is type(raised[1])
+        assert isinstance(raised[0], optuna.exceptions.StorageInternalError)
+        assert isinstance(raised[0].__cause__, sa.exc.OperationalError)
+    finally:
+        _drop(PG_URL, name)
+        st.engine.dispose()
+        holder.dispose()
+
+
 def test_a_dead_workers_trial_keeps_its_params_and_is_retried(
     tmp_path: Path, tiny_spec: Callable[..., StudySpec],
 ) -> None:
