@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from service_helpers import FAST_RETRY, Api, Procs, tiny_spec, unique, wait_for
+from service_helpers import FAST_RETRY, SLOW_EPOCHS, Api, Procs, tiny_spec, unique, wait_for
 
 import studies
 
@@ -90,8 +90,12 @@ def test_the_api_killed_and_restarted_mid_study_serves_the_same_state(
     url = request.getfixturevalue("pg_url") if storage == "postgres" else f"sqlite:///{procs.folder / 'restart.db'}"
     api = procs.serve(url)
     name = unique("apirestart")
-    created = api.create(tiny_spec(name, n_trials=N_TRIALS, n_epochs=N_EPOCHS))
-    workers = [procs.worker(url, "--studies", name, "--idle-exit", "3") for _ in range(2)]
+    # Trials of at least 0.8 s (SLOW_EPOCHS), 10 of them: the study is still going when the API
+    # is killed after the first two, whatever the machine's speed (short trials, asked a few at
+    # a time, could all have finished by then).
+    n_trials = 10
+    created = api.create(tiny_spec(name, n_trials=n_trials, n_epochs=N_EPOCHS))
+    workers = [procs.worker(url, "--studies", name, "--idle-exit", "3", env=SLOW_EPOCHS) for _ in range(2)]
     wait_for(lambda: api.study(name)["progress"]["finished"] >= 2, 90, "two finished trials")
     before = _finished(api, name)
 
@@ -113,7 +117,7 @@ def test_the_api_killed_and_restarted_mid_study_serves_the_same_state(
     assert len(after) > len(before)
 
     done = again.wait_done(name, 120)
-    assert done["progress"]["finished"] == N_TRIALS and done["progress"]["running"] == 0
+    assert done["progress"]["finished"] == n_trials and done["progress"]["running"] == 0
     for w in workers:
         assert procs.wait_exit(w, 60) == 0
         assert "Traceback" not in procs.log(w)
