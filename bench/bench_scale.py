@@ -155,12 +155,10 @@ def _wait_done(storage: str, name: str, n_trials: int, timeout: float) -> None:
         engine.dispose()
 
 
-def _reap(procs: list[subprocess.Popen[bytes]], timeout: float,
-          terminate: bool = True) -> tuple[float, list[int]]:
+def _reap(procs: list[subprocess.Popen[bytes]], timeout: float) -> tuple[float, list[int]]:
     """Stop every worker (SIGTERM) and wait; their CPU seconds (from the kernel) and exit codes."""
     for p in procs:
-        if terminate:
-            p.send_signal(signal.SIGTERM)
+        p.send_signal(signal.SIGTERM)
     cpu, codes = 0.0, []
     deadline = time.monotonic() + timeout
     for p in procs:

@@ -213,15 +213,14 @@ class FastStorage(BaseStorage):
         self._settle: dict[str, tuple[int, Counter[TrialState], Counter[TrialState]]] = {}
 
     # -- the view ----------------------------------------------------------------------------
-    def refresh(self, *, study_attrs: bool = False) -> dict[str, Any] | None:
+    def refresh(self) -> None:
         """Read trials created since the last read and other workers' unfinished ones.
 
-        With ``study_attrs``, the study's user attributes are read in the same session and
-        returned. Raises KeyError if the study was deleted (as Optuna does).
+        Raises KeyError if the study was deleted (as Optuna does).
         """
         with self._lock, _create_scoped_session(self._backend.scoped_session) as session:
             conn = session.connection()
-            attrs = self._read_study(conn, study_attrs)
+            self._check_study(conn)
             cond = _T.trial_id > self._max_id
             if self._mine:
                 cond = sa.and_(cond, _T.trial_id.notin_(self._mine))
@@ -260,20 +259,13 @@ class FastStorage(BaseStorage):
             self._max_id = max([max_id, *self._mine])
             self._mine.clear()
             self._refreshed = time.monotonic()
-        return attrs
 
-    def _read_study(self, conn: Any, with_attrs: bool) -> dict[str, Any] | None:
-        """Check that the study still exists (KeyError if not, as Optuna raises) and, with
-        ``with_attrs``, read its user attributes."""
+    def _check_study(self, conn: Any) -> None:
+        """Check that the study still exists (KeyError if not, as Optuna raises)."""
         studies_ = models.StudyModel.__table__
         if conn.execute(sa.select(studies_.c.study_id)
                         .where(studies_.c.study_id == self._study_id)).first() is None:
             raise KeyError(models.NOT_FOUND_MSG)
-        if not with_attrs:
-            return None
-        ua = models.StudyUserAttributeModel.__table__
-        return {k: json.loads(v) for k, v in conn.execute(
-            sa.select(ua.c.key, ua.c.value_json).where(ua.c.study_id == self._study_id))}
 
     def count_states(self, flag: str) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
         """The study's trials by state, those of them whose user attribute ``flag`` is true by
@@ -1204,9 +1196,8 @@ class PlainView:
         self._storage, self._study_id = storage, study_id
         self._classify = classify or _state_name
 
-    def refresh(self, *, study_attrs: bool = False) -> dict[str, Any] | None:
-        """Nothing is cached; with ``study_attrs``, the study's user attributes, read now."""
-        return self._storage.get_study_user_attrs(self._study_id) if study_attrs else None
+    def refresh(self) -> None:
+        """Nothing is cached: nothing to read."""
 
     def kinds(self) -> Counter[str]:
         """Trials by ``classify``, read now."""
