@@ -326,9 +326,6 @@ class Worker:
             n = 1  # its sampler gives a trial its point at the ask (a grid id): never ask ahead
         if self.config.max_trials is not None:
             n = max(1, min(n, self.config.max_trials - self.trials_done))
-        if n == 1:
-            trial = studies.ask_trial(study, spec)
-            return [] if trial is None else [trial]
         return studies.ask_trials(study, spec, n)
 
     def _release_ahead(self, reason: str) -> None:
