@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import logging
 import sqlite3
@@ -101,8 +102,12 @@ def _pipelines(conn: Any) -> bool:
     """Whether ``conn``'s driver connection can send statements without waiting for each
     answer (psycopg 3's pipeline mode, on libpq 14 or newer)."""
     raw = getattr(conn.connection, "dbapi_connection", None)
-    if raw is None or not hasattr(raw, "pipeline"):
-        return False
+    return raw is not None and hasattr(raw, "pipeline") and _libpq_pipelines()
+
+
+@functools.cache
+def _libpq_pipelines() -> bool:
+    """libpq's support for pipeline mode, asked once (every ask and every load asks it)."""
     import psycopg
 
     return bool(psycopg.Pipeline.is_supported())
