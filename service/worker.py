@@ -84,7 +84,7 @@ class Worker:
         self.stop_requested = threading.Event()
         self.trials_done = 0
         self.host = socket.gethostname()
-        self._storage: optuna.storages.RDBStorage | None = None
+        self._storage: studies.BatchingStorage | None = None
         self._lease: studies.Lease | None = None
         self._dropped = False  # a lost database cut training short: release what it held
         self._studies: dict[str, tuple[Any, optuna.Study, studies.StudySpec]] = {}
@@ -104,6 +104,7 @@ class Worker:
                 self.config.storage,
                 heartbeat_interval=self.config.heartbeat_interval,
                 grace_period=self.config.grace_period,
+                batching=True,
             )
             self._lease = studies.hold_lease(studies.Lease(
                 self._storage.engine, lease_id=self.config.worker_id, host=self.host, pid=os.getpid(),
@@ -456,6 +457,8 @@ class Worker:
                     log.warning("database unavailable (%s); retrying in %.0fs",
                                 exc.__class__.__name__, backoff)
                     self._studies.clear()
+                    if self._storage is not None:
+                        self._storage.forget()  # the views' held-back writes are of dropped trials
                     self._ahead.clear()  # RUNNING under this lease: released with the dropped ones
                     self._listing = None
                     self._dropped = True

@@ -15,6 +15,7 @@ from ._diru import (
 )
 from ._extend import extend_study, resume_study
 from ._extra_presets import BIO_SPACE, GROWTH_SPACE, bio_rules_search, growth_search
+from ._fast import BatchingStorage
 from ._finalize import (
     FINAL_ATTR,
     FINALIZE_ATTR,
@@ -178,6 +179,7 @@ __all__ = [
     "count_point",
     "smallest_point",
     "open_storage",
+    "BatchingStorage",
     "default_storage_url",
     "sqlite_path",
     "study_lock",

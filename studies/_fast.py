@@ -51,6 +51,7 @@ import logging
 import sqlite3
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from typing import Any
@@ -72,7 +73,7 @@ from ._optuna_private import create_scoped_session as _create_scoped_session
 from ._optuna_private import models
 from ._storage import rdb
 
-__all__ = ["FastStorage", "PlainView", "FastTPESampler", "attach", "of", "view", "row_lock_serialises", "MAX_AGE", "PRUNERS",
+__all__ = ["BatchingStorage", "FastStorage", "PlainView", "FastTPESampler", "attach", "of", "view", "row_lock_serialises", "MAX_AGE", "PRUNERS",
            "LEASE_KEY"]
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,60 @@ def _transient(exc: BaseException) -> bool:
         isinstance(e, sa.exc.DBAPIError) and bool(e.connection_invalidated))
 
 
-class FastStorage(BaseStorage):
+def _marks_gone(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A FastStorage method that reads or writes the database: a KeyError from it means the
+    study (or the trials with it) no longer exists, so the view is dead from then on and its
+    BatchingStorage sends the study's calls to the database again."""
+    @functools.wraps(method)
+    def wrapper(self: FastStorage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except KeyError:
+            self.gone = True
+            raise
+    return wrapper
+
+
+class _StudiesThrough(BaseStorage):
+    """The study-level calls, straight to the RDBStorage (``self._backend``) underneath."""
+
+    _backend: BaseStorage
+
+    def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
+        return self._backend.create_new_study(directions, study_name)
+
+    def delete_study(self, study_id: int) -> None:
+        self._backend.delete_study(study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._backend.set_study_user_attr(study_id, key, value)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._backend.set_study_system_attr(study_id, key, value)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._backend.get_study_id_from_name(study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._backend.get_study_name_from_id(study_id)
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return self._backend.get_study_directions(study_id)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._backend.get_study_user_attrs(study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._backend.get_study_system_attrs(study_id)
+
+    def get_all_studies(self) -> list[optuna.study.FrozenStudy]:
+        return self._backend.get_all_studies()
+
+    def remove_session(self) -> None:
+        self._backend.remove_session()
+
+
+class FastStorage(_StudiesThrough):
     """``study._storage`` for a worker: see the module's docstring. One study, one process."""
 
     #: asks come in batches, made in one transaction (:meth:`reserve`); tells can be held back
@@ -183,7 +237,6 @@ class FastStorage(BaseStorage):
         backend = rdb(inner)
         if not isinstance(backend, RDBStorage):
             raise ValueError(f"FastStorage needs an RDBStorage, got {type(backend).__name__}")
-        self._inner = inner
         self._backend = backend  # studies._storage.rdb() finds the RDBStorage here
         self._study_id = study_id
         self._classify = classify or _state_name
@@ -211,6 +264,7 @@ class FastStorage(BaseStorage):
         self._loads: dict[str, Any] | None = None
         self._raw_loads: dict[str, str] | None = None
         self._uid: str | None = None  # the study's creation (UID_ATTR), once read
+        self.gone = False  # the study was found deleted (or replaced under its id)
         self.writes = 0  # transactions written, for tests and benchmarks
         #: the lease the trials this process creates are tied to (set by the asker)
         self.lease_id: str | None = None
@@ -218,6 +272,7 @@ class FastStorage(BaseStorage):
         self._settle: dict[str, tuple[int, Counter[TrialState], Counter[TrialState]]] = {}
 
     # -- the view ----------------------------------------------------------------------------
+    @_marks_gone
     def refresh(self) -> None:
         """Read trials created since the last read and other workers' unfinished ones.
 
@@ -272,6 +327,7 @@ class FastStorage(BaseStorage):
                         .where(studies_.c.study_id == self._study_id)).first() is None:
             raise KeyError(models.NOT_FOUND_MSG)
 
+    @_marks_gone
     def count_states(self, flag: str) -> tuple[Counter[TrialState], Counter[TrialState], dict[str, Any]]:
         """The study's trials by state, those of them whose user attribute ``flag`` is true by
         state, and the study's user attributes: two small reads on one connection, none of
@@ -589,6 +645,7 @@ class FastStorage(BaseStorage):
             self._reserved.extend(ids)
         return ids
 
+    @_marks_gone
     def create_trials(self, n: int, decide: Decide | None = None) -> list[int]:
         """Create ``n`` RUNNING trials, tied to :attr:`lease_id`, in one transaction.
 
@@ -885,6 +942,7 @@ class FastStorage(BaseStorage):
             self._defer = False
         self.flush()
 
+    @_marks_gone
     def flush(self, trial_ids: Iterable[int] = ()) -> int:
         """Write the told trials and what ``trial_ids`` hold so far, in one transaction.
 
@@ -1137,49 +1195,20 @@ class FastStorage(BaseStorage):
         for o in requeue:
             _lease.queue_again(session, self._study_id, o.live._trial_id, o.live.number)
 
-    # -- the study: straight through -------------------------------------------------------
-    def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
-        return self._inner.create_new_study(directions, study_name)
-
-    def delete_study(self, study_id: int) -> None:
-        self._inner.delete_study(study_id)
-
-    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._inner.set_study_user_attr(study_id, key, value)
-
-    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._inner.set_study_system_attr(study_id, key, value)
-
-    def get_study_id_from_name(self, study_name: str) -> int:
-        return self._inner.get_study_id_from_name(study_name)
-
-    def get_study_name_from_id(self, study_id: int) -> str:
-        return self._inner.get_study_name_from_id(study_id)
-
+    # -- the study: straight through (_StudiesThrough), its directions kept ------------------
     def get_study_directions(self, study_id: int) -> list[StudyDirection]:
         if study_id != self._study_id:
-            return self._inner.get_study_directions(study_id)
+            return self._backend.get_study_directions(study_id)
         if self._directions is None:  # fixed when the study is created
-            self._directions = self._inner.get_study_directions(study_id)
+            self._directions = self._backend.get_study_directions(study_id)
         return self._directions
-
-    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._inner.get_study_user_attrs(study_id)
-
-    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._inner.get_study_system_attrs(study_id)
-
-    def get_all_studies(self) -> list[optuna.study.FrozenStudy]:
-        return self._inner.get_all_studies()
-
-    def remove_session(self) -> None:
-        self._backend.remove_session()
 
 
 def of(obj: optuna.Study | optuna.Trial) -> FastStorage | None:
-    """The FastStorage behind a study or a trial, if it has one."""
-    storage = getattr(obj, "_storage", None) or getattr(obj, "storage", None)
-    return storage if isinstance(storage, FastStorage) else None
+    """The FastStorage of a study or a trial, if its study has one (see :func:`attach`)."""
+    study = obj if isinstance(obj, optuna.Study) else getattr(obj, "study", None)
+    storage = getattr(study, "_storage", None)
+    return storage.view_of(study) if isinstance(storage, BatchingStorage) else None
 
 
 class PlainView:
@@ -1231,8 +1260,11 @@ def view(obj: optuna.Study | optuna.Trial,
 
 
 def attach(study: optuna.Study, classify: Callable[[FrozenTrial], str] | None = None) -> FastStorage | None:
-    """Put a FastStorage under ``study`` (once) if its storage and pruner allow; else None.
+    """Give ``study`` its FastStorage (once) if its storage and pruner allow; else None.
 
+    A worker's storage is a :class:`BatchingStorage` (``open_storage(url, batching=True)``),
+    which keeps the study's view. A study opened on a plain RDBStorage by a caller of the
+    Python API is moved onto a BatchingStorage around it first.
     The caller vouches for the sampler: it must read the study only through ``get_trials``
     and write nothing but the trial's own params (TPE without constant liar, random).
     """
@@ -1243,9 +1275,178 @@ def attach(study: optuna.Study, classify: Callable[[FrozenTrial], str] | None = 
 
     if not isinstance(rdb(study._storage), RDBStorage) or type(study.pruner) not in (*PRUNERS, RungPruner):
         return None
-    fs = FastStorage(study._storage, study._study_id, classify)
-    study._storage = fs
-    return fs
+    if not isinstance(study._storage, BatchingStorage):
+        study._storage = BatchingStorage(study._storage)
+    return study._storage.view_for(study, classify)
+
+
+class BatchingStorage(_StudiesThrough):
+    """A worker's storage: what ``studies.open_storage(url, batching=True)`` returns.
+
+    Every call goes to the RDBStorage underneath, except those of the studies this process
+    asks trials of through the engine (:func:`attach`): each of those has a
+    :class:`FastStorage`, its cached view with batched writes, and the calls about that
+    study or its trials go there. So a study loaded from this storage is the study the
+    engine runs; no caller swaps or wraps its storage.
+    """
+
+    def __init__(self, inner: BaseStorage) -> None:
+        self._backend = rdb(inner)  # studies._storage.rdb() finds the RDBStorage here
+        self._views: dict[int, FastStorage] = {}  # study id -> the view its trials go through
+        #: the Study objects that attached, each to the view it was given (checked by of())
+        self._given: weakref.WeakKeyDictionary[optuna.Study, FastStorage] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> sa.engine.Engine:
+        return self._backend.engine  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def url(self) -> str:
+        return self._backend.url  # type: ignore[attr-defined, no-any-return]
+
+    # -- the views ---------------------------------------------------------------------------
+    def view_of(self, study: optuna.Study) -> FastStorage | None:
+        """The view ``study`` attached to, while it is still its study's view."""
+        fs = self._given.get(study)
+        return fs if fs is not None and self._live(study._study_id) is fs else None
+
+    def _live(self, study_id: int) -> FastStorage | None:
+        """The study's view unless it found its study gone (then it is dropped)."""
+        fs = self._views.get(study_id)
+        if fs is not None and fs.gone:
+            with self._lock:
+                if self._views.get(study_id) is fs:
+                    del self._views[study_id]
+            return None
+        return fs
+
+    def view_for(self, study: optuna.Study, classify: Callable[[FrozenTrial], str] | None) -> FastStorage:
+        """The study's view, made on first use. A view made for a study that was deleted
+        since, and another created under its id (SQLite reuses ids), is replaced: its trials
+        are not this study's."""
+        with self._lock:
+            fs = self._current(study._study_id)
+            if fs is None:
+                fs = self._views[study._study_id] = FastStorage(self._backend, study._study_id, classify)
+            self._given[study] = fs
+            return fs
+
+    def _current(self, study_id: int, check: bool = False) -> FastStorage | None:
+        """The study's view, dropped first if the study it was made for is gone (deleted; or
+        another was created under its id, as SQLite reuses ids: its trials are not this
+        study's). ``check``: look even if the view has not read its study's uid yet."""
+        fs = self._views.get(study_id)
+        if fs is not None and fs.gone:
+            del self._views[study_id]
+            return None
+        if fs is None or (fs._uid is None and not check):
+            return fs
+        try:
+            same = self._backend.get_study_user_attrs(study_id).get(UID_ATTR) == fs._uid or fs._uid is None
+        except KeyError:
+            same = False
+        if not same:
+            del self._views[study_id]
+            return None
+        return fs
+
+    def _on(self, target: BaseStorage, name: str, *args: Any, **kwargs: Any) -> Any:
+        """``target.name(*args, **kwargs)``; a view that says its study does not exist
+        (KeyError) is dropped if that is so, so that the next call reads the database."""
+        try:
+            return getattr(target, name)(*args, **kwargs)
+        except KeyError:
+            if isinstance(target, FastStorage):
+                with self._lock:
+                    if self._views.get(target._study_id) is target:
+                        self._current(target._study_id, check=True)
+            raise
+
+    def forget(self) -> None:
+        """Drop every study's view with the writes it holds back. A worker whose database went
+        away does this: the trials it held are failed and re-queued when the database is back
+        (``studies.release_dropped``), so nothing of theirs may be written after that; the
+        studies it loads again get fresh views."""
+        with self._lock:
+            for fs in self._views.values():
+                fs.gone = True
+            self._views.clear()
+
+    def _study(self, study_id: int) -> BaseStorage:
+        return self._live(study_id) or self._backend
+
+    def _trial(self, trial_id: int, writing: bool = False) -> BaseStorage:
+        """Where a call about this trial goes: the view that holds it, else the database. A
+        write to a trial no view knows of is checked against the database's study of it."""
+        for fs in list(self._views.values()):
+            if (trial_id in fs._numbers or trial_id in fs._owned) and not fs.gone:
+                return fs
+        if writing and self._views:
+            with self.engine.connect() as conn:
+                study_id = conn.execute(sa.select(_T.study_id).where(_T.trial_id == trial_id)).scalar()
+            if study_id is not None:
+                return self._study(study_id)
+        return self._backend
+
+    # -- the study (the rest: _StudiesThrough) -------------------------------------------------
+    def delete_study(self, study_id: int) -> None:
+        with self._lock:
+            self._views.pop(study_id, None)
+        self._backend.delete_study(study_id)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        study_id = self._backend.get_study_id_from_name(study_name)
+        if study_id in self._views:  # a study loaded by name may be a new one under an old id
+            with self._lock:
+                self._current(study_id)
+        return study_id
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return self._on(self._study(study_id), "get_study_directions", study_id)  # type: ignore[no-any-return]
+
+    # -- trials: through the study's view where it has one ---------------------------------
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        return self._on(self._study(study_id), "create_new_trial", study_id, template_trial)
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._on(self._study(study_id), "get_all_trials", study_id, deepcopy=deepcopy, states=states)
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return self._on(self._study(study_id), "get_trial_id_from_study_id_trial_number", study_id, trial_number)
+
+    def get_best_trial(self, study_id: int) -> FrozenTrial:
+        return self._on(self._study(study_id), "get_best_trial", study_id)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return self._on(self._trial(trial_id), "get_trial", trial_id)
+
+    def get_trial_params(self, trial_id: int) -> dict[str, Any]:
+        return self._on(self._trial(trial_id), "get_trial_params", trial_id)
+
+    def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
+        return self._on(self._trial(trial_id), "get_trial_user_attrs", trial_id)
+
+    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
+        return self._on(self._trial(trial_id), "get_trial_system_attrs", trial_id)
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: dists.BaseDistribution) -> None:
+        self._on(self._trial(trial_id, True), "set_trial_param", trial_id, param_name, param_value_internal, distribution)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._on(self._trial(trial_id, True), "set_trial_intermediate_value", trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._on(self._trial(trial_id, True), "set_trial_user_attr", trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._on(self._trial(trial_id, True), "set_trial_system_attr", trial_id, key, value)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Sequence[float] | None = None) -> bool:
+        return self._on(self._trial(trial_id, True), "set_trial_state_values", trial_id, state, values)
 
 
 # -- TPE that does each ask's work once ---------------------------------------------------------

@@ -232,7 +232,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 def _storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage:
     if storage is None:
         storage = default_storage_url()
-    return open_storage(storage) if isinstance(storage, str) else storage
+    return open_storage(storage, batching=True) if isinstance(storage, str) else storage
 
 
 def create_study(
@@ -776,7 +776,7 @@ def run_study(
     study, spec = load_study(name, st)
     if study_state(study) == "stopped":
         set_study_state(study, "resume")
-    store = ModelStore(st.engine) if isinstance(st, optuna.storages.RDBStorage) else None
+    store = ModelStore(rdb(st).engine) if isinstance(rdb(st), optuna.storages.RDBStorage) else None
     bar = _progress_bar(study, spec, show_progress)
 
     if population is not None:

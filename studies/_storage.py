@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 5
 GRACE_PERIOD = 20
 _STORAGES: dict[tuple[str, int, int], optuna.storages.RDBStorage] = {}
+_BATCHING: dict[tuple[str, int, int], optuna.storages.BaseStorage] = {}  # a worker's, around the one above
 _LOCK = threading.Lock()
 
 
@@ -72,8 +73,14 @@ def open_storage(
     heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
     grace_period: int | None = GRACE_PERIOD,
     max_retry: int = 3,
-) -> optuna.storages.RDBStorage:
+    batching: bool = False,
+) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage for ``url``, with heartbeats so that dead workers' trials are retried.
+
+    ``batching=True`` is a worker's storage (``studies._fast.BatchingStorage`` over the same
+    RDBStorage): the studies whose trials the engine asks keep a cached view of their trials
+    and write each trial's rows in batches. Reads and writes of everything else, and the
+    rows written, are the RDBStorage's.
 
     SQLite files are switched to WAL mode (readers never block the writer) and wait up to a
     minute for locks; PostgreSQL connections are checked before use so that a restarted
@@ -82,6 +89,15 @@ def open_storage(
     One storage object per URL and process.
     """
     key = (url, heartbeat_interval or 0, grace_period or 0)
+    if batching:
+        from ._fast import BatchingStorage
+
+        plain = open_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                             max_retry=max_retry)
+        with _LOCK:
+            if key not in _BATCHING:
+                _BATCHING[key] = BatchingStorage(plain)
+            return _BATCHING[key]
     with _LOCK:
         if key in _STORAGES:
             return _STORAGES[key]

@@ -25,6 +25,7 @@ def _queued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
     monkeypatch.setattr(worker_mod, "ASK_AHEAD_SECONDS", 1e6)
     w = Worker(WorkerConfig(storage=url, device="cpu", studies=[name]))
     assert w.run_once() and not w._ahead, "the first trial of a study is asked alone"
+    assert isinstance(w._storage, studies.BatchingStorage), "a worker opens the batching storage"
     assert w.run_once()
     assert w._ahead
     return url, spec, w

@@ -203,9 +203,9 @@ def test_the_fast_path_stores_exactly_what_the_plain_path_stores(
     fast, plain = _name("f"), _name("p")
     try:
         study = _single(url, spec, fast)
-        assert isinstance(study._storage, _fast.FastStorage)
+        assert isinstance(_fast.of(study), _fast.FastStorage)
         with plain_path():
-            assert not isinstance(_single(url, spec, plain)._storage, _fast.FastStorage)
+            assert _fast.of(_single(url, spec, plain)) is None
         got, want = _stored(url, fast), _stored(url, plain)
         assert got == want
         states = {t["state"] for t in want}
@@ -557,6 +557,69 @@ def test_a_view_of_a_deleted_study_does_not_count_the_one_created_under_its_id(
     again.tell(again.ask(), 0.5)
     with pytest.raises(KeyError):
         fs.count_states("infeasible")
+
+
+def test_a_workers_storage_is_the_batching_storage_and_the_engine_swaps_nothing(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    """``open_storage(url, batching=True)`` is what a worker opens: one object per URL over the
+    plain storage; a study loaded from it is the study the engine runs (its storage is never
+    swapped), and every Study object of that study reads through the same view."""
+    url = f"sqlite:///{tmp_path / 'worker.db'}"
+    st = studies.open_storage(url, batching=True)
+    assert isinstance(st, _fast.BatchingStorage) and studies.open_storage(url, batching=True) is st
+    assert st._backend is studies.open_storage(url)
+    spec = _spec(tiny_spec, n_trials=6, pruner="none", n_epochs=1)
+    studies.create_study(spec, st, "w")
+    study, spec = studies.load_study("w", st, sampler_seed=1)
+    assert _fast.of(study) is None, "nothing asked yet: every call is the database's"
+    trial = studies.ask_trial(study, spec)
+    assert trial is not None and study._storage is st
+    fs = _fast.of(study)
+    assert isinstance(fs, _fast.FastStorage) and _fast.view(trial) is fs
+    twin = optuna.load_study(study_name="w", storage=st)  # another Study object, same storage
+    assert [t.number for t in twin.get_trials(deepcopy=False)] == [trial.number]
+    assert twin.get_trials(deepcopy=False)[0].state == TrialState.RUNNING
+    studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+    while (trial := studies.ask_trial(study, spec)) is not None:
+        studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+    assert _fast.of(study) is fs
+    stored = _stored(url, "w")
+    assert [t["state"] for t in stored] == [TrialState.COMPLETE] * 6
+    assert all(t["params"] for t in stored)
+    assert studies.study_state(optuna.load_study(study_name="w", storage=url)) == "done"
+
+
+def test_a_workers_storage_gives_a_study_created_under_a_deleted_ones_id_a_view_of_its_own(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    """SQLite reuses a deleted study's id. A long-lived worker's storage drops the old study's
+    view when the new study is loaded: the new one runs all its trials, none of the old ones
+    counted."""
+    url = f"sqlite:///{tmp_path / 'reuse.db'}"
+    st = studies.open_storage(url, batching=True)
+    spec = _spec(tiny_spec, n_trials=5, pruner="none", n_epochs=1)
+    studies.create_study(spec, st, "again")
+    old, spec = studies.load_study("again", st, sampler_seed=1)
+    while (trial := studies.ask_trial(old, spec)) is not None:
+        studies.execute_trial(old, trial, spec, device="cpu", worker="w1")
+    old_view = _fast.of(old)
+    assert isinstance(old_view, _fast.FastStorage)
+    other = _own_storage(url, heartbeat=False)  # the API's process deletes and creates it again
+    try:
+        studies.delete_study(other, "again")
+        studies.create_study(spec, other, "again")
+    finally:
+        other.engine.dispose()
+    new, spec = studies.load_study("again", st, sampler_seed=2)
+    assert new._study_id == old._study_id  # the id is reused
+    assert new.get_trials(deepcopy=False) == [], "the old study's trials are not the new one's"
+    while (trial := studies.ask_trial(new, spec)) is not None:
+        studies.execute_trial(new, trial, spec, device="cpu", worker="w1")
+    assert _fast.of(new) is not old_view and _fast.of(old) is None
+    stored = _stored(url, "again")
+    assert [t["number"] for t in stored] == list(range(5))
+    assert {t["state"] for t in stored} == {TrialState.COMPLETE}
 
 
 @pytest.mark.postgres
