@@ -16,6 +16,9 @@ each precision. "whole" counts every member's epochs over the whole call, set-up
 steady rates. "test acc" is the mean final test accuracy per member; "|d acc|" is, for
 fp32, member 0's difference from (b) (the same model), and for tf32/bf16 the largest
 per-member difference from the fp32 population of the same K (same seeds), mean in brackets.
+The pseudo-precision ``fp32~`` is exact fp32 again on training inputs multiplied by
+(1 + 2^-22), a rounding error: its |d acc| is the noise floor of a member's final accuracy,
+what any change of arithmetic order alone does to it.
 ``--hetero K`` trains K members of mixed sizes (the seed search space) and reports the
 useful / executed FLOPs of the size buckets. ``--ceilings`` first measures this machine's
 matrix-product rates and copy bandwidth. ``--profile`` prints the kernels of one epoch.
@@ -24,6 +27,7 @@ matrix-product rates and copy bandwidth. ``--profile`` prints the kernels of one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -148,7 +152,7 @@ def main() -> None:
           f"(rows a, b: {args.base_epochs})", flush=True)
 
     # a warm-up, so that no row pays for CUDA/cuBLAS initialisation (or Triton compiling)
-    for prec in precisions:
+    for prec in dict.fromkeys(p.rstrip("~") for p in precisions):
         core.train_population("dendritic_simple", [dict(SIZES)] * 2, data, 1, args.batch_size,
                               device=dev, precision=prec)
 
@@ -181,7 +185,11 @@ def main() -> None:
         configs = [dict(SIZES, lr=args.lr, seed=i) for i in range(k)]
         ref: list[float] | None = None
         for prec in precisions:
-            wall, last, res = _population(data, configs, args.epochs, args, dev, prec)
+            if prec == "fp32~":  # exact fp32 again, on inputs moved by a rounding error: the noise floor
+                nudged = dataclasses.replace(data, x_train=data.x_train * (1 + 2.0**-22))
+                wall, last, res = _population(nudged, configs, args.epochs, args, dev, "fp32")
+            else:
+                wall, last, res = _population(data, configs, args.epochs, args, dev, prec)
             accs = [r.test_accuracy or 0.0 for r in res]
             if prec == "fp32":
                 ref = accs
