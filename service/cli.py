@@ -395,7 +395,7 @@ def _show(study: Any, spec: Any) -> None:
 
     attrs = study.user_attrs
     c = studies.progress(study)
-    state = attrs.get(studies.STATE_ATTR, "running")
+    state = studies.state_of(attrs)
     families = ", ".join(spec.families)
     budget = f"max_params={spec.max_params}" if spec.max_params is not None else "no budget"
     print(f"study {study.study_name}: {state}")

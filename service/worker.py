@@ -244,7 +244,7 @@ class Worker:
             attrs = study._storage.get_study_user_attrs(study._study_id)
             if uid is not None and attrs.get(studies.UID_ATTR) != uid:
                 return _DELETED
-            state = str(attrs.get(studies.STATE_ATTR, "running"))
+            state = studies.state_of(attrs)
         except KeyError:
             return _DELETED
         except DB_ERRORS as exc:

@@ -78,6 +78,7 @@ from ._runner import (
     run_study,
     set_study_error,
     set_study_state,
+    state_of,
     study_spec,
     study_state,
 )
@@ -154,6 +155,7 @@ __all__ = [
     "load_study",
     "study_spec",
     "study_state",
+    "state_of",
     "set_study_state",
     "extend_study",
     "resume_study",

@@ -53,6 +53,7 @@ __all__ = [
     "load_study",
     "study_spec",
     "study_state",
+    "state_of",
     "set_study_state",
     "progress",
     "ask_trial",
@@ -313,8 +314,13 @@ def load_study(
     return study, spec
 
 
+def state_of(attrs: dict[str, Any]) -> str:
+    """A study's state from its user attributes (a study made before states were kept runs)."""
+    return str(attrs.get(STATE_ATTR, "running"))
+
+
 def study_state(study: optuna.Study) -> str:
-    return str(study._storage.get_study_user_attrs(study._study_id).get(STATE_ATTR, "running"))
+    return state_of(study._storage.get_study_user_attrs(study._study_id))
 
 
 def set_study_error(study: optuna.Study, reason: str) -> None:
@@ -361,7 +367,7 @@ def _mark_done_if_finished(
     """Mark the study done when it has its trials or its time is up. ``attrs``: the study's
     user attributes when the caller has just read them."""
     if _over(spec, counts, lambda: study.user_attrs if attrs is None else attrs):
-        state = study_state(study) if attrs is None else str(attrs.get(STATE_ATTR, "running"))
+        state = study_state(study) if attrs is None else state_of(attrs)
         if state == "running":
             study.set_user_attr(STATE_ATTR, "done")
         return True
@@ -480,7 +486,7 @@ def ask_trials(study: optuna.Study, spec: StudySpec, n: int) -> list[optuna.Tria
         counts, attrs = _counts_now(fs)
         if _reap(study, lease):
             counts, attrs = _counts_now(fs)
-        if attrs.get(STATE_ATTR, "running") != "running":
+        if state_of(attrs) != "running":
             return []
         if _mark_done_if_finished(study, spec, counts, attrs):
             return []
@@ -511,7 +517,7 @@ def _ask_row_locked(study: optuna.Study, spec: StudySpec, fs: _fast.FastStorage,
     def decide(by_state: Any, infeasible: Any, attrs: dict[str, Any]) -> int:
         counts, attrs = _counts_of(by_state, infeasible, attrs)
         seen.update(counts=counts, attrs=attrs)
-        if attrs.get(STATE_ATTR, "running") != "running" or counts["waiting"] \
+        if state_of(attrs) != "running" or counts["waiting"] \
                 or _over(spec, counts, lambda: attrs):
             return 0
         return _batch_size(spec, counts, n, live)
@@ -519,7 +525,7 @@ def _ask_row_locked(study: optuna.Study, spec: StudySpec, fs: _fast.FastStorage,
     ids = fs.reserve(n, decide)
     if not ids:
         counts, attrs = seen["counts"], seen["attrs"]
-        if attrs.get(STATE_ATTR, "running") != "running":
+        if state_of(attrs) != "running":
             return []
         if counts["waiting"] and counts["finished"] < spec.n_trials:
             return None
