@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import core  # noqa: E402
 import studies  # noqa: E402
-from studies import _population, _runner  # noqa: E402
+from studies import _fast, _population, _runner  # noqa: E402
 from studies._storage import rdb  # noqa: E402
 
 SEED_SPACE = {
@@ -332,6 +332,9 @@ class Split:
 
     def watch(self, study: optuna.Study) -> None:
         self.wrap(study._storage, self.STORAGE_METHODS, "storage")
+        view = _fast.of(study)  # the study's own view in the worker's storage, if it has one
+        if view is not None and view is not study._storage:
+            self.wrap(view, self.STORAGE_METHODS, "storage")
         self.wrap(study.sampler, ("infer_relative_search_space", "sample_relative",
                                   "sample_independent", "before_trial", "after_trial"), "sampler")
         self.wrap(study.pruner, ("prune",), "pruner")

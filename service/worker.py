@@ -171,6 +171,11 @@ class Worker:
                 uid = attrs.get(studies.UID_ATTR)
                 found.append((s.study_name, uid if uid else
                               (s._study_id, json.dumps(attrs[studies.SPEC_ATTR], sort_keys=True))))
+        # Let go of the studies that are no longer running (done, stopped, deleted): with them
+        # go their views and the trials those cached.
+        listed = {name for name, _ in found}
+        for name in [n for n in self._studies if n not in listed]:
+            del self._studies[name]
         return found
 
     def _study(self, name: str, identity: Any) -> tuple[optuna.Study, studies.StudySpec]:
@@ -263,8 +268,8 @@ class Worker:
     def _trial_gone(self, trial_id: int, started: Any) -> bool:
         """Whether the trial was deleted (with its study) since it started."""
         assert self._storage is not None
-        try:
-            return self._storage.get_trial(trial_id).datetime_start != started
+        try:  # the database's answer: the study's view may still hold the trial
+            return self._storage.database.get_trial(trial_id).datetime_start != started
         except KeyError:
             return True
 
@@ -360,11 +365,18 @@ class Worker:
             )
         except KeyError:
             # Optuna's "record does not exist": the study, and so this trial, was deleted
-            # while it trained; there is nothing left to tell.
+            # while it trained; there is nothing left to tell. Or the study is there but was
+            # made anew under its name, or extended or resumed (each gives it a new uid, so
+            # that workers read its spec again): this worker's view of it is no longer the
+            # study's, and the trial, if it is still running, is failed with the reason.
             self._studies.pop(name, None)
-            if not self._trial_gone(trial._trial_id, started):
-                raise
-            log.info("study %s was deleted while trial %d ran; dropped it", name, trial.number)
+            self._listing = None
+            if self._trial_gone(trial._trial_id, started):
+                log.info("study %s was deleted while trial %d ran; dropped it", name, trial.number)
+            else:
+                log.warning("study %s changed while trial %d ran (made anew, extended or resumed); "
+                            "the worker reads it again", name, trial.number)
+                self._fail_if_running(study, trial, "the study changed while this trial ran")
             return True
         except DB_ERRORS:
             raise  # run() backs off and retries; the trial's heartbeat lapses and it is retried

@@ -368,24 +368,46 @@ class FastStorage(_StudiesThrough):
         (:meth:`_settled`): counts already known, up to a trial id; only later trials are read."""
         st = self._count_statements()
         rows = conn.execute(st["attrs_locked" if lock else "attrs"], {"sid": self._study_id}).all()
-        attrs = self._study_attrs(rows)
+        attrs = self._study_attrs(rows, lambda tid: conn.execute(
+            sa.select(_T.study_id, _T.number, _T.__table__.c.datetime_start).where(_T.trial_id == tid)).first())
         upto = (settled or (-1,))[0]
         counts = conn.execute(st["counts"], {"sid": self._study_id, "upto": upto, "flag": flag}).all()
         return (*self._add_counts(counts, settled), attrs)
 
-    def _study_attrs(self, rows: Sequence[Any]) -> dict[str, Any]:
+    def _study_attrs(self, rows: Sequence[Any], trial_row: Callable[[int], Any]) -> dict[str, Any]:
         """The study's user attributes from the ``attrs`` read's rows; KeyError if the study is
-        gone, or is not the one this view was made for."""
+        gone, or is not the one this view was made for.
+
+        A new uid means the study was made anew under this id (SQLite reuses ids), or was
+        extended or resumed (which give it a new uid so that workers read its spec again). It
+        is the same study if a trial this view holds is still there as it was: ``trial_row``
+        reads a trial's (study id, number, start) by its id."""
         if not rows:
             raise KeyError(models.NOT_FOUND_MSG)
         attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
         uid = attrs.get(UID_ATTR)
-        if self._uid is not None and uid != self._uid:
-            # the study this view was made for was deleted, and another created under its id
-            # (SQLite reuses ids): its trials, kept here, are not this one's
+        if self._uid is not None and uid != self._uid and not self._still_ours(trial_row):
+            # the study this view was made for was deleted, and another created under its id:
+            # its trials, kept here, are not this one's
             raise KeyError(models.NOT_FOUND_MSG)
         self._uid = uid
         return attrs
+
+    def _still_ours(self, trial_row: Callable[[int], Any]) -> bool:
+        """Whether a trial this view holds is still in the database as this view has it (one
+        read; SQLite may give a deleted trial's id to another study's trial, but not its
+        start). A view that holds no trial has nothing to mistake."""
+        with self._lock:
+            known = next((t for t in self._trials.values() if t.datetime_start is not None), None)
+        if known is None:
+            return True
+        row = trial_row(known._trial_id)
+        if row is None:
+            return False
+        start = row[2]
+        if isinstance(start, str):  # psycopg's pipeline path reads rows as the driver gives them
+            start = datetime.datetime.fromisoformat(start)
+        return bool(row[0] == self._study_id and row[1] == known.number and start == known.datetime_start)
 
     @staticmethod
     def _add_counts(rows: Iterable[Any], settled: tuple[int, Counter[TrialState], Counter[TrialState]] | None,
@@ -764,7 +786,7 @@ class FastStorage(_StudiesThrough):
             locked, counted = raw.cursor(), raw.cursor()
             locked.execute(sql["attrs_locked"], {"sid": self._study_id})
             counted.execute(sql["counts"], {"sid": self._study_id, "upto": upto, "flag": "infeasible"})
-            attrs = self._study_attrs(locked.fetchall())
+            attrs = self._study_attrs(locked.fetchall(), functools.partial(self._trial_row_raw, raw))
             by_state, flagged = self._add_counts(counted.fetchall(), settled)
             n = decide(by_state, flagged, attrs)
             if n <= 0:
@@ -779,6 +801,14 @@ class FastStorage(_StudiesThrough):
             got = inserted.fetchall()
         numbers = {tid: number for tid, number in got}
         return sorted(numbers), self._new_trials(numbers, now)
+
+    @staticmethod
+    def _trial_row_raw(raw: Any, trial_id: int) -> Any:
+        """(study id, number, start) of a trial, on the raw psycopg connection (in a pipeline)."""
+        cur = raw.cursor()
+        cur.execute(f"SELECT study_id, number, datetime_start FROM {_T.__tablename__} WHERE trial_id = %(t)s",
+                    {"t": trial_id})
+        return cur.fetchone()
 
     def _new_trials(self, numbers: dict[int, int], now: datetime.datetime) -> list[FrozenTrial]:
         """The view's trials for rows just created (id -> number), RUNNING under this lease."""
@@ -1292,10 +1322,18 @@ class BatchingStorage(_StudiesThrough):
 
     def __init__(self, inner: BaseStorage) -> None:
         self._backend = rdb(inner)  # studies._storage.rdb() finds the RDBStorage here
-        self._views: dict[int, FastStorage] = {}  # study id -> the view its trials go through
+        #: study id -> the view its trials go through. A view lives as long as a Study object
+        #: that attached to it (``_given`` holds it): a worker that lets go of a study (it
+        #: finished, was stopped or deleted) lets go of its view and the trials it cached.
+        self._views: weakref.WeakValueDictionary[int, FastStorage] = weakref.WeakValueDictionary()
         #: the Study objects that attached, each to the view it was given (checked by of())
         self._given: weakref.WeakKeyDictionary[optuna.Study, FastStorage] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+
+    @property
+    def database(self) -> BaseStorage:
+        """The RDBStorage underneath: the database as it is, no view in between."""
+        return self._backend
 
     @property
     def engine(self) -> sa.engine.Engine:
@@ -1326,9 +1364,15 @@ class BatchingStorage(_StudiesThrough):
         since, and another created under its id (SQLite reuses ids), is replaced: its trials
         are not this study's."""
         with self._lock:
+            before = self._given.get(study)
             fs = self._current(study._study_id)
+            if before is not None and before is not fs:
+                # this Study object's study is gone (deleted; what is under its id now is
+                # another study, or nothing): as Optuna answers for a deleted study
+                raise KeyError(models.NOT_FOUND_MSG)
             if fs is None:
-                fs = self._views[study._study_id] = FastStorage(self._backend, study._study_id, classify)
+                fs = FastStorage(self._backend, study._study_id, classify)
+                self._views[study._study_id] = fs
             self._given[study] = fs
             return fs
 
@@ -1369,31 +1413,36 @@ class BatchingStorage(_StudiesThrough):
         (``studies.release_dropped``), so nothing of theirs may be written after that; the
         studies it loads again get fresh views."""
         with self._lock:
-            for fs in self._views.values():
+            for fs in list(self._views.values()):
                 fs.gone = True
             self._views.clear()
 
     def _study(self, study_id: int) -> BaseStorage:
         return self._live(study_id) or self._backend
 
-    def _trial(self, trial_id: int, writing: bool = False) -> BaseStorage:
-        """Where a call about this trial goes: the view that holds it, else the database. A
-        write to a trial no view knows of is checked against the database's study of it."""
-        for fs in list(self._views.values()):
-            if (trial_id in fs._numbers or trial_id in fs._owned) and not fs.gone:
+    def _trial(self, trial_id: int) -> BaseStorage:
+        """Where a call about this trial goes: the view that runs it (it created or adopted
+        it), else a view that has read it, else the database. (SQLite reuses the ids of a
+        deleted study's trials: a view kept from such a study may still hold an id that is
+        now another study's trial, which the view of that study runs.) A trial this process
+        writes is always run by a view: it was created or adopted through one; a waiting trial
+        is adopted after the view that pops it has read it."""
+        views = [fs for fs in list(self._views.values()) if not fs.gone]
+        for fs in views:
+            if trial_id in fs._owned:
                 return fs
-        if writing and self._views:
-            with self.engine.connect() as conn:
-                study_id = conn.execute(sa.select(_T.study_id).where(_T.trial_id == trial_id)).scalar()
-            if study_id is not None:
-                return self._study(study_id)
+        for fs in views:
+            if trial_id in fs._numbers:
+                return fs
         return self._backend
 
     # -- the study (the rest: _StudiesThrough) -------------------------------------------------
     def delete_study(self, study_id: int) -> None:
-        with self._lock:
-            self._views.pop(study_id, None)
         self._backend.delete_study(study_id)
+        with self._lock:
+            fs = self._views.pop(study_id, None)
+            if fs is not None:
+                fs.gone = True
 
     def get_study_id_from_name(self, study_name: str) -> int:
         study_id = self._backend.get_study_id_from_name(study_name)
@@ -1433,20 +1482,20 @@ class BatchingStorage(_StudiesThrough):
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: dists.BaseDistribution) -> None:
-        self._on(self._trial(trial_id, True), "set_trial_param", trial_id, param_name, param_value_internal, distribution)
+        self._on(self._trial(trial_id), "set_trial_param", trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._on(self._trial(trial_id, True), "set_trial_intermediate_value", trial_id, step, intermediate_value)
+        self._on(self._trial(trial_id), "set_trial_intermediate_value", trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._on(self._trial(trial_id, True), "set_trial_user_attr", trial_id, key, value)
+        self._on(self._trial(trial_id), "set_trial_user_attr", trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._on(self._trial(trial_id, True), "set_trial_system_attr", trial_id, key, value)
+        self._on(self._trial(trial_id), "set_trial_system_attr", trial_id, key, value)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
-        return self._on(self._trial(trial_id, True), "set_trial_state_values", trial_id, state, values)
+        return self._on(self._trial(trial_id), "set_trial_state_values", trial_id, state, values)
 
 
 # -- TPE that does each ask's work once ---------------------------------------------------------

@@ -366,12 +366,19 @@ def _mark_done_if_finished(
 ) -> bool:
     """Mark the study done when it has its trials or its time is up. ``attrs``: the study's
     user attributes when the caller has just read them."""
-    if _over(spec, counts, lambda: study.user_attrs if attrs is None else attrs):
-        state = study_state(study) if attrs is None else state_of(attrs)
-        if state == "running":
-            study.set_user_attr(STATE_ATTR, "done")
-        return True
-    return False
+    if not _over(spec, counts, lambda: study.user_attrs if attrs is None else attrs):
+        return False
+    attrs = study.user_attrs if attrs is None else attrs
+    stored = attrs.get(SPEC_ATTR)
+    if isinstance(stored, dict) and (stored.get("n_trials"), stored.get("timeout")) != (spec.n_trials, spec.timeout):
+        # extended while this process ran it with the spec it had read: the stored one decides
+        latest = spec.model_copy(update={"n_trials": stored.get("n_trials", spec.n_trials),
+                                         "timeout": stored.get("timeout")})
+        if not _over(latest, counts, lambda: attrs):
+            return False
+    if state_of(attrs) == "running":
+        study.set_user_attr(STATE_ATTR, "done")
+    return True
 
 
 def _over(spec: StudySpec, counts: dict[str, Any], attrs: Callable[[], dict[str, Any]]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import random
@@ -620,6 +621,75 @@ def test_a_workers_storage_gives_a_study_created_under_a_deleted_ones_id_a_view_
     stored = _stored(url, "again")
     assert [t["number"] for t in stored] == list(range(5))
     assert {t["state"] for t in stored} == {TrialState.COMPLETE}
+
+
+def test_a_workers_storage_routes_a_reused_trial_id_to_the_study_that_runs_it(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    """SQLite gives a deleted study's trial ids to the next trials created. A worker that still
+    holds the deleted study (its view has those ids cached) runs the new study's trials as
+    that study's, and keeps no view of a study it let go of."""
+    url = f"sqlite:///{tmp_path / 'ids.db'}"
+    st = studies.open_storage(url, batching=True)
+    spec = _spec(tiny_spec, n_trials=4, pruner="none", n_epochs=1)
+    studies.create_study(spec, st, "A")
+    studies.create_study(spec, st, "X")  # so that the new study gets another id than A's
+    old, spec = studies.load_study("A", st, sampler_seed=1)
+    while (trial := studies.ask_trial(old, spec)) is not None:
+        studies.execute_trial(old, trial, spec, device="cpu", worker="w1")
+    other = _own_storage(url, heartbeat=False)
+    try:
+        studies.delete_study(other, "A")
+        studies.create_study(spec, other, "B")
+    finally:
+        other.engine.dispose()
+    new, spec = studies.load_study("B", st, sampler_seed=2)
+    reused = []
+    while (trial := studies.ask_trial(new, spec)) is not None:
+        reused.append(trial._trial_id in _fast.of(old)._numbers)  # type: ignore[union-attr]
+        out = studies.execute_trial(new, trial, spec, device="cpu", worker="w1")
+        assert out.state == "complete"
+    assert any(reused), "the new study's trials took the deleted study's ids"
+    stored = _stored(url, "B")
+    assert [t["state"] for t in stored] == [TrialState.COMPLETE] * 4 and all(t["params"] for t in stored)
+    with pytest.raises(KeyError):  # the old Study object's study is gone: it asks nothing
+        studies.ask_trial(old, spec)
+    assert len(_stored(url, "B")) == 4
+    del old, trial
+    gc.collect()
+    assert list(st._views) == [new._study_id], "a study let go of takes its view with it"
+
+
+def test_a_study_extended_while_a_worker_runs_its_last_trial_goes_on_in_that_worker(
+    url: str, tiny_spec: Callable[..., StudySpec],
+) -> None:
+    """Extending (or resuming) gives a study a new uid, so that workers read its spec again;
+    the worker's view of it, whose trials are all still there, is the same study's and goes on
+    (the uid alone once made it look deleted: the worker's next count raised KeyError)."""
+    name = _name("ext")
+    spec = _spec(tiny_spec, n_trials=2, pruner="none", n_epochs=1)
+    st = studies.open_storage(url, batching=True)
+    try:
+        studies.create_study(spec, st, name)
+        study, spec = studies.load_study(name, st, sampler_seed=1)
+        studies.execute_trial(study, studies.ask_trial(study, spec), spec, device="cpu", worker="w1")
+        last = studies.ask_trial(study, spec)
+        assert last is not None
+        other = _own_storage(url, heartbeat=False)
+        try:
+            studies.extend_study(optuna.load_study(study_name=name, storage=other), n_trials=4)
+        finally:
+            other.engine.dispose()
+        assert studies.execute_trial(study, last, spec, device="cpu", worker="w1").state == "complete"
+        again, spec = studies.load_study(name, st, sampler_seed=2)  # the worker reads the spec anew
+        assert spec.n_trials == 4 and _fast.of(study) is not None
+        while (trial := studies.ask_trial(again, spec)) is not None:
+            studies.execute_trial(again, trial, spec, device="cpu", worker="w1")
+        stored = _stored(url, name)
+        assert [t["state"] for t in stored] == [TrialState.COMPLETE] * 4
+        assert [t["number"] for t in stored] == list(range(4))
+    finally:
+        _drop(url, name)
 
 
 @pytest.mark.postgres
