@@ -94,7 +94,8 @@ class Worker:
         self._state_seen: tuple[Any, float, str | bool] | None = None  # (which study, when, answer)
         self._listing: tuple[float, list[tuple[str, Any]]] | None = None  # (when, running studies)
         #: trials asked ahead (single-trial mode), run before anything else is asked
-        self._ahead: deque[tuple[str, Any, optuna.Study, studies.StudySpec, optuna.Trial]] = deque()
+        #: (study name, identity, study, spec, trial, the trial's start as asked)
+        self._ahead: deque[tuple[str, Any, optuna.Study, studies.StudySpec, optuna.Trial, Any]] = deque()
         self._pace: dict[str, float] = {}  # study -> recent seconds per trial (single-trial mode)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -284,14 +285,17 @@ class Worker:
                                     "the database went away while it trained; its worker went on")
             self._dropped = False
         if self._ahead:  # asked already: run before anything else is asked
-            name, identity, study, spec, trial = self._ahead.popleft()
+            name, identity, study, spec, trial, started = self._ahead.popleft()
             why = self._study_stopped(study, identity)
             if why == _DELETED:
-                # its rows went with the study; a study created again under the name (SQLite
-                # reuses ids) may hold a trial with this id: nothing is told
                 self._studies.pop(name, None)
                 self._listing = None
-                log.info("study %s was deleted; dropped trial %d asked ahead", name, trial.number)
+                if self._trial_gone(trial._trial_id, started):
+                    # its rows went with the study; a study created again under the name (SQLite
+                    # reuses ids) may hold a trial with this id: nothing is told
+                    log.info("study %s was deleted; dropped trial %d asked ahead", name, trial.number)
+                else:  # the study was extended or resumed (a new uid): the trial is still its
+                    self._fail_if_running(study, trial, "the study changed before this trial started")
                 return True
             if why:  # stopped since the ask: failed unstarted (no point drawn yet)
                 self._fail_if_running(study, trial, f"{why} before this trial started")
@@ -318,7 +322,8 @@ class Worker:
                 continue
             if not trials:
                 continue
-            self._ahead.extend((name, identity, study, spec, t) for t in trials[1:])
+            self._ahead.extend((name, identity, study, spec, t, study._storage.get_trial(t._trial_id).datetime_start)
+                               for t in trials[1:])
             return self._run_trial(name, study, spec, trials[0])
         return studies.serve_finalize(self._storage, self.config.device, self.config.data_dir,
                                       self.config.worker_id, study_names=list(self.config.studies or []))
@@ -338,8 +343,8 @@ class Worker:
         """Fail the trials asked ahead and never started (no point was drawn for them: the
         study asks fresh ones in their place)."""
         while self._ahead:
-            _, identity, study, _, trial = self._ahead.popleft()
-            if self._study_stopped(study, identity) != _DELETED:
+            _, identity, study, _, trial, started = self._ahead.popleft()
+            if self._study_stopped(study, identity) != _DELETED or not self._trial_gone(trial._trial_id, started):
                 self._fail_if_running(study, trial, reason)
 
     def _run_trial(self, name: str, study: optuna.Study, spec: studies.StudySpec, trial: optuna.Trial) -> bool:

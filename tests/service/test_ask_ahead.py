@@ -37,7 +37,7 @@ def test_a_worker_of_short_trials_asks_ahead_and_a_stop_fails_only_the_unstarted
     n_trials = 30
     url, _, w = _queued(tmp_path, monkeypatch, "ahead", n_trials)
     assert len(w._ahead) == worker_mod.MAX_ASK_AHEAD - 1, "then several at once, one run"
-    unstarted = {t.number for *_, t in w._ahead}
+    unstarted = {t.number for *_, t, _ in w._ahead}
     w.stop_requested.set()
     assert w.run() == 0  # stops at once: the trials asked ahead are failed, visibly
 
@@ -78,7 +78,7 @@ def test_trials_asked_ahead_of_a_study_stopped_since_are_failed_unstarted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, _, w = _queued(tmp_path, monkeypatch, "stop")
-    unstarted = {t.number for *_, t in w._ahead}
+    unstarted = {t.number for *_, t, _ in w._ahead}
     optuna.load_study(study_name="stop", storage=url).set_user_attr(studies.STATE_ATTR, "stopped")
     w._state_seen = None  # as after STATE_POLL seconds
     while w._ahead:
@@ -134,3 +134,31 @@ def test_trials_asked_ahead_of_a_study_deleted_and_created_again_are_dropped_unt
     w.stop_requested.set()
     assert w.run() == 0
     assert all(t.state == TrialState.RUNNING for t in optuna.load_study(study_name="again", storage=url).get_trials())
+
+
+def test_trials_asked_ahead_of_a_study_extended_since_are_failed_unstarted_and_it_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Extending a study gives it a new uid (workers read its spec again): the trials asked ahead
+    are still the study's, so they are failed visibly, not left RUNNING under a live lease as if
+    the study were gone (found in review); the study then completes its new number of trials."""
+    url, _, w = _queued(tmp_path, monkeypatch, "grown", n_trials=12)
+    unstarted = {t.number for *_, t, _ in w._ahead}
+    studies.extend_study(optuna.load_study(study_name="grown", storage=url), n_trials=16)
+    w._state_seen = None
+    while w._ahead:
+        assert w.run_once()
+    by_number = {t.number: t for t in optuna.load_study(study_name="grown", storage=url).get_trials()}
+    for number in unstarted:
+        t = by_number[number]
+        assert t.state == TrialState.FAIL and not t.params
+        assert t.user_attrs["fail_reason"] == "the study changed before this trial started"
+    w.stop_requested.set()
+    assert w.run() == 0
+
+    again = Worker(WorkerConfig(storage=url, device="cpu", studies=["grown"], idle_exit=0.5, poll_interval=0.1))
+    assert again.run() == 0
+    trials = optuna.load_study(study_name="grown", storage=url).get_trials()
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 16
+    assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
