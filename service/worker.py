@@ -344,8 +344,11 @@ class Worker:
         study asks fresh ones in their place)."""
         while self._ahead:
             _, identity, study, _, trial, started = self._ahead.popleft()
-            if self._study_stopped(study, identity) != _DELETED or not self._trial_gone(trial._trial_id, started):
-                self._fail_if_running(study, trial, reason)
+            try:
+                if self._study_stopped(study, identity) != _DELETED or not self._trial_gone(trial._trial_id, started):
+                    self._fail_if_running(study, trial, reason)
+            except DB_ERRORS as exc:  # the database is away: the lease goes stale and the reaper fails them
+                log.warning("could not release trial %d asked ahead: %s", trial.number, exc.__class__.__name__)
 
     def _run_trial(self, name: str, study: optuna.Study, spec: studies.StudySpec, trial: optuna.Trial) -> bool:
         """Train one asked trial and tell it; True (it ran, or its study went away meanwhile)."""

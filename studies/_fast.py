@@ -145,6 +145,24 @@ def _utc(value: datetime.datetime) -> datetime.datetime:
     return value.astimezone(_UTC).replace(tzinfo=None)
 
 
+@functools.cache
+def _trial_row_statement() -> Any:
+    """A trial's (study id, number, start as stored) by its id (bound as ``t``): what
+    :meth:`FastStorage._still_ours` compares."""
+    t = _T.__table__
+    return sa.select(t.c.study_id, t.c.number, t.c.datetime_start).where(t.c.trial_id == sa.bindparam("t"))
+
+
+def _local(value: Any) -> Any:
+    """A naive UTC datetime from the trial table as the local naive one Optuna's reads give
+    (its ``TrialModel.datetime_start``/``datetime_complete``); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # a driver that hands the column back as text
+        value = datetime.datetime.fromisoformat(value)
+    return value.replace(tzinfo=_UTC).astimezone().replace(tzinfo=None)
+
+
 class _Owned:
     """A trial this process runs: its live FrozenTrial and the rows not yet written."""
 
@@ -368,8 +386,7 @@ class FastStorage(_StudiesThrough):
         (:meth:`_settled`): counts already known, up to a trial id; only later trials are read."""
         st = self._count_statements()
         rows = conn.execute(st["attrs_locked" if lock else "attrs"], {"sid": self._study_id}).all()
-        attrs = self._study_attrs(rows, lambda tid: conn.execute(
-            sa.select(_T.study_id, _T.number, _T.__table__.c.datetime_start).where(_T.trial_id == tid)).first())
+        attrs = self._study_attrs(rows, lambda tid: conn.execute(_trial_row_statement(), {"t": tid}).first())
         upto = (settled or (-1,))[0]
         counts = conn.execute(st["counts"], {"sid": self._study_id, "upto": upto, "flag": flag}).all()
         return (*self._add_counts(counts, settled), attrs)
@@ -404,10 +421,7 @@ class FastStorage(_StudiesThrough):
         row = trial_row(known._trial_id)
         if row is None:
             return False
-        start = row[2]
-        if isinstance(start, str):  # psycopg's pipeline path reads rows as the driver gives them
-            start = datetime.datetime.fromisoformat(start)
-        return bool(row[0] == self._study_id and row[1] == known.number and start == known.datetime_start)
+        return bool(row[0] == self._study_id and row[1] == known.number and _local(row[2]) == known.datetime_start)
 
     @staticmethod
     def _add_counts(rows: Iterable[Any], settled: tuple[int, Counter[TrialState], Counter[TrialState]] | None,
@@ -505,7 +519,7 @@ class FastStorage(_StudiesThrough):
             self._put(FrozenTrial(
                 number=number, state=state, value=None,
                 values=[vals[k] for k in sorted(vals)] if vals else None,
-                datetime_start=start, datetime_complete=complete, params=params.get(tid, {}),
+                datetime_start=_local(start), datetime_complete=_local(complete), params=params.get(tid, {}),
                 distributions=distributions.get(tid, {}), user_attrs=attrs[0].get(tid, {}),
                 system_attrs=attrs[1].get(tid, {}), intermediate_values=ivs.get(tid, {}), trial_id=tid))
 
@@ -535,7 +549,7 @@ class FastStorage(_StudiesThrough):
             if tid in self._owned:
                 continue
             self._put(FrozenTrial(
-                number=number, state=state, value=None, values=None, datetime_start=start,
+                number=number, state=state, value=None, values=None, datetime_start=_local(start),
                 datetime_complete=None, params=params.get(tid, {}), distributions=distributions.get(tid, {}),
                 user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=tid))
 
@@ -740,11 +754,11 @@ class FastStorage(_StudiesThrough):
                 assert base is not None
                 got = conn.execute(self._locked_statements()["trials"], {
                     "lo": base, "hi": base + n - 1, "sid": self._study_id, "state": TrialState.RUNNING,
-                    "start": now}).all()
+                    "start": _utc(now)}).all()
                 inserted = [tid for tid, _ in sorted(got, key=lambda r: r[1])]
             else:
                 rows = [{"study_id": self._study_id, "number": base + i if base is not None else None,
-                         "state": TrialState.RUNNING, "datetime_start": now} for i in range(n)]
+                         "state": TrialState.RUNNING, "datetime_start": _utc(now)} for i in range(n)]
                 inserted = list(conn.execute(
                     t.insert().returning(t.c.trial_id, sort_by_parameter_order=True), rows).scalars())
             ids = sorted(inserted)
@@ -795,7 +809,7 @@ class FastStorage(_StudiesThrough):
             now = datetime.datetime.now()
             inserted = raw.cursor()
             params = {"lo": base, "hi": base + n - 1, "sid": self._study_id, "state": TrialState.RUNNING.name,
-                      "start": now, "key": LEASE_KEY, "value": json.dumps(self.lease_id)}
+                      "start": _utc(now), "key": LEASE_KEY, "value": json.dumps(self.lease_id)}
             inserted.execute(sql["trials" if self.lease_id is None else "leased"], params)
             raw.commit()  # sent with the insert; SQLAlchemy's own commit after it finds nothing to do
             got = inserted.fetchall()
@@ -1387,13 +1401,22 @@ class BatchingStorage(_StudiesThrough):
         if fs is None or (fs._uid is None and not check):
             return fs
         try:
-            same = self._backend.get_study_user_attrs(study_id).get(UID_ATTR) == fs._uid or fs._uid is None
+            uid = self._backend.get_study_user_attrs(study_id).get(UID_ATTR)
         except KeyError:
-            same = False
-        if not same:
             del self._views[study_id]
             return None
-        return fs
+        if fs._uid is None or uid == fs._uid:
+            return fs
+        if fs._still_ours(self._trial_row):  # extended or resumed: the same study, a new uid
+            fs._uid = uid
+            return fs
+        del self._views[study_id]
+        return None
+
+    def _trial_row(self, trial_id: int) -> Any:
+        """(study id, number, start as stored) of a trial, read now."""
+        with self.engine.connect() as conn:
+            return conn.execute(_trial_row_statement(), {"t": trial_id}).first()
 
     def _on(self, target: BaseStorage, name: str, *args: Any, **kwargs: Any) -> Any:
         """``target.name(*args, **kwargs)``; a view that says its study does not exist

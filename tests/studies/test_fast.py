@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import json
 import math
@@ -10,6 +11,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -688,6 +690,51 @@ def test_a_study_extended_while_a_worker_runs_its_last_trial_goes_on_in_that_wor
         stored = _stored(url, name)
         assert [t["state"] for t in stored] == [TrialState.COMPLETE] * 4
         assert [t["number"] for t in stored] == list(range(4))
+    finally:
+        _drop(url, name)
+
+
+@pytest.fixture
+def tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process in a timezone nine hours from UTC."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_trial_times_are_stored_as_optuna_stores_them_in_any_timezone(
+    url: str, tiny_spec: Callable[..., StudySpec], tokyo: None,
+) -> None:
+    """Optuna's table holds UTC and its reads give local time: a trial the worker's storage
+    created starts when Optuna says it did, the view agrees with Optuna's read, and an extend
+    during the last trial is still the same study (its held trial's start is compared)."""
+    name = _name("tz")
+    spec = _spec(tiny_spec, n_trials=2, pruner="none", n_epochs=1)
+    st = studies.open_storage(url, batching=True)
+    try:
+        studies.create_study(spec, st, name)
+        study, spec = studies.load_study(name, st, sampler_seed=1)
+        before = datetime.datetime.now()
+        studies.execute_trial(study, studies.ask_trial(study, spec), spec, device="cpu", worker="w1")
+        last = studies.ask_trial(study, spec)
+        assert last is not None
+        other = _own_storage(url, heartbeat=False)
+        try:
+            read = optuna.load_study(study_name=name, storage=other).get_trials()
+            for t in read:
+                assert abs((t.datetime_start - before).total_seconds()) < 60, t.datetime_start
+                assert study._storage.get_trial(t._trial_id).datetime_start == t.datetime_start
+            studies.extend_study(optuna.load_study(study_name=name, storage=other), n_trials=3)
+        finally:
+            other.engine.dispose()
+        assert studies.execute_trial(study, last, spec, device="cpu", worker="w1").state == "complete"
+        again, spec = studies.load_study(name, st, sampler_seed=2)
+        while (trial := studies.ask_trial(again, spec)) is not None:
+            studies.execute_trial(again, trial, spec, device="cpu", worker="w1")
+        assert _fast.of(again) is _fast.of(study) is not None, "the extended study keeps its view"
+        assert [t["state"] for t in _stored(url, name)] == [TrialState.COMPLETE] * 3
     finally:
         _drop(url, name)
 
