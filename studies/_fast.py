@@ -2,9 +2,10 @@
 
 Plain Optuna on an RDB storage makes a round trip for every ``trial.report``,
 ``set_user_attr`` and pruning check, and re-reads every unfinished trial whenever the
-sampler or the pruner looks at the study. :class:`FastStorage` wraps the study's storage
-(it becomes ``study._storage``) and changes only when things reach the database, never what
-reaches it:
+sampler or the pruner looks at the study. :class:`FastStorage` is one study's view of its
+trials inside the worker's storage, :class:`BatchingStorage` (what
+``studies.open_storage(url, batching=True)`` returns; the calls about a study that has a view
+go through it), and changes only when things reach the database, never what reaches it:
 
 - The trials this process runs ("owned") live in memory. Their params, attributes and
   intermediate values are kept there and written in one transaction at two points: when the
@@ -245,7 +246,8 @@ class _StudiesThrough(BaseStorage):
 
 
 class FastStorage(_StudiesThrough):
-    """``study._storage`` for a worker: see the module's docstring. One study, one process."""
+    """One study's view in a worker's :class:`BatchingStorage`: see the module's docstring.
+    One study, one process."""
 
     #: asks come in batches, made in one transaction (:meth:`reserve`); tells can be held back
     batching = True
