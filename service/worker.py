@@ -198,6 +198,12 @@ class Worker:
             self._studies[name] = (identity, study, spec)
         return self._studies[name][1:]
 
+    def _let_go(self, name: str) -> None:
+        """Forget a study that went away or changed: the next look lists the studies anew and
+        loads it again if it is still there."""
+        self._studies.pop(name, None)
+        self._listing = None
+
     def _check_data(self, spec: studies.StudySpec) -> None:
         """Load the study's data once (cached for its trials): data that cannot load is the
         study's error, not each trial's."""
@@ -288,8 +294,7 @@ class Worker:
             name, identity, study, spec, trial, started = self._ahead.popleft()
             why = self._study_stopped(study, identity)
             if why == _DELETED:
-                self._studies.pop(name, None)
-                self._listing = None
+                self._let_go(name)
                 if self._trial_gone(trial._trial_id, started):
                     # its rows went with the study; a study created again under the name (SQLite
                     # reuses ids) may hold a trial with this id: nothing is told
@@ -317,8 +322,7 @@ class Worker:
             except (studies.StudyNotFoundError, KeyError):
                 # Deleted between the listing and the ask (Optuna: "record does not exist").
                 log.info("study %s is gone", name)
-                self._studies.pop(name, None)
-                self._listing = None
+                self._let_go(name)
                 continue
             if not trials:
                 continue
@@ -377,8 +381,7 @@ class Worker:
             # made anew under its name, or extended or resumed (each gives it a new uid, so
             # that workers read its spec again): this worker's view of it is no longer the
             # study's, and the trial, if it is still running, is failed with the reason.
-            self._studies.pop(name, None)
-            self._listing = None
+            self._let_go(name)
             if self._trial_gone(trial._trial_id, started):
                 log.info("study %s was deleted while trial %d ran; dropped it", name, trial.number)
             else:

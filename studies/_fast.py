@@ -802,7 +802,7 @@ class FastStorage(_StudiesThrough):
             locked, counted = raw.cursor(), raw.cursor()
             locked.execute(sql["attrs_locked"], {"sid": self._study_id})
             counted.execute(sql["counts"], {"sid": self._study_id, "upto": upto, "flag": "infeasible"})
-            attrs = self._study_attrs(locked.fetchall(), functools.partial(self._trial_row_raw, raw))
+            attrs = self._study_attrs(locked.fetchall(), functools.partial(self._trial_row_raw, raw, sql["trial_row"]))
             by_state, flagged = self._add_counts(counted.fetchall(), settled)
             n = decide(by_state, flagged, attrs)
             if n <= 0:
@@ -819,11 +819,10 @@ class FastStorage(_StudiesThrough):
         return sorted(numbers), self._new_trials(numbers, now)
 
     @staticmethod
-    def _trial_row_raw(raw: Any, trial_id: int) -> Any:
-        """(study id, number, start) of a trial, on the raw psycopg connection (in a pipeline)."""
+    def _trial_row_raw(raw: Any, sql: str, trial_id: int) -> Any:
+        """:func:`_trial_row_statement` on the raw psycopg connection (in a pipeline)."""
         cur = raw.cursor()
-        cur.execute(f"SELECT study_id, number, datetime_start FROM {_T.__tablename__} WHERE trial_id = %(t)s",
-                    {"t": trial_id})
+        cur.execute(sql, {"t": trial_id})
         return cur.fetchone()
 
     def _new_trials(self, numbers: dict[int, int], now: datetime.datetime) -> list[FrozenTrial]:
@@ -846,6 +845,7 @@ class FastStorage(_StudiesThrough):
             self._pipeline = {
                 "attrs_locked": str(counts["attrs_locked"].compile(dialect=dialect)),
                 "counts": str(counts["counts"].compile(dialect=dialect)),
+                "trial_row": str(_trial_row_statement().compile(dialect=dialect)),
                 "trials": trials,
                 "leased": (f"WITH ins AS ({trials}), lease AS (INSERT INTO {sat} (trial_id, key, value_json) "
                            "SELECT ins.trial_id, %(key)s, %(value)s FROM ins) SELECT trial_id, number FROM ins"),
@@ -1344,7 +1344,7 @@ class BatchingStorage(_StudiesThrough):
         self._views: weakref.WeakValueDictionary[int, FastStorage] = weakref.WeakValueDictionary()
         #: the Study objects that attached, each to the view it was given (checked by of())
         self._given: weakref.WeakKeyDictionary[optuna.Study, FastStorage] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _current, under it, drops views through _live
 
     @property
     def database(self) -> BaseStorage:
@@ -1396,10 +1396,7 @@ class BatchingStorage(_StudiesThrough):
         """The study's view, dropped first if the study it was made for is gone (deleted; or
         another was created under its id, as SQLite reuses ids: its trials are not this
         study's). ``check``: look even if the view has not read its study's uid yet."""
-        fs = self._views.get(study_id)
-        if fs is not None and fs.gone:
-            del self._views[study_id]
-            return None
+        fs = self._live(study_id)
         if fs is None or (fs._uid is None and not check):
             return fs
         try:

@@ -366,9 +366,15 @@ def _mark_done_if_finished(
 ) -> bool:
     """Mark the study done when it has its trials or its time is up. ``attrs``: the study's
     user attributes when the caller has just read them."""
-    if not _over(spec, counts, lambda: study.user_attrs if attrs is None else attrs):
+    def read() -> dict[str, Any]:  # the attributes, read once and only when needed
+        nonlocal attrs
+        if attrs is None:
+            attrs = study.user_attrs
+        return attrs
+
+    if not _over(spec, counts, read):
         return False
-    attrs = study.user_attrs if attrs is None else attrs
+    attrs = read()
     stored = attrs.get(SPEC_ATTR)
     if isinstance(stored, dict) and (stored.get("n_trials"), stored.get("timeout")) != (spec.n_trials, spec.timeout):
         # extended while this process ran it with the spec it had read: the stored one decides

@@ -86,7 +86,7 @@ def _study_public(snap: Snapshot) -> StudyPublic | None:
         name=snap.name,
         study_id=snap.study_id,
         state=studies.state_of(attrs),
-        error=attrs.get(studies.ERROR_ATTR) if attrs.get(studies.STATE_ATTR) == "error" else None,
+        error=attrs.get(studies.ERROR_ATTR) if studies.state_of(attrs) == "error" else None,
         n_trials=int(spec.get("n_trials", 0)),
         progress=StudyProgress(**_progress(trials)),
         directions=directions,
