@@ -181,12 +181,17 @@ def _spec(tiny_spec: Callable[..., StudySpec], **kw: Any) -> StudySpec:
     return tiny_spec(**(settings | kw))
 
 
+def _run_out(study: optuna.Study, spec: StudySpec) -> None:
+    """Ask and run the study's trials one at a time until it has no more, as one worker does."""
+    while (trial := studies.ask_trial(study, spec)) is not None:
+        studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+
+
 def _single(url: str, spec: StudySpec, name: str) -> optuna.Study:
     st = studies.open_storage(url)
     studies.create_study(spec, st, name)
     study, spec = studies.load_study(name, st, sampler_seed=3)
-    while (trial := studies.ask_trial(study, spec)) is not None:
-        studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+    _run_out(study, spec)
     return study
 
 
@@ -547,8 +552,7 @@ def test_a_view_of_a_deleted_study_does_not_count_the_one_created_under_its_id(
     st = studies.open_storage(url)
     studies.create_study(spec, st, "again")
     study, spec = studies.load_study("again", st, sampler_seed=1)
-    while (trial := studies.ask_trial(study, spec)) is not None:
-        studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+    _run_out(study, spec)
     fs = _runner._fast_storage(study)
     assert isinstance(fs, _fast.FastStorage)
     fs.refresh()
@@ -584,8 +588,7 @@ def test_a_workers_storage_is_the_batching_storage_and_the_engine_swaps_nothing(
     assert [t.number for t in twin.get_trials(deepcopy=False)] == [trial.number]
     assert twin.get_trials(deepcopy=False)[0].state == TrialState.RUNNING
     studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
-    while (trial := studies.ask_trial(study, spec)) is not None:
-        studies.execute_trial(study, trial, spec, device="cpu", worker="w1")
+    _run_out(study, spec)
     assert _fast.of(study) is fs
     stored = _stored(url, "w")
     assert [t["state"] for t in stored] == [TrialState.COMPLETE] * 6
@@ -604,8 +607,7 @@ def test_a_workers_storage_gives_a_study_created_under_a_deleted_ones_id_a_view_
     spec = _spec(tiny_spec, n_trials=5, pruner="none", n_epochs=1)
     studies.create_study(spec, st, "again")
     old, spec = studies.load_study("again", st, sampler_seed=1)
-    while (trial := studies.ask_trial(old, spec)) is not None:
-        studies.execute_trial(old, trial, spec, device="cpu", worker="w1")
+    _run_out(old, spec)
     old_view = _fast.of(old)
     assert isinstance(old_view, _fast.FastStorage)
     other = _own_storage(url, heartbeat=False)  # the API's process deletes and creates it again
@@ -617,8 +619,7 @@ def test_a_workers_storage_gives_a_study_created_under_a_deleted_ones_id_a_view_
     new, spec = studies.load_study("again", st, sampler_seed=2)
     assert new._study_id == old._study_id  # the id is reused
     assert new.get_trials(deepcopy=False) == [], "the old study's trials are not the new one's"
-    while (trial := studies.ask_trial(new, spec)) is not None:
-        studies.execute_trial(new, trial, spec, device="cpu", worker="w1")
+    _run_out(new, spec)
     assert _fast.of(new) is not old_view and _fast.of(old) is None
     stored = _stored(url, "again")
     assert [t["number"] for t in stored] == list(range(5))
@@ -637,8 +638,7 @@ def test_a_workers_storage_routes_a_reused_trial_id_to_the_study_that_runs_it(
     studies.create_study(spec, st, "A")
     studies.create_study(spec, st, "X")  # so that the new study gets another id than A's
     old, spec = studies.load_study("A", st, sampler_seed=1)
-    while (trial := studies.ask_trial(old, spec)) is not None:
-        studies.execute_trial(old, trial, spec, device="cpu", worker="w1")
+    _run_out(old, spec)
     other = _own_storage(url, heartbeat=False)
     try:
         studies.delete_study(other, "A")
@@ -685,8 +685,7 @@ def test_a_study_extended_while_a_worker_runs_its_last_trial_goes_on_in_that_wor
         assert studies.execute_trial(study, last, spec, device="cpu", worker="w1").state == "complete"
         again, spec = studies.load_study(name, st, sampler_seed=2)  # the worker reads the spec anew
         assert spec.n_trials == 4 and _fast.of(study) is not None
-        while (trial := studies.ask_trial(again, spec)) is not None:
-            studies.execute_trial(again, trial, spec, device="cpu", worker="w1")
+        _run_out(again, spec)
         stored = _stored(url, name)
         assert [t["state"] for t in stored] == [TrialState.COMPLETE] * 4
         assert [t["number"] for t in stored] == list(range(4))
@@ -731,8 +730,7 @@ def test_trial_times_are_stored_as_optuna_stores_them_in_any_timezone(
             other.engine.dispose()
         assert studies.execute_trial(study, last, spec, device="cpu", worker="w1").state == "complete"
         again, spec = studies.load_study(name, st, sampler_seed=2)
-        while (trial := studies.ask_trial(again, spec)) is not None:
-            studies.execute_trial(again, trial, spec, device="cpu", worker="w1")
+        _run_out(again, spec)
         assert _fast.of(again) is _fast.of(study) is not None, "the extended study keeps its view"
         assert [t["state"] for t in _stored(url, name)] == [TrialState.COMPLETE] * 3
     finally:
