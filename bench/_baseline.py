@@ -17,6 +17,23 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def cuda_seconds(fn: Any, reps: int = 10) -> float:
+    """Device seconds of one ``fn()``: the median of ``reps`` CUDA-event timings (the upper
+    one of an even count), after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 class MaskedDendriticLayer(nn.Module):
     def __init__(self, in_dim: int, n_neurons: int, k: int, n_dendrites: int,
                  resample: bool = True, p: float = 0.25, steps: int = 128) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _baseline import func_ensemble_train, seed_style_train  # noqa: E402
+from _baseline import cuda_seconds, func_ensemble_train, seed_style_train  # noqa: E402
 
 import core  # noqa: E402
 
@@ -53,19 +53,6 @@ def ceilings(dev: torch.device) -> dict[str, float]:
     """Matrix-product FLOP/s (fp32, tf32, bf16; random data) and device copy bytes/s."""
     out: dict[str, float] = {}
 
-    def timed(fn: Any, reps: int = 10) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return sorted(times)[len(times) // 2]
-
     tf32 = torch.backends.cuda.matmul.allow_tf32
     n = 8192
     for name, dtype, allow in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
@@ -73,17 +60,17 @@ def ceilings(dev: torch.device) -> dict[str, float]:
         torch.backends.cuda.matmul.allow_tf32 = allow
         a = torch.randn(n, n, device=dev, dtype=dtype)
         b = torch.randn(n, n, device=dev, dtype=dtype)
-        out[f"matmul {name} FLOP/s"] = 2 * n**3 / timed(lambda a=a, b=b: a @ b)
+        out[f"matmul {name} FLOP/s"] = 2 * n**3 / cuda_seconds(lambda a=a, b=b: a @ b)
         # the population's own shape: K=1024 members, batch 256, dense 784 -> 72
         x = torch.randn(1024, 256, 784, device=dev, dtype=dtype)
         w = torch.randn(1024, 72, 784, device=dev, dtype=dtype)
         out[f"bmm 1024x(256x784 @ 784x72) {name} FLOP/s"] = (
-            2 * 1024 * 256 * 784 * 72 / timed(lambda x=x, w=w: torch.bmm(x, w.transpose(1, 2))))
+            2 * 1024 * 256 * 784 * 72 / cuda_seconds(lambda x=x, w=w: torch.bmm(x, w.transpose(1, 2))))
         del a, b, x, w
     torch.backends.cuda.matmul.allow_tf32 = tf32
     src = torch.randn(1 << 29, device=dev)  # 2 GiB
     dst = torch.empty_like(src)
-    out["copy bytes/s (read+write)"] = 2 * src.numel() * 4 / timed(lambda d=dst, s=src: d.copy_(s))
+    out["copy bytes/s (read+write)"] = 2 * src.numel() * 4 / cuda_seconds(lambda d=dst, s=src: d.copy_(s))
     del src, dst
     torch.cuda.empty_cache()
     return out

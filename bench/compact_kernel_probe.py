@@ -21,11 +21,11 @@ product alone would allow in model-epochs/s (211 steps an epoch, K members).
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+from _baseline import cuda_seconds  # bench/ is the script's folder
 
 
 @triton.jit
@@ -129,18 +129,8 @@ def _wgrad_c(XT, IDXT, GZ, DWT, B: tl.constexpr, R, IN: tl.constexpr, KMAX: tl.c
 
 
 def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    """Milliseconds of one call (bench/_baseline.py's median of CUDA-event timings)."""
+    return cuda_seconds(fn, reps) * 1e3
 
 
 def _launchers(kind, a, b_, Xs, xts, cols, idxt, wt, bias, gz, z, dwt):
