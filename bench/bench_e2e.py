@@ -6,7 +6,9 @@ The seed's space under ``max_params=8000``, 15 epochs, batch 256, TPE and the me
 run by one ``dendro worker`` (in this process, so it can be timed). The worker's main thread
 is split into sampler time (Optuna sampler methods), storage time (the storage's public
 methods, outermost calls only) and the rest (training on the device and the population's
-own bookkeeping).
+own bookkeeping); the population trainer's own figures split the rest further (building and
+stacking members, epochs, writing weights back) and give useful / executed training FLOPs
+(the members' own sizes against the padded stacks that ran).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import studies
 from service.worker import Worker, WorkerConfig
 
 _TOTALS: dict[str, float] = defaultdict(float)
+_TRAINER: dict[str, Any] = defaultdict(float)  # core.train_population's stats, summed over calls
+_SHAPES: set[tuple[int, ...]] = set()  # (members, neurons, dendrites, inputs) of the stacks trained
 _DEPTH = threading.local()
 
 
@@ -48,7 +52,28 @@ def _timed(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _trainer_stats(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        stats: dict[str, Any] = {}
+        try:
+            return fn(*args, **{**kwargs, "stats": stats})
+        finally:
+            _TRAINER["calls"] += 1
+            for k, v in stats.items():
+                if k == "stacks":  # the stacks' shapes in the order they trained: count the switches
+                    _SHAPES.update(v)
+                    _TRAINER["switches"] += len(v)
+                else:
+                    _TRAINER[k] += v
+
+    return wrapper
+
+
 def _instrument() -> None:
+    import core
+
+    core.train_population = _trainer_stats(core.train_population)
     extra = vars(importlib.import_module("studies._fast")) if importlib.util.find_spec("studies._fast") else {}
     samplers = {optuna.samplers.TPESampler, optuna.samplers.RandomSampler, studies.BudgetAwareSampler}
     samplers |= {c for c in extra.values() if isinstance(c, type) and issubclass(c, optuna.samplers.BaseSampler)}
@@ -113,6 +138,15 @@ def main() -> None:
     for k, v in (("sampler", _TOTALS["sampler"]), ("storage", _TOTALS["storage"]),
                  ("training + population bookkeeping", rest)):
         print(f"  {k:<36} {v:8.1f}s  {100 * v / wall:5.1f}%  {1000 * v / max(1, c['total']):7.1f} ms/trial")
+    if _TRAINER["calls"]:
+        t = _TRAINER
+        print(f"  of which, in the population trainer ({int(t['calls'])} calls; {len(_SHAPES)} stack shapes, "
+              f"{len({x[1:3] for x in _SHAPES})} grids, {int(t['switches'])} changes of shape from one epoch "
+              f"to the next):")
+        for k, label in (("build_seconds", "building and stacking members"), ("epoch_seconds", "epochs"),
+                         ("keep_seconds", "writing weights back")):
+            print(f"    {label:<34} {t[k]:8.1f}s  {100 * t[k] / wall:5.1f}%")
+        print(f"  useful / executed training FLOPs: {t['useful_flops'] / max(1.0, t['executed_flops']):.2f}")
     best = study.best_trial
     print(f"best val {best.value:.4f} test {best.user_attrs.get('test_accuracy'):.4f} "
           f"params {best.user_attrs.get('n_params')} {best.params}", flush=True)

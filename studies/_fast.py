@@ -1145,6 +1145,9 @@ class FastStorage(_StudiesThrough):
                 .values(state=sa.bindparam("b_state"), datetime_complete=sa.bindparam("b_done")),
                 "states": sa.select(trials.c.trial_id, trials.c.state)
                 .where(trials.c.trial_id.in_(sa.bindparam("ids", expanding=True))),
+                "uid": sa.select(models.StudyUserAttributeModel.__table__.c.value_json).where(
+                    models.StudyUserAttributeModel.__table__.c.study_id == sa.bindparam("sid"),
+                    models.StudyUserAttributeModel.__table__.c.key == UID_ATTR),
             }
             for name, model in (("params", models.TrialParamModel),
                                 ("ivs", models.TrialIntermediateValueModel),
@@ -1175,6 +1178,16 @@ class FastStorage(_StudiesThrough):
     def _write(self, session: orm.Session, batch: list[_Owned]) -> None:
         st = self._statements()
         conn = session.connection()
+        if self._uid is not None:
+            # Still the study this view was made for? SQLite gives a deleted study's id, and its
+            # trials' ids and numbers, to the next ones created: without this read, a trial of
+            # the deleted study would be written into the new study's trial of the same id.
+            row = conn.execute(st["uid"], {"sid": self._study_id}).first()
+            uid = json.loads(row[0]) if row is not None else None
+            if uid != self._uid:
+                if not self._still_ours(lambda tid: conn.execute(_trial_row_statement(), {"t": tid}).first()):
+                    raise KeyError(models.NOT_FOUND_MSG)
+                self._uid = uid  # extended or resumed: the same study, a new uid
         told = [o for o in batch if o.told]
         running = [o.live._trial_id for o in batch if not o.told]
         requeue = [o for o in told if o.requeue]

@@ -140,11 +140,17 @@ class TrialRun:
 
     # -- each epoch --------------------------------------------------------------------------
     def epoch(self, epoch: int, metrics: dict[str, Any], should_stop: Callable[[], bool | str] | None) -> bool:
-        """Report (single objective), ask the pruner, then ``should_stop``; True stops the trial."""
+        """Report (single objective), ask the pruner, then ``should_stop``; True stops the trial.
+
+        The pruner is not asked after the last epoch: stopping a trial that has trained all its
+        epochs saves nothing and would hide a finished result (in a population whose members
+        train in several stacks, the members of a later stack would otherwise be ranked against
+        those of an earlier stack that had just completed).
+        """
         if len(self.spec.objectives) == 1:
             try:
                 self.trial.report(_report_metric(self.spec, metrics), epoch)
-                if self.trial.should_prune():
+                if epoch < self.spec.n_epochs and self.trial.should_prune():
                     self.stopped_by = "pruned"
                     return True
             except UpdateFinishedTrialError:

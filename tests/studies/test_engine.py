@@ -167,6 +167,33 @@ def test_a_stopped_population_fails_its_members_and_queues_their_points_with_the
     _stopped_and_queued(url, study, stopped)
 
 
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def __init__(self) -> None:
+        self.asked: list[int | None] = []
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        self.asked.append(trial.last_step)
+        return True
+
+
+@pytest.mark.parametrize("population", [False, True], ids=["single-trial", "population"])
+def test_the_pruner_is_not_asked_after_a_trials_last_epoch(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec], population: bool,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'last.db'}"
+    for n_epochs, want in ((1, "complete"), (3, "pruned")):
+        study, spec = _open(url, _spec(tiny_spec, n_trials=2, n_epochs=n_epochs), f"e{n_epochs}")
+        pruner = study.pruner = _AlwaysPrune()
+        if population:
+            outs = studies.execute_population(study, spec, population_size=2, device="cpu", max_trials=2)
+        else:
+            trial = studies.ask_trial(study, spec)
+            assert trial is not None
+            outs = [studies.execute_trial(study, trial, spec, device="cpu")]
+        assert {o.state for o in outs} == {want}, outs
+        assert set(pruner.asked) == ({1} if n_epochs == 3 else set())  # never at the last epoch
+
+
 # -- the batching storage's defects --------------------------------------------------------------
 def test_an_enqueued_point_is_seen_by_the_very_next_ask(
     tmp_path: Path, tiny_spec: Callable[..., StudySpec], monkeypatch: pytest.MonkeyPatch,

@@ -662,6 +662,41 @@ def test_a_workers_storage_routes_a_reused_trial_id_to_the_study_that_runs_it(
     assert list(st._views) == [new._study_id], "a study let go of takes its view with it"
 
 
+@pytest.mark.parametrize("mode", ["single-trial", "population"])
+def test_a_trial_of_a_study_deleted_and_made_again_under_its_id_tells_nothing_to_the_new_one(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec], mode: str,
+) -> None:
+    """SQLite gives a deleted study's id, and its trials' ids, to the next ones created. A
+    worker still training a trial of the deleted study must not write its results into the new
+    study's trial that took the same id (same study id, same number): nothing is told."""
+    url = f"sqlite:///{tmp_path / 'again.db'}"
+    st = studies.open_storage(url, batching=True)
+    spec = _spec(tiny_spec, n_trials=4, pruner="none", n_epochs=1)
+    studies.create_study(spec, st, "A")
+    old, spec = studies.load_study("A", st, sampler_seed=1)
+    trial = studies.ask_trial(old, spec)
+    view = _fast.of(old)
+    assert trial is not None and view is not None
+    time.sleep(0.01)  # the new trial starts later: its start is what tells the two apart
+    other = _own_storage(url, heartbeat=False)
+    try:
+        studies.delete_study(other, "A")
+        studies.create_study(spec, other, "B")
+        new = optuna.load_study(study_name="B", storage=other)
+        theirs = new.ask()
+    finally:
+        other.engine.dispose()
+    assert (new._study_id, theirs._trial_id, theirs.number) == (old._study_id, trial._trial_id, trial.number)
+    with pytest.raises(KeyError):
+        if mode == "population":  # the population's tells are held back until a flush
+            with view.deferring():
+                old.tell(trial, 0.5)
+        else:
+            old.tell(trial, 0.5)
+    (b,) = _stored(url, "B")
+    assert b["state"] == TrialState.RUNNING and b["values"] is None and not b["params"]
+
+
 def test_a_study_extended_while_a_worker_runs_its_last_trial_goes_on_in_that_worker(
     url: str, tiny_spec: Callable[..., StudySpec],
 ) -> None:
