@@ -154,6 +154,11 @@ def _trial_row_statement() -> Any:
     return sa.select(t.c.study_id, t.c.number, t.c.datetime_start).where(t.c.trial_id == sa.bindparam("t"))
 
 
+def _trial_row_reader(conn: Any) -> Callable[[int], Any]:
+    """:func:`_trial_row_statement` read on ``conn``, by trial id."""
+    return lambda tid: conn.execute(_trial_row_statement(), {"t": tid}).first()
+
+
 def _local(value: Any) -> Any:
     """A naive UTC datetime from the trial table as the local naive one Optuna's reads give
     (its ``TrialModel.datetime_start``/``datetime_complete``); None stays None."""
@@ -388,7 +393,7 @@ class FastStorage(_StudiesThrough):
         (:meth:`_settled`): counts already known, up to a trial id; only later trials are read."""
         st = self._count_statements()
         rows = conn.execute(st["attrs_locked" if lock else "attrs"], {"sid": self._study_id}).all()
-        attrs = self._study_attrs(rows, lambda tid: conn.execute(_trial_row_statement(), {"t": tid}).first())
+        attrs = self._study_attrs(rows, _trial_row_reader(conn))
         upto = (settled or (-1,))[0]
         counts = conn.execute(st["counts"], {"sid": self._study_id, "upto": upto, "flag": flag}).all()
         return (*self._add_counts(counts, settled), attrs)
@@ -404,13 +409,17 @@ class FastStorage(_StudiesThrough):
         if not rows:
             raise KeyError(models.NOT_FOUND_MSG)
         attrs = {k: json.loads(v) for _, k, v in rows if k is not None}
-        uid = attrs.get(UID_ATTR)
+        self._check_uid(attrs.get(UID_ATTR), trial_row)
+        return attrs
+
+    def _check_uid(self, uid: str | None, trial_row: Callable[[int], Any]) -> None:
+        """Take ``uid``, just read from the database, as this view's study's. KeyError if it is
+        another study's: the study this view was made for was deleted, and another created
+        under its id, so the trials kept here are not that one's. A new uid is still this
+        study (extended or resumed) if a trial this view holds is there as it was."""
         if self._uid is not None and uid != self._uid and not self._still_ours(trial_row):
-            # the study this view was made for was deleted, and another created under its id:
-            # its trials, kept here, are not this one's
             raise KeyError(models.NOT_FOUND_MSG)
         self._uid = uid
-        return attrs
 
     def _still_ours(self, trial_row: Callable[[int], Any]) -> bool:
         """Whether a trial this view holds is still in the database as this view has it (one
@@ -1183,11 +1192,7 @@ class FastStorage(_StudiesThrough):
             # trials' ids and numbers, to the next ones created: without this read, a trial of
             # the deleted study would be written into the new study's trial of the same id.
             row = conn.execute(st["uid"], {"sid": self._study_id}).first()
-            uid = json.loads(row[0]) if row is not None else None
-            if uid != self._uid:
-                if not self._still_ours(lambda tid: conn.execute(_trial_row_statement(), {"t": tid}).first()):
-                    raise KeyError(models.NOT_FOUND_MSG)
-                self._uid = uid  # extended or resumed: the same study, a new uid
+            self._check_uid(json.loads(row[0]) if row is not None else None, _trial_row_reader(conn))
         told = [o for o in batch if o.told]
         running = [o.live._trial_id for o in batch if not o.told]
         requeue = [o for o in told if o.requeue]
@@ -1417,18 +1422,19 @@ class BatchingStorage(_StudiesThrough):
         except KeyError:
             del self._views[study_id]
             return None
-        if fs._uid is None or uid == fs._uid:
+        if fs._uid is None:
             return fs
-        if fs._still_ours(self._trial_row):  # extended or resumed: the same study, a new uid
-            fs._uid = uid
-            return fs
-        del self._views[study_id]
-        return None
+        try:
+            fs._check_uid(uid, self._trial_row)
+        except KeyError:
+            del self._views[study_id]
+            return None
+        return fs
 
     def _trial_row(self, trial_id: int) -> Any:
         """(study id, number, start as stored) of a trial, read now."""
         with self.engine.connect() as conn:
-            return conn.execute(_trial_row_statement(), {"t": trial_id}).first()
+            return _trial_row_reader(conn)(trial_id)
 
     def _on(self, target: BaseStorage, name: str, *args: Any, **kwargs: Any) -> Any:
         """``target.name(*args, **kwargs)``; a view that says its study does not exist

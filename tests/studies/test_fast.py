@@ -156,17 +156,24 @@ def _own_storage(url: str, heartbeat: bool = True) -> optuna.storages.RDBStorage
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
 
 
+@contextlib.contextmanager
+def _elsewhere(url: str) -> Iterator[optuna.storages.RDBStorage]:
+    """Another process's storage (the API's, say), without heartbeat, closed after use."""
+    other = _own_storage(url, heartbeat=False)
+    try:
+        yield other
+    finally:
+        other.engine.dispose()
+
+
 def _stored(url: str, name: str) -> list[dict[str, Any]]:
     """What Optuna (and its dashboard) reads back for every trial, times left out."""
-    st = _own_storage(url, heartbeat=False)
-    try:
+    with _elsewhere(url) as st:
         trials = optuna.load_study(study_name=name, storage=st).get_trials()
         return [{"number": t.number, "state": t.state, "params": t.params,
                  "distributions": t.distributions, "values": t.values,
                  "intermediate_values": t.intermediate_values, "user_attrs": t.user_attrs,
                  "system_attrs": t.system_attrs} for t in trials]
-    finally:
-        st.engine.dispose()
 
 
 def _drop(url: str, *names: str) -> None:
@@ -610,12 +617,9 @@ def test_a_workers_storage_gives_a_study_created_under_a_deleted_ones_id_a_view_
     _run_out(old, spec)
     old_view = _fast.of(old)
     assert isinstance(old_view, _fast.FastStorage)
-    other = _own_storage(url, heartbeat=False)  # the API's process deletes and creates it again
-    try:
+    with _elsewhere(url) as other:  # the API's process deletes and creates it again
         studies.delete_study(other, "again")
         studies.create_study(spec, other, "again")
-    finally:
-        other.engine.dispose()
     new, spec = studies.load_study("again", st, sampler_seed=2)
     assert new._study_id == old._study_id  # the id is reused
     assert new.get_trials(deepcopy=False) == [], "the old study's trials are not the new one's"
@@ -639,12 +643,9 @@ def test_a_workers_storage_routes_a_reused_trial_id_to_the_study_that_runs_it(
     studies.create_study(spec, st, "X")  # so that the new study gets another id than A's
     old, spec = studies.load_study("A", st, sampler_seed=1)
     _run_out(old, spec)
-    other = _own_storage(url, heartbeat=False)
-    try:
+    with _elsewhere(url) as other:
         studies.delete_study(other, "A")
         studies.create_study(spec, other, "B")
-    finally:
-        other.engine.dispose()
     new, spec = studies.load_study("B", st, sampler_seed=2)
     reused = []
     while (trial := studies.ask_trial(new, spec)) is not None:
@@ -678,14 +679,11 @@ def test_a_trial_of_a_study_deleted_and_made_again_under_its_id_tells_nothing_to
     view = _fast.of(old)
     assert trial is not None and view is not None
     time.sleep(0.01)  # the new trial starts later: its start is what tells the two apart
-    other = _own_storage(url, heartbeat=False)
-    try:
+    with _elsewhere(url) as other:
         studies.delete_study(other, "A")
         studies.create_study(spec, other, "B")
         new = optuna.load_study(study_name="B", storage=other)
         theirs = new.ask()
-    finally:
-        other.engine.dispose()
     assert (new._study_id, theirs._trial_id, theirs.number) == (old._study_id, trial._trial_id, trial.number)
     with pytest.raises(KeyError):
         if mode == "population":  # the population's tells are held back until a flush
@@ -712,11 +710,8 @@ def test_a_study_extended_while_a_worker_runs_its_last_trial_goes_on_in_that_wor
         studies.execute_trial(study, studies.ask_trial(study, spec), spec, device="cpu", worker="w1")
         last = studies.ask_trial(study, spec)
         assert last is not None
-        other = _own_storage(url, heartbeat=False)
-        try:
+        with _elsewhere(url) as other:
             studies.extend_study(optuna.load_study(study_name=name, storage=other), n_trials=4)
-        finally:
-            other.engine.dispose()
         assert studies.execute_trial(study, last, spec, device="cpu", worker="w1").state == "complete"
         again, spec = studies.load_study(name, st, sampler_seed=2)  # the worker reads the spec anew
         assert spec.n_trials == 4 and _fast.of(study) is not None
@@ -754,15 +749,12 @@ def test_trial_times_are_stored_as_optuna_stores_them_in_any_timezone(
         studies.execute_trial(study, studies.ask_trial(study, spec), spec, device="cpu", worker="w1")
         last = studies.ask_trial(study, spec)
         assert last is not None
-        other = _own_storage(url, heartbeat=False)
-        try:
+        with _elsewhere(url) as other:
             read = optuna.load_study(study_name=name, storage=other).get_trials()
             for t in read:
                 assert abs((t.datetime_start - before).total_seconds()) < 60, t.datetime_start
                 assert study._storage.get_trial(t._trial_id).datetime_start == t.datetime_start
             studies.extend_study(optuna.load_study(study_name=name, storage=other), n_trials=3)
-        finally:
-            other.engine.dispose()
         assert studies.execute_trial(study, last, spec, device="cpu", worker="w1").state == "complete"
         again, spec = studies.load_study(name, st, sampler_seed=2)
         _run_out(again, spec)
