@@ -82,11 +82,12 @@ def _study_public(snap: Snapshot) -> StudyPublic | None:
         return None
     directions, trials = snap.directions, snap.trials
     spec = attrs[studies.SPEC_ATTR]
+    state = studies.state_of(attrs)
     out = StudyPublic(
         name=snap.name,
         study_id=snap.study_id,
-        state=studies.state_of(attrs),
-        error=attrs.get(studies.ERROR_ATTR) if studies.state_of(attrs) == "error" else None,
+        state=state,
+        error=attrs.get(studies.ERROR_ATTR) if state == "error" else None,
         n_trials=int(spec.get("n_trials", 0)),
         progress=StudyProgress(**_progress(trials)),
         directions=directions,
