@@ -34,6 +34,9 @@ _TOTALS: dict[str, float] = defaultdict(float)
 _TRAINER: dict[str, Any] = defaultdict(float)  # core.train_population's stats, summed over calls
 _SHAPES: set[tuple[int, ...]] = set()  # (members, neurons, dendrites, inputs) of the stacks trained
 _DEPTH = threading.local()
+#: --profile: each population epoch's members, padded grid and seconds, split into stacking the
+#: epoch's plans, the steps, evaluation and the per-member bookkeeping (callbacks)
+_EPOCHS: list[dict[str, Any]] = []
 
 
 def _timed(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,6 +73,87 @@ def _trainer_stats(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _sync_timed(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Time ``fn`` into the current epoch's record, the device synchronized before and after."""
+    import torch
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if _EPOCHS:
+                _EPOCHS[-1][key] = _EPOCHS[-1].get(key, 0.0) + time.perf_counter() - t0
+
+    return wrapper
+
+
+def _instrument_epochs(profile_epoch: int) -> None:
+    """--profile: record every population epoch (and profile the kernels of one)."""
+    import torch
+
+    from core import _population as P
+
+    train, epoch = P._Population._train, P._Population._epoch
+
+    def timed_epoch(self: Any, stack: Any) -> Any:
+        d = stack.dims
+        rec = {"K": stack.K, "grid": (d.n, d.d, d.k), "bs": self.batch_size,
+               "new_graph": self.graph is None or self.graph.stack is not stack,
+               "rows_used": sum(m.arch.n * m.arch.d for m in stack.members) / max(1, stack.K)}
+        _EPOCHS.append(rec)
+        t0 = time.perf_counter()
+        try:
+            return epoch(self, stack)
+        finally:
+            rec["wall"] = time.perf_counter() - t0
+
+    def timed_train(self: Any, stack: Any) -> Any:
+        rec = _EPOCHS[-1]
+        t0 = time.perf_counter()
+        if len(_EPOCHS) == profile_epoch and torch.cuda.is_available():
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                out = train(self, stack)
+            print(f"# kernels of population epoch {profile_epoch} (K={stack.K}, grid {rec['grid']}):")
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+        else:
+            out = train(self, stack)
+        rec["train"] = time.perf_counter() - t0
+        return out
+
+    P._Population._epoch, P._Population._train = timed_epoch, timed_train
+    P._Population._assemble = _sync_timed("assemble", P._Population._assemble)
+    P._Stack.evaluate = _sync_timed("evaluate", P._Stack.evaluate)
+
+
+def _print_epochs() -> None:
+    """The --profile table: one line per population epoch, then the totals."""
+    print("# population epochs: K, padded grid (n, d, k), mean rows used, seconds in all, of which "
+          "stacking plans / steps / evaluation / bookkeeping (the members' callbacks, weights kept)")
+    tot: dict[str, float] = defaultdict(float)
+    for i, r in enumerate(_EPOCHS, 1):
+        steps = r.get("train", 0.0) - r.get("assemble", 0.0) - r.get("evaluate", 0.0)
+        book = r["wall"] - r.get("train", 0.0)
+        for k, v in (("wall", r["wall"]), ("assemble", r.get("assemble", 0.0)), ("steps", steps),
+                     ("evaluate", r.get("evaluate", 0.0)), ("bookkeeping", book)):
+            tot[k] += v
+        tot["member_epochs"] += r["K"]
+        print(f"  {i:4d} K={r['K']:5d} grid={r['grid']} rows {r['rows_used']:6.1f}/{r['grid'][0] * r['grid'][1]:4d} "
+              f"bs={r['bs']} {'new ' if r['new_graph'] else '    '}{r['wall']:7.3f}s = "
+              f"{r.get('assemble', 0.0):6.3f} + {steps:6.3f} + {r.get('evaluate', 0.0):6.3f} + {book:6.3f}")
+    n = max(1.0, tot["member_epochs"])
+    print(f"# totals over {len(_EPOCHS)} population epochs, {int(n)} member-epochs:")
+    for k in ("wall", "assemble", "steps", "evaluate", "bookkeeping"):
+        print(f"  {k:<12} {tot[k]:8.1f}s  {1000 * tot[k] / n:7.3f} ms per member-epoch")
+
+
 def _instrument() -> None:
     import core
 
@@ -103,12 +187,18 @@ def main() -> None:
     ap.add_argument("--max-params", type=int, default=8000)
     ap.add_argument("--retrain-seeds", type=int, default=0, help="re-train the best with this many seeds")
     ap.add_argument("--final-epochs", type=int, default=30)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                    help="the study's precision (its dendrite products)")
+    ap.add_argument("--profile", action="store_true",
+                    help="time every population epoch's parts (device synchronized around each: "
+                         "slightly slower) and profile the kernels of one epoch")
+    ap.add_argument("--profile-epoch", type=int, default=5, help="which population epoch's kernels to profile")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = studies.StudySpec(
         name=f"e2e-{int(time.time())}", model="dendritic_simple", dataset=args.dataset,
         max_params=args.max_params, n_trials=args.trials, n_epochs=args.epochs, batch_size=256,
-        sampler="tpe", pruner="median",
+        sampler="tpe", pruner="median", precision=args.precision,
         search_space={
             "n_neurons": {"type": "int", "low": 5, "high": 20},
             "n_dendrites": {"type": "int", "low": 3, "high": 15},
@@ -118,6 +208,8 @@ def main() -> None:
     )
     studies.create_study(spec, args.storage, spec.name)
     _instrument()
+    if args.profile:
+        _instrument_epochs(args.profile_epoch)
     worker = Worker(WorkerConfig(storage=args.storage, device=args.device, studies=[spec.name],
                                  idle_exit=1.0, population=args.population, data_dir=args.data_dir))
     studies.load_data(spec, args.data_dir)  # the dataset is read once; not part of the study's time
@@ -130,8 +222,10 @@ def main() -> None:
     c = studies.progress(study)
     rest = wall - _TOTALS["sampler"] - _TOTALS["storage"]
     epochs = sum(t.user_attrs.get("epochs_run", 0) for t in study.get_trials(deepcopy=False))
+    if args.profile:
+        _print_epochs()
     print(f"# {spec.name}: {args.dataset}, max_params={args.max_params}, {args.epochs} epochs, TPE + median "
-          f"pruner, population={args.population}, device={args.device}")
+          f"pruner, population={args.population}, device={args.device}, precision={args.precision}")
     print(f"progress: {c}")
     print(f"wall {wall:.1f}s for {c['finished']} finished trials ({c['infeasible']} infeasible asks), "
           f"{epochs} model-epochs -> {epochs / wall:.0f} model-epochs/s")

@@ -1,4 +1,5 @@
-"""Triton kernels for population training: the soma-and-readout head, forward and backward, fused.
+"""Triton kernels for population training: the soma-and-readout head, forward and backward,
+fused; and Adam over the population's flat parameter rows in one pass.
 
 A population of ``dendritic_simple`` members spends most of a step after the dendrite product
 in small element-wise and reduction kernels (LeakyReLU, the soma's weighted sum, its
@@ -9,7 +10,12 @@ the member's own label smoothing, zero by default), its number of correct predic
 gradient with respect to ``z`` and the gradients of the soma and readout parameters. Sums over the batch are written per batch block and added up
 afterwards, so the result is deterministic.
 
-Triton runs on CUDA only; :func:`available` says whether the fused head can be used, and
+:func:`adam_rows` is ``torch.optim.Adam``'s update for every member's flat row at once (each
+row with its own learning rate, step count and weight decay): one read of the gradient,
+parameters and moments and one write of each, where the element-wise PyTorch ops make about
+ten passes over those buffers.
+
+Triton runs on CUDA only; :func:`available` says whether the kernels can be used, and
 callers keep their plain PyTorch path for everything else (the CPU, no Triton).
 """
 
@@ -20,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "disable", "soma_head"]
+__all__ = ["adam_rows", "available", "disable", "soma_head"]
 
 _SLOPE = 0.1
 
@@ -104,7 +110,31 @@ def _triton() -> Any:
         gp = gz_ptr + m.to(tl.int64) * B * R + b3 * R + i3 * DD + j3
         tl.store(gp, dz, mask=m3)
 
-    return triton, head_kernel
+    @triton.jit
+    def adam_kernel(
+        p_ptr, m_ptr, v_ptr, g_ptr, step_ptr, bc2_ptr, wd_ptr, P,
+        w1, beta2, w2, eps, HAS_WD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < P
+        base = row.to(tl.int64) * P
+        p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + base + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + base + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
+        if HAS_WD:
+            g = g + tl.load(wd_ptr + row) * p
+        # the same operations as Tensor.lerp_ (weight < 0.5), addcmul_, sqrt, div, add, sub
+        m = m + w1 * (g - m)
+        v = v * beta2 + (w2 * g) * g
+        denom = tl.sqrt(v) / tl.load(bc2_ptr + row) + eps
+        p = p - (m / denom) * tl.load(step_ptr + row)
+        tl.store(p_ptr + base + offs, p, mask=mask)
+        tl.store(m_ptr + base + offs, m, mask=mask)
+        tl.store(v_ptr + base + offs, v, mask=mask)
+
+    return triton, head_kernel, adam_kernel
 
 
 _DISABLED: list[bool] = []
@@ -142,7 +172,7 @@ def soma_head(
     """
     tri = _triton()
     assert tri is not None
-    _, kernel = tri
+    kernel = tri[1]
     K, B, R = z.shape
     C = offsets["C"]
     NP, DP, CP = _pow2(n), _pow2(d), max(16, _pow2(C))
@@ -167,3 +197,26 @@ def soma_head(
     g_wo = tot[:, NP * DP + NP : NP * DP + NP + CP * NP].view(K, CP, NP)[:, :C, :n]
     g_bo = tot[:, NP * DP + NP + CP * NP : NP * DP + NP + CP * NP + C]
     return loss.sum(1) / B, correct.sum(1), gz, g_sw, g_sb, g_wo, g_bo
+
+
+def adam_rows(
+    p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, step_size: torch.Tensor,
+    bc2_sqrt: torch.Tensor, wd: torch.Tensor | None, beta1: float, beta2: float, eps: float,
+) -> None:
+    """One Adam step of every row of ``p`` (K, P) in place, with moments ``m`` and ``v``.
+
+    ``step_size`` (K,) is each row's ``lr / (1 - beta1 ** step)``, ``bc2_sqrt`` (K,) its
+    ``sqrt(1 - beta2 ** step)`` and ``wd`` (K,) its weight decay (None: none), all float32:
+    ``g += wd * p; m = lerp(m, g, 1 - beta1); v = beta2 * v + (1 - beta2) * g * g;
+    p -= m / (sqrt(v) / bc2_sqrt + eps) * step_size``, as ``torch.optim.Adam`` computes it.
+    Every tensor is contiguous and float32.
+    """
+    tri = _triton()
+    assert tri is not None
+    kernel = tri[2]
+    K, P = p.shape
+    block = 1024
+    kernel[(K, -(-P // block))](
+        p, m, v, g, step_size, bc2_sqrt, wd if wd is not None else step_size, P,
+        1.0 - beta1, beta2, 1.0 - beta2, eps, HAS_WD=wd is not None, BLOCK=block, num_warps=4,
+    )

@@ -454,8 +454,9 @@ class _DendriteMatmul(torch.autograd.Function):
     """``x @ dense^T + b`` where ``dense`` holds each dendrite's weights at its inputs.
 
     ``dense`` lives in a flat buffer whose last element is a sink: padded connections point
-    there, so they write nothing anyone reads and their gradient is that of the sink, zero.
-    The caller keeps the buffer zero wherever no connection points (see ``_Stack.resample``).
+    there, so their gradient is that of the sink, zero. Only the real connections are written
+    (``real``: see ``_Stack.put``); the caller keeps the buffer zero wherever no connection
+    points (see ``_Stack.resample``).
     The backward is one batched product for the dense gradient, laid out ``(K, in, rows)``
     as autograd's baddbmm backward lays it out (cuBLAS is a third faster on it than on the
     other orientation, measured on an H100), and a flat ``take`` of the connected entries
@@ -465,10 +466,10 @@ class _DendriteMatmul(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, flat: torch.Tensor,
-        flat_t: torch.Tensor, buf: torch.Tensor,
+        flat_t: torch.Tensor, buf: torch.Tensor, real: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
         K, rows = b.shape
-        buf.put_(flat, w.to(buf.dtype))
+        _put(buf, flat, w, real)
         dense = buf[:-1].view(K, rows, -1)
         ctx.save_for_backward(x, flat_t)
         ctx.shape = (K, rows, dense.shape[2])
@@ -484,7 +485,20 @@ class _DendriteMatmul(torch.autograd.Function):
         gd = gz.new_empty(K * n_in * rows + 1, dtype=x.dtype)
         gd[-1:].zero_()
         torch.bmm(x.transpose(1, 2), gz.to(x.dtype), out=gd[:-1].view(K, n_in, rows))
-        return None, gd.take(flat_t).float(), gz.sum(1), None, None, None
+        return None, gd.take(flat_t).float(), gz.sum(1), None, None, None, None
+
+
+def _put(buf: torch.Tensor, flat: torch.Tensor, w: torch.Tensor, real: tuple[torch.Tensor, ...]) -> None:
+    """Write the real connections' weights ``w`` (K, rows, k) at their positions ``flat`` in ``buf``.
+
+    ``real`` holds the real entries' positions among the K * rows * k: flat, member and
+    column (see ``_Stack._index``). Padded entries are skipped: writing them all to the sink
+    made one address take most of the writes, which serialized the scatter (at the seed
+    space's padding, ~2 ms of a ~7 ms bf16 step on an H200).
+    """
+    at, member, col = real
+    K = w.shape[0]
+    buf.index_put_((flat.view(-1).index_select(0, at),), w.reshape(K, -1)[member, col].to(buf.dtype))
 
 
 class _Stack:
@@ -528,8 +542,14 @@ class _Stack:
         self.flat: torch.Tensor | None = None
         self.flat_t: torch.Tensor | None = None
         self.buf: torch.Tensor | None = None
+        self.real: tuple[torch.Tensor, ...] = ()
         if dims.n and self.K:
+            assert kmask is not None
             self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
+            # the real connections (resampling moves them, never adds or drops one)
+            at = (kmask.reshape(-1) > 0).nonzero().squeeze(1)
+            cols = dims.rows * dims.k
+            self.real = (at, at // cols, at % cols)
             self._index()
         self.bio = (BioPack(self, functools.partial(_bio_positions, dims), dims.n_classes)
                     if any(x.bio is not None for x in members) else None)
@@ -539,6 +559,7 @@ class _Stack:
             dims.n and dims.soma_on and not dims.soma_off and not dims.depth and not dims.post_act
             and self.K and self.bio is None and _kernels.available(dev)
         )
+        self.fast_adam = bool(self.K and _kernels.available(dev))
         self.offsets = {name: self.layout[name][0] for name in ("sw", "sb", "wo", "bo")
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
@@ -681,7 +702,7 @@ class _Stack:
     def _dense(self) -> torch.Tensor:
         """The current dense ``(K, rows, in_dim)`` dendrite matrix (a view of the buffer)."""
         assert self.flat is not None and self.buf is not None
-        self.buf.put_(self.flat, self.plain["dw"].to(self.buf.dtype))
+        _put(self.buf, self.flat, self.plain["dw"], self.real)
         return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
 
     def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -700,7 +721,7 @@ class _Stack:
                 z = self._first(x, self._dense() if dense is None else dense, P["db"], True)
             else:
                 assert self.flat is not None and self.flat_t is not None and self.buf is not None
-                z = _DendriteMatmul.apply(x, P["dw"], P["db"], self.flat, self.flat_t, self.buf)
+                z = _DendriteMatmul.apply(x, P["dw"], P["db"], self.flat, self.flat_t, self.buf, self.real)
             h = F.leaky_relu(z, _SLOPE)
             if dims.soma_on:
                 K, B = h.shape[:2]
@@ -806,6 +827,18 @@ class _Stack:
         bc1 = 1 - torch.pow(_BETA1, self.steps)
         step_size = (self.lr / bc1).float().unsqueeze(1)
         bc2_sqrt = torch.sqrt(1 - torch.pow(_BETA2, self.steps)).float().unsqueeze(1)
+        if self.fast_adam:  # one Triton pass over the rows (CUDA), the same arithmetic
+            try:
+                _kernels.adam_rows(self.p, self.m, self.v, g.contiguous(), step_size.view(-1),
+                                   bc2_sqrt.view(-1), self.wd.view(-1) if self.any_wd else None,
+                                   _BETA1, _BETA2, _EPS)
+                return
+            except Exception as exc:  # a Triton that cannot build the kernel here: PyTorch's ops
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                logger.warning("train_population: fused Triton Adam unavailable (%s); using PyTorch", exc)
+                _kernels.disable()
+                self.fast_adam = False
         if self.any_wd:
             g = torch.addcmul(g, self.wd, self.p)
         self.m.lerp_(g, 1 - _BETA1)

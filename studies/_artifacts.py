@@ -63,11 +63,14 @@ class ModelStore:
         """
         if keep <= 0:
             return False
+        order = sa.desc(_MODELS.c.value) if maximize else sa.asc(_MODELS.c.value)
+        if self._cannot_enter(study_name, trial_number, value, keep, maximize, order):
+            return False
         if normalization is not None or "normalization" not in config:
             config = {**config, "normalization": normalization}
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
-        order = sa.desc(_MODELS.c.value) if maximize else sa.asc(_MODELS.c.value)
+        # re-ranks in its own transaction: a model kept meanwhile by another worker counts
         with self.engine.begin() as con:
             con.execute(
                 _MODELS.delete().where(
@@ -97,6 +100,41 @@ class ModelStore:
                     )
                 )
         return trial_number not in drop
+
+    def _cannot_enter(self, study_name: str, trial_number: int, value: float | None, keep: int,
+                      maximize: bool, order: Any) -> bool:
+        """Whether the study already holds ``keep`` models that all rank before this trial
+        (one read, so that most trials of a large study cost no write and no ``torch.save``).
+
+        Only for a number against a number, on SQLite or PostgreSQL (``Float`` is a double
+        there, so the stored value compares as the given one does). Where NULL or NaN ranks is
+        the database's to say (SQLite puts NULL below every number and stores NaN as NULL;
+        PostgreSQL puts NULL and NaN above), and a stored trial kept again replaces itself:
+        those go the write path as before.
+        """
+        if value is None or self.engine.dialect.name not in ("sqlite", "postgresql"):
+            return False
+        ours = (_MODELS.c.study_name == study_name) & (_MODELS.c.trial_number == trial_number)
+        kth = (
+            sa.select(_MODELS.c.value, _MODELS.c.trial_number)
+            .where(_MODELS.c.study_name == study_name)
+            .order_by(order, _MODELS.c.trial_number)
+            .limit(1)
+            .offset(keep - 1)
+            .subquery()
+        )
+        with self.engine.connect() as con:
+            row = con.execute(
+                sa.select(kth.c.value, kth.c.trial_number, sa.exists().where(ours))
+            ).first()
+        if row is None:  # fewer than `keep` models
+            return False
+        last, last_number, stored = row
+        if stored or last is None:
+            return False
+        # a NaN on either side compares false: today's path ranks it
+        worse = value < last if maximize else value > last
+        return worse or (value == last and trial_number > last_number)
 
     def get(self, study_name: str, trial_number: int) -> tuple[dict[str, Any], bytes] | None:
         """(config, torch.save bytes) of a kept trial, or None."""

@@ -137,15 +137,50 @@ print("same")
 """
 
 
-def test_fused_head_kernel_matches_autograd_in_the_triton_interpreter() -> None:
-    """Plain and per-member label-smoothed cross-entropy, against autograd."""
+def _interpret(code: str) -> None:
+    """Run ``code`` with Triton's interpreter (CPU tensors); it must print "same"."""
     pytest.importorskip("triton", reason="Triton is not installed here")
     # TRITON_INTERPRET must be set before Triton is first imported: a process of its own
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root,
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
+
+
+def test_fused_head_kernel_matches_autograd_in_the_triton_interpreter() -> None:
+    """Plain and per-member label-smoothed cross-entropy, against autograd."""
+    _interpret(_INTERPRETED)
+
+
+_ADAM_INTERPRETED = """
+import torch
+from core import _kernels
+from core._population import _BETA1, _BETA2, _EPS
+torch.manual_seed(0)
+K, P = 3, 2500  # P not a multiple of the block: masked tail
+for wd in (None, torch.tensor([0.0, 1e-2, 0.5])):
+    p, m, g = torch.randn(K, P), torch.randn(K, P) * 0.1, torch.randn(K, P)
+    v = torch.rand(K, P) * 0.01
+    steps = torch.tensor([1.0, 7.0, 300.0], dtype=torch.float64)
+    lr = torch.tensor([1e-3, 5e-3, 2e-2], dtype=torch.float64)
+    step_size = (lr / (1 - torch.pow(_BETA1, steps))).float()
+    bc2 = torch.sqrt(1 - torch.pow(_BETA2, steps)).float()
+    want = [t.clone() for t in (p, m, v)]
+    gg = g if wd is None else torch.addcmul(g, wd.unsqueeze(1), want[0])
+    want[1].lerp_(gg, 1 - _BETA1)
+    want[2].mul_(_BETA2).addcmul_(gg, gg, value=1 - _BETA2)
+    want[0].sub_((want[1] / (want[2].sqrt() / bc2.unsqueeze(1)).add_(_EPS)).mul_(step_size.unsqueeze(1)))
+    _kernels.adam_rows(p, m, v, g, step_size, bc2, wd, _BETA1, _BETA2, _EPS)
+    for got, w in zip((p, m, v), want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+print("same")
+"""
+
+
+def test_fused_adam_kernel_matches_the_pytorch_update_in_the_triton_interpreter() -> None:
+    """Per-row learning rates, step counts and weight decay, against the element-wise ops."""
+    _interpret(_ADAM_INTERPRETED)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton head runs on CUDA only")

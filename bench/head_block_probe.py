@@ -1,0 +1,94 @@
+"""The fused soma-and-readout head at the 2,000-trial study's padded grid: which batch block?
+
+    python bench/head_block_probe.py [--K 996] [--n 20] [--d 15]
+
+``core._kernels.soma_head`` runs one program per (member, block of BB examples); BB is
+chosen so that a block's (BB, n, d) tile holds about 4,096 elements (BB = 8 at the study's
+20 x 15 grid, padded to 32 x 16), with 4 warps. Each program also loads its member's soma
+and readout weights and writes a partial sum of their gradients, so a small BB re-reads and
+re-writes those once per 8 examples. This times the kernel (median of 20 CUDA-event timings
+after 3 warm-ups) for BB in 8..64 and 4 or 8 warps, checks each against BB = 8, and prints
+GB/s over the bytes that must move (z read, dL/dz written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from core import _kernels
+
+
+def _launch_and_sum(launch: Callable[[], Any], part: torch.Tensor) -> None:
+    launch()
+    part.sum(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--K", type=int, default=996)
+    ap.add_argument("--B", type=int, default=256)
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--d", type=int, default=15)
+    args = ap.parse_args()
+    K, B, n, d, C = args.K, args.B, args.n, args.d, 10
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    offs = {"sw": 0, "sb": n * d, "wo": n * d + n, "bo": n * d + n + C * n, "C": C}
+    p = torch.randn(K, offs["bo"] + C, device=dev) * 0.1
+    z = torch.randn(K, B, n * d, device=dev)
+    y = torch.randint(0, C, (K, B), device=dev)
+    tri = _kernels._triton()
+    assert tri is not None
+    kernel = tri[1]
+    NP, DP, CP = _kernels._pow2(n), _kernels._pow2(d), max(16, _kernels._pow2(C))
+    eps = torch.zeros(K, device=dev)
+    ref = None
+    print(f"# K={K} B={B} grid {n}x{d} (padded {NP}x{DP}); bytes that must move: "
+          f"{2 * z.numel() * 4 / 1e6:.0f} MB")
+    for warps in (4, 8):
+        for BB in (8, 16, 32, 64):
+            n_blocks = -(-B // BB)
+            part_stride = NP * DP + NP + CP * NP + CP
+            gz = torch.empty_like(z)
+            part = torch.empty(K, n_blocks, part_stride, device=dev)
+            loss = torch.empty(K, n_blocks, device=dev)
+            correct = torch.empty(K, n_blocks, device=dev)
+
+            launch = functools.partial(
+                kernel[(K, n_blocks)], z, p, p, p, p, y, eps, gz, part, loss, correct,
+                B, n, d, C, p.stride(0), offs["sw"], offs["sb"], offs["wo"], offs["bo"],
+                n_blocks, part_stride, 1.0 / B, BB=BB, NP=NP, DP=DP, CP=CP, num_warps=warps)
+            run = functools.partial(_launch_and_sum, launch, part)
+
+            try:
+                for _ in range(3):
+                    run()
+                torch.cuda.synchronize()
+            except Exception as exc:  # noqa: BLE001 - a block too large for the registers
+                print(f"BB={BB:3d} warps={warps}: failed ({type(exc).__name__})")
+                continue
+            times = []
+            for _ in range(20):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                run()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            ms = statistics.median(times)
+            got = (loss.sum(1), gz.clone(), part.sum(1))
+            if ref is None:
+                ref = got
+            same = all(torch.allclose(g, r, rtol=1e-4, atol=1e-5) for g, r in zip(got, ref, strict=True))
+            print(f"BB={BB:3d} warps={warps}: {ms:7.3f} ms  {2 * z.numel() * 4 / ms / 1e6:7.0f} GB/s  "
+                  f"matches BB=8: {same}")
+
+
+if __name__ == "__main__":
+    main()
