@@ -37,6 +37,7 @@ _DEPTH = threading.local()
 #: --profile: each population epoch's members, padded grid and seconds, split into stacking the
 #: epoch's plans, the steps, evaluation and the per-member bookkeeping (callbacks)
 _EPOCHS: list[dict[str, Any]] = []
+_BETWEEN: dict[str, float] = defaultdict(float)  # --profile: seconds between epochs, by part
 
 
 def _timed(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -131,6 +132,22 @@ def _instrument_epochs(profile_epoch: int) -> None:
     P._Population._epoch, P._Population._train = timed_epoch, timed_train
     P._Population._assemble = _sync_timed("assemble", P._Population._assemble)
     P._Stack.evaluate = _sync_timed("evaluate", P._Stack.evaluate)
+    # between epochs: reading configs (the worker's asks, sampling and gates run inside),
+    # building each member's module and state, stacking them on the device
+    for name, key in (("_take", "take"), ("_build_member", "build_member"), ("_restack", "restack")):
+        setattr(P._Population, name, _between(key, getattr(P._Population, name)))
+
+
+def _between(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _BETWEEN[key] += time.perf_counter() - t0
+
+    return wrapper
 
 
 def _print_epochs() -> None:
@@ -152,6 +169,10 @@ def _print_epochs() -> None:
     print(f"# totals over {len(_EPOCHS)} population epochs, {int(n)} member-epochs:")
     for k in ("wall", "assemble", "steps", "evaluate", "bookkeeping"):
         print(f"  {k:<12} {tot[k]:8.1f}s  {1000 * tot[k] / n:7.3f} ms per member-epoch")
+    b = _BETWEEN
+    print(f"# between epochs: reading configs {b['take'] - b['build_member']:.2f}s (the worker's asks, "
+          f"sampling, gates), building members {b['build_member']:.2f}s, stacking them "
+          f"{b['restack']:.2f}s")
 
 
 def _instrument() -> None:

@@ -1479,10 +1479,16 @@ class _Population:
                 correct += right
             if t in events:
                 stack.resample(events[t])
+            if t == 1:
+                # The next epoch's plans are stacked on the CPU while the device runs this
+                # one's steps: from the first step on, once this stack's step is captured (no
+                # other thread may call CUDA during a capture). Started after the last step,
+                # it had only the evaluation to hide behind and the next epoch waited for it
+                # (~1 s at K = 996 of the seed space, bench/results/bench_e2e_gpu_v5.txt).
+                self._stage_ahead(stack)
         if graph is not None:
             loss_sum += graph.loss_sum
             correct += graph.correct
-        self._stage_ahead(stack)
         val_loss, val_acc = stack.evaluate(self.x_val, d.y_val)
         test_loss, test_acc = stack.evaluate(self.x_test, d.y_test)
         return torch.stack([loss_sum, correct, val_loss, val_acc, test_loss, test_acc]).cpu()

@@ -1588,20 +1588,22 @@ class FastTPESampler(optuna.samplers.TPESampler):
 
     def _sample(self, study: optuna.Study, trial: FrozenTrial,
                 search_space: dict[str, dists.BaseDistribution]) -> dict[str, Any]:
-        liar = self._constant_liar
-        states = [TrialState.COMPLETE, TrialState.PRUNED] + ([TrialState.RUNNING] if liar else [])
-        trials = study._get_trials(deepcopy=False, states=states, use_cache=not liar)
-        if liar:  # the asked trial is no lie to itself
-            trials = [t for t in trials if t.number != trial.number]
         cached = self._estimators
         if self._frozen and cached is not None and cached is self._batch_fit \
                 and cached[0][:2] == (study._study_id, tuple(search_space.items())):
-            pass  # this block's fit, for the rest of its batch
-        elif not (cached is not None and self._stale_ok(study, trials, search_space)):
-            key = self._key(study, trials, search_space)
-            if cached is None or cached[0] != key:
-                cached = self._estimators = (key, self._fit(study, trials, search_space))
-                self._fitted = (key[:3], frozenset(t._trial_id for t in trials if t.state == TrialState.RUNNING))
+            pass  # this block's fit, for the rest of its batch (the trials are not read)
+        else:
+            liar = self._constant_liar
+            states = [TrialState.COMPLETE, TrialState.PRUNED] + ([TrialState.RUNNING] if liar else [])
+            trials = study._get_trials(deepcopy=False, states=states, use_cache=not liar)
+            if liar:  # the asked trial is no lie to itself
+                trials = [t for t in trials if t.number != trial.number]
+            if not (cached is not None and self._stale_ok(study, trials, search_space)):
+                key = self._key(study, trials, search_space)
+                if cached is None or cached[0] != key:
+                    cached = self._estimators = (key, self._fit(study, trials, search_space))
+                    self._fitted = (key[:3], frozenset(t._trial_id for t in trials
+                                                       if t.state == TrialState.RUNNING))
         if self._frozen:
             self._batch_fit = cached
         below, above = cached[1]

@@ -12,12 +12,24 @@ bit; in the far tail numpy's square and log may differ from Python's in the last
 relative 1e-16 of a log-mass below -200). ``tests/studies/test_fast.py`` checks the values and
 that FastTPESampler's proposals equal TPESampler's point for point. Nothing in
 Optuna is patched: :class:`studies._fast.FastTPESampler` calls :func:`log_pdf` for its own asks.
+
+One fit serves many asks (a population's batch: :meth:`studies._fast.FastTPESampler.one_fit`),
+so :func:`log_pdf` keeps, per estimator, what depends on the estimator alone (a weak-keyed
+cache: it dies with the estimator): each stepped dimension's unique (mu, sigma) pairs and
+normalisation, the continuous dimensions' stacked kernels with their bounds' mass and
+``log(sigma)``, the categorical dimensions' ``log(weights)``, the mixture's ``log(weights)``; and
+a stepped dimension's row of masses over those pairs is remembered per candidate value (its
+bits), the values a call misses computed together. Every row and term is what
+:func:`_mixture_log_pdf` computes for it, from the same inputs with the same numpy calls, added
+in the same order: the results are equal bit for bit (``tests/studies/test_tpe_math.py``).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -171,6 +183,152 @@ def _mixture_log_pdf(mixture: Any, x: np.ndarray) -> np.ndarray:
         return np.log(np.exp(weighted - max_[:, None]).sum(axis=1)) + max_
 
 
+def _stepped_rows(xi_uniq: np.ndarray, step: float, is_log: bool, mu_uniq: np.ndarray,
+                  sigma_uniq: np.ndarray) -> np.ndarray:
+    """log mass of each stepped value's bin under each unique (mu, sigma) kernel, unnormalised:
+    one row per value, as :func:`_mixture_log_pdf` computes it."""
+    left = np.log(xi_uniq - step / 2) if is_log else (xi_uniq - step / 2)
+    right = np.log(xi_uniq + step / 2) if is_log else (xi_uniq + step / 2)
+    return _log_gauss_mass_unique(
+        (left[:, np.newaxis] - mu_uniq) / sigma_uniq,
+        (right[:, np.newaxis] - mu_uniq) / sigma_uniq,
+    )
+
+
+#: most float64s one stepped dimension of one estimator remembers (16 MiB); past it, it starts over
+_MEMO_LIMIT = 1 << 21
+
+
+class _Stepped:
+    """A stepped (integer) dimension of one estimator: its kernels' unique (mu, sigma) pairs,
+    their normalisation, and the rows of :func:`_stepped_rows` of the values seen so far."""
+
+    def __init__(self, d: Any) -> None:
+        self.step, self.is_log = d.step, d.is_log
+        self.mu_uniq, self.sigma_uniq, self.inv = tpe_unique_inverse_2d(d.mu, d.sigma)
+        self.norm = log_gauss_mass(
+            (d.adapted_low - self.mu_uniq) / self.sigma_uniq,
+            (d.adapted_high - self.mu_uniq) / self.sigma_uniq,
+        )[self.inv]
+        self.rows: dict[int, int] = {}  # a value's bits -> its row in table
+        self.table = np.empty((0, len(self.mu_uniq)))
+        self.lock = threading.Lock()
+
+    def masses(self, xi: np.ndarray) -> np.ndarray:
+        """The (len(xi), kernels) unnormalised log masses of the values ``xi``."""
+        xi_uniq, xi_inv = np.unique(xi, return_inverse=True)
+        width = len(self.mu_uniq)
+        if xi_uniq.dtype != np.float64 or len(xi_uniq) * width > _MEMO_LIMIT:
+            return self._rows(xi_uniq)[np.ix_(xi_inv, self.inv)]  # not float64s, or too many
+        keys = xi_uniq.view(np.int64).tolist()  # by bits: a row is a function of its value's bits
+        with self.lock:
+            rows = self.rows
+            idx = [rows.get(k, -1) for k in keys]
+            missing = [j for j, r in enumerate(idx) if r < 0]
+            if missing:
+                if (len(rows) + len(missing)) * width > _MEMO_LIMIT:  # full: start over
+                    rows.clear()
+                    idx, missing = [-1] * len(keys), list(range(len(keys)))
+                n, k = len(rows), len(missing)
+                if n + k > len(self.table):
+                    cap = max(n + k, min(2 * len(self.table), _MEMO_LIMIT // width), 16)
+                    grown = np.empty((cap, width))
+                    grown[:n] = self.table[:n]
+                    self.table = grown
+                self.table[n:n + k] = self._rows(xi_uniq[missing])
+                for m, j in enumerate(missing):
+                    rows[keys[j]] = idx[j] = n + m
+            # (values as table[np.ix_(rows, inv)], gathered in two cheaper steps)
+            return np.take(self.table[np.asarray(idx, dtype=np.intp)[xi_inv]], self.inv, axis=1)
+
+    def _rows(self, xi_uniq: np.ndarray) -> np.ndarray:
+        return _stepped_rows(xi_uniq, self.step, self.is_log, self.mu_uniq, self.sigma_uniq)
+
+
+class _Prepared:
+    """What :func:`_mixture_log_pdf` computes from one estimator's mixture alone, kept for the
+    estimator's later calls (the mixture is built once, in the estimator's constructor)."""
+
+    def __init__(self, mixture: Any) -> None:
+        self.mixture = mixture
+        categorical = tpe_categorical_type()
+        #: per dimension, in order: ("categorical", log weights as (choices, kernels)),
+        #: ("stepped", _Stepped) or ("continuous", whether it is log-scaled)
+        self.dims: list[tuple[str, Any]] = []
+        cont_dists, lows_cont, highs_cont = [], [], []
+        for d in mixture.distributions:
+            if isinstance(d, categorical):
+                self.dims.append(("categorical", np.ascontiguousarray(np.log(d.weights).T)))
+            elif d.step == 0.0:
+                self.dims.append(("continuous", d.is_log))
+                cont_dists.append(d)
+                lows_cont.append(d.adapted_low)
+                highs_cont.append(d.adapted_high)
+            else:
+                self.dims.append(("stepped", _Stepped(d)))
+        self.cont: tuple[np.ndarray, ...] | None = None
+        if cont_dists:
+            # _truncnorm_logpdf's candidate-free terms, from the same arrays
+            mus = np.asarray([d.mu for d in cont_dists]).T
+            sigmas = np.asarray([d.sigma for d in cont_dists]).T
+            a = (np.asarray(lows_cont) - mus) / sigmas
+            b = (np.asarray(highs_cont) - mus) / sigmas
+            a, b = np.atleast_1d(a, b)
+            self.cont = (mus, sigmas, a, b, log_gauss_mass(a, b), np.log(sigmas), a == b)
+        self.log_weights = np.log(mixture.weights[np.newaxis])
+
+    def log_pdf(self, x: np.ndarray) -> np.ndarray:
+        """:func:`_mixture_log_pdf` (``self.mixture``, x), the same operations in the same order."""
+        weighted = np.zeros((len(x), self.log_weights.shape[1]), dtype=np.float64)
+        x_cont = []
+        for i, (kind, data) in enumerate(self.dims):
+            if kind == "categorical":
+                weighted += data[x[:, i].astype(np.int64)]
+            elif kind == "continuous":
+                x_cont.append(np.log(x[:, i]) if data else x[:, i])
+            else:
+                weighted += data.masses(x[:, i])
+                weighted -= data.norm
+        if len(x_cont):
+            assert self.cont is not None
+            mus, sigmas, a, b, mass, log_scale, degenerate = self.cont
+            z = (np.asarray(x_cont).T[:, np.newaxis, :] - mus) / sigmas
+            z = np.atleast_1d(z)
+            out = (-(z**2) / 2.0 - _NORM_PDF_LOGC) - mass - log_scale
+            # np.select([a == b, (z < a) | (z > b)], [nan, -inf], default=out), in place:
+            # the same values in the same (C) layout, so the same sum
+            out = np.ascontiguousarray(out)
+            out[(z < a) | (z > b)] = -np.inf
+            np.copyto(out, np.nan, where=degenerate)
+            weighted += out.sum(axis=-1)
+        weighted += self.log_weights
+        max_ = weighted.max(axis=1)
+        max_[np.isneginf(max_)] = 0
+        with np.errstate(divide="ignore"):
+            return np.log(np.exp(weighted - max_[:, None]).sum(axis=1)) + max_
+
+
+#: estimator -> its _Prepared; weak: an entry goes with its estimator (a new estimator, even
+#: under a dead one's id, gets its own)
+_PREPARED: weakref.WeakKeyDictionary[Any, _Prepared] = weakref.WeakKeyDictionary()
+_PREPARED_LOCK = threading.Lock()
+
+
+def _prepared(estimator: Any) -> _Prepared:
+    mixture = estimator._mixture_distribution
+    with _PREPARED_LOCK:
+        p = _PREPARED.get(estimator)
+        if p is None or p.mixture is not mixture:  # (a mixture replaced: prepared again)
+            p = _PREPARED[estimator] = _Prepared(mixture)
+    return p
+
+
 def log_pdf(estimator: Any, samples: dict[str, np.ndarray]) -> np.ndarray:
-    """A Parzen estimator's ``log_pdf(samples)``, equal to Optuna's, computed array-wise."""
+    """A Parzen estimator's ``log_pdf(samples)``, equal to Optuna's, computed array-wise; what
+    depends on the estimator alone is computed at its first call (see the module's doc)."""
+    return _prepared(estimator).log_pdf(estimator._transform(samples))
+
+
+def _log_pdf_uncached(estimator: Any, samples: dict[str, np.ndarray]) -> np.ndarray:
+    """:func:`log_pdf` computed from scratch (the reference its cache must equal bit for bit)."""
     return _mixture_log_pdf(estimator._mixture_distribution, estimator._transform(samples))
