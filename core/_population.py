@@ -22,9 +22,12 @@ How the members stay exactly themselves:
   ``torch.optim.Adam`` (single-tensor and foreach paths) in the same order.
 * **Resampling.** The random draws of a dendritic layer do not depend on its weights, so each
   member's draws for an epoch are made ahead of time, on the CPU, from that member's own layer
-  generator (and its data order from its own ``torch.Generator``), in background threads. The
-  swap itself (weakest magnitudes, unused inputs, fresh weights, Adam slots reset) runs
-  batched on the device for the members due at that step.
+  generator (and its data order from its own ``torch.Generator``), in background threads. Of
+  each row's scores over all inputs only its ``k + m`` best travel (the ``m`` best unused
+  inputs are among them, since a row uses ``k``): 34 of 784 per row at the seed space's
+  typical sizes, where the whole rows made an epoch's plans ~1.5 GB of pinned memory at
+  K = 996. The swap itself (weakest magnitudes, unused inputs, fresh weights, Adam slots
+  reset) runs batched on the device for the members due at that step.
 * **Recipe.** A member's ``batch_size``, ``lr_schedule`` (with ``warmup_epochs``),
   ``label_smoothing`` and ``augment`` are train_model's: the schedule's rates are computed
   per member and step in double precision and written into the learning-rate vector before
@@ -369,7 +372,8 @@ class _Plan:
     """A member's random draws for one epoch: the data order and the resampling draws."""
 
     perm: torch.Tensor  # int32, (n_train,)
-    events: dict[int, tuple[torch.Tensor, torch.Tensor]]  # step -> (scores, fresh weights)
+    # step -> (each row's k + m best scores, their inputs, fresh weights)
+    events: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     shifts: torch.Tensor | None = None  # uint8 (n_train, 2): augment="shift", in visiting order
     lr_factors: torch.Tensor | None = None  # float64 (n_steps,): the schedule's multipliers
 
@@ -411,17 +415,29 @@ def _make_plan(
         factors = torch.tensor(
             [lr_multiplier(recipe.lr_schedule, steps0 + t, recipe.total_steps, recipe.warmup_steps)
              for t in range(n_steps)], dtype=torch.float64)
-    events: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    events: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     if arch.m > 0 and layer_gen is not None:
         b = 1.0 / math.sqrt(arch.k)
+        c = _candidates(arch)
         for t in range(1, n_steps + 1):
             if (steps0 + t) % arch.every == 0:
                 scores = torch.rand(arch.n * arch.d, arch.in_dim, generator=layer_gen)
                 if patch is not None:
                     scores.masked_fill_(~patch, -1.0)
                 fresh = torch.empty(arch.n * arch.d, arch.m).uniform_(-b, b, generator=layer_gen)
-                events[t] = (scores, fresh)
+                # the layer keeps the m best-scored inputs a row does not use; it uses k of
+                # them, so they are among its k + m best (sorted, as topk gives them)
+                best, inputs = scores.topk(c, dim=1)
+                events[t] = (best, inputs.to(_INPUT_DTYPE), fresh)
     return _Plan(perm, events, shifts, factors)
+
+
+_INPUT_DTYPE = torch.int32  # the candidates' input indices, as they travel
+
+
+def _candidates(arch: _Arch) -> int:
+    """How many best-scored inputs of a row a resampling needs: the row's k plus its m swaps."""
+    return min(arch.in_dim, arch.k + arch.m)
 
 
 @dataclass(eq=False)
@@ -857,10 +873,13 @@ class _Stack:
             r, k = grp.rows, grp.k
             w = views[0][r][..., :k]
             weakest = w.abs().topk(grp.m, dim=2, largest=False).indices
-            scores = grp.scores
             ind = self.idx[r][..., :k]
-            scores.scatter_(2, ind, -1.0)  # inputs in use are never drawn
-            ind.scatter_(2, weakest, scores.topk(grp.m, dim=2).indices)
+            inputs = grp.inputs.long()
+            used = torch.zeros(ind.shape[0], ind.shape[1], self.dims.in_dim, dtype=torch.bool,
+                               device=ind.device)
+            used.scatter_(2, ind, True)
+            best = grp.best.masked_fill(used.gather(2, inputs), -1.0)  # inputs in use are never drawn
+            ind.scatter_(2, weakest, inputs.gather(2, best.topk(grp.m, dim=2).indices))
             self.idx[r, :, :k] = ind
             w.scatter_(2, weakest, grp.fresh)
             views[0][r, :, :k] = w
@@ -979,7 +998,8 @@ class _Group:
     rows: torch.Tensor
     k: int
     m: int
-    scores: torch.Tensor  # (g, rows, in_dim)
+    best: torch.Tensor  # (g, rows, c): each row's c = k + m best scores, in descending order
+    inputs: torch.Tensor  # (g, rows, c): their inputs
     fresh: torch.Tensor  # (g, rows, m)
     reset: bool = True  # zero the swapped connections' Adam moments
 
@@ -1337,9 +1357,9 @@ class _Population:
         order = perms.to(dev, non_blocking=cuda)
         events = {
             t: [_Group(rows=torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=cuda), k=k, m=m,
-                       scores=sc.to(dev, non_blocking=cuda), fresh=fr.to(dev, non_blocking=cuda),
-                       reset=reset)
-                for rows, (k, m, reset), sc, fr in groups]
+                       best=sc.to(dev, non_blocking=cuda), inputs=ix.to(dev, non_blocking=cuda),
+                       fresh=fr.to(dev, non_blocking=cuda), reset=reset)
+                for rows, (k, m, reset), sc, ix, fr in groups]
             for t, groups in staged_events.items()
         }
         for mem in stack.members:  # after the stacking above, which shares the workers
@@ -1409,18 +1429,19 @@ class _Population:
                 same = all((stack.members[i].arch.n, stack.members[i].arch.d) == (dims.n, dims.d)
                            for i in rows)
                 new = torch.empty if same else torch.zeros
-                scores = new(g, dims.rows, dims.in_dim, pin_memory=cuda)
-                fresh = new(g, dims.rows, m, pin_memory=cuda)
-                if same:
-                    self._stack_rows([plans[i].events[t][0] for i in rows], scores)
-                    self._stack_rows([plans[i].events[t][1] for i in rows], fresh)
-                else:
-                    for j, i in enumerate(rows):
-                        a = stack.members[i].arch
-                        sc, fr = plans[i].events[t]
-                        scores[j].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(sc.view(a.n, a.d, -1))
-                        fresh[j].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(fr.view(a.n, a.d, -1))
-                out.append((rows, (k, m, reset), scores, fresh))
+                c = min(dims.in_dim, k + m)  # _candidates of every member of the group
+                parts = (new(g, dims.rows, c, pin_memory=cuda),
+                         new(g, dims.rows, c, dtype=_INPUT_DTYPE, pin_memory=cuda),
+                         new(g, dims.rows, m, pin_memory=cuda))
+                for j, part in enumerate(parts):
+                    if same:
+                        self._stack_rows([plans[i].events[t][j] for i in rows], part)
+                    else:  # padded rows: no candidates (their connections are padding too)
+                        for row, i in enumerate(rows):
+                            a = stack.members[i].arch
+                            part[row].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(
+                                plans[i].events[t][j].view(a.n, a.d, -1))
+                out.append((rows, (k, m, reset), *parts))
             events[t] = out
         return perms, shifts, lrs, events
 
