@@ -49,6 +49,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -74,16 +75,62 @@ from ._optuna_private import create_scoped_session as _create_scoped_session
 from ._optuna_private import models
 from ._storage import rdb
 
-__all__ = ["BatchingStorage", "FastStorage", "PlainView", "FastTPESampler", "attach", "of", "view", "row_lock_serialises", "MAX_AGE", "PRUNERS",
+__all__ = ["BatchingStorage", "FastStorage", "PlainView", "FastTPESampler", "FastMedianPruner", "attach", "of", "view", "row_lock_serialises", "MAX_AGE", "PRUNERS",
            "LEASE_KEY"]
 
 log = logging.getLogger(__name__)
 
 #: seconds a view of other workers' trials may be reused between asks
 MAX_AGE = 1.0
+
+
+class FastMedianPruner(optuna.pruners.MedianPruner):
+    """Optuna's MedianPruner, making the same decisions with less work per report.
+
+    Every report at a step is compared with the median of the completed trials' values at
+    that step, which Optuna computes over all completed trials on each report. Here it is
+    computed once while the completed trials stay the same (as many, the same last one): a
+    population's ~1,000 members report the same step one after the other, and each report
+    cost a pass over ~1,000 completed trials (0.2 ms; ~0.2 s an epoch).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._medians: dict[int, float] = {}  # step -> percentile, for the trials in _over
+        self._over: tuple[Any, ...] | None = None
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        n = len(completed)
+        if n == 0 or n < self._n_startup_trials:
+            return False
+        step = trial.last_step
+        if step is None or step < self._n_warmup_steps:
+            return False
+        first_in_interval, best_so_far, percentile_at = private.percentile_pruner_parts()
+        if not first_in_interval(step, trial.intermediate_values.keys(), self._n_warmup_steps,
+                                 self._interval_steps):
+            return False
+        direction = study.direction
+        best = best_so_far(trial, direction)
+        if math.isnan(best):
+            return True
+        over = (study._study_id, n, completed[0]._trial_id, completed[-1]._trial_id)
+        if over != self._over:
+            self._over, self._medians = over, {}
+        p = self._medians.get(step)
+        if p is None:
+            p = self._medians[step] = percentile_at(completed, direction, step, self._percentile,
+                                                    self._n_min_trials)
+        if math.isnan(p):
+            return False
+        return best < p if direction == StudyDirection.MAXIMIZE else best > p
+
+
 #: pruners that decide from ``study.get_trials`` and the trial alone, writing nothing
 PRUNERS: tuple[type[optuna.pruners.BasePruner], ...] = (
-    optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner, optuna.pruners.NopPruner,
+    optuna.pruners.MedianPruner, FastMedianPruner, optuna.pruners.PercentilePruner,
+    optuna.pruners.NopPruner,
 )
 _T = models.TrialModel
 #: ``create_trials``' check: (trials by state, those flagged, the study's attributes) -> how many

@@ -38,6 +38,7 @@ __all__ = [
     "tpe_unique_inverse_2d",
     "tpe_categorical_type",
     "tpe_startup_trials",
+    "percentile_pruner_parts",
 ]
 
 
@@ -109,3 +110,14 @@ def tpe_startup_trials(sampler: Any) -> int:
     """A TPESampler's ``n_startup_trials`` (stored privately, with no getter): a population of
     "auto" size is never smaller than the random start-up (studies._population)."""
     return int(sampler._n_startup_trials)
+
+
+def percentile_pruner_parts() -> tuple[Any, Any, Any]:
+    """PercentilePruner.prune's three steps: whether a step is one it decides at, a trial's best
+    report so far, and the percentile over the completed trials at a step. FastMedianPruner
+    decides with them exactly as MedianPruner does, computing the last once per step while the
+    completed trials stay the same."""
+    from optuna.pruners import _percentile as pct
+
+    return (pct._is_first_in_interval_step, pct._get_best_intermediate_result_over_steps,
+            pct._get_percentile_intermediate_result_over_trials)

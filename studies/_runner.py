@@ -219,7 +219,7 @@ def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.Ba
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, spec.n_epochs // 4))
+        return _fast.FastMedianPruner(n_startup_trials=5, n_warmup_steps=max(1, spec.n_epochs // 4))
     if p in ("hyperband", "successive_halving"):
         # Synchronous rungs: a population's members are compared with each other at each
         # rung, not only with trials that finished before them (studies._rungs).
