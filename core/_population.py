@@ -471,7 +471,7 @@ class _DendriteMatmul(torch.autograd.Function):
 
     ``dense`` lives in a flat buffer whose last element is a sink: padded connections point
     there, so their gradient is that of the sink, zero. Only the real connections are written
-    (``real``: see ``_Stack.put``); the caller keeps the buffer zero wherever no connection
+    (``real``, see :func:`_put`); the caller keeps the buffer zero wherever no connection
     points (see ``_Stack.resample``).
     The backward is one batched product for the dense gradient, laid out ``(K, in, rows)``
     as autograd's baddbmm backward lays it out (cuBLAS is a third faster on it than on the
@@ -508,7 +508,7 @@ def _put(buf: torch.Tensor, flat: torch.Tensor, w: torch.Tensor, real: tuple[tor
     """Write the real connections' weights ``w`` (K, rows, k) at their positions ``flat`` in ``buf``.
 
     ``real`` holds the real entries' positions among the K * rows * k: flat, member and
-    column (see ``_Stack._index``). Padded entries are skipped: writing them all to the sink
+    column (``_Stack.real``, fixed for a stack). Padded entries are skipped: writing them all to the sink
     made one address take most of the writes, which serialized the scatter (at the seed
     space's padding, ~2 ms of a ~7 ms bf16 step on an H200).
     """
@@ -1429,7 +1429,7 @@ class _Population:
                 same = all((stack.members[i].arch.n, stack.members[i].arch.d) == (dims.n, dims.d)
                            for i in rows)
                 new = torch.empty if same else torch.zeros
-                c = min(dims.in_dim, k + m)  # _candidates of every member of the group
+                c = _candidates(stack.members[rows[0]].arch)  # the group shares k and m
                 parts = (new(g, dims.rows, c, pin_memory=cuda),
                          new(g, dims.rows, c, dtype=_INPUT_DTYPE, pin_memory=cuda),
                          new(g, dims.rows, m, pin_memory=cuda))
