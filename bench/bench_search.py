@@ -2,7 +2,7 @@
 
     python bench/bench_search.py [--dataset digits] [--trials 120] [--rung-trials N] [--epochs 9]
         [--population 27] [--seeds 3] [--device cpu|cuda] [--data-dir DIR] [--subset-size N]
-        [--out bench_search.html]
+        [--out bench_search.html] [--curves FILE]
 
 Two studies of the same space, sampler (TPE) and seed, each run by one population executor
 (``studies.execute_population``, as ``dendro worker --population K`` does): one with the median
@@ -26,6 +26,7 @@ median run's time and at its own end (``--final-top 0`` skips this).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -121,14 +122,22 @@ def _print_final(who: str, f: dict[str, Any]) -> None:
 
 
 def _rank(xs: list[float]) -> list[float]:
+    """Average ranks: tied values share the mean of their ranks (validation accuracies often tie)."""
     order = sorted(range(len(xs)), key=lambda i: xs[i])
     out = [0.0] * len(xs)
-    for r, i in enumerate(order):
-        out[i] = float(r)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2
+        i = j + 1
     return out
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation, with average ranks for ties."""
     ra, rb = _rank(a), _rank(b)
     n = len(ra)
     ma, mb = sum(ra) / n, sum(rb) / n
@@ -153,13 +162,26 @@ def _early_ranks(args: argparse.Namespace, median: dict[str, Any], eta: int = 3,
         early = [float(t.intermediate_values.get(e, float("nan"))) for t in done]
         kept = set(sorted(range(len(done)), key=lambda i: -early[i])[: len(done) // eta])
         size = sum(int(done[i].user_attrs.get("n_params", 0)) for i in kept) / max(1, len(kept))
-        parts.append(f"epoch {e}: rank corr {_spearman(early, final):.2f}, keeps {len(best & kept)} of the final "
+        parts.append(f"epoch {e}: rank corr {spearman(early, final):.2f}, keeps {len(best & kept)} of the final "
                      f"top {top}, mean params of those it keeps {size:.0f}")
         e *= eta
     size_all = sum(int(t.user_attrs.get("n_params", 0)) for t in done) / len(done)
     size_best = sum(int(done[i].user_attrs.get("n_params", 0)) for i in best) / top
     print(f"  median run's {len(done)} complete trials (mean params {size_all:.0f}; final top {top}: "
           f"{size_best:.0f}), a 1/{eta} cut at " + "; ".join(parts))
+
+
+def _write_curves(path: str, run: dict[str, Any]) -> None:
+    """Append one JSON line per complete trial of ``run``: its parameters, size, validation
+    accuracy after every epoch and at the end (``bench/rung_rules.py`` reads them)."""
+    with open(path, "a") as f:
+        for t in run["study"].get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if studies.is_infeasible(t) or t.user_attrs.get("val_accuracy") is None:
+                continue
+            curve = [t.intermediate_values.get(e) for e in range(1, max(t.intermediate_values, default=0) + 1)]
+            f.write(json.dumps({"seed": run["seed"], "number": t.number, "params": t.params,
+                                "n_params": t.user_attrs.get("n_params"), "curve": curve,
+                                "final": t.user_attrs["val_accuracy"]}) + "\n")
 
 
 def _report(args: argparse.Namespace, median: dict[str, Any], rungs: dict[str, Any]) -> dict[str, Any]:
@@ -205,13 +227,15 @@ def main() -> None:
     ap.add_argument("--final-seeds", type=int, default=3, help="seeds per finalized trial")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data-dir", help="folder with the dataset's files (default: the system's)")
+    ap.add_argument("--curves", help="append the median run's complete trials' learning curves to this "
+                    "JSON-lines file (for bench/rung_rules.py)")
     ap.add_argument("--out", default="bench_search.html", help="the plot (self-contained HTML, about 4 MB)")
     args = ap.parse_args()
     print(f"{args.dataset}, {args.epochs} epochs, population {args.population}, device {args.device}, "
           f"median {args.trials} trials, {args.rung_pruner} {args.rung_trials or args.trials} trials")
     print(f"{'pruner':28s} {'seed':>4s} {'trials':>6s} {'wall s':>8s} {'best val':>9s} {'stopped early':>14s} "
           f"{'member-epochs':>14s}", flush=True)
-    variants = [tuple(int(x) for x in v.split(":")) for v in args.rungs.split(",")]
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.rungs.split(",") if v]
     runs: list[dict[str, Any]] = []
     summary: dict[str, list[dict[str, Any]]] = {}
     for seed in range(args.seed, args.seed + args.seeds):
@@ -222,6 +246,8 @@ def main() -> None:
             median["seed"] = seed
             runs.append(median)
             _early_ranks(args, median)
+            if args.curves:
+                _write_curves(args.curves, median)
             for r_eta in variants:
                 rungs = _run(args_s, args.rung_pruner, url, args.rung_trials or args.trials, r_eta)  # type: ignore[arg-type]
                 rungs["seed"] = seed
