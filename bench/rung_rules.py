@@ -11,7 +11,8 @@ correlation of its score with the final accuracy. Rules:
 - ``plain``: validation accuracy at epoch r (what ``studies.RungPruner`` ranks by);
 - ``strata``: the same, but the cut keeps 1/eta of each third of the trials by parameter count,
   so that slow-starting large models compete with their own size;
-- ``size-adjusted``: accuracy at r plus beta * log(parameters), beta fitted by least squares of
+- ``size-adjusted``: the final accuracy predicted from the accuracy at r and the size, i.e.
+  accuracy at r + alpha + beta * log(parameters), (alpha, beta) fitted by least squares of
   (final - accuracy at r) on log(parameters) over the other half of the trials (by trial
   number: the earlier half scores the later one and the later the earlier), so that no trial's
   own final accuracy enters its score.
@@ -35,13 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import spearman  # noqa: E402
 
 
-def _beta(trials: list[dict[str, Any]], r: int) -> float:
-    """Least-squares slope of (final - accuracy at r) on log(parameters), with an intercept."""
+def _fit(trials: list[dict[str, Any]], r: int) -> tuple[float, float]:
+    """Least squares of (final - accuracy at r) on log(parameters): (intercept, slope)."""
     xs = [math.log(t["n_params"]) for t in trials]
     ys = [t["final"] - t["curve"][r - 1] for t in trials]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    beta = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    return my - beta * mx, beta
 
 
 def scores(trials: list[dict[str, Any]], r: int) -> dict[str, list[float]]:
@@ -50,9 +52,10 @@ def scores(trials: list[dict[str, Any]], r: int) -> dict[str, list[float]]:
     half = sorted(t["number"] for t in trials)[len(trials) // 2]
     early = [t for t in trials if t["number"] < half]
     late = [t for t in trials if t["number"] >= half]
-    b_early, b_late = _beta(late, r), _beta(early, r)  # each half scored by the other's fit
-    adjusted = [t["curve"][r - 1] + (b_early if t["number"] < half else b_late) * math.log(t["n_params"])
-                for t in trials]
+    fits = {True: _fit(late, r), False: _fit(early, r)}  # each half scored by the other's fit
+    # the predicted final accuracy, so that both halves' scores compare
+    adjusted = [t["curve"][r - 1] + fits[t["number"] < half][0] + fits[t["number"] < half][1]
+                * math.log(t["n_params"]) for t in trials]
     return {"plain": plain, "strata": plain, "size-adjusted": adjusted}
 
 
