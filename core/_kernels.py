@@ -126,11 +126,13 @@ def _triton() -> Any:
         g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
         if HAS_WD:
             g = g + tl.load(wd_ptr + row) * p
-        # the same operations as Tensor.lerp_ (weight < 0.5), addcmul_, sqrt, div, add, sub
+        # the operations of Tensor.lerp_ (weight < 0.5), addcmul_, sqrt, div, add, sub, with
+        # correctly rounded square root and divisions as PyTorch's (tl.sqrt and / are the fast,
+        # approximate ones); the compiler may still fuse a multiply and an add into one FMA
         m = m + w1 * (g - m)
         v = v * beta2 + (w2 * g) * g
-        denom = tl.sqrt(v) / tl.load(bc2_ptr + row) + eps
-        p = p - (m / denom) * tl.load(step_ptr + row)
+        denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bc2_ptr + row)) + eps
+        p = p - tl.div_rn(m, denom) * tl.load(step_ptr + row)
         tl.store(p_ptr + base + offs, p, mask=mask)
         tl.store(m_ptr + base + offs, m, mask=mask)
         tl.store(v_ptr + base + offs, v, mask=mask)
@@ -155,6 +157,25 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def _block(NP: int, DP: int, CP: int) -> int:
+    """The fused head's batch block for a (neurons, dendrites, classes) grid padded to powers of 2.
+
+    About 8,192 elements of z a program with 4 warps: 0.94 ms against 1.63 ms for 4,096 at the
+    seed space's 20 x 15 grid, K = 996 (bench/head_block_probe.py, one H200); 16,384 spills.
+    The (block, classes, neurons) products grow with the block too: where they would pass
+    32,768 elements (many classes), the block stays at the 4,096 rule's (the speed was measured
+    with 10 classes only).
+    """
+    bb = _pow2_floor(max(1, min(64, _TILE // (NP * DP))))
+    if bb * CP * NP > 32768:
+        bb = _pow2_floor(max(1, min(64, 4096 // (NP * DP))))
+    return bb
+
+
 def soma_head(
     z: torch.Tensor, p: torch.Tensor, offsets: dict[str, int], n: int, d: int, y: torch.Tensor,
     smoothing: torch.Tensor | None = None,
@@ -177,10 +198,7 @@ def soma_head(
     K, B, R = z.shape
     C = offsets["C"]
     NP, DP, CP = _pow2(n), _pow2(d), max(16, _pow2(C))
-    # about 8,192 (z) elements a program with 4 warps: 0.94 ms against 1.63 ms for 4,096 at the
-    # seed space's 20 x 15 grid, K = 996 (bench/head_block_probe.py, one H200); 16,384 spills
-    BB = max(1, min(64, _TILE // (NP * DP)))
-    BB = 1 << (BB.bit_length() - 1)
+    BB = _block(NP, DP, CP)
     n_blocks = -(-B // BB)
     part_stride = NP * DP + NP + CP * NP + CP
     gz = torch.empty_like(z)
@@ -211,7 +229,9 @@ def adam_rows(
     ``step_size`` (K,) is each row's ``lr / (1 - beta1 ** step)``, ``bc2_sqrt`` (K,) its
     ``sqrt(1 - beta2 ** step)`` and ``wd`` (K,) its weight decay (None: none), all float32:
     ``g += wd * p; m = lerp(m, g, 1 - beta1); v = beta2 * v + (1 - beta2) * g * g;
-    p -= m / (sqrt(v) / bc2_sqrt + eps) * step_size``, as ``torch.optim.Adam`` computes it.
+    p -= m / (sqrt(v) / bc2_sqrt + eps) * step_size``, the operations ``torch.optim.Adam``
+    does, in its order, with correctly rounded square roots and divisions; a multiply-add may be
+    fused into one FMA, so a result can differ from the element-wise ops in its last bit.
     Every tensor is contiguous and float32.
     """
     tri = _triton()

@@ -330,11 +330,15 @@ def swap_weakest(
     """
     dev = weight.device
     weakest = weight.abs().topk(m, dim=1, largest=False).indices  # (rows, m)
-    scores = torch.rand(indices.shape[0], n_inputs, generator=generator).to(dev)
+    scores = torch.rand(indices.shape[0], n_inputs, generator=generator)
     if allowed is not None:
-        scores.masked_fill_(~allowed, -1.0)  # nor inputs outside the allowed set
-    scores.scatter_(1, indices, -1.0)  # inputs in use are never drawn
-    indices.scatter_(1, weakest, scores.topk(m, dim=1).indices)
+        scores.masked_fill_(~allowed.cpu(), -1.0)  # nor inputs outside the allowed set
+    # A row uses k inputs, so its m best-scored unused inputs are among its k + m best: those
+    # are selected first (on the CPU, where they were drawn), then the ones in use drop out
+    # (never drawn). The population trainer makes the same two selections (core._population),
+    # so that equal scores, which float32 draws do produce, resolve the same way in both.
+    best, candidates = scores.topk(min(n_inputs, indices.shape[1] + m), dim=1)
+    indices.scatter_(1, weakest, best_unused(best.to(dev), candidates.to(dev), indices, n_inputs, m))
     b = 1.0 / math.sqrt(weight.shape[1])
     fresh = torch.empty(weakest.shape, device="cpu").uniform_(-b, b, generator=generator)
     weight.scatter_(1, weakest, fresh.to(dev, weight.dtype))
@@ -343,6 +347,21 @@ def swap_weakest(
             if isinstance(value, torch.Tensor) and value.shape == weight.shape:
                 value.scatter_(1, weakest, 0.0)
     return weakest.numel()
+
+
+def best_unused(best: torch.Tensor, candidates: torch.Tensor, indices: torch.Tensor, n_inputs: int,
+                m: int) -> torch.Tensor:
+    """The ``m`` best-scored inputs of each row that the row does not use, best first.
+
+    ``candidates`` (..., rows, c) are each row's ``c = k + m`` best-scored inputs with their
+    scores ``best`` in descending order (``topk``); ``indices`` (..., rows, k) the inputs in
+    use. Shared by :func:`swap_weakest` and the population trainer's batched resampling, so
+    that both resolve equal scores alike.
+    """
+    used = torch.zeros(*indices.shape[:-1], n_inputs, dtype=torch.bool, device=indices.device)
+    used.scatter_(-1, indices, True)
+    kept = best.masked_fill(used.gather(-1, candidates), -1.0)  # inputs in use are never drawn
+    return candidates.gather(-1, kept.topk(m, dim=-1).indices)
 
 
 def register_dendritic_hooks(

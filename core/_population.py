@@ -80,7 +80,7 @@ from torch.nn import functional as F
 from . import _kernels
 from ._bio_stack import BioPack, MemberBio, convert_member
 from ._data import Dataset
-from ._layers import DendriticLayer
+from ._layers import DendriticLayer, best_unused
 from ._registry import count_parameters, get_family, list_models
 from ._train import (
     AUGMENTS,
@@ -818,8 +818,8 @@ class _Stack:
             loss, correct, gz, gsw, gsb, gwo, gbo = _kernels.soma_head(
                 z, self.p, self.offsets, dims.n, dims.d, yb, self.smooth)
         except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
-            if z.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise
+            if (z.is_cuda and torch.cuda.is_current_stream_capturing()) or isinstance(exc, torch.OutOfMemoryError):
+                raise  # out of memory: the population halves (Triton stays on)
             logger.warning("train_population: fused Triton head unavailable (%s); using PyTorch", exc)
             _kernels.disable()
             self.fused = False
@@ -843,15 +843,15 @@ class _Stack:
         bc1 = 1 - torch.pow(_BETA1, self.steps)
         step_size = (self.lr / bc1).float().unsqueeze(1)
         bc2_sqrt = torch.sqrt(1 - torch.pow(_BETA2, self.steps)).float().unsqueeze(1)
-        if self.fast_adam:  # one Triton pass over the rows (CUDA), the same arithmetic
+        if self.fast_adam:  # one Triton pass over the rows (CUDA), the same operations
             try:
                 _kernels.adam_rows(self.p, self.m, self.v, g.contiguous(), step_size.view(-1),
                                    bc2_sqrt.view(-1), self.wd.view(-1) if self.any_wd else None,
                                    _BETA1, _BETA2, _EPS)
                 return
             except Exception as exc:  # a Triton that cannot build the kernel here: PyTorch's ops
-                if torch.cuda.is_current_stream_capturing():
-                    raise
+                if torch.cuda.is_current_stream_capturing() or isinstance(exc, torch.OutOfMemoryError):
+                    raise  # out of memory: the population halves (Triton stays on)
                 logger.warning("train_population: fused Triton Adam unavailable (%s); using PyTorch", exc)
                 _kernels.disable()
                 self.fast_adam = False
@@ -874,12 +874,7 @@ class _Stack:
             w = views[0][r][..., :k]
             weakest = w.abs().topk(grp.m, dim=2, largest=False).indices
             ind = self.idx[r][..., :k]
-            inputs = grp.inputs.long()
-            used = torch.zeros(ind.shape[0], ind.shape[1], self.dims.in_dim, dtype=torch.bool,
-                               device=ind.device)
-            used.scatter_(2, ind, True)
-            best = grp.best.masked_fill(used.gather(2, inputs), -1.0)  # inputs in use are never drawn
-            ind.scatter_(2, weakest, inputs.gather(2, best.topk(grp.m, dim=2).indices))
+            ind.scatter_(2, weakest, best_unused(grp.best, grp.inputs.long(), ind, self.dims.in_dim, grp.m))
             self.idx[r, :, :k] = ind
             w.scatter_(2, weakest, grp.fresh)
             views[0][r, :, :k] = w

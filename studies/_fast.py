@@ -96,8 +96,9 @@ class FastMedianPruner(optuna.pruners.MedianPruner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._medians: dict[int, float] = {}  # step -> percentile, for the trials in _over
-        self._over: tuple[Any, ...] | None = None
+        # (which completed trials, {step: percentile over them}): one attribute, replaced
+        # whole, so that a thread never writes into the medians of another set of trials
+        self._state: tuple[tuple[Any, ...] | None, dict[int, float]] = (None, {})
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -115,19 +116,24 @@ class FastMedianPruner(optuna.pruners.MedianPruner):
         best = best_so_far(trial, direction)
         if math.isnan(best):
             return True
-        over = (study._study_id, n, completed[0]._trial_id, completed[-1]._trial_id)
-        if over != self._over:
-            self._over, self._medians = over, {}
-        p = self._medians.get(step)
+        # completed trials stay completed: the same storage, study, count, first and last
+        # completed trial are the same set
+        over = (id(study._storage), study._study_id, n, completed[0]._trial_id, completed[-1]._trial_id)
+        key, medians = self._state
+        if key != over:
+            medians = {}
+            self._state = (over, medians)
+        p = medians.get(step)
         if p is None:
-            p = self._medians[step] = percentile_at(completed, direction, step, self._percentile,
-                                                    self._n_min_trials)
+            p = medians[step] = percentile_at(completed, direction, step, self._percentile,
+                                              self._n_min_trials)
         if math.isnan(p):
             return False
         return best < p if direction == StudyDirection.MAXIMIZE else best > p
 
 
-#: pruners that decide from ``study.get_trials`` and the trial alone, writing nothing
+#: pruners that decide from ``study.get_trials`` and the trial alone, writing nothing (``attach``
+#: checks ``type(pruner) in PRUNERS``: a subclass must be listed itself)
 PRUNERS: tuple[type[optuna.pruners.BasePruner], ...] = (
     optuna.pruners.MedianPruner, FastMedianPruner, optuna.pruners.PercentilePruner,
     optuna.pruners.NopPruner,

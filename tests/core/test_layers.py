@@ -238,3 +238,31 @@ def test_resampling_keeps_adam_state_when_asked() -> None:
     assert layer.resample(opt) > 0
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(opt.state[layer.weight][key], state[key])
+
+
+def test_best_unused_picks_what_masking_the_whole_row_picks_batched_or_not() -> None:
+    """The m best unused inputs come from each row's k + m best scores, as masking every input
+    in use over the whole row and taking the top m gives them (also within an allowed patch of
+    exactly k + m inputs), and a batch of row blocks gives what each block gives alone."""
+    from core._layers import best_unused
+
+    g = torch.Generator().manual_seed(3)
+    rows, n_inputs, k, m = 600, 784, 30, 4
+    indices = torch.rand(rows, n_inputs, generator=g).topk(k, dim=1).indices
+    scores = torch.rand(rows, n_inputs, generator=g)
+    allowed = torch.zeros(rows, n_inputs, dtype=torch.bool)
+    allowed[: rows // 2].scatter_(1, torch.rand(rows // 2, n_inputs, generator=g).topk(k + m, dim=1).indices, True)
+    allowed[: rows // 2].scatter_(1, indices[: rows // 2], True)  # a patch holds its row's inputs
+    allowed[rows // 2 :] = True
+    scores.masked_fill_(~allowed, -1.0)
+    whole = scores.clone()
+    whole.scatter_(1, indices, -1.0)
+    want = whole.topk(m, dim=1).indices
+    best, candidates = scores.topk(k + m, dim=1)
+    got = best_unused(best, candidates, indices, n_inputs, m)
+    assert torch.equal(got, want)
+    assert not (got.unsqueeze(2) == indices.unsqueeze(1)).any()  # never an input in use
+    assert allowed.gather(1, got).all()  # never outside the patch
+    blocks = best_unused(best.view(3, rows // 3, -1), candidates.view(3, rows // 3, -1),
+                         indices.view(3, rows // 3, -1), n_inputs, m)
+    assert torch.equal(blocks.reshape(rows, m), want)

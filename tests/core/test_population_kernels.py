@@ -226,3 +226,10 @@ def test_bf16_on_cuda_stays_within_a_few_points_of_fp32(data: core.Dataset) -> N
     b = train_population("dendritic_simple", configs, data, 3, BATCH, device="cuda", precision="bf16")
     for x, y in zip(f, b, strict=True):
         assert abs((x.test_accuracy or 0) - (y.test_accuracy or 0)) < 0.05
+
+
+def test_the_fused_heads_block_doubles_only_where_its_class_products_stay_small() -> None:
+    assert _kernels._block(32, 16, 16) == 16  # the seed space's 20 x 15 grid, 10 classes: 8,192
+    assert _kernels._block(16, 8, 16) == 64  # 12 x 6: capped at 64 examples
+    assert _kernels._block(32, 16, 128) == 8  # 100 classes: the 4,096 rule's block, as before
+    assert _kernels._block(64, 64, 16) == 2

@@ -69,3 +69,38 @@ def test_the_median_is_computed_once_per_step_while_the_completed_trials_stay(
     study.tell(running[0], 9.0)  # a trial completes: the median is computed anew
     pruner.prune(study, study._storage.get_trial(running[1]._trial_id))
     assert calls == [3, 3]
+
+
+def test_a_median_of_other_trials_never_lands_among_the_current_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads: one computes the median of the completed trials it saw while a trial
+    completes and the other memoizes the new set's median; the first one's must not replace it."""
+    from studies import _optuna_private
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first, best, percentile = _optuna_private.percentile_pruner_parts()
+    study = optuna.create_study(direction="maximize")
+    for v in range(5):  # completed at step 3: 0 .. 4, median 2
+        t = study.ask()
+        t.report(float(v), 3)
+        study.tell(t, float(v))
+    extra, a, b = study.ask(), study.ask(), study.ask()
+    extra.report(100.0, 3)
+    a.report(1.0, 3)
+    b.report(2.2, 3)  # above the old median (2), below the new one (2.5 with extra completed)
+    pruner = FastMedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    inner: list[bool] = []
+
+    def interleaved(*args: object) -> float:
+        value = percentile(*args)
+        if not inner:  # meanwhile: extra completes and another report is decided
+            inner.append(True)
+            study.tell(extra, 100.0)
+            pruner.prune(study, study._storage.get_trial(b._trial_id))
+        return value  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(_optuna_private, "percentile_pruner_parts", lambda: (first, best, interleaved))
+    pruner.prune(study, study._storage.get_trial(a._trial_id))
+    assert inner
+    frozen = study._storage.get_trial(b._trial_id)
+    want = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0).prune(study, frozen)
+    assert want and pruner.prune(study, frozen)
