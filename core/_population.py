@@ -470,9 +470,9 @@ class _DendriteMatmul(torch.autograd.Function):
     """``x @ dense^T + b`` where ``dense`` holds each dendrite's weights at its inputs.
 
     ``dense`` lives in a flat buffer whose last element is a sink: padded connections point
-    there, so their gradient is that of the sink, zero. Only the real connections are written
-    (``real``, see :func:`_put`); the caller keeps the buffer zero wherever no connection
-    points (see ``_Stack.resample``).
+    there (``flat_t``), so their gradient is that of the sink, zero. Only the real connections
+    are written (``real``, see :func:`_put`); the caller keeps the buffer zero wherever no
+    connection points (see ``_Stack.resample``).
     The backward is one batched product for the dense gradient, laid out ``(K, in, rows)``
     as autograd's baddbmm backward lays it out (cuBLAS is a third faster on it than on the
     other orientation, measured on an H100), and a flat ``take`` of the connected entries
@@ -481,11 +481,11 @@ class _DendriteMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, flat: torch.Tensor,
-        flat_t: torch.Tensor, buf: torch.Tensor, real: tuple[torch.Tensor, ...],
+        ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, flat_t: torch.Tensor,
+        buf: torch.Tensor, real: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
         K, rows = b.shape
-        _put(buf, flat, w, real)
+        _put(buf, w, real)
         dense = buf[:-1].view(K, rows, -1)
         ctx.save_for_backward(x, flat_t)
         ctx.shape = (K, rows, dense.shape[2])
@@ -501,20 +501,21 @@ class _DendriteMatmul(torch.autograd.Function):
         gd = gz.new_empty(K * n_in * rows + 1, dtype=x.dtype)
         gd[-1:].zero_()
         torch.bmm(x.transpose(1, 2), gz.to(x.dtype), out=gd[:-1].view(K, n_in, rows))
-        return None, gd.take(flat_t).float(), gz.sum(1), None, None, None, None
+        return None, gd.take(flat_t).float(), gz.sum(1), None, None, None
 
 
-def _put(buf: torch.Tensor, flat: torch.Tensor, w: torch.Tensor, real: tuple[torch.Tensor, ...]) -> None:
-    """Write the real connections' weights ``w`` (K, rows, k) at their positions ``flat`` in ``buf``.
+def _put(buf: torch.Tensor, w: torch.Tensor, real: tuple[torch.Tensor, ...]) -> None:
+    """Write the real connections' weights ``w`` (K, rows, k) into the dense buffer ``buf``.
 
-    ``real`` holds the real entries' positions among the K * rows * k: flat, member and
-    column (``_Stack.real``, fixed for a stack). Padded entries are skipped: writing them all to the sink
-    made one address take most of the writes, which serialized the scatter (at the seed
-    space's padding, ~2 ms of a ~7 ms bf16 step on an H200).
+    ``real`` (``_Stack.real``) holds, per real connection, its position in ``buf`` (kept
+    up to date by ``_Stack._index``), its member and its column among the member's rows * k.
+    Padded entries are skipped: writing them all to the sink made one address take most of
+    the writes, which serialized the scatter (at the seed space's padding, ~2 ms of a ~7 ms
+    bf16 step on an H200).
     """
     at, member, col = real
     K = w.shape[0]
-    buf.index_put_((flat.view(-1).index_select(0, at),), w.reshape(K, -1)[member, col].to(buf.dtype))
+    buf.index_put_((at,), w.reshape(K, -1)[member, col].to(buf.dtype))
 
 
 class _Stack:
@@ -555,17 +556,15 @@ class _Stack:
         depth = [len(x.arch.hidden) for x in members]
         self.active = torch.tensor([[j < h for j in range(dims.depth)] for h in depth], device=dev)
         self.full = [all(j < h for h in depth) for j in range(dims.depth)]
-        self.flat: torch.Tensor | None = None
         self.flat_t: torch.Tensor | None = None
         self.buf: torch.Tensor | None = None
         self.real: tuple[torch.Tensor, ...] = ()
+        self._real_at: torch.Tensor | None = None  # the real connections among K * rows * k
         if dims.n and self.K:
             assert kmask is not None
             self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
             # the real connections (resampling moves them, never adds or drops one)
-            at = (kmask.reshape(-1) > 0).nonzero().squeeze(1)
-            cols = dims.rows * dims.k
-            self.real = (at, at // cols, at % cols)
+            self._real_at = (kmask.reshape(-1) > 0).nonzero().squeeze(1)
             self._index()
         self.bio = (BioPack(self, functools.partial(_bio_positions, dims), dims.n_classes)
                     if any(x.bio is not None for x in members) else None)
@@ -586,18 +585,22 @@ class _Stack:
             self.bio.flush([m.steps for m in self.members])
 
     def _index(self) -> None:
-        """Flat positions of every connection in the dense buffer (padding: the sink)."""
+        """Flat positions of the connections in the dense buffer: the real ones' in its
+        ``(K, rows, in)`` layout (``real``) and every one's in the gradient's ``(K, in, rows)``
+        (``flat_t``; padding: the sink)."""
         assert self.idx is not None and self.kmask is not None and self.buf is not None
+        assert self._real_at is not None
         K, R, n_in = self.K, self.dims.rows, self.dims.in_dim
         k = torch.arange(K, device=self.idx.device).view(K, 1, 1)
         r = torch.arange(R, device=self.idx.device).view(1, R, 1)
         real, sink = self.kmask > 0, K * R * n_in
-        flat = torch.where(real, (k * R + r) * n_in + self.idx, sink)  # (K, rows, in)
+        at = ((k * R + r) * n_in + self.idx).view(-1).index_select(0, self._real_at)
         flat_t = torch.where(real, (k * n_in + self.idx) * R + r, sink)  # (K, in, rows)
-        if self.flat is None or self.flat_t is None:
-            self.flat, self.flat_t = flat, flat_t
+        if self.flat_t is None:
+            cols = R * self.dims.k
+            self.real, self.flat_t = (at, self._real_at // cols, self._real_at % cols), flat_t
         else:  # in place: a captured training step reads these very tensors
-            self.flat.copy_(flat)
+            self.real[0].copy_(at)
             self.flat_t.copy_(flat_t)
 
     # -- building ---------------------------------------------------------------------------
@@ -717,8 +720,8 @@ class _Stack:
     @torch.no_grad()
     def _dense(self) -> torch.Tensor:
         """The current dense ``(K, rows, in_dim)`` dendrite matrix (a view of the buffer)."""
-        assert self.flat is not None and self.buf is not None
-        _put(self.buf, self.flat, self.plain["dw"], self.real)
+        assert self.buf is not None
+        _put(self.buf, self.plain["dw"], self.real)
         return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
 
     def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -736,8 +739,8 @@ class _Stack:
             if shared:
                 z = self._first(x, self._dense() if dense is None else dense, P["db"], True)
             else:
-                assert self.flat is not None and self.flat_t is not None and self.buf is not None
-                z = _DendriteMatmul.apply(x, P["dw"], P["db"], self.flat, self.flat_t, self.buf, self.real)
+                assert self.flat_t is not None and self.buf is not None
+                z = _DendriteMatmul.apply(x, P["dw"], P["db"], self.flat_t, self.buf, self.real)
             h = F.leaky_relu(z, _SLOPE)
             if dims.soma_on:
                 K, B = h.shape[:2]
