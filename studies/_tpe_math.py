@@ -157,12 +157,7 @@ def _mixture_log_pdf(mixture: Any, x: np.ndarray) -> np.ndarray:
         else:
             xi_uniq, xi_inv = np.unique(x[:, i], return_inverse=True)
             mu_uniq, sigma_uniq, mu_sigma_inv = tpe_unique_inverse_2d(d.mu, d.sigma)
-            left = np.log(xi_uniq - step / 2) if is_log else (xi_uniq - step / 2)
-            right = np.log(xi_uniq + step / 2) if is_log else (xi_uniq + step / 2)
-            weighted += _log_gauss_mass_unique(
-                (left[:, np.newaxis] - mu_uniq) / sigma_uniq,
-                (right[:, np.newaxis] - mu_uniq) / sigma_uniq,
-            )[np.ix_(xi_inv, mu_sigma_inv)]
+            weighted += _stepped_rows(xi_uniq, step, is_log, mu_uniq, sigma_uniq)[np.ix_(xi_inv, mu_sigma_inv)]
             weighted -= log_gauss_mass(
                 (d.adapted_low - mu_uniq) / sigma_uniq, (d.adapted_high - mu_uniq) / sigma_uniq
             )[mu_sigma_inv]
