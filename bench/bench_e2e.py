@@ -38,6 +38,7 @@ _DEPTH = threading.local()
 #: epoch's plans, the steps, evaluation and the per-member bookkeeping (callbacks)
 _EPOCHS: list[dict[str, Any]] = []
 _BETWEEN: dict[str, float] = defaultdict(float)  # --profile: seconds between epochs, by part
+_KERNELS: list[Any] = []  # --profile: the fused Triton kernels, whose compilations are counted
 
 
 def _timed(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,10 +110,12 @@ def _instrument_epochs(profile_epoch: int) -> None:
                "rows_used": sum(m.arch.n * m.arch.d for m in stack.members) / max(1, stack.K)}
         _EPOCHS.append(rec)
         t0 = time.perf_counter()
+        before = _compiled()
         try:
             return epoch(self, stack)
         finally:
             rec["wall"] = time.perf_counter() - t0
+            rec["compiles"] = _compiled() - before
 
     def timed_train(self: Any, stack: Any) -> Any:
         rec = _EPOCHS[-1]
@@ -132,10 +135,26 @@ def _instrument_epochs(profile_epoch: int) -> None:
     P._Population._epoch, P._Population._train = timed_epoch, timed_train
     P._Population._assemble = _sync_timed("assemble", P._Population._assemble)
     P._Stack.evaluate = _sync_timed("evaluate", P._Stack.evaluate)
+    # inside the steps: the capture of a stack's step (its warm-up step included) and the
+    # Triton compilations (each new specialization of the fused kernels)
+    P._StepGraph.__init__ = _sync_timed("capture", P._StepGraph.__init__)
+    from core import _kernels
+
+    tri = _kernels._triton() if torch.cuda.is_available() else None
+    _KERNELS[:] = list(tri[1:]) if tri is not None else []
     # between epochs: reading configs (the worker's asks, sampling and gates run inside),
     # building each member's module and state, stacking them on the device
     for name, key in (("_take", "take"), ("_build_member", "build_member"), ("_restack", "restack")):
         setattr(P._Population, name, _between(key, getattr(P._Population, name)))
+
+
+def _compiled() -> int:
+    """How many specializations of the fused Triton kernels this process has compiled so far
+    (Triton's in-memory cache of each kernel, per device; 0 where its layout is unknown)."""
+    try:
+        return sum(len(c[0]) for k in _KERNELS for c in k.device_caches.values())
+    except (AttributeError, TypeError, IndexError):
+        return 0
 
 
 def _between(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,7 +172,9 @@ def _between(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def _print_epochs() -> None:
     """The --profile table: one line per population epoch, then the totals."""
     print("# population epochs: K, padded grid (n, d, k), mean rows used, seconds in all, of which "
-          "stacking plans / steps / evaluation / bookkeeping (the members' callbacks, weights kept)")
+          "stacking plans / steps / evaluation / bookkeeping (the members' callbacks, weights kept); "
+          "within the steps: capturing the step (its warm-up step and any Triton compilation "
+          "included), and how many Triton kernels were compiled")
     tot: dict[str, float] = defaultdict(float)
     for i, r in enumerate(_EPOCHS, 1):
         steps = r.get("train", 0.0) - r.get("assemble", 0.0) - r.get("evaluate", 0.0)
@@ -164,10 +185,13 @@ def _print_epochs() -> None:
         tot["member_epochs"] += r["K"]
         print(f"  {i:4d} K={r['K']:5d} grid={r['grid']} rows {r['rows_used']:6.1f}/{r['grid'][0] * r['grid'][1]:4d} "
               f"bs={r['bs']} {'new ' if r['new_graph'] else '    '}{r['wall']:7.3f}s = "
-              f"{r.get('assemble', 0.0):6.3f} + {steps:6.3f} + {r.get('evaluate', 0.0):6.3f} + {book:6.3f}")
+              f"{r.get('assemble', 0.0):6.3f} + {steps:6.3f} + {r.get('evaluate', 0.0):6.3f} + {book:6.3f}"
+              + (f"   capture {r['capture']:.3f}s" if "capture" in r else "")
+              + (f", {r['compiles']} Triton kernel(s) compiled" if r.get("compiles") else ""))
+        tot["capture"] += r.get("capture", 0.0)
     n = max(1.0, tot["member_epochs"])
     print(f"# totals over {len(_EPOCHS)} population epochs, {int(n)} member-epochs:")
-    for k in ("wall", "assemble", "steps", "evaluate", "bookkeeping"):
+    for k in ("wall", "assemble", "steps", "capture", "evaluate", "bookkeeping"):
         print(f"  {k:<12} {tot[k]:8.1f}s  {1000 * tot[k] / n:7.3f} ms per member-epoch")
     b = _BETWEEN
     print(f"# between epochs: reading configs {b['take'] - b['build_member']:.2f}s (the worker's asks, "
@@ -213,8 +237,14 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="time every population epoch's parts (device synchronized around each: "
                          "slightly slower) and profile the kernels of one epoch")
+    ap.add_argument("--switch-interval", type=float,
+                    help="sys.setswitchinterval for the run (the default is Python's, 0.005 s)")
     ap.add_argument("--profile-epoch", type=int, default=5, help="which population epoch's kernels to profile")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        import sys
+
+        sys.setswitchinterval(args.switch_interval)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = studies.StudySpec(
         name=f"e2e-{int(time.time())}", model="dendritic_simple", dataset=args.dataset,

@@ -292,6 +292,16 @@ class _Dims:
         return sum(math.prod(s) for _, s in self.layout().values())
 
     @property
+    def stride(self) -> int:
+        """Length of a member's flat row: ``numel`` rounded up to a multiple of 16.
+
+        Triton specializes a kernel on whether each integer argument is divisible by 16; with
+        rows of any length, every stack of a new size compiled the fused Adam and head again
+        (~1 s each on the H200). The last ``stride - numel`` entries belong to no parameter.
+        """
+        return -(-self.numel // 16) * 16
+
+    @property
     def volume(self) -> int:
         """Per-member work of a step, roughly: flat parameters plus the dense dendrite matrix."""
         return self.numel + self.rows * self.in_dim
@@ -560,6 +570,7 @@ class _Stack:
         self.buf: torch.Tensor | None = None
         self.real: tuple[torch.Tensor, ...] = ()
         self._real_at: torch.Tensor | None = None  # the real connections among K * rows * k
+        self._real_row: torch.Tensor | None = None  # and their rows
         if dims.n and self.K:
             assert kmask is not None
             self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
@@ -575,6 +586,12 @@ class _Stack:
             and self.K and self.bio is None and _kernels.available(dev)
         )
         self.fast_adam = bool(self.K and _kernels.available(dev))
+        # each member's own part of the (neuron, dendrite, input) grid that starts its row: the
+        # fused Adam skips the rest (at K = 996 of the seed space, ~90% of a row is padding)
+        self.grid: tuple[torch.Tensor, int, int, int] | None = None
+        sizes = [(x.arch.n, x.arch.d, x.arch.k) for x in members]
+        if self.fast_adam and dims.n and self.layout["dw"][0] == 0 and set(sizes) != {(dims.n, dims.d, dims.k)}:
+            self.grid = (torch.tensor(sizes, dtype=torch.int32).to(dev), dims.n, dims.d, dims.k)
         self.offsets = {name: self.layout[name][0] for name in ("sw", "sb", "wo", "bo")
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
@@ -587,21 +604,31 @@ class _Stack:
     def _index(self) -> None:
         """Flat positions of the connections in the dense buffer: the real ones' in its
         ``(K, rows, in)`` layout (``real``) and every one's in the gradient's ``(K, in, rows)``
-        (``flat_t``; padding: the sink)."""
+        (``flat_t``; padding: the sink).
+
+        Made whole when the stack is made; after a resampling only the real connections'
+        entries are computed again, in place (a captured training step reads these very
+        tensors): padding stays padding, and the (K, rows, k) expressions over every padded
+        slot cost ~1 ms an event at K = 996 of the seed space.
+        """
         assert self.idx is not None and self.kmask is not None and self.buf is not None
         assert self._real_at is not None
         K, R, n_in = self.K, self.dims.rows, self.dims.in_dim
-        k = torch.arange(K, device=self.idx.device).view(K, 1, 1)
-        r = torch.arange(R, device=self.idx.device).view(1, R, 1)
-        real, sink = self.kmask > 0, K * R * n_in
-        at = ((k * R + r) * n_in + self.idx).view(-1).index_select(0, self._real_at)
-        flat_t = torch.where(real, (k * n_in + self.idx) * R + r, sink)  # (K, in, rows)
         if self.flat_t is None:
+            k = torch.arange(K, device=self.idx.device).view(K, 1, 1)
+            r = torch.arange(R, device=self.idx.device).view(1, R, 1)
+            real, sink = self.kmask > 0, K * R * n_in
+            at = ((k * R + r) * n_in + self.idx).view(-1).index_select(0, self._real_at)
+            self.flat_t = torch.where(real, (k * n_in + self.idx) * R + r, sink)  # (K, in, rows)
             cols = R * self.dims.k
-            self.real, self.flat_t = (at, self._real_at // cols, self._real_at % cols), flat_t
-        else:  # in place: a captured training step reads these very tensors
-            self.real[0].copy_(at)
-            self.flat_t.copy_(flat_t)
+            self.real = (at, self._real_at // cols, self._real_at % cols)
+            self._real_row = self.real[2] // self.dims.k
+            return
+        member, row = self.real[1], self._real_row
+        assert row is not None
+        inputs = self.idx.view(-1).index_select(0, self._real_at)
+        torch.add((member * R + row) * n_in, inputs, out=self.real[0])
+        self.flat_t.view(-1).index_copy_(0, self._real_at, (member * n_in + inputs) * R + row)
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -610,10 +637,11 @@ class _Stack:
         lowp: torch.dtype = torch.float32,
     ) -> _Stack:
         """Stack members' own tensors (on the CPU) into padded rows on ``device``."""
-        K, P = len(states), dims.numel
+        K, P = len(states), dims.stride
         layout = dims.layout()
         if K and all(_Dims.of([m.arch]) == dims for m in members):  # no padding: plain stacking
-            bufs = [torch.cat([torch.stack([d[name] for d in ds]).reshape(K, -1) for name in layout], 1)
+            bufs = [F.pad(torch.cat([torch.stack([d[name] for d in ds]).reshape(K, -1) for name in layout], 1),
+                          (0, P - dims.numel))
                     for ds in ([st.params for st in states], [st.exp_avg for st in states],
                                [st.exp_avg_sq for st in states])]
             idx = kmask = None
@@ -787,10 +815,10 @@ class _Stack:
         leaves = list(self.views.values())
         grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
         with torch.no_grad():
-            g = torch.cat([
+            g = F.pad(torch.cat([
                 (gr if gr is not None else torch.zeros_like(lf)).reshape(K, -1)
                 for gr, lf in zip(grads, leaves, strict=True)
-            ], dim=1)
+            ], dim=1), (0, self.p.shape[1] - self.dims.numel))
             if self.bio is not None:
                 self.bio.after_backward(g, self.p)
             self._adam(g)
@@ -833,6 +861,7 @@ class _Stack:
         gd[-1:].zero_()
         torch.bmm(xb.transpose(1, 2), gz.to(xb.dtype), out=gd[:-1].view(K, n_in, R))
         g = torch.empty_like(self.p)
+        g[:, dims.numel :].zero_()  # the row's tail past the parameters (see _Dims.stride)
         parts = {"dw": gd.take(self.flat_t), "db": gz.sum(1), "sw": gsw, "sb": gsb, "wo": gwo, "bo": gbo}
         for name, (off, shape) in self.layout.items():
             g[:, off : off + math.prod(shape)].view(K, *shape).copy_(parts[name])
@@ -850,7 +879,7 @@ class _Stack:
             try:
                 _kernels.adam_rows(self.p, self.m, self.v, g.contiguous(), step_size.view(-1),
                                    bc2_sqrt.view(-1), self.wd.view(-1) if self.any_wd else None,
-                                   _BETA1, _BETA2, _EPS)
+                                   _BETA1, _BETA2, _EPS, self.grid)
                 return
             except Exception as exc:  # a Triton that cannot build the kernel here: PyTorch's ops
                 if torch.cuda.is_current_stream_capturing() or isinstance(exc, torch.OutOfMemoryError):
@@ -885,8 +914,8 @@ class _Stack:
                 s = buf[r][..., :k]
                 s.scatter_(2, weakest, 0.0)
                 buf[r, :, :k] = s
-        if self.buf is not None:  # connections moved: the old positions must read zero
-            self.buf.zero_()
+        if self.buf is not None:  # connections moved: their old positions must read zero
+            self.buf.index_fill_(0, self.real[0], 0)  # the real ones are all it holds
             self._index()
 
     @torch.no_grad()

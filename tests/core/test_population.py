@@ -148,6 +148,7 @@ def test_padding_holds_zeros_and_receives_no_gradient(data: core.Dataset) -> Non
         loss = F.cross_entropy(out.reshape(-1, 10), data.y_train[:16].repeat(stack.K))
         grads = torch.autograd.grad(loss, list(stack.views.values()))
         flat = torch.cat([g.reshape(stack.K, -1) for g in grads], dim=1)
+        flat = F.pad(flat, (0, stack.p.shape[1] - flat.shape[1]))  # a row's tail: _Dims.stride
         assert torch.count_nonzero(flat[pad]) == 0
         assert torch.count_nonzero(flat[~pad]) > 0
         checked.append(index)
@@ -296,3 +297,36 @@ def test_members_match_train_model_on_cuda(data: core.Dataset) -> None:
         got.state_dict = {k: v.cpu() for k, v in got.state_dict.items()}  # type: ignore[attr-defined]
         want.state_dict = {k: v.cpu() for k, v in want.state_dict.items()}  # type: ignore[attr-defined]
         _assert_same(got, want, data)
+
+
+def test_after_resampling_the_dense_matrix_and_gradient_positions_are_those_made_from_scratch(
+    data: core.Dataset,
+) -> None:
+    configs = [dict(n_neurons=2, n_dendrites=3, n_dendrite_inputs=6, steps_to_resample=2,
+                    percentage_resample=0.5, seed=5),
+               dict(n_neurons=4, n_dendrites=2, n_dendrite_inputs=9, steps_to_resample=3, seed=6)]
+    checked = []
+    pop: _Population
+
+    def inspect(index: int, epoch: int, metrics: dict[str, Any]) -> None:
+        stack = pop.stack
+        assert stack is not None and stack.idx is not None and stack.kmask is not None
+        K, R, n_in = stack.K, stack.dims.rows, stack.dims.in_dim
+        real = stack.kmask > 0
+        k = torch.arange(K).view(K, 1, 1).expand_as(stack.idx)
+        r = torch.arange(R).view(1, R, 1).expand_as(stack.idx)
+        dense = torch.zeros(K, R, n_in, dtype=stack.buf.dtype)  # type: ignore[union-attr]
+        dense[k[real], r[real], stack.idx[real]] = stack.plain["dw"][real].to(dense.dtype)
+        assert torch.equal(stack._dense(), dense)  # nothing left at a connection's old input
+        sink = K * R * n_in
+        assert torch.equal(stack.flat_t, torch.where(real, (k * n_in + stack.idx) * R + r, sink))
+        checked.append(index)
+
+    pop = _Population("dendritic_simple", configs, data, EPOCHS, BATCH, torch.device("cpu"),
+                      0, 2, inspect, None)
+    results = pop.run()
+    assert len(checked) == 2 * EPOCHS
+    assert all(r.status == "completed" for r in results)
+    first = core.create_model("dendritic_simple", seed=5, in_dim=data.in_dim, n_classes=data.n_classes,
+                              **{k: v for k, v in configs[0].items() if k != "seed"})
+    assert not torch.equal(results[0].state_dict["0.indices"], first.state_dict()["0.indices"])  # it resampled

@@ -174,6 +174,25 @@ for wd in (None, torch.tensor([0.0, 1e-2, 0.5])):
     _kernels.adam_rows(p, m, v, g, step_size, bc2, wd, _BETA1, _BETA2, _EPS)
     for got, w in zip((p, m, v), want, strict=True):
         torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+# a grid of (3, 4, 5) slots starting each row: each member updates its own (n, d, k) corner only
+N, D, KP = 3, 4, 5
+own = torch.tensor([[3, 4, 5], [1, 2, 3], [0, 0, 0]], dtype=torch.int32)
+mine = torch.zeros(K, P, dtype=torch.bool)
+mine[:, N * D * KP:] = True
+for i, (n, d, k) in enumerate(own.tolist()):
+    mine[i, : N * D * KP].view(N, D, KP)[:n, :d, :k] = True
+p, m, g = torch.randn(K, P), torch.randn(K, P) * 0.1, torch.randn(K, P)
+v = torch.rand(K, P) * 0.01
+before = [t.clone() for t in (p, m, v)]
+want = [t.clone() for t in (p, m, v)]
+want[1].lerp_(g, 1 - _BETA1)
+want[2].mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
+want[0].sub_((want[1] / (want[2].sqrt() / bc2.unsqueeze(1)).add_(_EPS)).mul_(step_size.unsqueeze(1)))
+_kernels.adam_rows(p, m, v, g, step_size, bc2, None, _BETA1, _BETA2, _EPS, (own, N, D, KP))
+for got, w, b in zip((p, m, v), want, before, strict=True):
+    torch.testing.assert_close(got[mine], w[mine], rtol=1e-6, atol=1e-7)
+    assert torch.equal(got[~mine], b[~mine])  # the padded slots: neither read nor written
+assert (~mine).sum() == K * N * D * KP - (60 + 6 + 0)
 print("same")
 """
 
@@ -233,3 +252,61 @@ def test_the_fused_heads_block_doubles_only_where_its_class_products_stay_small(
     assert _kernels._block(16, 8, 16) == 64  # 12 x 6: capped at 64 examples
     assert _kernels._block(32, 16, 128) == 8  # 100 classes: the 4,096 rule's block, as before
     assert _kernels._block(64, 64, 16) == 2
+
+
+def test_a_members_flat_row_is_a_multiple_of_16_long_and_its_tail_stays_zero(data: core.Dataset) -> None:
+    seen = []
+    for k in (8, 9, 13, 31):  # rows of any length
+        dims = _population._Dims.of([_population._parse(core.create_model(
+            "dendritic_simple", seed=0, in_dim=data.in_dim, n_classes=data.n_classes, n_neurons=3,
+            n_dendrites=2, n_dendrite_inputs=k), "dendritic_simple")[0]])
+        assert dims.stride % 16 == 0 and 0 <= dims.stride - dims.numel < 16
+        seen.append(dims.numel % 16)
+    assert len(set(seen)) > 1  # the lengths themselves differ in their divisibility
+    pop = _population._Population("dendritic_simple", [dict(n_neurons=3, n_dendrites=2, n_dendrite_inputs=9,
+                                                            lr=1e-2, weight_decay=1e-2, seed=3)],
+                                  data, 2, BATCH, torch.device("cpu"), 0, 1, None, None)
+    tails = []
+    pop._epoch = _keep_tail(pop, tails)  # type: ignore[method-assign]
+    pop.run()
+    assert tails and all(t == 0 for t in tails)
+
+
+def _keep_tail(pop: Any, tails: list[int]) -> Any:
+    epoch = pop._epoch
+
+    def wrapped(stack: Any) -> Any:
+        out = epoch(stack)
+        for buf in (stack.p, stack.m, stack.v):
+            assert buf.shape[1] == stack.dims.stride
+            tails.append(int(torch.count_nonzero(buf[:, stack.dims.numel :])))
+        return out
+
+    return wrapped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stacks_of_other_sizes_reuse_the_fused_kernels_compiled_for_the_first(data: core.Dataset) -> None:
+    tri = _kernels._triton()
+    assert tri is not None
+    compiled: list[str] = []
+    originals = []
+    for kernel in tri[1:]:
+        originals.append((kernel, kernel.compile))
+
+        def counting(*args: Any, _fn: Any = kernel.compile, _name: str = kernel.__name__, **kw: Any) -> Any:
+            compiled.append(_name)
+            return _fn(*args, **kw)
+
+        kernel.compile = counting
+    try:
+        train_population("dendritic_simple", [dict(n_neurons=5, n_dendrites=3, n_dendrite_inputs=16, seed=0)],
+                         data, 1, BATCH, device="cuda")
+        first = len(compiled)
+        for k in (17, 23, 40):  # other row lengths on the same (neurons, dendrites) grid
+            train_population("dendritic_simple", [dict(n_neurons=5, n_dendrites=3, n_dendrite_inputs=k, seed=0)],
+                             data, 1, BATCH, device="cuda")
+        assert len(compiled) == first, compiled
+    finally:
+        for kernel, fn in originals:
+            kernel.compile = fn

@@ -951,3 +951,14 @@ def test_tpe_tail_mass_equals_optunas() -> None:
     np.testing.assert_allclose(_tpe_math.log_ndtr(a), _truncnorm._log_ndtr(a), rtol=1e-14, atol=0)
     np.testing.assert_allclose(_tpe_math.log_gauss_mass(a, b), _truncnorm._log_gauss_mass(a, b),
                                rtol=1e-13, atol=1e-300)
+
+
+def test_a_sqlite_store_is_in_wal_mode_with_foreign_keys_and_every_commit_reaches_the_disk(tmp_path: Path) -> None:
+    storage = studies.open_storage(f"sqlite:///{tmp_path / 'pragmas.db'}")
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    with storage.engine.connect() as con:
+        assert con.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert con.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        # FULL: a commit waits for the disk (~0.2 ms on the H200 host); NORMAL would lose the
+        # last commits to a power cut
+        assert con.exec_driver_sql("PRAGMA synchronous").scalar() == 2
