@@ -114,25 +114,14 @@ def _triton() -> Any:
         gp = gz_ptr + m.to(tl.int64) * B * R + b3 * R + i3 * DD + j3
         tl.store(gp, dz, mask=m3)
 
-    @triton.jit(do_not_specialize=["grid_len", "KP", "DD"])
+    @triton.jit
     def adam_kernel(
         p_ptr, m_ptr, v_ptr, g_ptr, step_ptr, bc2_ptr, wd_ptr, P,
-        w1, beta2, w2, eps, own_ptr, grid_len, KP, DD,
-        HAS_WD: tl.constexpr, HAS_GRID: tl.constexpr, BLOCK: tl.constexpr,
+        w1, beta2, w2, eps, HAS_WD: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < P
-        if HAS_GRID:
-            # the row's first grid_len entries are (neuron, dendrite, input) slots of a padded
-            # grid (., DD, KP); the member's own are those below its (n, d, k): the rest is
-            # padding, never read or written (it stays zero)
-            n_own = tl.load(own_ptr + 3 * row)
-            d_own = tl.load(own_ptr + 3 * row + 1)
-            k_own = tl.load(own_ptr + 3 * row + 2)
-            slot = offs // KP
-            own = ((offs % KP) < k_own) & ((slot % DD) < d_own) & ((slot // DD) < n_own)
-            mask = mask & ((offs >= grid_len) | own)
         base = row.to(tl.int64) * P
         p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + base + offs, mask=mask, other=0.0)
@@ -237,7 +226,6 @@ def soma_head(
 def adam_rows(
     p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, step_size: torch.Tensor,
     bc2_sqrt: torch.Tensor, wd: torch.Tensor | None, beta1: float, beta2: float, eps: float,
-    grid: tuple[torch.Tensor, int, int, int] | None = None,
 ) -> None:
     """One Adam step of every row of ``p`` (K, P) in place, with moments ``m`` and ``v``.
 
@@ -247,21 +235,15 @@ def adam_rows(
     p -= m / (sqrt(v) / bc2_sqrt + eps) * step_size``, the operations ``torch.optim.Adam``
     does, in its order, with correctly rounded square roots and divisions; a multiply-add may be
     fused into one FMA, so a result can differ from the element-wise ops in its last bit.
-    Every tensor is contiguous and float32.
-
-    ``grid = (own, N, D, k)``: each row starts with a padded ``(N, D, k)`` grid of slots (the
-    dendrites' connection weights) of which a member owns those below its own sizes, ``own``
-    (K, 3) int32 holding each row's ``(n, d, k)``. The other slots of the grid are skipped:
-    neither read nor written. In a population of mixed sizes they are most of the row.
+    Every tensor is contiguous and float32; rows of a length divisible by 16 keep Triton to
+    one compilation for all of them.
     """
     tri = _triton()
     assert tri is not None
     kernel = tri[2]
     K, P = p.shape
     block = 1024
-    own, nn_, dd, kp = grid if grid is not None else (step_size, 0, 1, 1)
     kernel[(K, -(-P // block))](
         p, m, v, g, step_size, bc2_sqrt, wd if wd is not None else step_size, P,
-        1.0 - beta1, beta2, 1.0 - beta2, eps, own, nn_ * dd * kp, kp, dd,
-        HAS_WD=wd is not None, HAS_GRID=grid is not None, BLOCK=block, num_warps=4,
+        1.0 - beta1, beta2, 1.0 - beta2, eps, HAS_WD=wd is not None, BLOCK=block, num_warps=4,
     )

@@ -296,8 +296,9 @@ class _Dims:
         """Length of a member's flat row: ``numel`` rounded up to a multiple of 16.
 
         Triton specializes a kernel on whether each integer argument is divisible by 16; with
-        rows of any length, every stack of a new size compiled the fused Adam and head again
-        (~1 s each on the H200). The last ``stride - numel`` entries belong to no parameter.
+        rows of any length, every stack of a new size compiled the fused Adam and head again (a
+        new cohort's first epoch of the 2,000-trial study took ~2.5 s longer on the H200). The
+        last ``stride - numel`` entries belong to no parameter.
         """
         return -(-self.numel // 16) * 16
 
@@ -586,12 +587,6 @@ class _Stack:
             and self.K and self.bio is None and _kernels.available(dev)
         )
         self.fast_adam = bool(self.K and _kernels.available(dev))
-        # each member's own part of the (neuron, dendrite, input) grid that starts its row: the
-        # fused Adam skips the rest (at K = 996 of the seed space, ~90% of a row is padding)
-        self.grid: tuple[torch.Tensor, int, int, int] | None = None
-        sizes = [(x.arch.n, x.arch.d, x.arch.k) for x in members]
-        if self.fast_adam and dims.n and self.layout["dw"][0] == 0 and set(sizes) != {(dims.n, dims.d, dims.k)}:
-            self.grid = (torch.tensor(sizes, dtype=torch.int32).to(dev), dims.n, dims.d, dims.k)
         self.offsets = {name: self.layout[name][0] for name in ("sw", "sb", "wo", "bo")
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
@@ -879,7 +874,7 @@ class _Stack:
             try:
                 _kernels.adam_rows(self.p, self.m, self.v, g.contiguous(), step_size.view(-1),
                                    bc2_sqrt.view(-1), self.wd.view(-1) if self.any_wd else None,
-                                   _BETA1, _BETA2, _EPS, self.grid)
+                                   _BETA1, _BETA2, _EPS)
                 return
             except Exception as exc:  # a Triton that cannot build the kernel here: PyTorch's ops
                 if torch.cuda.is_current_stream_capturing() or isinstance(exc, torch.OutOfMemoryError):
