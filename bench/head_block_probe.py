@@ -55,7 +55,7 @@ def main() -> None:
     for warps in (4, 8):
         for BB in (4, 8, 16, 32, 64):
             n_blocks = -(-B // BB)
-            part_stride = NP * DP + NP + CP * NP + CP
+            part_stride = NP * DP + NP + CP * NP + CP + NP * DP  # sw, sb, wo, bo, db
             gz = torch.empty_like(z)
             part = torch.empty(K, n_blocks, part_stride, device=dev)
             loss = torch.empty(K, n_blocks, device=dev)
@@ -63,8 +63,9 @@ def main() -> None:
 
             launch = functools.partial(
                 kernel[(K, n_blocks)], z, p, p, p, p, y, eps, gz, part, loss, correct,
-                B, n, d, C, p.stride(0), offs["sw"], offs["sb"], offs["wo"], offs["bo"],
-                n_blocks, part_stride, 1.0 / B, BB=BB, NP=NP, DP=DP, CP=CP, num_warps=warps)
+                B, n, d, C, p.stride(0), 0, offs["sw"], offs["sb"], offs["wo"], offs["bo"],
+                n_blocks, part_stride, 1.0 / B, BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=False,
+                GZ_BF16=False, num_warps=warps)
             run = functools.partial(_launch_and_sum, launch, part)
 
             try:

@@ -43,13 +43,14 @@ def _triton() -> Any:
     # Triton compiles a kernel anew for each pattern of "integer argument divisible by 16";
     # the grid's sizes and the parameters' offsets change with every stack shape, so they are
     # left unspecialized (the row stride is always a multiple of 16: _Dims.stride)
-    @triton.jit(do_not_specialize=["B", "NN", "DD", "sw_off", "sb_off", "wo_off", "bo_off"])
+    @triton.jit(do_not_specialize=["B", "NN", "DD", "db_off", "sw_off", "sb_off", "wo_off", "bo_off"])
     def head_kernel(
         z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr, eps_ptr,
         gz_ptr, part_ptr, loss_ptr, correct_ptr,
-        B, NN, DD, C, p_stride, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
+        B, NN, DD, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
         inv_b,
         BB: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr,
+        ADD_DB: tl.constexpr, GZ_BF16: tl.constexpr,
     ):
         m = tl.program_id(0)
         blk = tl.program_id(1)
@@ -67,11 +68,14 @@ def _triton() -> Any:
         j3 = j[None, None, :]
         m3 = (b3 < B) & (i3 < NN) & (j3 < DD)
         zp = z_ptr + m.to(tl.int64) * B * R + b3 * R + i3 * DD + j3
-        z = tl.load(zp, mask=m3, other=0.0)
-        h = tl.where(z > 0, z, z * 0.1)
+        z = tl.load(zp, mask=m3, other=0.0).to(tl.float32)
         pm = p_stride * m.to(tl.int64)
-        sw = tl.load(sw_ptr + pm + sw_off + i[:, None] * DD + j[None, :],
-                     mask=mi[:, None] & mj[None, :], other=0.0)
+        mij = mi[:, None] & mj[None, :]
+        if ADD_DB:  # z is the product alone (in its own dtype): the dendrites' bias, in float32
+            db = tl.load(sw_ptr + pm + db_off + i[:, None] * DD + j[None, :], mask=mij, other=0.0)
+            z = z + db[None, :, :]
+        h = tl.where(z > 0, z, z * 0.1)
+        sw = tl.load(sw_ptr + pm + sw_off + i[:, None] * DD + j[None, :], mask=mij, other=0.0)
         sb = tl.load(sb_ptr + pm + sb_off + i, mask=mi, other=0.0)
         s_pre = tl.sum(h * sw[None, :, :], axis=2) + sb[None, :]
         s = tl.where(s_pre > 0, s_pre, s_pre * 0.1)
@@ -111,8 +115,12 @@ def _triton() -> Any:
         tl.store(part + NP * DP + NP + CP * NP + c, g_bo)
         dh = ds[:, :, None] * sw[None, :, :]
         dz = tl.where(z > 0, dh, dh * 0.1)
+        tl.store(part + NP * DP + NP + CP * NP + CP + i[:, None] * DP + j[None, :], tl.sum(dz, axis=0))
         gp = gz_ptr + m.to(tl.int64) * B * R + b3 * R + i3 * DD + j3
-        tl.store(gp, dz, mask=m3)
+        if GZ_BF16:  # rounded to nearest even, as Tensor.to rounds
+            tl.store(gp, dz.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=m3)
+        else:
+            tl.store(gp, dz, mask=m3)
 
     @triton.jit
     def adam_kernel(
@@ -181,7 +189,8 @@ def _block(NP: int, DP: int, CP: int) -> int:
 
 def soma_head(
     z: torch.Tensor, p: torch.Tensor, offsets: dict[str, int], n: int, d: int, y: torch.Tensor,
-    smoothing: torch.Tensor | None = None,
+    smoothing: torch.Tensor | None = None, add_bias: bool = False,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Loss, correct counts and gradients of ``LeakyReLU -> soma -> LeakyReLU -> Linear -> CE``.
 
@@ -190,10 +199,17 @@ def soma_head(
     (C) are read from each member's flat parameter row ``p`` (K, P) at ``offsets``
     (``sw``, ``sb``, ``wo``, ``bo``; the readout's shape from ``offsets["C"]``). ``y`` (K, B)
     holds the labels. Returns ``(mean loss (K,), correct (K,), dL/dz (K, B, n*d), dL/dsw
-    (K, n, d), dL/dsb (K, n), dL/dwo (K, C, n), dL/dbo (K, C))`` for the loss
-    ``sum over members of the batch-mean cross-entropy``. ``smoothing`` (K,) float32, if
-    given, is each member's label smoothing (``F.cross_entropy(label_smoothing=...)``); the
-    loss and every gradient are then those of the smoothed cross-entropy.
+    (K, n, d), dL/dsb (K, n), dL/dwo (K, C, n), dL/dbo (K, C), dL/ddb (K, n*d))`` for the loss
+    ``sum over members of the batch-mean cross-entropy``, ``db`` being the dendrites' bias
+    (the batch sum of dL/dz). ``smoothing`` (K,) float32, if given, is each member's label
+    smoothing (``F.cross_entropy(label_smoothing=...)``); the loss and every gradient are then
+    those of the smoothed cross-entropy.
+
+    ``add_bias``: ``z`` is the product without the bias, which is read at ``offsets["db"]``
+    and added in float32 (``z`` may then be bfloat16: it is widened first, as
+    ``z.float() + db`` does, without that pass over memory). ``grad_dtype``: the dtype
+    dL/dz is written in (default ``z``'s; bfloat16 for the low-precision weight gradient,
+    rounded as ``Tensor.to`` rounds), the other gradients being summed from its float32 values.
     """
     tri = _triton()
     assert tri is not None
@@ -203,24 +219,26 @@ def soma_head(
     NP, DP, CP = _pow2(n), _pow2(d), max(16, _pow2(C))
     BB = _block(NP, DP, CP)
     n_blocks = -(-B // BB)
-    part_stride = NP * DP + NP + CP * NP + CP
-    gz = torch.empty_like(z)
+    tail = NP * DP + NP + CP * NP + CP  # sw, sb, wo, bo; then db
+    part_stride = tail + NP * DP
+    gz = torch.empty_like(z, dtype=grad_dtype or z.dtype)
     part = torch.empty(K, n_blocks, part_stride, device=z.device, dtype=torch.float32)
     loss = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
     correct = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
     eps = smoothing if smoothing is not None else torch.zeros(K, device=z.device)
     kernel[(K, n_blocks)](
         z, p, p, p, p, y, eps, gz, part, loss, correct,
-        B, n, d, C, p.stride(0), offsets["sw"], offsets["sb"], offsets["wo"], offsets["bo"],
-        n_blocks, part_stride, 1.0 / B,
-        BB=BB, NP=NP, DP=DP, CP=CP, num_warps=4,
+        B, n, d, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
+        offsets["wo"], offsets["bo"], n_blocks, part_stride, 1.0 / B,
+        BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16, num_warps=4,
     )
     tot = part.sum(1)
     g_sw = tot[:, : NP * DP].view(K, NP, DP)[:, :n, :d]
     g_sb = tot[:, NP * DP : NP * DP + n]
     g_wo = tot[:, NP * DP + NP : NP * DP + NP + CP * NP].view(K, CP, NP)[:, :C, :n]
     g_bo = tot[:, NP * DP + NP + CP * NP : NP * DP + NP + CP * NP + C]
-    return loss.sum(1) / B, correct.sum(1), gz, g_sw, g_sb, g_wo, g_bo
+    g_db = tot[:, tail:].view(K, NP, DP)[:, :n, :d].reshape(K, n * d)
+    return loss.sum(1) / B, correct.sum(1), gz, g_sw, g_sb, g_wo, g_bo, g_db
 
 
 def adam_rows(

@@ -587,7 +587,7 @@ class _Stack:
             and self.K and self.bio is None and _kernels.available(dev)
         )
         self.fast_adam = bool(self.K and _kernels.available(dev))
-        self.offsets = {name: self.layout[name][0] for name in ("sw", "sb", "wo", "bo")
+        self.offsets = {name: self.layout[name][0] for name in ("db", "sw", "sb", "wo", "bo")
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
 
@@ -835,14 +835,15 @@ class _Stack:
         dims, K = self.dims, self.K
         assert self.flat_t is not None
         dense = self._dense()
-        db = self.plain["db"]
-        if dense.dtype == torch.float32:
-            z = torch.baddbmm(db.unsqueeze(1), xb, dense.transpose(1, 2))
+        lowp = dense.dtype != torch.float32
+        if lowp:  # the head adds the bias to the product in float32, as .float().add_(db) did
+            z = torch.bmm(xb, dense.transpose(1, 2))
         else:
-            z = torch.bmm(xb, dense.transpose(1, 2)).float().add_(db.unsqueeze(1))
+            z = torch.baddbmm(self.plain["db"].unsqueeze(1), xb, dense.transpose(1, 2))
         try:
-            loss, correct, gz, gsw, gsb, gwo, gbo = _kernels.soma_head(
-                z, self.p, self.offsets, dims.n, dims.d, yb, self.smooth)
+            loss, correct, gz, gsw, gsb, gwo, gbo, gdb = _kernels.soma_head(
+                z, self.p, self.offsets, dims.n, dims.d, yb, self.smooth, add_bias=lowp,
+                grad_dtype=xb.dtype)
         except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
             if (z.is_cuda and torch.cuda.is_current_stream_capturing()) or isinstance(exc, torch.OutOfMemoryError):
                 raise  # out of memory: the population halves (Triton stays on)
@@ -854,10 +855,10 @@ class _Stack:
         R, n_in = dims.rows, dims.in_dim
         gd = gz.new_empty(K * n_in * R + 1, dtype=xb.dtype)
         gd[-1:].zero_()
-        torch.bmm(xb.transpose(1, 2), gz.to(xb.dtype), out=gd[:-1].view(K, n_in, R))
+        torch.bmm(xb.transpose(1, 2), gz, out=gd[:-1].view(K, n_in, R))
         g = torch.empty_like(self.p)
         g[:, dims.numel :].zero_()  # the row's tail past the parameters (see _Dims.stride)
-        parts = {"dw": gd.take(self.flat_t), "db": gz.sum(1), "sw": gsw, "sb": gsb, "wo": gwo, "bo": gbo}
+        parts = {"dw": gd.take(self.flat_t), "db": gdb, "sw": gsw, "sb": gsb, "wo": gwo, "bo": gbo}
         for name, (off, shape) in self.layout.items():
             g[:, off : off + math.prod(shape)].view(K, *shape).copy_(parts[name])
         self._adam(g)

@@ -122,17 +122,35 @@ h = F.leaky_relu(zz, 0.1).view(K, B, n, d)
 s = F.leaky_relu((h * sw.unsqueeze(1)).sum(-1) + sb.unsqueeze(1), 0.1)
 out = torch.baddbmm(bo.unsqueeze(1), s, wo.transpose(1, 2))
 ce = F.cross_entropy(out.reshape(-1, C), y.reshape(-1), reduction="none").view(K, B).mean(1)
-want = [ce, (out.argmax(2) == y).sum(1).float(),
-        *torch.autograd.grad(ce.sum(), [zz, sw, sb, wo, bo], retain_graph=True)]
+grads = torch.autograd.grad(ce.sum(), [zz, sw, sb, wo, bo], retain_graph=True)
+want = [ce, (out.argmax(2) == y).sum(1).float(), *grads, grads[0].sum(1)]  # db: dL/dz summed over the batch
 for g, w in zip(got, want, strict=True):
     torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 # per-member label smoothing: each member's loss is cross_entropy(label_smoothing=its own)
 eps = torch.tensor([0.0, 0.25])
 got = _kernels.soma_head(z, p, offs, n, d, y, eps)
 ce = torch.stack([F.cross_entropy(out[k], y[k], label_smoothing=float(eps[k])) for k in range(K)])
-want = [ce, (out.argmax(2) == y).sum(1).float(), *torch.autograd.grad(ce.sum(), [zz, sw, sb, wo, bo])]
+grads = torch.autograd.grad(ce.sum(), [zz, sw, sb, wo, bo], retain_graph=True)
+want = [ce, (out.argmax(2) == y).sum(1).float(), *grads, grads[0].sum(1)]
 for g, w in zip(got, want, strict=True):
     torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+# bfloat16: the product without its bias, which the head adds in float32 (as z.float() + db);
+# dL/dz written in bfloat16, rounded as Tensor.to rounds
+offs["db"] = 0
+zb = (z - p[:, :n * d].unsqueeze(1)).to(torch.bfloat16)
+got = _kernels.soma_head(zb, p, offs, n, d, y, add_bias=True, grad_dtype=torch.bfloat16)
+zz = (zb.float() + p[:, :n * d].unsqueeze(1)).requires_grad_(True)
+h = F.leaky_relu(zz, 0.1).view(K, B, n, d)
+s = F.leaky_relu((h * sw.unsqueeze(1)).sum(-1) + sb.unsqueeze(1), 0.1)
+out = torch.baddbmm(bo.unsqueeze(1), s, wo.transpose(1, 2))
+ce = F.cross_entropy(out.reshape(-1, C), y.reshape(-1), reduction="none").view(K, B).mean(1)
+grads = torch.autograd.grad(ce.sum(), [zz, sw, sb, wo, bo])
+want = [ce, (out.argmax(2) == y).sum(1).float(), grads[0], *grads[1:], grads[0].sum(1)]
+assert got[2].dtype == torch.bfloat16
+for i, (g, w) in enumerate(zip(got, want, strict=True)):
+    # the interpreter rounds float32 to bfloat16 toward zero (the GPU to nearest even, which
+    # test_the_bf16_head_adds_the_bias_and_rounds_its_gradient_as_the_float32_head_on_cuda checks)
+    torch.testing.assert_close(g.float(), w, rtol=1 / 128 if i == 2 else 1e-5, atol=1e-6)
 print("same")
 """
 
@@ -291,3 +309,19 @@ def test_stacks_of_other_sizes_reuse_the_fused_kernels_compiled_for_the_first(da
     finally:
         for kernel, fn in originals:
             kernel.compile = fn
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton head runs on CUDA only")
+def test_the_bf16_head_adds_the_bias_and_rounds_its_gradient_as_the_float32_head_on_cuda() -> None:
+    torch.manual_seed(0)
+    K, B, n, d, C = 3, 200, 7, 5, 10
+    offs = {"db": 0, "sw": n * d, "sb": 2 * n * d, "wo": 2 * n * d + n, "bo": 2 * n * d + n + C * n, "C": C}
+    p = torch.randn(K, offs["bo"] + C, device="cuda")
+    zb = torch.randn(K, B, n * d, device="cuda").to(torch.bfloat16)
+    y = torch.randint(0, C, (K, B), device="cuda")
+    plain = _kernels.soma_head(zb.float() + p[:, : n * d].unsqueeze(1), p, offs, n, d, y)
+    fused = _kernels.soma_head(zb, p, offs, n, d, y, add_bias=True, grad_dtype=torch.bfloat16)
+    assert fused[2].dtype == torch.bfloat16
+    assert torch.equal(fused[2], plain[2].to(torch.bfloat16))  # rounded to nearest even
+    for a, b in zip(fused[:2] + fused[3:], plain[:2] + plain[3:], strict=True):
+        assert torch.equal(a, b)
