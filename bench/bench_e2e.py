@@ -269,9 +269,11 @@ def main() -> None:
     t0 = time.perf_counter()
     worker.run()
     wall = time.perf_counter() - t0 - 1.0  # the idle wait before exiting
+    # the run's own sampler and storage time: the reads below (the report's) come after it
+    totals = dict(_TOTALS)
     study, _ = studies.load_study(spec.name, args.storage)
     c = studies.progress(study)
-    rest = wall - _TOTALS["sampler"] - _TOTALS["storage"]
+    rest = wall - totals["sampler"] - totals["storage"]
     epochs = sum(t.user_attrs.get("epochs_run", 0) for t in study.get_trials(deepcopy=False))
     if args.profile:
         _print_epochs()
@@ -280,7 +282,7 @@ def main() -> None:
     print(f"progress: {c}")
     print(f"wall {wall:.1f}s for {c['finished']} finished trials ({c['infeasible']} infeasible asks), "
           f"{epochs} model-epochs -> {epochs / wall:.0f} model-epochs/s")
-    for k, v in (("sampler", _TOTALS["sampler"]), ("storage", _TOTALS["storage"]),
+    for k, v in (("sampler", totals["sampler"]), ("storage", totals["storage"]),
                  ("training + population bookkeeping", rest)):
         print(f"  {k:<36} {v:8.1f}s  {100 * v / wall:5.1f}%  {1000 * v / max(1, c['total']):7.1f} ms/trial")
     if _TRAINER["calls"]:
