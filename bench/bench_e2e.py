@@ -270,7 +270,7 @@ def main() -> None:
     worker.run()
     wall = time.perf_counter() - t0 - 1.0  # the idle wait before exiting
     # the run's own sampler and storage time: the reads below (the report's) come after it
-    totals = dict(_TOTALS)
+    totals = defaultdict(float, _TOTALS)
     study, _ = studies.load_study(spec.name, args.storage)
     c = studies.progress(study)
     rest = wall - totals["sampler"] - totals["storage"]

@@ -40,10 +40,12 @@ def _triton() -> Any:
     except ImportError:  # pragma: no cover - depends on the machine
         return None
 
-    # Triton compiles a kernel anew for each pattern of "integer argument divisible by 16";
-    # the grid's sizes and the parameters' offsets change with every stack shape, so they are
-    # left unspecialized (the row stride is always a multiple of 16: _Dims.stride)
-    @triton.jit(do_not_specialize=["B", "NN", "DD", "db_off", "sw_off", "sb_off", "wo_off", "bo_off"])
+    # Triton compiles a kernel anew for each pattern of "integer argument divisible by 16" (or
+    # equal to 1); the grid's sizes and the parameters' offsets change with every stack shape,
+    # and the batch and its block count with an epoch's last, partial batch, so they are left
+    # unspecialized (the row stride is always a multiple of 16: _Dims.stride)
+    @triton.jit(do_not_specialize=["B", "NN", "DD", "db_off", "sw_off", "sb_off", "wo_off", "bo_off",
+                                   "n_blocks"])
     def head_kernel(
         z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr, eps_ptr,
         gz_ptr, part_ptr, loss_ptr, correct_ptr,
