@@ -515,6 +515,20 @@ class _DendriteMatmul(torch.autograd.Function):
         return None, gd.take(flat_t).float(), gz.sum(1), None, None, None
 
 
+def _without_triton(exc: Exception, kernel: str) -> None:
+    """After a fused Triton kernel failed: re-raise what must not be hidden, else switch the
+    kernels off for the process (the caller then takes its PyTorch path).
+
+    Re-raised: a failure inside a CUDA graph capture, and running out of memory, which the
+    population answers by halving (Triton stays on).
+    """
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if capturing or isinstance(exc, torch.OutOfMemoryError):
+        raise exc
+    logger.warning("train_population: fused Triton %s unavailable (%s); using PyTorch", kernel, exc)
+    _kernels.disable()
+
+
 def _put(buf: torch.Tensor, w: torch.Tensor, real: tuple[torch.Tensor, ...]) -> None:
     """Write the real connections' weights ``w`` (K, rows, k) into the dense buffer ``buf``.
 
@@ -601,24 +615,19 @@ class _Stack:
         ``(K, rows, in)`` layout (``real``) and every one's in the gradient's ``(K, in, rows)``
         (``flat_t``; padding: the sink).
 
-        Made whole when the stack is made; after a resampling only the real connections'
-        entries are computed again, in place (a captured training step reads these very
-        tensors): padding stays padding, and the (K, rows, k) expressions over every padded
-        slot cost ~1 ms an event at K = 996 of the seed space.
+        Made with the stack, where every padded slot points at the sink for good; after a
+        resampling only the real connections' entries are computed again, in place (a
+        captured training step reads these very tensors): the (K, rows, k) expressions over
+        every padded slot cost ~1 ms an event at K = 996 of the seed space.
         """
-        assert self.idx is not None and self.kmask is not None and self.buf is not None
-        assert self._real_at is not None
+        assert self.idx is not None and self.buf is not None and self._real_at is not None
         K, R, n_in = self.K, self.dims.rows, self.dims.in_dim
         if self.flat_t is None:
-            k = torch.arange(K, device=self.idx.device).view(K, 1, 1)
-            r = torch.arange(R, device=self.idx.device).view(1, R, 1)
-            real, sink = self.kmask > 0, K * R * n_in
-            at = ((k * R + r) * n_in + self.idx).view(-1).index_select(0, self._real_at)
-            self.flat_t = torch.where(real, (k * n_in + self.idx) * R + r, sink)  # (K, in, rows)
             cols = R * self.dims.k
-            self.real = (at, self._real_at // cols, self._real_at % cols)
-            self._real_row = self.real[2] // self.dims.k
-            return
+            member, col = self._real_at // cols, self._real_at % cols
+            self.real = (torch.empty_like(self._real_at), member, col)
+            self._real_row = col // self.dims.k
+            self.flat_t = torch.full_like(self.idx, K * R * n_in)
         member, row = self.real[1], self._real_row
         assert row is not None
         inputs = self.idx.view(-1).index_select(0, self._real_at)
@@ -845,10 +854,7 @@ class _Stack:
                 z, self.p, self.offsets, dims.n, dims.d, yb, self.smooth, add_bias=lowp,
                 grad_dtype=xb.dtype)
         except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
-            if (z.is_cuda and torch.cuda.is_current_stream_capturing()) or isinstance(exc, torch.OutOfMemoryError):
-                raise  # out of memory: the population halves (Triton stays on)
-            logger.warning("train_population: fused Triton head unavailable (%s); using PyTorch", exc)
-            _kernels.disable()
+            _without_triton(exc, "head")
             self.fused = False
             with torch.enable_grad():
                 return self.train_step(xb, yb)
@@ -878,10 +884,7 @@ class _Stack:
                                    _BETA1, _BETA2, _EPS)
                 return
             except Exception as exc:  # a Triton that cannot build the kernel here: PyTorch's ops
-                if torch.cuda.is_current_stream_capturing() or isinstance(exc, torch.OutOfMemoryError):
-                    raise  # out of memory: the population halves (Triton stays on)
-                logger.warning("train_population: fused Triton Adam unavailable (%s); using PyTorch", exc)
-                _kernels.disable()
+                _without_triton(exc, "Adam")
                 self.fast_adam = False
         if self.any_wd:
             g = torch.addcmul(g, self.wd, self.p)

@@ -315,3 +315,17 @@ def test_the_bf16_head_adds_the_bias_and_rounds_its_gradient_as_the_float32_head
     assert torch.equal(fused[2], plain[2].to(torch.bfloat16))  # rounded to nearest even
     for a, b in zip(fused[:2] + fused[3:], plain[:2] + plain[3:], strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_fused_kernel_that_fails_switches_triton_off_but_out_of_memory_reaches_the_halving(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(_kernels, "_DISABLED", [])
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(torch.OutOfMemoryError):
+        _population._without_triton(oom, "Adam")
+    assert not _kernels._DISABLED  # Triton stays on: the population halves
+    with caplog.at_level("WARNING", logger=_population.logger.name):
+        _population._without_triton(RuntimeError("no ptxas"), "head")
+    assert _kernels._DISABLED
+    assert "fused Triton head unavailable (no ptxas); using PyTorch" in caplog.text
