@@ -107,7 +107,8 @@ def _instrument_epochs(profile_epoch: int) -> None:
         d = stack.dims
         rec = {"K": stack.K, "grid": (d.n, d.d, d.k), "bs": self.batch_size,
                "new_graph": self.graph is None or self.graph.stack is not stack,
-               "rows_used": sum(m.arch.n * m.arch.d for m in stack.members) / max(1, stack.K)}
+               "rows_used": sum(m.arch.n * m.arch.d for m in stack.members) / max(1, stack.K),
+               "bands": [n for _, _, n in stack.bands]}
         _EPOCHS.append(rec)
         t0 = time.perf_counter()
         before = _compiled()
@@ -171,7 +172,8 @@ def _between(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _print_epochs() -> None:
     """The --profile table: one line per population epoch, then the totals."""
-    print("# population epochs: K, padded grid (n, d, k), mean rows used, seconds in all, of which "
+    print("# population epochs: K, padded grid (n, d, k), mean rows used, the fused step's bands "
+          "(each band's neurons), seconds in all, of which "
           "stacking plans / steps / evaluation / bookkeeping (the members' callbacks, weights kept); "
           "within the steps: capturing the step (its warm-up step and any Triton compilation "
           "included), and how many Triton kernels were compiled")
@@ -184,7 +186,8 @@ def _print_epochs() -> None:
             tot[k] += v
         tot["member_epochs"] += r["K"]
         print(f"  {i:4d} K={r['K']:5d} grid={r['grid']} rows {r['rows_used']:6.1f}/{r['grid'][0] * r['grid'][1]:4d} "
-              f"bs={r['bs']} {'new ' if r['new_graph'] else '    '}{r['wall']:7.3f}s = "
+              f"bs={r['bs']} bands {','.join(map(str, r['bands'])):11s} "
+              f"{'new ' if r['new_graph'] else '    '}{r['wall']:7.3f}s = "
               f"{r.get('assemble', 0.0):6.3f} + {steps:6.3f} + {r.get('evaluate', 0.0):6.3f} + {book:6.3f}"
               + (f"   capture {r['capture']:.3f}s" if "capture" in r else "")
               + (f", {r['compiles']} Triton kernel(s) compiled" if r.get("compiles") else ""))

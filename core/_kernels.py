@@ -44,12 +44,12 @@ def _triton() -> Any:
     # equal to 1); the grid's sizes and the parameters' offsets change with every stack shape,
     # and the batch and its block count with an epoch's last, partial batch, so they are left
     # unspecialized (the row stride is always a multiple of 16: _Dims.stride)
-    @triton.jit(do_not_specialize=["B", "NN", "DD", "db_off", "sw_off", "sb_off", "wo_off", "bo_off",
-                                   "n_blocks"])
+    @triton.jit(do_not_specialize=["B", "NN", "DD", "NS", "db_off", "sw_off", "sb_off", "wo_off",
+                                   "bo_off", "n_blocks"])
     def head_kernel(
         z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr, eps_ptr,
         gz_ptr, part_ptr, loss_ptr, correct_ptr,
-        B, NN, DD, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
+        B, NN, DD, NS, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
         inv_b,
         BB: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr,
         ADD_DB: tl.constexpr, GZ_BF16: tl.constexpr,
@@ -81,7 +81,7 @@ def _triton() -> Any:
         sb = tl.load(sb_ptr + pm + sb_off + i, mask=mi, other=0.0)
         s_pre = tl.sum(h * sw[None, :, :], axis=2) + sb[None, :]
         s = tl.where(s_pre > 0, s_pre, s_pre * 0.1)
-        wo = tl.load(wo_ptr + pm + wo_off + c[:, None] * NN + i[None, :],
+        wo = tl.load(wo_ptr + pm + wo_off + c[:, None] * NS + i[None, :],
                      mask=mc[:, None] & mi[None, :], other=0.0)
         bo = tl.load(bo_ptr + pm + bo_off + c, mask=mc, other=0.0)
         logits = tl.sum(s[:, None, :] * wo[None, :, :], axis=2) + bo[None, :]
@@ -192,7 +192,7 @@ def _block(NP: int, DP: int, CP: int) -> int:
 def soma_head(
     z: torch.Tensor, p: torch.Tensor, offsets: dict[str, int], n: int, d: int, y: torch.Tensor,
     smoothing: torch.Tensor | None = None, add_bias: bool = False,
-    grad_dtype: torch.dtype | None = None,
+    grad_dtype: torch.dtype | None = None, n_stored: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Loss, correct counts and gradients of ``LeakyReLU -> soma -> LeakyReLU -> Linear -> CE``.
 
@@ -212,6 +212,10 @@ def soma_head(
     ``z.float() + db`` does, without that pass over memory). ``grad_dtype``: the dtype
     dL/dz is written in (default ``z``'s; bfloat16 for the low-precision weight gradient,
     rounded as ``Tensor.to`` rounds), the other gradients being summed from its float32 values.
+
+    ``n_stored``: the neurons the parameter rows are laid out for (default ``n``). With
+    ``n`` smaller, ``z`` holds only the first ``n`` neurons' dendrites (a band of members that
+    use no more) and the head reads, and returns the gradients of, those neurons alone.
     """
     tri = _triton()
     assert tri is not None
@@ -230,7 +234,7 @@ def soma_head(
     eps = smoothing if smoothing is not None else torch.zeros(K, device=z.device)
     kernel[(K, n_blocks)](
         z, p, p, p, p, y, eps, gz, part, loss, correct,
-        B, n, d, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
+        B, n, d, n_stored or n, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
         offsets["wo"], offsets["bo"], n_blocks, part_stride, 1.0 / B,
         BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16, num_warps=4,
     )

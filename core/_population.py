@@ -451,6 +451,63 @@ def _candidates(arch: _Arch) -> int:
     return min(arch.in_dim, arch.k + arch.m)
 
 
+#: The most bands a fused stack's step is split into (see :func:`_bands`).
+_MAX_BANDS = 4
+#: A band's fixed cost (its extra launches, smaller products), in members of the full grid.
+_BAND_OVERHEAD = 16
+#: The fused head's cost per padded (neuron, dendrite) slot of its power-of-2 tile, relative to
+#: the dendrite products' per row (their step times at the seed space's 20 x 15 grid, one H200).
+_HEAD_WEIGHT = 0.35
+
+
+def _bands(ns: Sequence[int], d: int) -> list[tuple[int, int, int]]:
+    """Split a fused stack's rows into ``(start, stop, neurons)`` bands for its step.
+
+    The (neuron, dendrite) grid is laid out neuron-major, so a member with ``n`` neurons uses
+    only the grid's first ``n * d`` rows: a band of consecutive members runs its dendrite
+    products and its fused head on the first ``neurons`` (the band's largest ``n``) rows
+    alone. With the members sorted by ``n`` (as a stack is built), a few bands remove most
+    of the neuron padding of a mixed population. The split minimizes the products' rows plus
+    the head's power-of-2 tile plus a fixed cost per band, over the points where ``n``
+    changes (one band when there are too many such points: an unsorted stack).
+    """
+    K = len(ns)
+    if not K:
+        return []
+    cuts = [i for i in range(1, K) if ns[i] != ns[i - 1]]
+    if not cuts or len(cuts) > 64:
+        return [(0, K, max(ns))]
+    pts = [0, *cuts, K]
+    m = len(pts)
+    top = [[0] * m for _ in range(m)]  # top[a][b]: the largest n from pts[a] to pts[b]
+    for a in range(m - 1):
+        for b in range(a + 1, m):
+            top[a][b] = max(top[a][b - 1], max(ns[pts[b - 1]:pts[b]]))
+    dp2 = 1 << max(0, (d - 1).bit_length())
+    fixed = _BAND_OVERHEAD * top[0][m - 1] * d
+
+    def cost(a: int, b: int) -> float:
+        n = top[a][b]
+        return (pts[b] - pts[a]) * (n * d + _HEAD_WEIGHT * (1 << (n - 1).bit_length()) * dp2) + fixed
+
+    inf = float("inf")
+    # best[j][b]: the cheapest split of the members before pts[b] into j bands, and where
+    # its last band starts
+    best = [[(inf, -1)] * m for _ in range(_MAX_BANDS + 1)]
+    best[0][0] = (0.0, -1)
+    for j in range(1, _MAX_BANDS + 1):
+        for b in range(1, m):
+            best[j][b] = min(((best[j - 1][a][0] + cost(a, b), a) for a in range(b)
+                              if best[j - 1][a][0] < inf), default=(inf, -1))
+    j = min(range(1, _MAX_BANDS + 1), key=lambda j: best[j][m - 1][0])
+    out, b = [], m - 1
+    while j:
+        a = best[j][b][1]
+        out.append((pts[a], pts[b], top[a][b]))
+        b, j = a, j - 1
+    return out[::-1]
+
+
 @dataclass(eq=False)
 class _Member:
     index: int
@@ -582,16 +639,13 @@ class _Stack:
         self.active = torch.tensor([[j < h for j in range(dims.depth)] for h in depth], device=dev)
         self.full = [all(j < h for h in depth) for j in range(dims.depth)]
         self.flat_t: torch.Tensor | None = None
+        self.grad_at: list[int] = []  # where each band's block of the dense gradient starts
+        self.grad_size = 0  # the dense gradient's length, its sink excluded
+        self._band: tuple[torch.Tensor, ...] = ()  # per real connection: band start, place, rows
         self.buf: torch.Tensor | None = None
         self.real: tuple[torch.Tensor, ...] = ()
         self._real_at: torch.Tensor | None = None  # the real connections among K * rows * k
         self._real_row: torch.Tensor | None = None  # and their rows
-        if dims.n and self.K:
-            assert kmask is not None
-            self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
-            # the real connections (resampling moves them, never adds or drops one)
-            self._real_at = (kmask.reshape(-1) > 0).nonzero().squeeze(1)
-            self._index()
         self.bio = (BioPack(self, functools.partial(_bio_positions, dims), dims.n_classes)
                     if any(x.bio is not None for x in members) else None)
         # dendrites -> soma -> readout (dendritic_simple): the fused Triton head on CUDA, unless
@@ -600,6 +654,15 @@ class _Stack:
             dims.n and dims.soma_on and not dims.soma_off and not dims.depth and not dims.post_act
             and self.K and self.bio is None and _kernels.available(dev)
         )
+        # the fused step's bands of members (see _bands); one band of the whole grid otherwise
+        self.bands = (_bands([x.arch.n for x in members], dims.d) if self.fused
+                      else [(0, self.K, dims.n)])
+        if dims.n and self.K:
+            assert kmask is not None
+            self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
+            # the real connections (resampling moves them, never adds or drops one)
+            self._real_at = (kmask.reshape(-1) > 0).nonzero().squeeze(1)
+            self._index()
         self.fast_adam = bool(self.K and _kernels.available(dev))
         self.offsets = {name: self.layout[name][0] for name in ("db", "sw", "sb", "wo", "bo")
                         if name in self.layout}
@@ -612,8 +675,9 @@ class _Stack:
 
     def _index(self) -> None:
         """Flat positions of the connections in the dense buffer: the real ones' in its
-        ``(K, rows, in)`` layout (``real``) and every one's in the gradient's ``(K, in, rows)``
-        (``flat_t``; padding: the sink).
+        ``(K, rows, in)`` layout (``real``) and every one's in the gradient's (``flat_t``;
+        padding: the sink). The gradient is laid out band by band (``bands``), each band's
+        members as ``(members, in, band rows)``: one band is the whole ``(K, in, rows)``.
 
         Made with the stack, where every padded slot points at the sink for good; after a
         resampling only the real connections' entries are computed again, in place (a
@@ -621,18 +685,39 @@ class _Stack:
         every padded slot cost ~1 ms an event at K = 996 of the seed space.
         """
         assert self.idx is not None and self.buf is not None and self._real_at is not None
-        K, R, n_in = self.K, self.dims.rows, self.dims.in_dim
+        R, n_in = self.dims.rows, self.dims.in_dim
         if self.flat_t is None:
             cols = R * self.dims.k
             member, col = self._real_at // cols, self._real_at % cols
             self.real = (torch.empty_like(self._real_at), member, col)
             self._real_row = col // self.dims.k
-            self.flat_t = torch.full_like(self.idx, K * R * n_in)
+            # each member's band: where its block starts, its place in it, the band's rows
+            base, local, rows, at = [], [], [], 0
+            self.grad_at = []
+            for start, stop, n in self.bands:
+                self.grad_at.append(at)
+                base += [at] * (stop - start)
+                local += range(stop - start)
+                rows += [n * self.dims.d] * (stop - start)
+                at += (stop - start) * n_in * n * self.dims.d
+            self.grad_size = at
+            dev = self.idx.device
+            self._band = tuple(torch.tensor(v, dtype=torch.long, device=dev).index_select(0, member)
+                               for v in (base, local, rows))
+            self.flat_t = torch.full_like(self.idx, at)
         member, row = self.real[1], self._real_row
         assert row is not None
         inputs = self.idx.view(-1).index_select(0, self._real_at)
         torch.add((member * R + row) * n_in, inputs, out=self.real[0])
-        self.flat_t.view(-1).index_copy_(0, self._real_at, (member * n_in + inputs) * R + row)
+        base, local, rows = self._band
+        self.flat_t.view(-1).index_copy_(0, self._real_at, base + (local * n_in + inputs) * rows + row)
+
+    def _unband(self) -> None:
+        """One band of the whole grid (the plain path's gradient layout), indexed anew."""
+        self.bands = [(0, self.K, self.dims.n)]
+        if self.buf is not None:
+            self.flat_t = None
+            self._index()
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -738,6 +823,15 @@ class _Stack:
             self.buf.zero_()
             self._index()
 
+    @property
+    def volume(self) -> int:
+        """The step's work, as ``_Dims.volume`` counts it, summed over the members: each
+        band's dendrite products cover only its rows."""
+        dims = self.dims
+        if not dims.n:
+            return self.K * dims.volume
+        return sum((b - a) * (dims.numel + n * dims.d * dims.in_dim) for a, b, n in self.bands)
+
     def real_mask(self) -> torch.Tensor:
         """True where a flat parameter entry belongs to its member (padding is False)."""
         mask = torch.zeros(self.p.shape, dtype=torch.bool)
@@ -839,34 +933,51 @@ class _Stack:
         The same arithmetic as the autograd path (its sums in another order): ``z`` from the
         dense dendrite matrix, then :func:`core._kernels.soma_head` for the loss, the counts and
         every gradient but the dendrites', which is the batched product of the inputs with
-        ``dL/dz`` read back at the connections (as ``_DendriteMatmul.backward`` does).
+        ``dL/dz`` read back at the connections (as ``_DendriteMatmul.backward`` does). Each
+        band of members (``bands``) runs these on the grid's first rows its members use.
         """
         dims, K = self.dims, self.K
         assert self.flat_t is not None
         dense = self._dense()
         lowp = dense.dtype != torch.float32
-        if lowp:  # the head adds the bias to the product in float32, as .float().add_(db) did
-            z = torch.bmm(xb, dense.transpose(1, 2))
-        else:
-            z = torch.baddbmm(self.plain["db"].unsqueeze(1), xb, dense.transpose(1, 2))
-        try:
-            loss, correct, gz, gsw, gsb, gwo, gbo, gdb = _kernels.soma_head(
-                z, self.p, self.offsets, dims.n, dims.d, yb, self.smooth, add_bias=lowp,
-                grad_dtype=xb.dtype)
-        except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
-            _without_triton(exc, "head")
-            self.fused = False
-            with torch.enable_grad():
-                return self.train_step(xb, yb)
-        R, n_in = dims.rows, dims.in_dim
-        gd = gz.new_empty(K * n_in * R + 1, dtype=xb.dtype)
+        D, n_in = dims.d, dims.in_dim
+        gd = xb.new_empty(self.grad_size + 1)
         gd[-1:].zero_()
-        torch.bmm(xb.transpose(1, 2), gz, out=gd[:-1].view(K, n_in, R))
         g = torch.empty_like(self.p)
-        g[:, dims.numel :].zero_()  # the row's tail past the parameters (see _Dims.stride)
-        parts = {"dw": gd.take(self.flat_t), "db": gdb, "sw": gsw, "sb": gsb, "wo": gwo, "bo": gbo}
-        for name, (off, shape) in self.layout.items():
-            g[:, off : off + math.prod(shape)].view(K, *shape).copy_(parts[name])
+        small = self.layout["db"][0]  # db, sw, sb, wo, bo and the row's tail: zero past a band's neurons
+        g[:, small:].zero_()
+        views = {name: g[:, off : off + math.prod(shape)].view(K, *shape)
+                 for name, (off, shape) in self.layout.items()}
+        views["db"] = views["db"].view(K, dims.n, D)
+        losses, rights = [], []
+        for (a, b, n), at in zip(self.bands, self.grad_at, strict=True):
+            R, x = n * D, xb[a:b]
+            w = dense[a:b, :R].transpose(1, 2)  # the band's members use the grid's first R rows
+            if lowp:  # the head adds the bias to the product in float32, as .float().add_(db) did
+                z = torch.bmm(x, w)
+            else:
+                z = torch.baddbmm(self.plain["db"][a:b, :R].unsqueeze(1), x, w)
+            try:
+                loss, right, gz, gsw, gsb, gwo, gbo, gdb = _kernels.soma_head(
+                    z, self.p[a:b], self.offsets, n, D, yb[a:b], self.smooth[a:b], add_bias=lowp,
+                    grad_dtype=xb.dtype, n_stored=dims.n)
+            except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
+                _without_triton(exc, "head")
+                self.fused = False
+                self._unband()
+                with torch.enable_grad():
+                    return self.train_step(xb, yb)
+            torch.bmm(x.transpose(1, 2), gz, out=gd[at : at + (b - a) * n_in * R].view(b - a, n_in, R))
+            views["db"][a:b, :n].copy_(gdb.view(b - a, n, D))
+            views["sw"][a:b, :n].copy_(gsw)
+            views["sb"][a:b, :n].copy_(gsb)
+            views["wo"][a:b, :, :n].copy_(gwo)
+            views["bo"][a:b].copy_(gbo)
+            losses.append(loss)
+            rights.append(right)
+        views["dw"].view(K, -1).copy_(gd.take(self.flat_t).view(K, -1))
+        loss = losses[0] if len(losses) == 1 else torch.cat(losses)
+        correct = rights[0] if len(rights) == 1 else torch.cat(rights)
         self._adam(g)
         return loss, correct
 
@@ -1321,11 +1432,16 @@ class _Population:
         needed = _Dims.of(m.arch for m in everyone)
         states = [m.state for m in incoming]
         assert all(s is not None for s in states)
+        # members sorted by neurons, so that the fused step's bands (_bands) cut the padding
         if stack is None or not stack.dims.covers(needed) or stack.dims.volume > 1.25 * needed.volume:
             old = stack.states(list(range(stack.K))) if stack is not None else []
-            self.stack = _Stack.build(needed, everyone, old + states, self.device, self.lowp)  # type: ignore[operator]
+            pairs = sorted(zip(everyone, old + states, strict=True), key=lambda ms: ms[0].arch.n)
+            self.stack = _Stack.build(needed, [m for m, _ in pairs], [st for _, st in pairs],  # type: ignore[misc]
+                                      self.device, self.lowp)
         else:
-            self.stack = stack.cat(_Stack.build(stack.dims, incoming, states, self.device, self.lowp))  # type: ignore[arg-type]
+            pairs = sorted(zip(incoming, states, strict=True), key=lambda ms: ms[0].arch.n)
+            self.stack = stack.cat(_Stack.build(stack.dims, [m for m, _ in pairs], [st for _, st in pairs],  # type: ignore[misc]
+                                                self.device, self.lowp))
         now = time.perf_counter()
         for m in incoming:
             m.state = None
@@ -1562,7 +1678,7 @@ class _Population:
         del snap
         seconds = time.perf_counter() - t0
         per = 4.0 * self.n_train  # fwd + weight gradient, 2 FLOPs each, per volume element
-        self.stats["executed_flops"] += per * stack.K * stack.dims.volume
+        self.stats["executed_flops"] += per * stack.volume
         self.stats["useful_flops"] += per * sum(_Dims.of([m.arch]).volume for m in stack.members)
         shape = (stack.K, stack.dims.n, stack.dims.d, stack.dims.k)
         if not self.stats["stacks"] or self.stats["stacks"][-1] != shape:

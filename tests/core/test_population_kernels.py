@@ -151,6 +151,17 @@ for i, (g, w) in enumerate(zip(got, want, strict=True)):
     # the interpreter rounds float32 to bfloat16 toward zero (the GPU to nearest even, which
     # test_the_bf16_head_adds_the_bias_and_rounds_its_gradient_as_the_float32_head_on_cuda checks)
     torch.testing.assert_close(g.float(), w, rtol=1 / 128 if i == 2 else 1e-5, atol=1e-6)
+# a band: the first n2 neurons of rows laid out for n (n_stored) are the head of those alone
+n2 = 2
+o2 = {"db": 0, "sw": n2 * d, "sb": 2 * n2 * d, "wo": 2 * n2 * d + n2, "bo": 2 * n2 * d + n2 + C * n2, "C": C}
+p2 = torch.cat([p[:, : n2 * d], p[:, offs["sw"] : offs["sw"] + n2 * d], p[:, offs["sb"] : offs["sb"] + n2],
+                p[:, offs["wo"] : offs["bo"]].reshape(K, C, n)[:, :, :n2].reshape(K, -1),
+                p[:, offs["bo"] : offs["bo"] + C]], 1)
+offs["db"] = 0
+z2 = z[:, :, : n2 * d].contiguous()
+for a, b in zip(_kernels.soma_head(z2, p, offs, n2, d, y, eps, n_stored=n),
+                _kernels.soma_head(z2, p2, o2, n2, d, y, eps), strict=True):
+    assert torch.equal(a, b)
 print("same")
 """
 
@@ -329,3 +340,84 @@ def test_a_fused_kernel_that_fails_switches_triton_off_but_out_of_memory_reaches
         _population._without_triton(RuntimeError("no ptxas"), "head")
     assert _kernels._DISABLED
     assert "fused Triton head unavailable (no ptxas); using PyTorch" in caplog.text
+
+
+def test_bands_follow_the_sorted_neurons_and_cut_the_padded_rows() -> None:
+    ns = sorted([5] * 40 + [8] * 30 + [12] * 30 + [20] * 20)
+    bands = _population._bands(ns, 15)
+    assert bands[0][0] == 0 and bands[-1][1] == len(ns) and 1 < len(bands) <= _population._MAX_BANDS
+    assert all(a < b == c for (a, b, _), (c, _, _) in zip(bands, bands[1:], strict=False))
+    assert all(n == max(ns[a:b]) for a, b, n in bands)  # a band covers its members' neurons
+    assert sum((b - a) * n for a, b, n in bands) < 0.7 * len(ns) * 20
+    assert _population._bands([20] * 10, 15) == [(0, 10, 20)]
+    assert _population._bands([], 15) == []
+    unsorted = [5, 20] * 40  # no long runs to cut: one band
+    assert _population._bands(unsorted, 15) == [(0, 80, 20)]
+
+
+def test_a_banded_dense_gradient_reads_back_as_the_whole_grids(data: core.Dataset) -> None:
+    """The gradient's positions, band by band, read the same entries as one (K, in, rows) block."""
+    configs = [dict(n_neurons=n, n_dendrites=3, n_dendrite_inputs=7, seed=s)
+               for s, n in enumerate((4, 2, 2, 5))]
+    pop = _population._Population("dendritic_simple", configs, data, 1, BATCH, torch.device("cpu"), 0, 4,
+                                  None, None)
+    pop.size = 4
+    pop._restack([m for m in (pop._take() for _ in range(4)) if m is not None])
+    stack = pop.stack
+    assert stack is not None and [m.arch.n for m in stack.members] == [2, 2, 4, 5]  # sorted
+    K, R, n_in, B = stack.K, stack.dims.rows, stack.dims.in_dim, 6
+    whole = stack.flat_t.clone()  # type: ignore[union-attr]
+    x = torch.randn(K, B, n_in)
+    gz = torch.randn(K, B, R)
+    gz.view(K, B, stack.dims.n, 3)[:2, :, 2:] = 0  # rows no member of a band uses
+    gz.view(K, B, stack.dims.n, 3)[2, :, 4:] = 0
+    full = torch.cat([torch.bmm(x.transpose(1, 2), gz).reshape(-1), torch.zeros(1)])
+    stack.bands = [(0, 2, 2), (2, 4, 5)]
+    stack.flat_t = None
+    stack._index()
+    assert stack.grad_size == 2 * n_in * 2 * 3 + 2 * n_in * 5 * 3 and stack.grad_at == [0, 2 * n_in * 6]
+    banded = torch.cat([torch.bmm(x[a:b].transpose(1, 2), gz[a:b, :, : n * 3]).reshape(-1)
+                        for a, b, n in stack.bands] + [torch.zeros(1)])
+    # the same entries (products of other shapes may round differently in the last bit)
+    torch.testing.assert_close(banded.take(stack.flat_t), full.take(whole), rtol=1e-6, atol=1e-6)
+    assert torch.equal(stack.flat_t == stack.grad_size, whole == whole.max())  # the padding: the sink
+    stack._unband()
+    assert stack.bands == [(0, K, 5)] and torch.equal(stack.flat_t, whole)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton head runs on CUDA only")
+def test_members_in_several_bands_match_train_model_on_cuda(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_population, "_BAND_OVERHEAD", 0)  # a band for every neuron count
+    seen: list[list[tuple[int, int, int]]] = []
+    bands = _population._bands
+    monkeypatch.setattr(_population, "_bands", lambda ns, d: seen.append(bands(ns, d)) or seen[-1])
+    configs = [
+        dict(n_neurons=9, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=4, lr=3e-3, seed=1),
+        dict(n_neurons=2, n_dendrites=2, n_dendrite_inputs=24, steps_to_resample=7, seed=2),
+        dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=12, label_smoothing=0.1, seed=3),
+        dict(n_neurons=2, n_dendrites=3, n_dendrite_inputs=9, weight_decay=1e-2, seed=4),
+    ]
+    results = train_population("dendritic_simple", configs, data, 2, BATCH, device="cuda")
+    assert seen and len(seen[0]) == 3  # neurons 2, 4 and 9
+    for cfg, got in zip(configs, results, strict=True):
+        c = dict(cfg)
+        lr, seed = c.pop("lr", 1e-3), c.pop("seed")
+        recipe = {k: c.pop(k) for k in ("weight_decay", "label_smoothing") if k in c}
+        model = core.create_model("dendritic_simple", seed=seed, in_dim=data.in_dim,
+                                  n_classes=data.n_classes, **c)
+        want = core.train_model(model, data, 2, lr, recipe.get("weight_decay", 0.0), BATCH, device="cuda",
+                                seed=seed, label_smoothing=recipe.get("label_smoothing", 0.0))
+        for g, w in zip(got.history, want.history, strict=True):
+            for key in ("train_loss", "val_loss", "test_loss"):
+                assert g[key] == pytest.approx(w[key], rel=1e-4), key
+        assert got.state_dict is not None
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                torch.testing.assert_close(got.state_dict[name], value.cpu(), rtol=1e-4, atol=1e-5)
+            else:
+                assert torch.equal(got.state_dict[name], value.cpu()), name
+    bf = train_population("dendritic_simple", configs, data, 2, BATCH, device="cuda", precision="bf16")
+    for x, y in zip(results, bf, strict=True):
+        assert y.status == "completed" and abs((x.test_accuracy or 0) - (y.test_accuracy or 0)) < 0.05
