@@ -124,19 +124,19 @@ def _triton() -> Any:
         else:
             tl.store(gp, dz, mask=m3)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P", "p_stride", "g_stride"])
     def adam_kernel(
-        p_ptr, m_ptr, v_ptr, g_ptr, step_ptr, bc2_ptr, wd_ptr, P,
+        p_ptr, m_ptr, v_ptr, g_ptr, step_ptr, bc2_ptr, wd_ptr, P, p_stride, g_stride,
         w1, beta2, w2, eps, HAS_WD: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < P
-        base = row.to(tl.int64) * P
+        base = row.to(tl.int64) * p_stride
         p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + base + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + base + offs, mask=mask, other=0.0)
-        g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + row.to(tl.int64) * g_stride + offs, mask=mask, other=0.0)
         if HAS_WD:
             g = g + tl.load(wd_ptr + row) * p
         # the operations of Tensor.lerp_ (weight < 0.5), addcmul_, sqrt, div, add, sub, with
@@ -150,7 +150,41 @@ def _triton() -> Any:
         tl.store(m_ptr + base + offs, m, mask=mask)
         tl.store(v_ptr + base + offs, v, mask=mask)
 
-    return triton, head_kernel, adam_kernel
+    @triton.jit(do_not_specialize=["P", "R", "KPAD", "D"])
+    def adam_connections_kernel(
+        p_ptr, m_ptr, v_ptr, gd_ptr, at_ptr, n_ptr, d_ptr, k_ptr, step_ptr, bc2_ptr, wd_ptr,
+        P, R, KPAD, D, w1, beta2, w2, eps,
+        HAS_WD: tl.constexpr, ROWS: tl.constexpr, KB: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        n = tl.load(n_ptr + row)
+        if tl.program_id(1) * ROWS < n * D:  # the grid is neuron-major: later rows are padding
+            d = tl.load(d_ptr + row)
+            k = tl.load(k_ptr + row)
+            real = (r < n * D) & (r % D < d)
+            base = row.to(tl.int64) * P
+            cell = row.to(tl.int64) * R * KPAD
+            for j0 in range(0, k, KB):
+                j = j0 + tl.arange(0, KB)
+                mask = real[:, None] & (j[None, :] < k)
+                off = r[:, None] * KPAD + j[None, :]
+                at = tl.load(at_ptr + cell + off, mask=mask, other=0)
+                g = tl.load(gd_ptr + at, mask=mask, other=0.0).to(tl.float32)
+                p = tl.load(p_ptr + base + off, mask=mask, other=0.0)
+                m = tl.load(m_ptr + base + off, mask=mask, other=0.0)
+                v = tl.load(v_ptr + base + off, mask=mask, other=0.0)
+                if HAS_WD:
+                    g = g + tl.load(wd_ptr + row) * p
+                m = m + w1 * (g - m)  # adam_kernel's operations, in its order
+                v = v * beta2 + (w2 * g) * g
+                denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bc2_ptr + row)) + eps
+                p = p - tl.div_rn(m, denom) * tl.load(step_ptr + row)
+                tl.store(p_ptr + base + off, p, mask=mask)
+                tl.store(m_ptr + base + off, m, mask=mask)
+                tl.store(v_ptr + base + off, v, mask=mask)
+
+    return triton, head_kernel, adam_kernel, adam_connections_kernel
 
 
 _DISABLED: list[bool] = []
@@ -259,15 +293,48 @@ def adam_rows(
     p -= m / (sqrt(v) / bc2_sqrt + eps) * step_size``, the operations ``torch.optim.Adam``
     does, in its order, with correctly rounded square roots and divisions; a multiply-add may be
     fused into one FMA, so a result can differ from the element-wise ops in its last bit.
-    Every tensor is contiguous and float32; rows of a length divisible by 16 keep Triton to
-    one compilation for all of them.
+    Every tensor is float32 with contiguous rows; ``p``, ``m`` and ``v`` may be column slices
+    of wider rows (one stride for the three), ``g`` has rows of its own. The sizes and strides
+    are left unspecialized, so one compilation serves every row length.
     """
     tri = _triton()
     assert tri is not None
     kernel = tri[2]
     K, P = p.shape
+    assert p.stride() == m.stride() == v.stride() and p.stride(1) == 1 and g.stride(1) == 1
     block = 1024
     kernel[(K, -(-P // block))](
-        p, m, v, g, step_size, bc2_sqrt, wd if wd is not None else step_size, P,
-        1.0 - beta1, beta2, 1.0 - beta2, eps, HAS_WD=wd is not None, BLOCK=block, num_warps=4,
+        p, m, v, g, step_size, bc2_sqrt, wd if wd is not None else step_size, P, p.stride(0),
+        g.stride(0), 1.0 - beta1, beta2, 1.0 - beta2, eps, HAS_WD=wd is not None, BLOCK=block,
+        num_warps=4,
+    )
+
+
+def adam_connections(
+    p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, gd: torch.Tensor, at: torch.Tensor,
+    sizes: torch.Tensor, d: int, step_size: torch.Tensor, bc2_sqrt: torch.Tensor,
+    wd: torch.Tensor | None, beta1: float, beta2: float, eps: float,
+) -> None:
+    """:func:`adam_rows` for the dendrite weights alone, reading their gradient from ``gd``.
+
+    Each row of ``p`` (K, P) starts with a member's dendrite weights on the padded (neurons x
+    ``d`` dendrites, k) grid, ``R = at.shape[1]`` rows of ``at.shape[2]`` slots; ``at``
+    (K, R, k) holds each slot's position in the flat dense gradient ``gd`` (bf16 or float32)
+    and ``sizes`` (3, K) int32 each member's own neurons, dendrites and inputs. Only the
+    member's own connections are read and updated: its padded slots, whose gradient is zero
+    and whose weights and moments stay zero, are skipped (for the seed space's mixed sizes,
+    ~95% of the slots); the gather from ``gd`` replaces a ``take`` over every slot and its copy.
+    """
+    tri = _triton()
+    assert tri is not None
+    kernel = tri[3]
+    K, P = p.shape
+    _, R, kpad = at.shape
+    assert p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and at.is_contiguous()
+    kb = min(64, _pow2(kpad))
+    rows = max(1, 4096 // kb)
+    kernel[(K, -(-R // rows))](
+        p, m, v, gd, at, sizes[0], sizes[1], sizes[2], step_size, bc2_sqrt,
+        wd if wd is not None else step_size, P, R, kpad, d, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+        HAS_WD=wd is not None, ROWS=rows, KB=kb, num_warps=4,
     )

@@ -66,6 +66,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -657,6 +658,10 @@ class _Stack:
         # the fused step's bands of members (see _bands); one band of the whole grid otherwise
         self.bands = (_bands([x.arch.n for x in members], dims.d) if self.fused
                       else [(0, self.K, dims.n)])
+        # each member's neurons, dendrites and inputs: the fused Adam skips its padded slots
+        self.sizes = (torch.tensor([[x.arch.n for x in members], [x.arch.d for x in members],
+                                    [x.arch.k for x in members]], dtype=torch.int32, device=dev)
+                      if self.fused else None)
         if dims.n and self.K:
             assert kmask is not None
             self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
@@ -943,11 +948,12 @@ class _Stack:
         D, n_in = dims.d, dims.in_dim
         gd = xb.new_empty(self.grad_size + 1)
         gd[-1:].zero_()
-        g = torch.empty_like(self.p)
-        small = self.layout["db"][0]  # db, sw, sb, wo, bo and the row's tail: zero past a band's neurons
-        g[:, small:].zero_()
-        views = {name: g[:, off : off + math.prod(shape)].view(K, *shape)
-                 for name, (off, shape) in self.layout.items()}
+        # the gradient of db, sw, sb, wo, bo and the row's tail (zero past a band's neurons);
+        # the dendrite weights' is read from gd by Adam itself
+        small = self.layout["db"][0]
+        g = torch.zeros(K, self.p.shape[1] - small, device=self.p.device)
+        views = {name: g[:, off - small : off - small + math.prod(shape)].view(K, *shape)
+                 for name, (off, shape) in self.layout.items() if name != "dw"}
         views["db"] = views["db"].view(K, dims.n, D)
         losses, rights = [], []
         for (a, b, n), at in zip(self.bands, self.grad_at, strict=True):
@@ -975,34 +981,50 @@ class _Stack:
             views["bo"][a:b].copy_(gbo)
             losses.append(loss)
             rights.append(right)
-        views["dw"].view(K, -1).copy_(gd.take(self.flat_t).view(K, -1))
         loss = losses[0] if len(losses) == 1 else torch.cat(losses)
         correct = rights[0] if len(rights) == 1 else torch.cat(rights)
-        self._adam(g)
+        self._adam(g, gd)
         return loss, correct
 
     @torch.no_grad()
-    def _adam(self, g: torch.Tensor) -> None:
-        """torch.optim.Adam's update, with per-member learning rate, decay and step count."""
+    def _adam(self, g: torch.Tensor, gd: torch.Tensor | None = None) -> None:
+        """torch.optim.Adam's update, with per-member learning rate, decay and step count.
+
+        ``g`` is the gradient of every column of the rows; with ``gd`` (the fused step), of the
+        columns after the dendrite weights, whose gradient is read from the dense gradient
+        ``gd`` at the connections (``flat_t``) by the same kernel that updates them.
+        """
         self.steps += 1
         bc1 = 1 - torch.pow(_BETA1, self.steps)
         step_size = (self.lr / bc1).float().unsqueeze(1)
         bc2_sqrt = torch.sqrt(1 - torch.pow(_BETA2, self.steps)).float().unsqueeze(1)
+        wd = self.wd.view(-1) if self.any_wd else None
+        lo = self.p.shape[1] - g.shape[1]  # the columns g starts at
+        done = 0  # the columns updated before a kernel failed
         if self.fast_adam:  # one Triton pass over the rows (CUDA), the same operations
             try:
-                _kernels.adam_rows(self.p, self.m, self.v, g.contiguous(), step_size.view(-1),
-                                   bc2_sqrt.view(-1), self.wd.view(-1) if self.any_wd else None,
-                                   _BETA1, _BETA2, _EPS)
+                if gd is not None:
+                    assert self.flat_t is not None and self.sizes is not None
+                    _kernels.adam_connections(self.p, self.m, self.v, gd, self.flat_t, self.sizes,
+                                              self.dims.d, step_size.view(-1), bc2_sqrt.view(-1), wd,
+                                              _BETA1, _BETA2, _EPS)
+                    done = lo
+                _kernels.adam_rows(self.p[:, lo:], self.m[:, lo:], self.v[:, lo:], g.contiguous(),
+                                   step_size.view(-1), bc2_sqrt.view(-1), wd, _BETA1, _BETA2, _EPS)
                 return
             except Exception as exc:  # a Triton that cannot build the kernel here: PyTorch's ops
                 _without_triton(exc, "Adam")
                 self.fast_adam = False
+        if gd is not None and not done:  # the connections' gradient, read back as the plain path does
+            assert self.flat_t is not None
+            g = torch.cat([gd.take(self.flat_t).view(self.K, -1).float(), g], 1)
+        p, m, v = (t[:, done:] for t in (self.p, self.m, self.v))
         if self.any_wd:
-            g = torch.addcmul(g, self.wd, self.p)
-        self.m.lerp_(g, 1 - _BETA1)
-        self.v.mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
-        denom = (self.v.sqrt() / bc2_sqrt).add_(_EPS)
-        self.p.sub_((self.m / denom).mul_(step_size))
+            g = torch.addcmul(g, self.wd, p)
+        m.lerp_(g, 1 - _BETA1)
+        v.mul_(_BETA2).addcmul_(g, g, value=1 - _BETA2)
+        denom = (v.sqrt() / bc2_sqrt).add_(_EPS)
+        p.sub_((m / denom).mul_(step_size))
 
     @torch.no_grad()
     def resample(self, groups: list[_Group]) -> None:
@@ -1142,6 +1164,33 @@ class _Group:
 
 
 # -- the scheduler -------------------------------------------------------------------------------
+def _one_intra_op_thread() -> None:
+    torch.get_num_threads()  # this thread's lazy OpenMP set-up first, or it would undo the next line
+    torch.set_num_threads(1)
+
+
+def _serial_pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads that each run PyTorch's CPU ops on one intra-op thread.
+
+    Each worker's draws (a data order, resampling scores and their top-k) are small; with
+    PyTorch's default of one OpenMP team per calling thread, as wide as the machine, 8
+    workers on a 16-core H200 host drew 1,024 members' plans in 0.34 s, longer than a bf16
+    epoch's 0.37 s of steps left room for (the epochs then alternated 0.4 / 0.9 s); on one
+    intra-op thread each, 15 workers took 0.19 s (.devrun plans probe, bench/NOTES_population.md).
+    OpenMP's thread count is per calling thread, but ``torch.set_num_threads`` also records
+    the count new threads start with: it is put back once every worker has started.
+    """
+    before = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
+                              initializer=_one_intra_op_thread)
+    started = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        pool.submit(started.wait)
+    started.wait()
+    torch.set_num_threads(before)
+    return pool
+
+
 class _Population:
     """Keeps up to ``size`` members training; refills, evaluates, reports and recovers."""
 
@@ -1182,10 +1231,11 @@ class _Population:
         self.stack: _Stack | None = None
         self.stacks: dict[int, tuple[_Stack, _StepGraph | None, Any]] = {}
         cuda = device.type == "cuda"
-        # Enough threads to draw the next epoch's random numbers while the device works,
-        # few enough to leave cores to the main thread's own intra-op work.
-        workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if cuda else 1
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="population")
+        # Enough threads to draw the next epoch's random numbers while the device works, each
+        # on one intra-op thread (see _serial_pool), leaving two cores to the main thread.
+        workers = max(1, min(16, (os.cpu_count() or 2) - 2)) if cuda else 1
+        self.pool = _serial_pool(workers, "population") if cuda else ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="population")
         # one thread of its own, so that its waits on the pool's work can never deadlock
         self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="population-stage")
         self.ahead: tuple[_Stack, list[Future[_Plan]], Future[Any]] | None = None
