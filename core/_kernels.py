@@ -44,12 +44,12 @@ def _triton() -> Any:
     # equal to 1); the grid's sizes and the parameters' offsets change with every stack shape,
     # and the batch and its block count with an epoch's last, partial batch, so they are left
     # unspecialized (the row stride is always a multiple of 16: _Dims.stride)
-    @triton.jit(do_not_specialize=["B", "NN", "DD", "NS", "db_off", "sw_off", "sb_off", "wo_off",
+    @triton.jit(do_not_specialize=["B", "NN", "DD", "NS", "m0", "db_off", "sw_off", "sb_off", "wo_off",
                                    "bo_off", "n_blocks"])
     def head_kernel(
         z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr, eps_ptr,
         gz_ptr, part_ptr, loss_ptr, correct_ptr,
-        B, NN, DD, NS, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
+        B, NN, DD, NS, m0, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
         inv_b,
         BB: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr,
         ADD_DB: tl.constexpr, GZ_BF16: tl.constexpr,
@@ -71,7 +71,8 @@ def _triton() -> Any:
         m3 = (b3 < B) & (i3 < NN) & (j3 < DD)
         zp = z_ptr + m.to(tl.int64) * B * R + b3 * R + i3 * DD + j3
         z = tl.load(zp, mask=m3, other=0.0).to(tl.float32)
-        pm = p_stride * m.to(tl.int64)
+        mg = m + m0  # the member's row of p, y and eps (z, gz and the sums are the band's own)
+        pm = p_stride * mg.to(tl.int64)
         mij = mi[:, None] & mj[None, :]
         if ADD_DB:  # z is the product alone (in its own dtype): the dendrites' bias, in float32
             db = tl.load(sw_ptr + pm + db_off + i[:, None] * DD + j[None, :], mask=mij, other=0.0)
@@ -86,14 +87,14 @@ def _triton() -> Any:
         bo = tl.load(bo_ptr + pm + bo_off + c, mask=mc, other=0.0)
         logits = tl.sum(s[:, None, :] * wo[None, :, :], axis=2) + bo[None, :]
         logits = tl.where(mc[None, :], logits, float("-inf"))
-        y = tl.load(y_ptr + m.to(tl.int64) * B + offs_b, mask=mb, other=0)
+        y = tl.load(y_ptr + mg.to(tl.int64) * B + offs_b, mask=mb, other=0)
         mx = tl.max(logits, axis=1)
         e = tl.exp(logits - mx[:, None])
         se = tl.sum(e, axis=1)
         hit = c[None, :] == y[:, None]
         ly = tl.sum(tl.where(hit, logits, 0.0), axis=1)
         # label smoothing eps: (1 - eps) * CE + eps * the mean over classes of -log p
-        eps = tl.load(eps_ptr + m)
+        eps = tl.load(eps_ptr + mg)
         lsum = tl.sum(tl.where(mc[None, :], logits, 0.0), axis=1)
         ce = tl.where(mb, mx + tl.log(se) - (1.0 - eps) * ly - eps * (lsum / C), 0.0)
         pred = tl.argmax(logits, axis=1)
@@ -124,19 +125,19 @@ def _triton() -> Any:
         else:
             tl.store(gp, dz, mask=m3)
 
-    @triton.jit(do_not_specialize=["P", "p_stride", "g_stride"])
+    @triton.jit(do_not_specialize=["P", "p_stride", "col0"])
     def adam_kernel(
-        p_ptr, m_ptr, v_ptr, g_ptr, step_ptr, bc2_ptr, wd_ptr, P, p_stride, g_stride,
+        p_ptr, m_ptr, v_ptr, g_ptr, step_ptr, bc2_ptr, wd_ptr, P, p_stride, col0,
         w1, beta2, w2, eps, HAS_WD: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # among the columns from col0 on
         mask = offs < P
-        base = row.to(tl.int64) * p_stride
+        base = row.to(tl.int64) * p_stride + col0
         p = tl.load(p_ptr + base + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + base + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + base + offs, mask=mask, other=0.0)
-        g = tl.load(g_ptr + row.to(tl.int64) * g_stride + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + row.to(tl.int64) * P + offs, mask=mask, other=0.0)
         if HAS_WD:
             g = g + tl.load(wd_ptr + row) * p
         # the operations of Tensor.lerp_ (weight < 0.5), addcmul_, sqrt, div, add, sub, with
@@ -226,7 +227,7 @@ def _block(NP: int, DP: int, CP: int) -> int:
 def soma_head(
     z: torch.Tensor, p: torch.Tensor, offsets: dict[str, int], n: int, d: int, y: torch.Tensor,
     smoothing: torch.Tensor | None = None, add_bias: bool = False,
-    grad_dtype: torch.dtype | None = None, n_stored: int | None = None,
+    grad_dtype: torch.dtype | None = None, n_stored: int | None = None, first: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """Loss, correct counts and gradients of ``LeakyReLU -> soma -> LeakyReLU -> Linear -> CE``.
 
@@ -250,11 +251,14 @@ def soma_head(
     ``n_stored``: the neurons the parameter rows are laid out for (default ``n``). With
     ``n`` smaller, ``z`` holds only the first ``n`` neurons' dendrites (a band of members that
     use no more) and the head reads, and returns the gradients of, those neurons alone.
+    ``first``: the band's first member among the rows of ``p``, ``y`` and ``smoothing``, which
+    are then the whole population's (``z`` and what is returned are the band's): whole
+    tensors keep their pointers' alignment, which Triton would otherwise compile anew for.
     """
     tri = _triton()
     assert tri is not None
     kernel = tri[1]
-    K, B, R = z.shape
+    K, B, R = z.shape  # K: the band's members
     C = offsets["C"]
     NP, DP, CP = _pow2(n), _pow2(d), max(16, _pow2(C))
     BB = _block(NP, DP, CP)
@@ -265,10 +269,10 @@ def soma_head(
     part = torch.empty(K, n_blocks, part_stride, device=z.device, dtype=torch.float32)
     loss = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
     correct = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
-    eps = smoothing if smoothing is not None else torch.zeros(K, device=z.device)
+    eps = smoothing if smoothing is not None else torch.zeros(first + K, device=z.device)
     kernel[(K, n_blocks)](
         z, p, p, p, p, y, eps, gz, part, loss, correct,
-        B, n, d, n_stored or n, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
+        B, n, d, n_stored or n, first, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
         offsets["wo"], offsets["bo"], n_blocks, part_stride, 1.0 / B,
         BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16, num_warps=4,
     )
@@ -284,6 +288,7 @@ def soma_head(
 def adam_rows(
     p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, step_size: torch.Tensor,
     bc2_sqrt: torch.Tensor, wd: torch.Tensor | None, beta1: float, beta2: float, eps: float,
+    col0: int = 0,
 ) -> None:
     """One Adam step of every row of ``p`` (K, P) in place, with moments ``m`` and ``v``.
 
@@ -293,19 +298,20 @@ def adam_rows(
     p -= m / (sqrt(v) / bc2_sqrt + eps) * step_size``, the operations ``torch.optim.Adam``
     does, in its order, with correctly rounded square roots and divisions; a multiply-add may be
     fused into one FMA, so a result can differ from the element-wise ops in its last bit.
-    Every tensor is float32 with contiguous rows; ``p``, ``m`` and ``v`` may be column slices
-    of wider rows (one stride for the three), ``g`` has rows of its own. The sizes and strides
-    are left unspecialized, so one compilation serves every row length.
+    Every tensor is contiguous and float32. ``col0``: only the columns from ``col0`` on are
+    updated, ``g`` (K, P - col0) being their gradient. The sizes and the offset are left
+    unspecialized, so one compilation serves every row length.
     """
     tri = _triton()
     assert tri is not None
     kernel = tri[2]
     K, P = p.shape
-    assert p.stride() == m.stride() == v.stride() and p.stride(1) == 1 and g.stride(1) == 1
+    n = P - col0
+    assert p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and g.shape == (K, n)
     block = 1024
-    kernel[(K, -(-P // block))](
-        p, m, v, g, step_size, bc2_sqrt, wd if wd is not None else step_size, P, p.stride(0),
-        g.stride(0), 1.0 - beta1, beta2, 1.0 - beta2, eps, HAS_WD=wd is not None, BLOCK=block,
+    kernel[(K, -(-n // block))](
+        p, m, v, g.contiguous(), step_size, bc2_sqrt, wd if wd is not None else step_size, n, P,
+        col0, 1.0 - beta1, beta2, 1.0 - beta2, eps, HAS_WD=wd is not None, BLOCK=block,
         num_warps=4,
     )
 
@@ -320,7 +326,7 @@ def adam_connections(
     Each row of ``p`` (K, P) starts with a member's dendrite weights on the padded (neurons x
     ``d`` dendrites, k) grid, ``R = at.shape[1]`` rows of ``at.shape[2]`` slots; ``at``
     (K, R, k) holds each slot's position in the flat dense gradient ``gd`` (bf16 or float32)
-    and ``sizes`` (3, K) int32 each member's own neurons, dendrites and inputs. Only the
+    and ``sizes`` (3, >= K) int32 each member's own neurons, dendrites and inputs. Only the
     member's own connections are read and updated: its padded slots, whose gradient is zero
     and whose weights and moments stay zero, are skipped (for the seed space's mixed sizes,
     ~95% of the slots); the gather from ``gd`` replaces a ``take`` over every slot and its copy.
@@ -332,7 +338,7 @@ def adam_connections(
     _, R, kpad = at.shape
     assert p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and at.is_contiguous()
     kb = min(64, _pow2(kpad))
-    rows = max(1, 4096 // kb)
+    rows = max(1, 1024 // kb)
     kernel[(K, -(-R // rows))](
         p, m, v, gd, at, sizes[0], sizes[1], sizes[2], step_size, bc2_sqrt,
         wd if wd is not None else step_size, P, R, kpad, d, 1.0 - beta1, beta2, 1.0 - beta2, eps,

@@ -452,6 +452,10 @@ def _candidates(arch: _Arch) -> int:
     return min(arch.in_dim, arch.k + arch.m)
 
 
+#: A fused stack whose real connections fill less than this share of its padded slots has
+#: Adam gather their gradient itself (``_kernels.adam_connections``); a fuller one takes a
+#: dense pass over every slot.
+_GATHER_BELOW = 0.5
 #: The most bands a fused stack's step is split into (see :func:`_bands`).
 _MAX_BANDS = 4
 #: A band's fixed cost (its extra launches, smaller products), in members of the full grid.
@@ -658,10 +662,15 @@ class _Stack:
         # the fused step's bands of members (see _bands); one band of the whole grid otherwise
         self.bands = (_bands([x.arch.n for x in members], dims.d) if self.fused
                       else [(0, self.K, dims.n)])
-        # each member's neurons, dendrites and inputs: the fused Adam skips its padded slots
-        self.sizes = (torch.tensor([[x.arch.n for x in members], [x.arch.d for x in members],
-                                    [x.arch.k for x in members]], dtype=torch.int32, device=dev)
-                      if self.fused else None)
+        # each member's neurons, dendrites and inputs, where the fused step's Adam gathers the
+        # connections' gradient itself and skips the padded slots: a stack mostly padding (a
+        # real slot's gather costs several times a dense pass over one; rows padded to a
+        # multiple of 4 keep each row's pointer 16-byte aligned, as Triton compiles for)
+        real = sum(x.arch.n * x.arch.d * x.arch.k for x in members)
+        self.sizes = (F.pad(torch.tensor([[x.arch.n for x in members], [x.arch.d for x in members],
+                                          [x.arch.k for x in members]], dtype=torch.int32),
+                            (0, -self.K % 4)).to(dev)
+                      if self.fused and real < _GATHER_BELOW * self.K * dims.rows * dims.k else None)
         if dims.n and self.K:
             assert kmask is not None
             self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
@@ -948,12 +957,15 @@ class _Stack:
         D, n_in = dims.d, dims.in_dim
         gd = xb.new_empty(self.grad_size + 1)
         gd[-1:].zero_()
-        # the gradient of db, sw, sb, wo, bo and the row's tail (zero past a band's neurons);
-        # the dendrite weights' is read from gd by Adam itself
-        small = self.layout["db"][0]
-        g = torch.zeros(K, self.p.shape[1] - small, device=self.p.device)
-        views = {name: g[:, off - small : off - small + math.prod(shape)].view(K, *shape)
-                 for name, (off, shape) in self.layout.items() if name != "dw"}
+        # the gradient from db on: db, sw, sb, wo, bo and the row's tail, zero past a band's
+        # neurons; the dendrite weights' too, unless Adam reads it from gd itself (sizes)
+        gather = self.sizes is not None
+        db = self.layout["db"][0]
+        first = db if gather else 0
+        g = torch.empty(K, self.p.shape[1] - first, device=self.p.device)
+        g[:, db - first :].zero_()
+        views = {name: g[:, off - first : off - first + math.prod(shape)].view(K, *shape)
+                 for name, (off, shape) in self.layout.items() if off >= first}
         views["db"] = views["db"].view(K, dims.n, D)
         losses, rights = [], []
         for (a, b, n), at in zip(self.bands, self.grad_at, strict=True):
@@ -965,8 +977,8 @@ class _Stack:
                 z = torch.baddbmm(self.plain["db"][a:b, :R].unsqueeze(1), x, w)
             try:
                 loss, right, gz, gsw, gsb, gwo, gbo, gdb = _kernels.soma_head(
-                    z, self.p[a:b], self.offsets, n, D, yb[a:b], self.smooth[a:b], add_bias=lowp,
-                    grad_dtype=xb.dtype, n_stored=dims.n)
+                    z, self.p, self.offsets, n, D, yb, self.smooth, add_bias=lowp,
+                    grad_dtype=xb.dtype, n_stored=dims.n, first=a)
             except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
                 _without_triton(exc, "head")
                 self.fused = False
@@ -981,9 +993,11 @@ class _Stack:
             views["bo"][a:b].copy_(gbo)
             losses.append(loss)
             rights.append(right)
+        if not gather:  # a dense pass: the take of every slot (padding reads the sink)
+            views["dw"].view(K, -1).copy_(gd.take(self.flat_t).view(K, -1))
         loss = losses[0] if len(losses) == 1 else torch.cat(losses)
         correct = rights[0] if len(rights) == 1 else torch.cat(rights)
-        self._adam(g, gd)
+        self._adam(g, gd if gather else None)
         return loss, correct
 
     @torch.no_grad()
@@ -1009,8 +1023,8 @@ class _Stack:
                                               self.dims.d, step_size.view(-1), bc2_sqrt.view(-1), wd,
                                               _BETA1, _BETA2, _EPS)
                     done = lo
-                _kernels.adam_rows(self.p[:, lo:], self.m[:, lo:], self.v[:, lo:], g.contiguous(),
-                                   step_size.view(-1), bc2_sqrt.view(-1), wd, _BETA1, _BETA2, _EPS)
+                _kernels.adam_rows(self.p, self.m, self.v, g, step_size.view(-1), bc2_sqrt.view(-1),
+                                   wd, _BETA1, _BETA2, _EPS, col0=lo)
                 return
             except Exception as exc:  # a Triton that cannot build the kernel here: PyTorch's ops
                 _without_triton(exc, "Adam")

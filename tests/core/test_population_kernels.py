@@ -162,6 +162,10 @@ z2 = z[:, :, : n2 * d].contiguous()
 for a, b in zip(_kernels.soma_head(z2, p, offs, n2, d, y, eps, n_stored=n),
                 _kernels.soma_head(z2, p2, o2, n2, d, y, eps), strict=True):
     assert torch.equal(a, b)
+# a band that starts at member 1: p, y and eps are the population's, z the band's own
+for a, b in zip(_kernels.soma_head(z[1:], p, offs, n, d, y, eps, first=1),
+                _kernels.soma_head(z[1:], p[1:], offs, n, d, y[1:], eps[1:]), strict=True):
+    assert torch.equal(a, b)
 print("same")
 """
 
@@ -437,6 +441,7 @@ import core
 from core import _kernels, _population
 _kernels.available = lambda device: True  # the fused step on the CPU, its kernels interpreted
 _population._BAND_OVERHEAD = 0  # a band for every neuron count
+_population._GATHER_BELOW = SHARE_OF_SLOTS  # 1: Adam gathers the connections' gradient; 0: a dense take
 seen = []
 bands = _population._bands
 _population._bands = lambda ns, d: seen.append(bands(ns, d)) or seen[-1]
@@ -469,9 +474,11 @@ print("same")
 """
 
 
-def test_members_in_several_bands_match_train_model_in_the_triton_interpreter() -> None:
-    """The banded fused step (resampling, label smoothing, weight decay) on the CPU."""
-    _interpret(_BANDS)
+@pytest.mark.parametrize("gather", [1.0, 0.0])
+def test_members_in_several_bands_match_train_model_in_the_triton_interpreter(gather: float) -> None:
+    """The banded fused step (resampling, label smoothing, weight decay) on the CPU, with the
+    connections' Adam and with the dense take."""
+    _interpret(_BANDS.replace("SHARE_OF_SLOTS", repr(gather)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton head runs on CUDA only")
@@ -494,6 +501,8 @@ def test_members_in_several_bands_match_train_model_on_cuda(
     ]
     results = train_population("dendritic_simple", configs, data, 2, BATCH, device="cuda")
     assert seen and [n for _, _, n in seen[0]] == [2, 4, 9]
+    # the bands' products have other shapes than train_model's, so cuBLAS rounds them
+    # differently; over 2 epochs of Adam the weights drift by up to ~5e-5 (measured on an H200)
     for cfg, got in zip(configs, results, strict=True):
         c = dict(cfg)
         lr, seed = c.pop("lr", 1e-3), c.pop("seed")
@@ -508,7 +517,7 @@ def test_members_in_several_bands_match_train_model_on_cuda(
         assert got.state_dict is not None
         for name, value in model.state_dict().items():
             if value.dtype.is_floating_point:
-                torch.testing.assert_close(got.state_dict[name], value.cpu(), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(got.state_dict[name], value.cpu(), rtol=1e-3, atol=2e-4)
             else:
                 assert torch.equal(got.state_dict[name], value.cpu()), name
     bf = train_population("dendritic_simple", configs, data, 2, BATCH, device="cuda", precision="bf16")
