@@ -50,9 +50,13 @@ How the members stay exactly themselves:
 * **Speed paths (CUDA).** Each stack's full-batch step is captured once as a CUDA graph and
   replayed; ``dendritic_simple`` stacks compute everything after the dendrite product in one
   Triton kernel (``core/_kernels.py``, no autograd); the next epoch's data orders and
-  resampling draws are stacked by a thread while the device trains. ``precision="tf32"`` or
-  ``"bf16"`` changes only the dendrite products' arithmetic. Sequences of configs of very
-  different sizes are split into size buckets (:func:`size_buckets`).
+  resampling draws are stacked by a thread while the device trains. A stack's members are
+  sorted by neurons and its fused step runs in bands (:func:`_bands`), each band's products
+  and head on the grid rows its members use; where real connections fill less than half the
+  padded slots, Adam reads their gradient itself and skips the padding
+  (``_kernels.adam_connections``). ``precision="tf32"`` or ``"bf16"`` changes only the
+  dendrite products' arithmetic. Sequences of configs of very different sizes are split into
+  size buckets (:func:`size_buckets`).
 * **Results.** A member that did not diverge gets ``result.state_dict``: its module's
   trained weights and connections (CPU tensors), as ``train_model`` would have left the
   model. A config that cannot be built ends as status ``"failed"`` with the reason in
