@@ -1593,6 +1593,57 @@ class BatchingStorage(_StudiesThrough):
 
 
 # -- TPE that does each ask's work once ---------------------------------------------------------
+class _RunningSafeIntersection(optuna.search_space.IntersectionSearchSpace):
+    """Optuna's ``IntersectionSearchSpace``, with a cache that running trials do not hold back.
+
+    The same result: the parameters whose distribution every finished trial of interest
+    (COMPLETE, and PRUNED with ``include_pruned``) shares. Optuna's cache stops at the oldest
+    running trial, so with a population's ~1,000 trials running every ask went over all of
+    them again through Optuna's generic loop (2 ms an ask, profiled, on a 2-core machine).
+    Here the trials below the oldest unfinished one are settled for good; above it, the
+    finished trials already counted are remembered by number, and one tight pass finds the
+    newly finished. ``tests/studies/test_fast.py`` compares it with Optuna's as trials start,
+    fail, get pruned and finish out of order.
+    """
+
+    def __init__(self, include_pruned: bool = False) -> None:
+        super().__init__(include_pruned)
+        self._finished = ((TrialState.COMPLETE, TrialState.PRUNED) if include_pruned
+                          else (TrialState.COMPLETE,))
+        self._floor = 0  # every trial before this index is counted or of no interest
+        self._counted: set[int] = set()  # finished trials at or after the floor, counted
+        self._space: dict[str, dists.BaseDistribution] | None = None
+        self._sorted: dict[str, dists.BaseDistribution] = {}
+
+    def calculate(self, study: optuna.Study, use_cache: bool = False) -> dict[str, dists.BaseDistribution]:
+        if self._study_id is None:
+            self._study_id = study._study_id
+        elif self._study_id != study._study_id:
+            raise ValueError("`IntersectionSearchSpace` cannot handle multiple studies.")
+        trials = study._get_trials(deepcopy=False, use_cache=use_cache)
+        finished, pending = self._finished, (TrialState.RUNNING, TrialState.WAITING)
+        counted, changed, settled = self._counted, False, True
+        for i in range(self._floor, len(trials)):
+            t = trials[i]
+            state = t.state
+            if state in finished and t.number not in counted:
+                counted.add(t.number)
+                changed = True
+                if self._space is None:
+                    self._space = dict(t.distributions)
+                else:
+                    self._space = {name: d for name, d in self._space.items()
+                                   if t.distributions.get(name) == d}
+            elif state in pending:
+                settled = False
+            if settled:  # everything up to here is final: move the floor past it
+                self._floor = i + 1
+                counted.discard(t.number)
+        if changed:
+            self._sorted = dict(sorted((self._space or {}).items(), key=lambda x: x[0]))
+        return copy.deepcopy(self._sorted)
+
+
 class FastTPESampler(optuna.samplers.TPESampler):
     """Optuna's TPESampler, proposing the same points with less work per ask.
 
@@ -1616,6 +1667,7 @@ class FastTPESampler(optuna.samplers.TPESampler):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._search_space = _RunningSafeIntersection(include_pruned=True)
         self._reprs: dict[tuple[Any, ...], dict[int, tuple[float, ...] | None]] = {}
         self._estimators: tuple[Any, Any] | None = None  # (key, (below, above))
         self._fitted: tuple[Any, frozenset[int]] | None = None  # (finished key, running ids) of the fit

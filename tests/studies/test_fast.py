@@ -962,3 +962,38 @@ def test_a_sqlite_store_is_in_wal_mode_with_foreign_keys_and_every_commit_reache
         # FULL: a commit waits for the disk (~0.2 ms on the H200 host); NORMAL would lose the
         # last commits to a power cut
         assert con.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+
+
+def test_the_intersection_search_space_equals_optunas_while_trials_run_and_finish_out_of_order() -> None:
+    from optuna.search_space import IntersectionSearchSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rng = random.Random(0)
+    study = optuna.create_study()
+    ours = _fast._RunningSafeIntersection(include_pruned=True)
+    theirs = IntersectionSearchSpace(include_pruned=True)
+    running: list[optuna.Trial] = []
+    for step in range(400):
+        if rng.random() < 0.1:
+            study.enqueue_trial({"x": 0.5})  # waiting until asked
+        if rng.random() < 0.55 or not running:
+            trial = study.ask()
+            trial.suggest_float("x", 0.0, 1.0)
+            # a parameter whose range changes now and then: it leaves the intersection
+            trial.suggest_int("n", 1, 10 if step < 300 else 12)
+            if rng.random() < 0.9:
+                trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+            running.append(trial)
+        else:  # one of the running trials ends, not necessarily the oldest
+            trial = running.pop(rng.randrange(len(running)))
+            state = rng.choice([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL])
+            study.tell(trial, 0.1 if state == TrialState.COMPLETE else None, state=state)
+        if step % 3 == 0:
+            assert ours.calculate(study) == theirs.calculate(study), step
+    assert ours.calculate(study) == theirs.calculate(study)
+    assert ours._floor > 0 and len(ours._counted) < len(study.trials)  # the cache moved on
+    other = optuna.create_study(storage=study._storage)  # another id in the same storage
+    with pytest.raises(ValueError, match="multiple studies"):
+        ours.calculate(other)
+    sampler = _fast.FastTPESampler(seed=0, multivariate=True)
+    assert isinstance(sampler._search_space, _fast._RunningSafeIntersection)
