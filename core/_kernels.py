@@ -13,7 +13,14 @@ afterwards, so the result is deterministic.
 :func:`adam_rows` is ``torch.optim.Adam``'s update for every member's flat row at once (each
 row with its own learning rate, step count and weight decay): one read of the gradient,
 parameters and moments and one write of each, where the element-wise PyTorch ops make about
-ten passes over those buffers.
+ten passes over those buffers. :func:`adam_connections` is the same update for the dendrite
+weights alone, reading each real connection's gradient from the dense gradient matrix and
+skipping the padded slots (a population of mixed sizes is mostly padding).
+
+Triton specializes a kernel on each integer argument's divisibility by 16 and each pointer's
+16-byte alignment; sizes and offsets are left unspecialized and pointers are whole tensors, so
+a study compiles each kernel once per tile shape (the head's power-of-2 neurons of a band),
+whatever its stacks' sizes.
 
 Triton runs on CUDA only; :func:`available` says whether the kernels can be used, and
 callers keep their plain PyTorch path for everything else (the CPU, no Triton).
@@ -26,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["adam_rows", "available", "disable", "soma_head"]
+__all__ = ["adam_connections", "adam_rows", "available", "disable", "soma_head"]
 
 _SLOPE = 0.1
 _TILE = 8192  # the fused head's (batch block x neurons x dendrites) elements per program
