@@ -90,15 +90,22 @@ class Api:
         assert r.status_code == 201, r.text
         return r.json()
 
-    def study(self, name: str) -> dict[str, Any]:
-        r = self.http.get(f"/v1/studies/{name}")
+    def _read(self, path: str, **kw: Any) -> Any:
+        """GET ``path``, retrying a 503 as the service asks (its answer to a transient database
+        error, e.g. while the chaos tests kill workers mid-transaction) a few times."""
+        for _ in range(10):
+            r = self.http.get(path, **kw)
+            if r.status_code != 503:
+                break
+            time.sleep(0.5)
         assert r.status_code == 200, r.text
         return r.json()
 
+    def study(self, name: str) -> dict[str, Any]:
+        return self._read(f"/v1/studies/{name}")  # type: ignore[no-any-return]
+
     def trials(self, name: str, **params: Any) -> list[dict[str, Any]]:
-        r = self.http.get(f"/v1/studies/{name}/trials", params={"limit": 1000, **params})
-        assert r.status_code == 200, r.text
-        return r.json()["data"]
+        return self._read(f"/v1/studies/{name}/trials", params={"limit": 1000, **params})["data"]  # type: ignore[no-any-return]
 
     def running(self, name: str) -> list[dict[str, Any]]:
         return self.trials(name, state="running")
