@@ -269,19 +269,28 @@ def test_fused_head_members_match_train_model_on_cuda(data: core.Dataset) -> Non
         dict(n_neurons=6, n_dendrites=2, n_dendrite_inputs=24, steps_to_resample=7, seed=2),
     ]
     results = train_population("dendritic_simple", configs, data, 2, BATCH, device="cuda")
+    _assert_like_train_model_on_cuda(configs, results, data, rtol=1e-4, atol=1e-5)
+
+
+def _assert_like_train_model_on_cuda(configs: list[dict[str, Any]], results: list[core.TrainResult],
+                                     data: core.Dataset, rtol: float, atol: float) -> None:
+    """Each member's 2-epoch history (losses to 1e-4) and weights (to ``rtol``/``atol``;
+    connections exactly) against ``train_model`` on CUDA with the same config."""
     for cfg, got in zip(configs, results, strict=True):
         c = dict(cfg)
         lr, seed = c.pop("lr", 1e-3), c.pop("seed")
+        recipe = {k: c.pop(k) for k in ("weight_decay", "label_smoothing") if k in c}
         model = core.create_model("dendritic_simple", seed=seed, in_dim=data.in_dim,
                                   n_classes=data.n_classes, **c)
-        want = core.train_model(model, data, 2, lr, 0.0, BATCH, device="cuda", seed=seed)
+        want = core.train_model(model, data, 2, lr, recipe.get("weight_decay", 0.0), BATCH, device="cuda",
+                                seed=seed, label_smoothing=recipe.get("label_smoothing", 0.0))
         for g, w in zip(got.history, want.history, strict=True):
             for key in ("train_loss", "val_loss", "test_loss"):
                 assert g[key] == pytest.approx(w[key], rel=1e-4), key
         assert got.state_dict is not None
         for name, value in model.state_dict().items():
             if value.dtype.is_floating_point:
-                torch.testing.assert_close(got.state_dict[name], value.cpu(), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(got.state_dict[name], value.cpu(), rtol=rtol, atol=atol)
             else:
                 assert torch.equal(got.state_dict[name], value.cpu()), name
 
@@ -503,23 +512,7 @@ def test_members_in_several_bands_match_train_model_on_cuda(
     assert seen and [n for _, _, n in seen[0]] == [2, 4, 9]
     # the bands' products have other shapes than train_model's, so cuBLAS rounds them
     # differently; over 2 epochs of Adam the weights drift by up to ~5e-5 (measured on an H200)
-    for cfg, got in zip(configs, results, strict=True):
-        c = dict(cfg)
-        lr, seed = c.pop("lr", 1e-3), c.pop("seed")
-        recipe = {k: c.pop(k) for k in ("weight_decay", "label_smoothing") if k in c}
-        model = core.create_model("dendritic_simple", seed=seed, in_dim=data.in_dim,
-                                  n_classes=data.n_classes, **c)
-        want = core.train_model(model, data, 2, lr, recipe.get("weight_decay", 0.0), BATCH, device="cuda",
-                                seed=seed, label_smoothing=recipe.get("label_smoothing", 0.0))
-        for g, w in zip(got.history, want.history, strict=True):
-            for key in ("train_loss", "val_loss", "test_loss"):
-                assert g[key] == pytest.approx(w[key], rel=1e-4), key
-        assert got.state_dict is not None
-        for name, value in model.state_dict().items():
-            if value.dtype.is_floating_point:
-                torch.testing.assert_close(got.state_dict[name], value.cpu(), rtol=1e-3, atol=2e-4)
-            else:
-                assert torch.equal(got.state_dict[name], value.cpu()), name
+    _assert_like_train_model_on_cuda(configs, results, data, rtol=1e-3, atol=2e-4)
     bf = train_population("dendritic_simple", configs, data, 2, BATCH, device="cuda", precision="bf16")
     for x, y in zip(results, bf, strict=True):
         assert y.status == "completed" and abs((x.test_accuracy or 0) - (y.test_accuracy or 0)) < 0.05
