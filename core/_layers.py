@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +20,29 @@ __all__ = ["DendriticLayer", "register_dendritic_hooks", "resample_layers"]
 _SLOPE = 0.1
 #: how a dendrite's inputs are chosen: anywhere in the input, or within one image patch
 CONNECTIVITIES = ("random", "local")
+
+
+_DEFER = threading.local()  # .draws: a list while deferred_connections() is active in this thread
+
+
+@contextlib.contextmanager
+def deferred_connections() -> Iterator[list[Callable[[], None]]]:
+    """Layers built in this block (this thread only) leave their connections and weights undrawn.
+
+    Each adds to the list a closure that draws them from the layer's own generator exactly as
+    its constructor would have (the same numbers: the generator is the layer's alone, and
+    nothing else draws from it before). Call each before the layer's ``indices`` or weights
+    are read or its generator draws again. The population runs them on its worker threads
+    while the main thread builds the next members: the draw (a ``rand`` and a ``topk`` over
+    every input of every dendrite) was over half of a member's build. Only for builders
+    that do not touch the layer after constructing it (core's own families).
+    """
+    outer = getattr(_DEFER, "draws", None)
+    _DEFER.draws = draws = []
+    try:
+        yield draws
+    finally:
+        _DEFER.draws = outer
 
 
 def infer_image_shape(in_dim: int) -> tuple[int, int, int] | None:
@@ -168,12 +194,7 @@ class DendriticLayer(nn.Module):
                 [(centre_y - ph // 2).clamp(0, h - ph), (centre_x - pw // 2).clamp(0, w - pw)], 1
             )
             self.register_buffer("patch_origin", origin)
-        # Distinct inputs per dendrite: the first k of a random permutation of its candidates.
-        scores = torch.rand(n_dend, in_dim, generator=self._generator)
-        if image is not None:
-            scores.masked_fill_(~self.patch_mask(), 2.0)  # rand < 1: outside inputs come last
-        indices = scores.topk(n_dendrite_inputs, dim=1, largest=False).indices.contiguous()
-        self.register_buffer("indices", indices)
+        self.register_buffer("indices", torch.empty(n_dend, n_dendrite_inputs, dtype=torch.long))
         self.weight = nn.Parameter(torch.empty(n_dend, n_dendrite_inputs))
         self.bias = nn.Parameter(torch.empty(n_dend))
         if self.soma_enabled:
@@ -182,7 +203,24 @@ class DendriticLayer(nn.Module):
         else:
             self.register_parameter("soma_weight", None)
             self.register_parameter("soma_bias", None)
+        draws = getattr(_DEFER, "draws", None)
+        if draws is None:
+            self._draw()
+        else:
+            draws.append(self._draw)
+
+    def _draw(self) -> None:
+        """Everything drawn from the layer's own generator at construction, in order: the
+        connections, then the weights."""
+        self._draw_connections()
         self.reset_parameters()
+
+    def _draw_connections(self) -> None:
+        """Distinct inputs per dendrite: the first k of a random permutation of its candidates."""
+        scores = torch.rand(self.n_neurons * self.n_dendrites, self.in_dim, generator=self._generator)
+        if self.image_shape is not None:
+            scores.masked_fill_(~self.patch_mask(), 2.0)  # rand < 1: outside inputs come last
+        self.indices.copy_(scores.topk(self.n_dendrite_inputs, dim=1, largest=False).indices)
 
     def patch_mask(self) -> torch.Tensor:
         """``(n_neurons * n_dendrites, in_dim)`` booleans: the inputs each dendrite's patch holds.

@@ -85,7 +85,7 @@ from torch.nn import functional as F
 from . import _kernels
 from ._bio_stack import BioPack, MemberBio, convert_member
 from ._data import Dataset
-from ._layers import DendriticLayer, best_unused
+from ._layers import DendriticLayer, best_unused, deferred_connections
 from ._registry import count_parameters, get_family, list_models
 from ._train import (
     AUGMENTS,
@@ -411,6 +411,11 @@ class _Recipe:
         return self.lr_schedule != "constant" or self.warmup_steps > 0
 
 
+def _draw_all(draws: list[Callable[[], None]]) -> None:
+    for draw in draws:
+        draw()
+
+
 def _make_plan(
     data_gen: torch.Generator, layer_gen: torch.Generator | None, arch: _Arch,
     n: int, n_steps: int, steps0: int, recipe: _Recipe | None = None,
@@ -540,6 +545,7 @@ class _Member:
     net: nn.Module | None = None  # the built module, which receives the trained weights
     own: dict[str, torch.Tensor] = field(default_factory=dict)
     bio: MemberBio | None = None  # its bio rules (the readout's), if its config has ``bio``
+    drawn: Future[None] | None = None  # its layer's connections, drawn on a worker thread
 
 
 # -- the stacked population ---------------------------------------------------------------------
@@ -868,13 +874,15 @@ class _Stack:
         _put(self.buf, self.plain["dw"], self.real)
         return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
 
-    def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
+    def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool,
+               members: int | None = None) -> torch.Tensor:
         """``x @ w^T + b`` per member; a shared ``x`` (evaluation) is one large product."""
         if not shared:
             return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        K = self.K if members is None else members
         rows = w.shape[1]
-        z = x @ w.reshape(self.K * rows, -1).t()
-        return z.view(len(x), self.K, rows).transpose(0, 1) + b.unsqueeze(1)
+        z = x @ w.reshape(K * rows, -1).t()
+        return z.view(len(x), K, rows).transpose(0, 1) + b.unsqueeze(1)
 
     def logits(self, x: torch.Tensor, shared: bool, dense: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs ``(K, batch, classes)`` for member batches ``x`` (K, B, in) or one shared ``x``."""
@@ -905,6 +913,18 @@ class _Stack:
             y = F.leaky_relu(torch.baddbmm(P[f"b{j}"].unsqueeze(1), h, P[f"w{j}"].transpose(1, 2)), _SLOPE)
             h = y if self.full[j] else torch.where(self.active[:, j, None, None], y, h)
         return torch.baddbmm(P["bo"].unsqueeze(1), h, P["wo"].transpose(1, 2))
+
+    def _band_logits(self, x: torch.Tensor, dense: torch.Tensor, a: int, b: int, n: int) -> torch.Tensor:
+        """``logits`` of members ``a:b`` of a fused stack on a shared ``x``, over their band's
+        first ``n`` neurons (the others are padding: zero soma and readout weights)."""
+        D, P = self.dims.d, self.plain
+        R = n * D
+        z = self._first(x, dense[a:b, :R], P["db"][a:b, :R], True, members=b - a)
+        h = F.leaky_relu(z, _SLOPE)
+        kb, B = h.shape[:2]
+        s = (h.view(kb, B, n, D) * P["sw"][a:b, :n].unsqueeze(1)).sum(-1)
+        s = F.leaky_relu(s + P["sb"][a:b, :n].unsqueeze(1), _SLOPE)
+        return torch.baddbmm(P["bo"][a:b].unsqueeze(1), s, P["wo"][a:b, :, :n].transpose(1, 2))
 
     # -- training ---------------------------------------------------------------------------
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor,
@@ -1078,6 +1098,17 @@ class _Stack:
         chunk = max(1, min(4096, budget // (self.K * width * 4 * 4)))
         total = torch.zeros(self.K, device=x.device)
         correct = torch.zeros(self.K, device=x.device)
+        if len(self.bands) > 1:  # the fused step's bands: each on the grid rows its members use
+            assert dense is not None
+            for a, b, n in self.bands:
+                for i in range(0, len(x), chunk):
+                    xb, yb = x[i : i + chunk], y[i : i + chunk]
+                    out = self._band_logits(xb, dense, a, b, n)
+                    kb, B, C = out.shape
+                    ce = F.cross_entropy(out.reshape(kb * B, C), yb.repeat(kb), reduction="none")
+                    total[a:b] += ce.view(kb, B).sum(1)
+                    correct[a:b] += (out.argmax(2) == yb).sum(1)
+            return total, correct
         for i in range(0, len(x), chunk):
             xb, yb = x[i : i + chunk], y[i : i + chunk]
             out = self.logits(xb, shared=True, dense=dense)
@@ -1300,11 +1331,22 @@ class _Population:
         # create_model(family, seed=mseed, **params) draws from the CPU generator alone; its
         # torch.manual_seed also reseeds every CUDA device (about a millisecond a member on a
         # GPU host) without changing the weights, so only the CPU generator is seeded here.
-        with torch.random.fork_rng(devices=[]):
+        # core's own builders leave a layer as constructed: its own draws can wait (see below)
+        defer = getattr(family.build, "__module__", None) == "core._models"
+        with torch.random.fork_rng(devices=[]), (
+            deferred_connections() if defer else contextlib.nullcontext([])
+        ) as draws:
             torch.default_generator.manual_seed(mseed)
             net = family.build(**resolved)
         arch, layer, linears = _parse(net, self.family)
         bio = None
+        drawn = None
+        if draws and config.get("bio") is None:
+            # the connections are drawn on a worker while this thread builds the next members;
+            # _restack waits for them (they are stacked, and the member's plans draw after them)
+            drawn = self.pool.submit(_draw_all, draws)
+        else:
+            _draw_all(draws)
         if config.get("bio") is not None:  # converted before its tensors are read: Dale's signs
             readout = next(n for n, m in net.named_modules() if m is linears[-1])
             bio = convert_member(net, config["bio"], mseed, _bio_role(readout))
@@ -1316,11 +1358,13 @@ class _Population:
         for j, lin in enumerate(linears):
             tag = "o" if j == len(linears) - 1 else str(j)
             own[f"w{tag}"], own[f"b{tag}"] = lin.weight, lin.bias
-        ps = {k: v.detach().clone() for k, v in own.items()}
+        # the module's own tensors (the layer's may still be being drawn): read only to be
+        # stacked, and written only when the member ends
+        ps = {k: v.detach() for k, v in own.items()}
         state = _State(
             ps, {k: torch.zeros_like(v) for k, v in ps.items()},
             {k: torch.zeros_like(v) for k, v in ps.items()},
-            layer.indices.clone() if layer is not None else None,
+            layer.indices if layer is not None else None,  # read only to be stacked
         )
         result = TrainResult(n_params=count_parameters(net), device=str(self.device), seed=mseed)
         patch = None
@@ -1331,7 +1375,7 @@ class _Population:
             data_gen=torch.Generator().manual_seed(mseed),
             layer_gen=layer._generator if layer is not None else None,
             result=result, recipe=recipe, n_steps=math.ceil(self.n_train / recipe.batch_size),
-            patch=patch, state=state, net=net, own=own, bio=bio,
+            patch=patch, state=state, net=net, own=own, bio=bio, drawn=drawn,
         )
         self.results.append(result)
         return mem
@@ -1498,6 +1542,10 @@ class _Population:
             return
         everyone = (stack.members if stack is not None else []) + incoming
         needed = _Dims.of(m.arch for m in everyone)
+        for m in incoming:
+            if m.drawn is not None:
+                m.drawn.result()
+                m.drawn = None
         states = [m.state for m in incoming]
         assert all(s is not None for s in states)
         # members sorted by neurons, so that the fused step's bands (_bands) cut the padding

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from typing import Any
 
@@ -18,6 +19,13 @@ import sqlalchemy as sa
 import torch
 
 __all__ = ["ModelStore"]
+
+#: how long a read of a study's ``keep``-th model answers ``_cannot_enter`` without another
+#: read: a population's members end ~1,000 at a time and each asked the database (~1.5 ms).
+#: Other workers only make the bar stricter (a better model pushes the ``keep``-th out), so a
+#: remembered bar never refuses a trial the database would take, except after a re-keep
+#: of a kept trial with a worse value elsewhere: for at most this long.
+_BAR_SECONDS = 2.0
 
 _META = sa.MetaData()
 _MODELS = sa.Table(
@@ -42,6 +50,9 @@ class ModelStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         _META.create_all(engine, checkfirst=True)
+        # per (study, keep, maximize): the keep-th model's (value, trial number) and when read
+        self._bars: dict[tuple[str, int, bool], tuple[float, int, float]] = {}
+        self._written: set[tuple[str, int]] = set()  # kept by this store: a re-keep reads
 
     def keep(
         self,
@@ -71,6 +82,8 @@ class ModelStore:
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
         # re-ranks in its own transaction: a model kept meanwhile by another worker counts
+        self._forget_bars(study_name)  # a write moves the bar, down too when a kept trial re-keeps
+        self._written.add((study_name, trial_number))
         with self.engine.begin() as con:
             con.execute(
                 _MODELS.delete().where(
@@ -114,6 +127,13 @@ class ModelStore:
         """
         if value is None or self.engine.dialect.name not in ("sqlite", "postgresql"):
             return False
+        key = (study_name, keep, maximize)
+        bar = self._bars.get(key)
+        fresh = bar is not None and time.monotonic() - bar[2] < _BAR_SECONDS
+        if fresh and (study_name, trial_number) not in self._written and _ranks_after(
+            value, trial_number, bar[0], bar[1], maximize  # type: ignore[index]
+        ):
+            return True  # behind the bar read moments ago; it can only have risen since
         ours = (_MODELS.c.study_name == study_name) & (_MODELS.c.trial_number == trial_number)
         kth = (
             sa.select(_MODELS.c.value, _MODELS.c.trial_number)
@@ -130,11 +150,17 @@ class ModelStore:
         if row is None:  # fewer than `keep` models
             return False
         last, last_number, stored = row
-        if stored or last is None:
+        if last is None:
             return False
-        # a NaN on either side compares false: today's path ranks it
-        worse = value < last if maximize else value > last
-        return worse or (value == last and trial_number > last_number)
+        if not math.isnan(last):
+            self._bars[key] = (float(last), int(last_number), time.monotonic())
+        if stored:
+            return False
+        return _ranks_after(value, trial_number, last, last_number, maximize)
+
+    def _forget_bars(self, study_name: str) -> None:
+        for key in [k for k in self._bars if k[0] == study_name]:
+            del self._bars[key]
 
     def get(self, study_name: str, trial_number: int) -> tuple[dict[str, Any], bytes] | None:
         """(config, torch.save bytes) of a kept trial, or None."""
@@ -157,5 +183,14 @@ class ModelStore:
             )
 
     def delete_study(self, study_name: str) -> None:
+        self._forget_bars(study_name)
+        self._written = {w for w in self._written if w[0] != study_name}
         with self.engine.begin() as con:
             con.execute(_MODELS.delete().where(_MODELS.c.study_name == study_name))
+
+
+def _ranks_after(value: float, number: int, last: float, last_number: int, maximize: bool) -> bool:
+    """Whether (value, number) ranks after the kept (last, last_number); a NaN on either side
+    compares false, so the write path ranks it."""
+    worse = value < last if maximize else value > last
+    return worse or (value == last and number > last_number)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -266,3 +267,33 @@ def test_best_unused_picks_what_masking_the_whole_row_picks_batched_or_not() -> 
     blocks = best_unused(best.view(3, rows // 3, -1), candidates.view(3, rows // 3, -1),
                          indices.view(3, rows // 3, -1), n_inputs, m)
     assert torch.equal(blocks.reshape(rows, m), want)
+
+
+@pytest.mark.parametrize("connectivity", ["random", "local"])
+def test_deferred_draws_give_the_layer_it_would_have_had(connectivity: str) -> None:
+    """The population builds members with their layers' draws deferred (run on its workers):
+    once drawn, connections and weights are those of a layer built in one go, and the draws
+    of each layer come from its own generator, whichever thread or order runs them."""
+    from core._layers import deferred_connections
+
+    args = dict(in_dim=64, n_neurons=5, n_dendrite_inputs=9, n_dendrites=3, connectivity=connectivity,
+                input_shape=(1, 8, 8))
+    want = [DendriticLayer(**args, seed=s) for s in (1, 2)]
+    with deferred_connections() as draws:
+        got = [DendriticLayer(**args, seed=s) for s in (1, 2)]
+        with deferred_connections() as inner:  # nested: the inner block's layers are its own
+            DendriticLayer(**args, seed=3)
+    assert len(draws) == 2 and len(inner) == 1
+    threads = [threading.Thread(target=d) for d in reversed(draws)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.indices, w.indices)
+        for name, p in w.named_parameters():
+            assert torch.equal(getattr(g, name), p), name
+        # and the generator goes on from the same point: the next resampling draws agree
+        assert torch.equal(torch.rand(4, generator=g._generator), torch.rand(4, generator=w._generator))
+    # outside the block a layer draws at once, as before
+    assert torch.equal(DendriticLayer(**args, seed=1).indices, want[0].indices)

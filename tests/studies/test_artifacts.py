@@ -155,6 +155,53 @@ def test_a_trial_worse_than_the_kept_ones_is_one_read_and_no_save(
     assert _keep(store, other, 0, sign * -100.0, 3, maximize)
 
 
+@pytest.mark.parametrize("maximize", [True, False])
+def test_a_burst_behind_the_bar_costs_one_read_and_a_better_one_still_enters(
+    store: ModelStore, study: Callable[[], str], spy: _Spy, maximize: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A population's members end ~1,000 at once: those behind the keep-th model share a read."""
+    name = study()
+    sign = 1.0 if maximize else -1.0
+    for n in range(3):
+        assert _keep(store, name, n, sign * (n + 1), 3, maximize)
+    spy.reset()
+    for n in range(3, 53):
+        assert not _keep(store, name, n, sign * (0.9 - n / 100), 3, maximize)
+    assert spy.saves == 0 and spy.statements == ["SELECT"], spy.statements
+    # one that ranks before the remembered bar reads and enters; the bar is read afresh after
+    spy.reset()
+    assert _keep(store, name, 60, sign * 1.5, 3, maximize)
+    assert spy.saves == 1 and sorted(store.list(name)) == [1, 2, 60]
+    spy.reset()
+    assert not _keep(store, name, 61, sign * 1.2, 3, maximize)  # behind the new bar (1.5)
+    assert not _keep(store, name, 62, sign * 1.1, 3, maximize)
+    assert spy.statements == ["SELECT"], spy.statements
+    # another worker's better models raise the bar: our remembered one only reads more often
+    other = ModelStore(store.engine)
+    assert _keep(other, name, 70, sign * 5.0, 3, maximize)
+    assert _keep(other, name, 71, sign * 6.0, 3, maximize)
+    assert not _keep(store, name, 72, sign * 1.7, 3, maximize)  # was past our bar, not theirs
+    assert sorted(store.list(name)) == [2, 70, 71]
+    # and an old bar is read again
+    monkeypatch.setattr(_artifacts, "_BAR_SECONDS", 0.0)
+    spy.reset()
+    assert not _keep(store, name, 80, sign * 0.1, 3, maximize)
+    assert not _keep(store, name, 81, sign * 0.1, 3, maximize)
+    assert spy.statements == ["SELECT", "SELECT"], spy.statements
+
+
+def test_a_remembered_bar_never_stops_a_re_keep(store: ModelStore, study: Callable[[], str]) -> None:
+    name = study()
+    for n, v in enumerate((0.9, 0.8)):
+        assert _keep(store, name, n, v, 2, True)
+    assert not _keep(store, name, 3, 0.1, 2, True)  # reads: the bar is (0.8, trial 1)
+    assert _keep(store, name, 1, 0.05, 2, True, again=True)  # behind the bar, but kept before
+    assert _values(store, name) == {0: 0.9, 1: 0.05}
+    assert _keep(store, name, 4, 0.5, 2, True)  # the bar fell with the re-keep
+    assert _values(store, name) == {0: 0.9, 4: 0.5}
+
+
 def test_keep_zero_keeps_nothing(store: ModelStore, study: Callable[[], str], spy: _Spy) -> None:
     name = study()
     assert not _keep(store, name, 0, 1.0, 0, True)
