@@ -378,7 +378,7 @@ class _State:
     """A member's tensors in its own shapes while it is outside a stack."""
 
     params: dict[str, torch.Tensor]
-    exp_avg: dict[str, torch.Tensor]
+    exp_avg: dict[str, torch.Tensor]  # empty: zeros (a member that has not trained yet)
     exp_avg_sq: dict[str, torch.Tensor]
     indices: torch.Tensor | None
 
@@ -753,10 +753,16 @@ class _Stack:
         K, P = len(states), dims.stride
         layout = dims.layout()
         if K and all(_Dims.of([m.arch]) == dims for m in members):  # no padding: plain stacking
-            bufs = [F.pad(torch.cat([torch.stack([d[name] for d in ds]).reshape(K, -1) for name in layout], 1),
-                          (0, P - dims.numel))
-                    for ds in ([st.params for st in states], [st.exp_avg for st in states],
-                               [st.exp_avg_sq for st in states])]
+            bufs = []
+            for ds in ([st.params for st in states], [st.exp_avg for st in states],
+                       [st.exp_avg_sq for st in states]):
+                if not any(ds):  # moments of members that have not trained yet
+                    bufs.append(torch.zeros(K, P))
+                    continue
+                ds = [d or {k: torch.zeros_like(v) for k, v in st.params.items()}
+                      for d, st in zip(ds, states, strict=True)]
+                bufs.append(F.pad(torch.cat([torch.stack([d[name] for d in ds]).reshape(K, -1)
+                                             for name in layout], 1), (0, P - dims.numel)))
             idx = kmask = None
             if dims.n:
                 idx = torch.stack([st.indices for st in states])  # type: ignore[misc]
@@ -772,6 +778,8 @@ class _Stack:
         for i, (mem, st) in enumerate(zip(members, states, strict=True)):
             for name, (off, shape) in layout.items():
                 for buf, src in zip(bufs, (st.params, st.exp_avg, st.exp_avg_sq), strict=True):
+                    if name not in src:  # moments not kept yet: the buffer's zeros
+                        continue
                     reg = _region(buf[i, off : off + math.prod(shape)].view(shape), name, mem.arch, dims)
                     if reg is not None:
                         reg[0].copy_(src[name].reshape(reg[0].shape))
@@ -874,15 +882,13 @@ class _Stack:
         _put(self.buf, self.plain["dw"], self.real)
         return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
 
-    def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool,
-               members: int | None = None) -> torch.Tensor:
+    def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
         """``x @ w^T + b`` per member; a shared ``x`` (evaluation) is one large product."""
         if not shared:
             return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-        K = self.K if members is None else members
         rows = w.shape[1]
-        z = x @ w.reshape(K * rows, -1).t()
-        return z.view(len(x), K, rows).transpose(0, 1) + b.unsqueeze(1)
+        z = x @ w.reshape(self.K * rows, -1).t()
+        return z.view(len(x), self.K, rows).transpose(0, 1) + b.unsqueeze(1)
 
     def logits(self, x: torch.Tensor, shared: bool, dense: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs ``(K, batch, classes)`` for member batches ``x`` (K, B, in) or one shared ``x``."""
@@ -914,14 +920,14 @@ class _Stack:
             h = y if self.full[j] else torch.where(self.active[:, j, None, None], y, h)
         return torch.baddbmm(P["bo"].unsqueeze(1), h, P["wo"].transpose(1, 2))
 
-    def _band_logits(self, x: torch.Tensor, dense: torch.Tensor, a: int, b: int, n: int) -> torch.Tensor:
+    def _band_logits(self, x: torch.Tensor, w: torch.Tensor, a: int, b: int, n: int) -> torch.Tensor:
         """``logits`` of members ``a:b`` of a fused stack on a shared ``x``, over their band's
-        first ``n`` neurons (the others are padding: zero soma and readout weights)."""
+        first ``n`` neurons (the others are padding: zero soma and readout weights); ``w`` holds
+        their dense matrices' first ``n * d`` rows, ``((b - a) * n * d, in_dim)``."""
         D, P = self.dims.d, self.plain
-        R = n * D
-        z = self._first(x, dense[a:b, :R], P["db"][a:b, :R], True, members=b - a)
+        R, kb, B = n * D, b - a, len(x)
+        z = (x @ w.t()).view(B, kb, R).transpose(0, 1) + P["db"][a:b, :R].unsqueeze(1)
         h = F.leaky_relu(z, _SLOPE)
-        kb, B = h.shape[:2]
         s = (h.view(kb, B, n, D) * P["sw"][a:b, :n].unsqueeze(1)).sum(-1)
         s = F.leaky_relu(s + P["sb"][a:b, :n].unsqueeze(1), _SLOPE)
         return torch.baddbmm(P["bo"][a:b].unsqueeze(1), s, P["wo"][a:b, :, :n].transpose(1, 2))
@@ -1101,9 +1107,13 @@ class _Stack:
         if len(self.bands) > 1:  # the fused step's bands: each on the grid rows its members use
             assert dense is not None
             for a, b, n in self.bands:
-                for i in range(0, len(x), chunk):
-                    xb, yb = x[i : i + chunk], y[i : i + chunk]
-                    out = self._band_logits(xb, dense, a, b, n)
+                R = n * dims.d
+                # the band's rows of the dense matrix, made contiguous once (not once a chunk)
+                w = dense[a:b, :R].reshape((b - a) * R, dims.in_dim)
+                step = max(1, min(4096, budget // ((b - a) * max(R, dims.n_classes) * 4 * 4)))
+                for i in range(0, len(x), step):
+                    xb, yb = x[i : i + step], y[i : i + step]
+                    out = self._band_logits(xb, w, a, b, n)
                     kb, B, C = out.shape
                     ce = F.cross_entropy(out.reshape(kb * B, C), yb.repeat(kb), reduction="none")
                     total[a:b] += ce.view(kb, B).sum(1)
@@ -1361,11 +1371,7 @@ class _Population:
         # the module's own tensors (the layer's may still be being drawn): read only to be
         # stacked, and written only when the member ends
         ps = {k: v.detach() for k, v in own.items()}
-        state = _State(
-            ps, {k: torch.zeros_like(v) for k, v in ps.items()},
-            {k: torch.zeros_like(v) for k, v in ps.items()},
-            layer.indices if layer is not None else None,  # read only to be stacked
-        )
+        state = _State(ps, {}, {}, layer.indices if layer is not None else None)  # moments: zeros
         result = TrainResult(n_params=count_parameters(net), device=str(self.device), seed=mseed)
         patch = None
         if layer is not None and layer.connectivity == "local" and arch.m > 0:

@@ -7,12 +7,23 @@ Fashion-MNIST, MNIST and digits, 3 for CIFAR-10/100; ``n_classes`` is ``Dataset.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torchvision  # type: ignore[import-untyped]
 from torch import nn
 
 from ._registry import register_model
+
+if TYPE_CHECKING:
+    import torchvision  # type: ignore[import-untyped]
+
+
+def _models() -> Any:
+    """``torchvision.models``, imported when a ResNet is built: importing torchvision pulls in
+    torch._dynamo, ~3 s of every process's start (every worker, CLI call and server) for two
+    families that most studies never build."""
+    import torchvision  # type: ignore[import-untyped]
+
+    return torchvision.models
 
 __all__: list[str] = []
 
@@ -77,7 +88,7 @@ def resnet18(
 ) -> nn.Module:
     """ResNet-18 (torchvision, untrained) with a 3x3 stride-1 stem and no max pool, for 32x32."""
     _check_positive(in_channels=in_channels, n_classes=n_classes)
-    model = torchvision.models.resnet18(
+    model = _models().resnet18(
         weights=None, num_classes=n_classes, zero_init_residual=zero_init_residual
     )
     return _cifar_stem(model, in_channels)
@@ -94,7 +105,7 @@ def resnet50(
 ) -> nn.Module:
     """ResNet-50 (torchvision, untrained) with a 3x3 stride-1 stem and no max pool, for 32x32."""
     _check_positive(in_channels=in_channels, n_classes=n_classes)
-    model = torchvision.models.resnet50(
+    model = _models().resnet50(
         weights=None, num_classes=n_classes, zero_init_residual=zero_init_residual
     )
     return _cifar_stem(model, in_channels)

@@ -39,6 +39,9 @@ _MODELS = sa.Table(
     sa.Column("weights", sa.LargeBinary, nullable=False),
 )
 
+#: the kept models' order, best first, for a maximized and a minimized objective
+_BEST_FIRST = {True: sa.desc(_MODELS.c.value), False: sa.asc(_MODELS.c.value)}
+
 
 class ModelStore:
     """Weights of the ``keep`` best trials of each study, in the study's own database.
@@ -74,7 +77,7 @@ class ModelStore:
         """
         if keep <= 0:
             return False
-        order = sa.desc(_MODELS.c.value) if maximize else sa.asc(_MODELS.c.value)
+        order = _BEST_FIRST[maximize]
         if self._cannot_enter(study_name, trial_number, value, keep, maximize, order):
             return False
         if normalization is not None or "normalization" not in config:

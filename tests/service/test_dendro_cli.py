@@ -167,8 +167,11 @@ def test_the_installed_command_exits_2_on_an_impossible_budget(specs: Path) -> N
 
 @pytest.mark.slow
 def test_a_worker_loads_no_web_code(tmp_path: Path) -> None:
-    probe = ("import sys, service.cli, service.worker; "
-             "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'optuna_dashboard') if m in sys.modules))")
+    """Nor torchvision, which pulls in torch._dynamo (~3 s of every worker's start) for the
+    two ResNet families alone: it is imported when one is built."""
+    probe = ("import sys, service.cli, service.worker, studies, core; "
+             "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'optuna_dashboard', "
+             "'torchvision', 'torch._dynamo') if m in sys.modules))")
     r = subprocess.run([str(DENDRO.with_name("python")), "-c", probe], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
