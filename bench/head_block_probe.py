@@ -9,7 +9,8 @@ and readout weights and writes a partial sum of their gradients, so a small BB r
 re-writes those once per 8 examples. This times the kernel (median of 20 CUDA-event timings
 after 3 warm-ups) for BB in 4..64 and 4 or 8 warps, prints each one's largest difference from
 the first row (summation order only) and GB/s over the bytes that must move (z read, dL/dz
-written). ``soma_head`` now aims at 8,192 elements a program (``_kernels._TILE``).
+written). ``soma_head`` now aims at 8,192 elements a program (``_kernels._TILE``). Rows with
+dot=1 compute the readout's three products with ``tl.dot`` (``_kernels.HEAD_DOT``).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def main() -> None:
     ref = None
     print(f"# K={K} B={B} grid {n}x{d} (padded {NP}x{DP}); bytes that must move: "
           f"{2 * z.numel() * 4 / 1e6:.0f} MB")
-    for warps in (4, 8):
-        for BB in (4, 8, 16, 32, 64):
+    rows = [(w, bb, False) for w in (4, 8) for bb in (4, 8, 16, 32, 64)]
+    rows += [(w, bb, True) for w in (4, 8) for bb in (16, 32, 64)]  # tl.dot needs a block >= 16
+    for warps, BB, dot in rows:
+        if True:
             n_blocks = -(-B // BB)
             part_stride = NP * DP + NP + CP * NP + CP + NP * DP  # sw, sb, wo, bo, db
             gz = torch.empty_like(z)
@@ -65,7 +68,7 @@ def main() -> None:
                 kernel[(K, n_blocks)], z, p, p, p, p, y, eps, gz, part, loss, correct,
                 B, n, d, C, p.stride(0), 0, offs["sw"], offs["sb"], offs["wo"], offs["bo"],
                 n_blocks, part_stride, 1.0 / B, BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=False,
-                GZ_BF16=False, num_warps=warps)
+                GZ_BF16=False, DOT=dot, num_warps=warps)
             run = functools.partial(_launch_and_sum, launch, part)
 
             try:
@@ -73,7 +76,7 @@ def main() -> None:
                     run()
                 torch.cuda.synchronize()
             except Exception as exc:  # noqa: BLE001 - a block too large for the registers
-                print(f"BB={BB:3d} warps={warps}: failed ({type(exc).__name__})")
+                print(f"BB={BB:3d} warps={warps} dot={dot}: failed ({type(exc).__name__}: {exc})"[:300])
                 continue
             times = []
             for _ in range(20):
@@ -89,7 +92,7 @@ def main() -> None:
                 ref = got
             diff = [f"{(g - r).abs().max().item() / max(1e-30, r.abs().max().item()):.1e}"
                     for g, r in zip(got, ref, strict=True)]
-            print(f"BB={BB:3d} warps={warps} tile={BB * NP * DP:6d}: {ms:7.3f} ms  "
+            print(f"BB={BB:3d} warps={warps} dot={dot:d} tile={BB * NP * DP:6d}: {ms:7.3f} ms  "
                   f"{2 * z.numel() * 4 / ms / 1e6:7.0f} GB/s  largest difference from the first row "
                   f"(loss, dL/dz, parameter gradients), relative to the largest value: {' '.join(diff)}")
 

@@ -59,7 +59,7 @@ def _triton() -> Any:
         B, NN, DD, NS, m0, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
         inv_b,
         BB: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr,
-        ADD_DB: tl.constexpr, GZ_BF16: tl.constexpr,
+        ADD_DB: tl.constexpr, GZ_BF16: tl.constexpr, DOT: tl.constexpr,
     ):
         m = tl.program_id(0)
         blk = tl.program_id(1)
@@ -92,7 +92,10 @@ def _triton() -> Any:
         wo = tl.load(wo_ptr + pm + wo_off + c[:, None] * NS + i[None, :],
                      mask=mc[:, None] & mi[None, :], other=0.0)
         bo = tl.load(bo_ptr + pm + bo_off + c, mask=mc, other=0.0)
-        logits = tl.sum(s[:, None, :] * wo[None, :, :], axis=2) + bo[None, :]
+        if DOT:  # the readout's three products as float32 dots (no (BB, CP, NP) temporaries)
+            logits = tl.dot(s, tl.trans(wo), input_precision="ieee") + bo[None, :]
+        else:
+            logits = tl.sum(s[:, None, :] * wo[None, :, :], axis=2) + bo[None, :]
         logits = tl.where(mc[None, :], logits, float("-inf"))
         y = tl.load(y_ptr + mg.to(tl.int64) * B + offs_b, mask=mb, other=0)
         mx = tl.max(logits, axis=1)
@@ -112,9 +115,13 @@ def _triton() -> Any:
         dlog = tl.where(mb[:, None] & mc[None, :], dlog, 0.0)
         # per-block partial sums of the small parameters' gradients: sw, sb, wo, bo
         part = part_ptr + (m.to(tl.int64) * n_blocks + blk) * part_stride
-        g_wo = tl.sum(dlog[:, :, None] * s[:, None, :], axis=0)  # (CP, NP)
+        if DOT:
+            g_wo = tl.dot(tl.trans(dlog), s, input_precision="ieee")  # (CP, NP)
+            ds = tl.dot(dlog, wo, input_precision="ieee")  # (BB, NP)
+        else:
+            g_wo = tl.sum(dlog[:, :, None] * s[:, None, :], axis=0)
+            ds = tl.sum(dlog[:, :, None] * wo[None, :, :], axis=1)
         g_bo = tl.sum(dlog, axis=0)
-        ds = tl.sum(dlog[:, :, None] * wo[None, :, :], axis=1)  # (BB, NP)
         ds = tl.where(s_pre > 0, ds, ds * 0.1)
         ds = tl.where(mb[:, None], ds, 0.0)
         g_sb = tl.sum(ds, axis=0)
@@ -216,6 +223,15 @@ def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+#: the head's readout products as tl.dot (float32, "ieee": exact products, sums in another
+#: order) where the block allows one (every side >= 16); set from bench/head_block_probe.py
+HEAD_DOT = True
+
+
+def _dot(BB: int, NP: int, CP: int) -> bool:
+    return HEAD_DOT and min(BB, NP, CP) >= 16
+
+
 def _block(NP: int, DP: int, CP: int) -> int:
     """The fused head's batch block for a (neurons, dendrites, classes) grid padded to powers of 2.
 
@@ -281,7 +297,8 @@ def soma_head(
         z, p, p, p, p, y, eps, gz, part, loss, correct,
         B, n, d, n_stored or n, first, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
         offsets["wo"], offsets["bo"], n_blocks, part_stride, 1.0 / B,
-        BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16, num_warps=4,
+        BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16,
+        DOT=_dot(BB, NP, CP), num_warps=4,
     )
     tot = part.sum(1)
     g_sw = tot[:, : NP * DP].view(K, NP, DP)[:, :n, :d]

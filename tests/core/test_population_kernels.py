@@ -110,7 +110,9 @@ import torch
 from torch.nn import functional as F
 from core import _kernels
 torch.manual_seed(0)
-K, B, n, d, C = 2, 37, 3, 5, 10  # B not a multiple of the batch block: masked rows
+K, B, n, d, C = 2, 37, N_NEURONS, 5, 10  # B not a multiple of the batch block: masked rows
+NP, DP = _kernels._pow2(n), _kernels._pow2(d)
+assert _kernels._dot(_kernels._block(NP, DP, 16), NP, 16) == DOT, "the test covers the other path"
 offs = {"sw": 5, "sb": 5 + n * d, "wo": 5 + n * d + n, "bo": 5 + n * d + n + C * n, "C": C}
 p = torch.randn(K, offs["bo"] + C + 3)
 z, y = torch.randn(K, B, n * d), torch.randint(0, C, (K, B))
@@ -181,9 +183,11 @@ def _interpret(code: str) -> None:
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
 
 
-def test_fused_head_kernel_matches_autograd_in_the_triton_interpreter() -> None:
-    """Plain and per-member label-smoothed cross-entropy, against autograd."""
-    _interpret(_INTERPRETED)
+@pytest.mark.parametrize("n_neurons, dot", [(3, False), (17, True)])
+def test_fused_head_kernel_matches_autograd_in_the_triton_interpreter(n_neurons: int, dot: bool) -> None:
+    """Plain and per-member label-smoothed cross-entropy, against autograd; the readout's
+    products as broadcast sums (a small grid) and as tl.dot (blocks of 16 and more)."""
+    _interpret(_INTERPRETED.replace("N_NEURONS", str(n_neurons)).replace("== DOT", f"== {dot}"))
 
 
 _ADAM_INTERPRETED = """
