@@ -223,13 +223,26 @@ def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
-#: the head's readout products as tl.dot (float32, "ieee": exact products, sums in another
-#: order) where the block allows one (every side >= 16); set from bench/head_block_probe.py
+#: The head's three readout products as tl.dot in float32 with input_precision "ieee" (exact
+#: products, sums in another order) wherever the block is >= 16 examples; the neurons are then
+#: padded to >= 16 too (tl.dot's smallest side). On an H200 (bench/head_block_probe.py) the
+#: broadcast-and-sum form gave dL/dz 1e-3 (relative) away from the same kernel at blocks of 4
+#: or 8 examples once the block reached 16, as a TF32 product would; tl.dot "ieee" agreed with
+#: the small blocks to 2e-7 and ran 5-10% faster at the blocks the head uses.
 HEAD_DOT = True
 
 
-def _dot(BB: int, NP: int, CP: int) -> bool:
-    return HEAD_DOT and min(BB, NP, CP) >= 16
+def head_config(n: int, d: int, C: int) -> tuple[int, int, int, int, bool]:
+    """(NP, DP, CP, BB, DOT): the head's padded neurons, dendrites, classes, its batch block,
+    and whether the readout's products are tl.dot (else broadcast sums, at blocks under 16)."""
+    NP, DP, CP = _pow2(n), _pow2(d), max(16, _pow2(C))
+    if HEAD_DOT and _block(max(16, NP), DP, CP) >= 16:
+        NP = max(16, NP)
+    BB = _block(NP, DP, CP)
+    dot = HEAD_DOT and BB >= 16 and NP >= 16
+    if dot:  # the dots hold fewer temporaries: 32 examples of a 32 x 16 grid, 1.09 against 1.23 ms
+        BB = max(BB, min(32, _pow2_floor(2 * _TILE // (NP * DP))))
+    return NP, DP, CP, BB, dot
 
 
 def _block(NP: int, DP: int, CP: int) -> int:
@@ -283,8 +296,7 @@ def soma_head(
     kernel = tri[1]
     K, B, R = z.shape  # K: the band's members
     C = offsets["C"]
-    NP, DP, CP = _pow2(n), _pow2(d), max(16, _pow2(C))
-    BB = _block(NP, DP, CP)
+    NP, DP, CP, BB, dot = head_config(n, d, C)
     n_blocks = -(-B // BB)
     tail = NP * DP + NP + CP * NP + CP  # sw, sb, wo, bo; then db
     part_stride = tail + NP * DP
@@ -298,7 +310,7 @@ def soma_head(
         B, n, d, n_stored or n, first, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
         offsets["wo"], offsets["bo"], n_blocks, part_stride, 1.0 / B,
         BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16,
-        DOT=_dot(BB, NP, CP), num_warps=4,
+        DOT=dot, num_warps=4,
     )
     tot = part.sum(1)
     g_sw = tot[:, : NP * DP].view(K, NP, DP)[:, :n, :d]

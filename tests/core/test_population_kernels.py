@@ -110,9 +110,8 @@ import torch
 from torch.nn import functional as F
 from core import _kernels
 torch.manual_seed(0)
-K, B, n, d, C = 2, 37, N_NEURONS, 5, 10  # B not a multiple of the batch block: masked rows
-NP, DP = _kernels._pow2(n), _kernels._pow2(d)
-assert _kernels._dot(_kernels._block(NP, DP, 16), NP, 16) == DOT, "the test covers the other path"
+K, B, n, d, C = 2, 37, N_NEURONS, N_DENDRITES, 10  # B not a multiple of the batch block: masked rows
+assert _kernels.head_config(n, d, C)[4] == DOT, "the test covers the other path"
 offs = {"sw": 5, "sb": 5 + n * d, "wo": 5 + n * d + n, "bo": 5 + n * d + n + C * n, "C": C}
 p = torch.randn(K, offs["bo"] + C + 3)
 z, y = torch.randn(K, B, n * d), torch.randint(0, C, (K, B))
@@ -183,11 +182,15 @@ def _interpret(code: str) -> None:
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("n_neurons, dot", [(3, False), (17, True)])
-def test_fused_head_kernel_matches_autograd_in_the_triton_interpreter(n_neurons: int, dot: bool) -> None:
+@pytest.mark.parametrize("n_neurons, n_dendrites, dot", [(3, 5, True), (17, 5, True), (20, 20, False)])
+def test_fused_head_kernel_matches_autograd_in_the_triton_interpreter(
+    n_neurons: int, n_dendrites: int, dot: bool,
+) -> None:
     """Plain and per-member label-smoothed cross-entropy, against autograd; the readout's
-    products as broadcast sums (a small grid) and as tl.dot (blocks of 16 and more)."""
-    _interpret(_INTERPRETED.replace("N_NEURONS", str(n_neurons)).replace("== DOT", f"== {dot}"))
+    products as tl.dot (blocks of 16 examples and more; 3 neurons padded to 16) and as
+    broadcast sums (a 32 x 32 grid, blocks of 8)."""
+    _interpret(_INTERPRETED.replace("N_NEURONS", str(n_neurons)).replace("N_DENDRITES", str(n_dendrites))
+               .replace("== DOT", f"== {dot}"))
 
 
 _ADAM_INTERPRETED = """
