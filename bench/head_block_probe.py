@@ -54,7 +54,8 @@ def main() -> None:
     print(f"# K={K} B={B} grid {n}x{d} (padded {NP}x{DP}); bytes that must move: "
           f"{2 * z.numel() * 4 / 1e6:.0f} MB")
     rows = [(w, bb, False) for w in (4, 8) for bb in (4, 8, 16, 32, 64)]
-    rows += [(w, bb, True) for w in (4, 8) for bb in (16, 32, 64)]  # tl.dot needs a block >= 16
+    if NP >= 16:  # tl.dot needs every side >= 16
+        rows += [(w, bb, True) for w in (4, 8) for bb in (16, 32, 64)]
     for warps, BB, dot in rows:
         if True:
             n_blocks = -(-B // BB)

@@ -224,20 +224,18 @@ def _pow2_floor(n: int) -> int:
 
 
 #: The head's three readout products as tl.dot in float32 with input_precision "ieee" (exact
-#: products, sums in another order) wherever the block is >= 16 examples; the neurons are then
-#: padded to >= 16 too (tl.dot's smallest side). On an H200 (bench/head_block_probe.py) the
-#: broadcast-and-sum form gave dL/dz 1e-3 (relative) away from the same kernel at blocks of 4
-#: or 8 examples once the block reached 16, as a TF32 product would; tl.dot "ieee" agreed with
-#: the small blocks to 2e-7 and ran 5-10% faster at the blocks the head uses.
+#: products, sums in another order) wherever the block and the padded neurons are >= 16 (tl.dot's
+#: smallest side). On an H200 (bench/head_block_probe.py) the broadcast-and-sum form gave dL/dz
+#: 1e-3 (relative) away from the same kernel at blocks of 4 or 8 examples once the block reached
+#: 16, at 16 and 32 padded neurons, as a TF32 product would (at 8 neurons it stayed exact at
+#: every block); tl.dot "ieee" agreed with the small blocks to 2e-7 and ran 5-10% faster.
 HEAD_DOT = True
 
 
 def head_config(n: int, d: int, C: int) -> tuple[int, int, int, int, bool]:
     """(NP, DP, CP, BB, DOT): the head's padded neurons, dendrites, classes, its batch block,
-    and whether the readout's products are tl.dot (else broadcast sums, at blocks under 16)."""
+    and whether the readout's products are tl.dot (else broadcast sums)."""
     NP, DP, CP = _pow2(n), _pow2(d), max(16, _pow2(C))
-    if HEAD_DOT and _block(max(16, NP), DP, CP) >= 16:
-        NP = max(16, NP)
     BB = _block(NP, DP, CP)
     dot = HEAD_DOT and BB >= 16 and NP >= 16
     if dot:  # the dots hold fewer temporaries: 32 examples of a 32 x 16 grid, 1.09 against 1.23 ms
