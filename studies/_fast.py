@@ -189,6 +189,36 @@ def _driver_errors(conn: Any) -> Iterator[None]:
                                          dialect=conn.dialect) from exc
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _copy_value(v: Any) -> Any:
+    """``copy.deepcopy`` of an attribute value: JSON-like data (what the storages hold) copied
+    by hand, several times faster; anything else by deepcopy."""
+    if isinstance(v, _SCALARS):
+        return v
+    if type(v) is dict:
+        return {k: _copy_value(x) for k, x in v.items()}
+    if type(v) is list:
+        return [_copy_value(x) for x in v]
+    return copy.deepcopy(v)
+
+
+def _copy_trial(t: FrozenTrial) -> FrozenTrial:
+    """A deep copy of ``t``: Optuna's tell reads a trial three times, each a copy, and a
+    population ends ~1,000 trials at once, each holding its epochs' history (copy.deepcopy of a
+    15-epoch trial: ~260 us here; this: a fraction of it). Distributions are immutable and
+    shared; datetimes are immutable."""
+    return FrozenTrial(
+        number=t.number, state=t.state, value=None,
+        values=list(t.values) if t.values is not None else None,
+        datetime_start=t.datetime_start, datetime_complete=t.datetime_complete,
+        params=dict(t.params), distributions=dict(t.distributions),
+        user_attrs=_copy_value(t.user_attrs), system_attrs=_copy_value(t.system_attrs),
+        intermediate_values=dict(t.intermediate_values), trial_id=t._trial_id,
+    )
+
+
 def _state_name(t: FrozenTrial) -> str:
     """The default ``classify`` of a view: Optuna's state, lower case."""
     return t.state.name.lower()
@@ -684,13 +714,13 @@ class FastStorage(_StudiesThrough):
                     everything = self._lists[None] = sorted(self._trials.values(), key=lambda t: t.number)
                 trials = everything if states is None else [t for t in everything if t.state in states]
                 self._lists[key] = trials
-        return copy.deepcopy(trials) if deepcopy else trials
+        return [_copy_trial(t) for t in trials] if deepcopy else trials
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         with self._lock:
             o = self._owned.get(trial_id)
             if o is not None:
-                return copy.deepcopy(o.live)
+                return _copy_trial(o.live)
             t = self._live(trial_id)
             if t is not None and t.state.is_finished():
                 return t
@@ -710,14 +740,14 @@ class FastStorage(_StudiesThrough):
         with self._lock:
             o = self._owned.get(trial_id)
             if o is not None:
-                return copy.deepcopy(o.live.user_attrs)
+                return _copy_value(o.live.user_attrs)
         return self.get_trial(trial_id).user_attrs
 
     def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
         with self._lock:
             o = self._owned.get(trial_id)
             if o is not None:
-                return copy.deepcopy(o.live.system_attrs)
+                return _copy_value(o.live.system_attrs)
         return self.get_trial(trial_id).system_attrs
 
     def get_best_trial(self, study_id: int) -> FrozenTrial:

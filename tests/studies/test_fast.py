@@ -997,3 +997,29 @@ def test_the_intersection_search_space_equals_optunas_while_trials_run_and_finis
         ours.calculate(other)
     sampler = _fast.FastTPESampler(seed=0, multivariate=True)
     assert isinstance(sampler._search_space, _fast._RunningSafeIntersection)
+
+
+def test_the_trial_copy_is_a_deep_copy_and_shares_nothing_mutable() -> None:
+    """get_trial and get_all_trials(deepcopy=True) copy by hand (a population's tells read
+    ~1,000 trials three times each): equal to copy.deepcopy, no shared container."""
+    import copy
+
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    history = [{"epoch": e, "val_accuracy": 0.5 + e / 100} for e in range(3)]
+    t = optuna.trial.FrozenTrial(
+        number=3, state=TrialState.COMPLETE, value=None, values=[0.8],
+        datetime_start=datetime.datetime(2026, 1, 1), datetime_complete=datetime.datetime(2026, 1, 2),
+        params={"n": 4, "lr": 0.01}, distributions={"n": IntDistribution(1, 9), "lr": FloatDistribution(1e-4, 1.0)},
+        user_attrs={"history": history, "tag": (1, 2), "nested": {"a": [1, {"b": None}]}},
+        system_attrs={"constraints:max_params": [-5.0]}, intermediate_values={0: 0.5, 1: 0.6}, trial_id=9,
+    )
+    got = _fast._copy_trial(t)
+    assert got == copy.deepcopy(t) and got._trial_id == 9
+    got.user_attrs["history"][0]["epoch"] = 99
+    got.user_attrs["nested"]["a"][1]["b"] = 1
+    got.system_attrs["constraints:max_params"].append(1.0)
+    got.values.append(1.0)  # type: ignore[union-attr]
+    assert t.user_attrs["history"][0]["epoch"] == 0 and t.user_attrs["nested"]["a"][1]["b"] is None
+    assert t.system_attrs["constraints:max_params"] == [-5.0] and t.values == [0.8]
+    assert got.user_attrs["tag"] == (1, 2)  # not JSON: deep-copied all the same
