@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import math
 import os
@@ -1250,6 +1251,35 @@ def _serial_pool(workers: int, name: str) -> ThreadPoolExecutor:
     return pool
 
 
+_GC_LOCK = threading.Lock()
+_GC_HOLDS = [0, False]  # populations running in this process; whether the collector was on
+
+
+@contextlib.contextmanager
+def _young_gc_only() -> Iterator[None]:
+    """No automatic collections while a population trains; its loop collects the young
+    generations after each epoch (a few ms) and the full collector runs again afterwards.
+
+    A population keeps hundreds of thousands of objects alive (every member's module, plans,
+    tensors), and each full collection went over all of them: on the H200 host, four of
+    97-142 ms in a 15-epoch call at K = 1,024, on the main thread, which the device then waited
+    for (whole call 8.06 / 7.48 s with them, 7.09 / 6.60 s without; bench/results/gc_probe_gpu.txt).
+    Cyclic garbage old enough to reach the oldest generation waits until the population ends.
+    """
+    with _GC_LOCK:
+        if _GC_HOLDS[0] == 0:
+            _GC_HOLDS[1] = gc.isenabled()
+            gc.disable()
+        _GC_HOLDS[0] += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_HOLDS[0] -= 1
+            if _GC_HOLDS[0] == 0 and _GC_HOLDS[1]:
+                gc.enable()
+
+
 class _Population:
     """Keeps up to ``size`` members training; refills, evaluates, reports and recovers."""
 
@@ -1489,7 +1519,8 @@ class _Population:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> list[TrainResult]:
         try:
-            self._run()
+            with _young_gc_only():
+                self._run()
         finally:
             self.ahead = None
             self.stager.shutdown(wait=True, cancel_futures=True)
@@ -1524,6 +1555,7 @@ class _Population:
                 t1 = time.perf_counter()
                 self.stats["build_seconds"] += t1 - t0
                 ended = self._epoch(self.stack)
+                gc.collect(1)  # the young generations, in a few ms (see _young_gc_only)
                 t0 = time.perf_counter()
                 self.stats["epoch_seconds"] += t0 - t1
                 if ended is not None:  # None: out of memory, halved; the rest retry next round
@@ -1790,6 +1822,7 @@ class _Population:
             pass  # handled below, once the failed step's tensors are released
         if table is None:
             self.graph = None
+            gc.collect()  # cyclic garbage may hold device memory (full collections are off)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if snap is not None:

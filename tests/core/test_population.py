@@ -330,3 +330,34 @@ def test_after_resampling_the_dense_matrix_and_gradient_positions_are_those_made
     first = core.create_model("dendritic_simple", seed=5, in_dim=data.in_dim, n_classes=data.n_classes,
                               **{k: v for k, v in configs[0].items() if k != "seed"})
     assert not torch.equal(results[0].state_dict["0.indices"], first.state_dict()["0.indices"])  # it resampled
+
+
+def test_full_collections_are_off_while_a_population_trains_and_come_back_after(data: core.Dataset) -> None:
+    """Each full collection went over every member's objects on the main thread (~0.1 s at
+    K = 1,024 on the H200 host, bench/results/gc_probe_gpu.txt): a population runs without
+    them and restores the collector as it found it, also after an error."""
+    import gc
+
+    seen: list[bool] = []
+
+    def on_epoch(i: int, epoch: int, metrics: dict[str, Any]) -> bool:
+        seen.append(gc.isenabled())
+        return False
+
+    cfg = dict(n_neurons=3, n_dendrites=2, n_dendrite_inputs=8)
+    assert gc.isenabled()
+    train_population("dendritic_simple", [cfg, cfg], data, 1, BATCH, device="cpu", on_epoch=on_epoch)
+    assert seen == [False, False] and gc.isenabled()
+
+    def boom(i: int, epoch: int, metrics: dict[str, Any]) -> bool:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train_population("dendritic_simple", [cfg], data, 1, BATCH, device="cpu", on_epoch=boom)
+    assert gc.isenabled()
+    gc.disable()  # a caller that runs without the collector keeps it off
+    try:
+        train_population("dendritic_simple", [cfg], data, 1, BATCH, device="cpu")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
