@@ -883,13 +883,22 @@ class _Stack:
         _put(self.buf, self.plain["dw"], self.real)
         return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
 
-    def _first(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
-        """``x @ w^T + b`` per member; a shared ``x`` (evaluation) is one large product."""
+    @staticmethod
+    def _first(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
+        """``x @ w^T + b`` per member of ``w`` (members, rows, in); a shared ``x`` (evaluation)
+        is one large product."""
         if not shared:
             return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-        rows = w.shape[1]
-        z = x @ w.reshape(self.K * rows, -1).t()
-        return z.view(len(x), self.K, rows).transpose(0, 1) + b.unsqueeze(1)
+        K, rows = w.shape[:2]
+        z = x @ w.reshape(K * rows, -1).t()
+        return z.view(len(x), K, rows).transpose(0, 1) + b.unsqueeze(1)
+
+    @staticmethod
+    def _soma(h: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor, n: int, d: int) -> torch.Tensor:
+        """The somas of ``n`` neurons from their dendrites' activations ``h`` (K, B, n * d)."""
+        K, B = h.shape[:2]
+        s = (h.reshape(K, B, n, d) * sw.unsqueeze(1)).sum(-1)
+        return F.leaky_relu(s + sb.unsqueeze(1), _SLOPE)
 
     def logits(self, x: torch.Tensor, shared: bool, dense: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs ``(K, batch, classes)`` for member batches ``x`` (K, B, in) or one shared ``x``."""
@@ -902,9 +911,7 @@ class _Stack:
                 z = _DendriteMatmul.apply(x, P["dw"], P["db"], self.flat_t, self.buf, self.real)
             h = F.leaky_relu(z, _SLOPE)
             if dims.soma_on:
-                K, B = h.shape[:2]
-                s = (h.reshape(K, B, dims.n, dims.d) * P["sw"].unsqueeze(1)).sum(-1)
-                s = F.leaky_relu(s + P["sb"].unsqueeze(1), _SLOPE)
+                s = self._soma(h, P["sw"], P["sb"], dims.n, dims.d)
                 if dims.soma_off:
                     s = F.pad(s, (0, dims.rows - dims.n))
                     h = torch.where(self.soma[:, None, None], s, h)
@@ -924,13 +931,10 @@ class _Stack:
     def _band_logits(self, x: torch.Tensor, w: torch.Tensor, a: int, b: int, n: int) -> torch.Tensor:
         """``logits`` of members ``a:b`` of a fused stack on a shared ``x``, over their band's
         first ``n`` neurons (the others are padding: zero soma and readout weights); ``w`` holds
-        their dense matrices' first ``n * d`` rows, ``((b - a) * n * d, in_dim)``."""
+        their dense matrices' first ``n * d`` rows, ``(b - a, n * d, in_dim)``, contiguous."""
         D, P = self.dims.d, self.plain
-        R, kb, B = n * D, b - a, len(x)
-        z = (x @ w.t()).view(B, kb, R).transpose(0, 1) + P["db"][a:b, :R].unsqueeze(1)
-        h = F.leaky_relu(z, _SLOPE)
-        s = (h.view(kb, B, n, D) * P["sw"][a:b, :n].unsqueeze(1)).sum(-1)
-        s = F.leaky_relu(s + P["sb"][a:b, :n].unsqueeze(1), _SLOPE)
+        h = F.leaky_relu(self._first(x, w, P["db"][a:b, : n * D], True), _SLOPE)
+        s = self._soma(h, P["sw"][a:b, :n], P["sb"][a:b, :n], n, D)
         return torch.baddbmm(P["bo"][a:b].unsqueeze(1), s, P["wo"][a:b, :, :n].transpose(1, 2))
 
     # -- training ---------------------------------------------------------------------------
@@ -1100,35 +1104,30 @@ class _Stack:
         """Summed loss and number correct of every member on a shared ``(x, y)``."""
         dims = self.dims
         dense = self._dense() if dims.n else None
-        width = max(dims.rows, dims.feat, dims.hidden, dims.n_classes, 1)
         budget = _EVAL_BYTES * (4 if x.device.type == "cuda" else 1)
-        chunk = max(1, min(4096, budget // (self.K * width * 4 * 4)))
         total = torch.zeros(self.K, device=x.device)
         correct = torch.zeros(self.K, device=x.device)
+        # (members a:b, their forward pass on a chunk, the widest activation a member holds)
+        parts: list[tuple[int, int, Callable[[torch.Tensor], torch.Tensor], int]]
         if len(self.bands) > 1:  # the fused step's bands: each on the grid rows its members use
             assert dense is not None
-            for a, b, n in self.bands:
-                R = n * dims.d
-                # the band's rows of the dense matrix, made contiguous once (not once a chunk)
-                w = dense[a:b, :R].reshape((b - a) * R, dims.in_dim)
-                step = max(1, min(4096, budget // ((b - a) * max(R, dims.n_classes) * 4 * 4)))
-                for i in range(0, len(x), step):
-                    xb, yb = x[i : i + step], y[i : i + step]
-                    out = self._band_logits(xb, w, a, b, n)
-                    kb, B, C = out.shape
-                    ce = F.cross_entropy(out.reshape(kb * B, C), yb.repeat(kb), reduction="none")
-                    total[a:b] += ce.view(kb, B).sum(1)
-                    correct[a:b] += (out.argmax(2) == yb).sum(1)
-            return total, correct
-        for i in range(0, len(x), chunk):
-            xb, yb = x[i : i + chunk], y[i : i + chunk]
-            out = self.logits(xb, shared=True, dense=dense)
-            if self.bio is not None:
-                out = self.bio.split(out)
-            K, B, C = out.shape
-            ce = F.cross_entropy(out.reshape(K * B, C), yb.repeat(K), reduction="none")
-            total += ce.view(K, B).sum(1)
-            correct += (out.argmax(2) == yb).sum(1)
+            parts = [(a, b, functools.partial(  # the band's rows made contiguous once, not a chunk
+                self._band_logits, w=dense[a:b, : n * dims.d].contiguous(), a=a, b=b, n=n),
+                max(n * dims.d, dims.n_classes)) for a, b, n in self.bands]
+        else:
+            parts = [(0, self.K, functools.partial(self.logits, shared=True, dense=dense),
+                      max(dims.rows, dims.feat, dims.hidden, dims.n_classes, 1))]
+        for a, b, forward, width in parts:
+            chunk = max(1, min(4096, budget // ((b - a) * width * 4 * 4)))
+            for i in range(0, len(x), chunk):
+                xb, yb = x[i : i + chunk], y[i : i + chunk]
+                out = forward(xb)
+                if self.bio is not None:
+                    out = self.bio.split(out)
+                K, B, C = out.shape
+                ce = F.cross_entropy(out.reshape(K * B, C), yb.repeat(K), reduction="none")
+                total[a:b] += ce.view(K, B).sum(1)
+                correct[a:b] += (out.argmax(2) == yb).sum(1)
         return total, correct
 
 
