@@ -1686,7 +1686,9 @@ class FastTPESampler(optuna.samplers.TPESampler):
     - a finished trial's parameters in the estimators' internal form are computed once;
     - inside :meth:`one_fit`, a batch of asks is proposed from one fit over the finished and
       running trials (each draw is still TPE's best of its own candidates): the many trials
-      a population or a batch ask takes at once cost one fit, not one each.
+      a population or a batch ask takes at once cost one fit, not one each; their candidates
+      are drawn and scored in one array-wise pass (the same candidates as one at a time), and
+      the search space and the start-up check are computed once for the block.
     """
 
     #: How many trials asked since the estimators were fit may go without their "lie" before
@@ -1704,19 +1706,72 @@ class FastTPESampler(optuna.samplers.TPESampler):
         self._scores: dict[int, dict[int, tuple[float, Any]]] = {}  # study -> trial -> split scores
 
     @contextlib.contextmanager
-    def one_fit(self) -> Iterator[None]:
+    def one_fit(self, asks: int = 0) -> Iterator[None]:
         """Inside, every ask reuses the fit of the block's first ask (for the same study and
         space). That first ask fits on the trials as they are now: a block never reuses an
-        earlier block's fit, which saw none of the trials finished since."""
-        self._frozen, self._batch_fit = True, None
+        earlier block's fit, which saw none of the trials finished since.
+
+        ``asks``: how many asks the block expects. With more than one, the block's candidates
+        are drawn and scored together, ``asks`` x ``n_ei_candidates`` in one array-wise pass
+        instead of one small pass an ask (Python's per-call costs were most of an ask's time):
+        the same candidates and points as one ask at a time, and the generator left where those
+        asks would leave it (rows drawn ahead and not used are given back)."""
+        self._give_back_unused()
+        self._frozen, self._batch_fit, self._expected = True, None, asks
+        self._block = {}
         try:
             yield
         finally:
-            self._frozen, self._batch_fit = False, None
+            self._give_back_unused()
+            self._frozen, self._batch_fit, self._expected = False, None, 0
+            self._block = {}
+
+    #: what a one_fit block computes once for all its asks, by study: its relative search space
+    #: and whether TPE is still in its random start-up (no trial finishes inside a block: its
+    #: asks are gated and written before any of them trains; every ask scanned every trial)
+    _block: dict[tuple[str, int], Any] = {}
+
+    def infer_relative_search_space(self, study: optuna.Study,
+                                    trial: FrozenTrial) -> dict[str, dists.BaseDistribution]:
+        if not self._frozen:
+            return super().infer_relative_search_space(study, trial)
+        key = ("space", study._study_id)
+        if key not in self._block:
+            self._block[key] = super().infer_relative_search_space(study, trial)
+        return dict(self._block[key])
+
+    def _in_startup(self, study: optuna.Study) -> bool:
+        """Whether fewer than ``n_startup_trials`` trials have finished (TPE draws at random),
+        counted once a one_fit block."""
+        key = ("startup", study._study_id)
+        if key not in self._block:
+            finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED),
+                                         use_cache=True)
+            self._block[key] = len(finished) < self._n_startup_trials
+        return bool(self._block[key])
+
+    def _sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                         search_space: dict[str, dists.BaseDistribution]) -> dict[str, Any]:
+        if not self._frozen or not search_space:
+            return super()._sample_relative(study, trial, search_space)
+        return {} if self._in_startup(study) else self._sample(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: dists.BaseDistribution) -> Any:
+        if self._frozen and self._in_startup(study):  # Optuna's branch: random during the start-up
+            return self._random_sampler.sample_independent(study, trial, param_name, param_distribution)
+        return super().sample_independent(study, trial, param_name, param_distribution)
 
     _frozen: bool = False
     #: the estimators the current one_fit block's first ask fitted (or found up to date)
     _batch_fit: tuple[Any, Any] | None = None
+    #: asks the one_fit block still expects, and its candidates drawn ahead: [estimators,
+    #: candidates (asks, n_ei_candidates) per parameter, acquisition (asks, n_ei_candidates), next
+    #: row, the generator's state before the draw, the doubles one ask draws]
+    _expected: int = 0
+    _pool: list[Any] | None = None
+    #: candidates scored at once when drawing ahead (bounds the (candidates, kernels) temporaries)
+    _SCORE_CHUNK = 4096
     #: if set, ``feasible(point)`` says whether a proposed point is acceptable: each draw is
     #: then TPE's best acceptable candidate (BudgetAwareSampler sets its budget check here)
     feasible: Callable[[dict[str, Any]], bool] | None = None
@@ -1741,10 +1796,7 @@ class FastTPESampler(optuna.samplers.TPESampler):
                                                        if t.state == TrialState.RUNNING))
         if self._frozen:
             self._batch_fit = cached
-        below, above = cached[1]
-        candidates = below.sample(self._rng.rng, self._n_ei_candidates)
-        # TPE's acquisition, log l(x) - log g(x), with the tail mass computed array-wise
-        acquisition = _tpe_math.log_pdf(below, candidates) - _tpe_math.log_pdf(above, candidates)
+        candidates, acquisition = self._candidates(cached)
         if self.feasible is not None:
             # The best candidate that the caller accepts (a budget-aware sampler's budget):
             # one acquisition for the draw instead of one per rejected draw.
@@ -1754,6 +1806,45 @@ class FastTPESampler(optuna.samplers.TPESampler):
                     return point
         best = self._compare(candidates, acquisition)
         return {name: d.to_external_repr(best[name]) for name, d in search_space.items()}
+
+    def _candidates(self, cached: tuple[Any, Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """One ask's candidates and their acquisition, log l(x) - log g(x) (the tail mass
+        computed array-wise); where a one_fit block expects more asks, from the block's draws
+        ahead: each ask's candidates are the ones it would have drawn alone (``_tpe_math.sample``)."""
+        below, above = cached[1]
+        n = self._n_ei_candidates
+        pool = self._pool
+        ahead = pool is not None and pool[0] is cached and pool[3] < len(pool[2])
+        if not ahead and not (self._frozen and self._expected > 1):
+            self._give_back_unused()
+            candidates = _tpe_math.sample(below, self._rng.rng, n)
+            return candidates, _tpe_math.log_pdf(below, candidates) - _tpe_math.log_pdf(above, candidates)
+        if not ahead:
+            self._give_back_unused()
+            asks, rng = self._expected, self._rng.rng
+            state = rng.get_state()
+            drawn = _tpe_math.sample(below, rng, n, asks)
+            acq = np.empty(asks * n)
+            for a in range(0, asks * n, self._SCORE_CHUNK):
+                part = {k: v[a : a + self._SCORE_CHUNK] for k, v in drawn.items()}
+                acq[a : a + self._SCORE_CHUNK] = _tpe_math.log_pdf(below, part) - _tpe_math.log_pdf(above, part)
+            per_ask = n * (1 + len(below._mixture_distribution.distributions))
+            pool = self._pool = [cached, {k: v.reshape(asks, n) for k, v in drawn.items()},
+                                 acq.reshape(asks, n), 0, state, per_ask]
+        assert pool is not None
+        i = pool[3]
+        pool[3] += 1
+        self._expected = max(0, self._expected - 1)
+        return {k: v[i] for k, v in pool[1].items()}, pool[2][i]
+
+    def _give_back_unused(self) -> None:
+        """Leave the generator where the asks that took the draws ahead would have left it alone:
+        restored to before the draw, then advanced by the rows they used."""
+        pool, self._pool = self._pool, None
+        if pool is not None and pool[3] < len(pool[2]):
+            rng = self._rng.rng
+            rng.set_state(pool[4])
+            rng.random_sample((pool[3], pool[5]))
 
     def _stale_ok(self, study: optuna.Study, trials: list[FrozenTrial],
                   search_space: dict[str, dists.BaseDistribution]) -> bool:

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import core
 
-from . import _fast, _lease
+from . import _fast, _lease, _optuna_private
 from ._artifacts import ModelStore
 from ._keys import TRIAL_STATE_ATTR
 from ._space import suggest
@@ -135,7 +135,7 @@ class TrialRun:
         t.set_user_attr(TRIAL_STATE_ATTR, "infeasible")
         # PRUNED without any report: never trained; the sampler ranks it below every trained
         # point and its constraint (n_params - max_params > 0) marks it infeasible.
-        self.study.tell(t, state=TrialState.PRUNED)
+        _optuna_private.tell(self.study, t, state=TrialState.PRUNED)
         self.outcome = TrialOutcome(self.number, "infeasible", n_params=n, reason=reason)
 
     # -- each epoch --------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class TrialRun:
             return self.fail(last.error or "non-finite loss")
         if self.stopped_by == "pruned":
             trial.set_user_attr(TRIAL_STATE_ATTR, "pruned")
-            study.tell(trial, state=TrialState.PRUNED)
+            _optuna_private.tell(study, trial, state=TrialState.PRUNED)
             return TrialOutcome(self.number, "pruned", n_params=n, attrs=attrs)
         if self.stopped_by:
             # Cut short from outside: fail it visibly and queue its point again, losing nothing.
@@ -200,7 +200,7 @@ class TrialRun:
         if not all(math.isfinite(v) for v in values):
             return self.fail(f"non-finite objective {values}")
         trial.set_user_attr(TRIAL_STATE_ATTR, "complete")
-        study.tell(trial, values if len(values) > 1 else values[0])
+        _optuna_private.tell(study, trial, values if len(values) > 1 else values[0])
         if model_store is not None and spec.keep_models > 0 and state_dict:
             try:
                 model_store.keep(
@@ -231,7 +231,7 @@ class TrialRun:
             else:
                 trial.set_user_attr("fail_reason", reason)
                 trial.set_user_attr(TRIAL_STATE_ATTR, "failed")
-                study.tell(trial, state=TrialState.FAIL)
+                _optuna_private.tell(study, trial, state=TrialState.FAIL)
                 if requeue and not together:
                     # a storage of this process only: no one else sees between the two writes
                     study.enqueue_trial(trial.params, user_attrs={"requeued_from": self.number})

@@ -38,6 +38,7 @@ __all__ = [
     "tpe_unique_inverse_2d",
     "tpe_categorical_type",
     "tpe_startup_trials",
+    "tell",
     "percentile_pruner_parts",
 ]
 
@@ -121,3 +122,13 @@ def percentile_pruner_parts() -> tuple[Any, Any, Any]:
 
     return (pct._is_first_in_interval_step, pct._get_best_intermediate_result_over_steps,
             pct._get_percentile_intermediate_result_over_trials)
+
+
+def tell(study: Any, trial: Any, values: Any = None, state: Any = None) -> None:
+    """``Study.tell`` without its return value: Optuna's ``tell`` returns a deep copy of the told
+    trial (its whole epoch history), read back from the storage, which our callers never use;
+    in a population ~1,000 members end together and the copies cost ~1.7 ms each (profiled, a
+    2-core machine). The same checks, warnings and writes: ``tell`` calls this, then copies."""
+    from optuna.study._tell import _tell_with_warning
+
+    _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)

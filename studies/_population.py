@@ -179,7 +179,7 @@ def execute_population(
             return False
         state["asked"] += len(got)
         ready = []
-        with tpe.one_fit() if tpe is not None else contextlib.nullcontext():
+        with tpe.one_fit(len(got)) if tpe is not None else contextlib.nullcontext():
             for trial in got:
                 run = TrialRun(study, trial, spec, worker=worker)
                 run.normalization = getattr(data, "normalization", None)

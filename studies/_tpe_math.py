@@ -36,12 +36,13 @@ import numpy as np
 
 from ._optuna_private import tpe_categorical_type, tpe_ndtr, tpe_unique_inverse_2d
 
-__all__ = ["log_pdf", "log_ndtr", "log_gauss_mass"]
+__all__ = ["log_pdf", "log_ndtr", "log_gauss_mass", "sample"]
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 _erfc = np.frompyfunc(math.erfc, 1, 1)
 _log = np.frompyfunc(math.log, 1, 1)
 _NORM_PDF_LOGC = math.log(math.sqrt(2 * math.pi))
+_NDTRI_EXP_APPROX_C = math.sqrt(3) / math.pi
 
 
 def _f(x: Any) -> np.ndarray:
@@ -107,7 +108,13 @@ def _log_diff(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
     return log_p + np.log1p(-np.exp(log_q - log_p))
 
 
-def log_gauss_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _ndtr_by_math_erf(a: np.ndarray) -> np.ndarray:
+    """Optuna's ``_truncnorm._ndtr`` as it computes arrays of under 2,000 values (its ``erf``
+    applies ``math.erf`` to each; larger arrays get a polynomial that differs in the last bits)."""
+    return 0.5 + 0.5 * _f(_erf(a / 2**0.5))
+
+
+def log_gauss_mass(a: np.ndarray, b: np.ndarray, ndtr: Any = tpe_ndtr) -> np.ndarray:
     """log of the standard normal's mass on [a, b], as Optuna's ``_truncnorm._log_gauss_mass``."""
     a, b = _f(a), _f(b)
     case_left = b <= 0
@@ -119,7 +126,7 @@ def log_gauss_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if case_right.any():
         out[case_right] = _log_diff(log_ndtr(-a[case_right]), log_ndtr(-b[case_right]))
     if case_central.any():
-        out[case_central] = np.log1p(-tpe_ndtr(a[case_central]) - tpe_ndtr(-b[case_central]))
+        out[case_central] = np.log1p(-ndtr(a[case_central]) - ndtr(-b[case_central]))
     return np.real(out)
 
 
@@ -327,3 +334,126 @@ def log_pdf(estimator: Any, samples: dict[str, np.ndarray]) -> np.ndarray:
 def _log_pdf_uncached(estimator: Any, samples: dict[str, np.ndarray]) -> np.ndarray:
     """:func:`log_pdf` computed from scratch (the reference its cache must equal bit for bit)."""
     return _mixture_log_pdf(estimator._mixture_distribution, estimator._transform(samples))
+
+
+# -- drawing candidates ---------------------------------------------------------------------------
+# Optuna's truncated-normal sampler inverts the CDF by Newton's method, each iteration a
+# ``_log_ndtr`` of every value through a Python function per element: ~440 Python calls for one
+# ask's 24 candidates in three numeric dimensions, and small-array numpy calls for the rest:
+# most of an ask's time (profiled). Below are Optuna's ``_MixtureOfProductDistribution.sample``,
+# ``_truncnorm.rvs``, ``ppf`` and ``_ndtri_exp`` line for line, with :func:`log_ndtr` and
+# :func:`log_gauss_mass` in place of the per-element functions, for many asks at once: one ask
+# draws its uniforms from the generator in a fixed order (the kernels' choice, each categorical
+# dimension's, then the numerical dimensions' quantiles), so ``asks`` asks' uniforms are one
+# ``random_sample`` of ``asks`` rows, each row the doubles one ask would have drawn; every step
+# after is element-wise, and the one step that is not, Newton's stop (when all of one call's
+# values have converged), is taken per ask. So each ask's candidates are the ones Optuna's
+# sampler draws for it, bit for bit, and the generator ends where ``asks`` single asks leave it
+# (``tests/studies/test_tpe_math.py``).
+def _ndtri_exp(y: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Optuna's ``_ndtri_exp``, each ``group`` of values iterating until all of its own converge."""
+    flipped = y > -1e-2
+    z = y.copy()
+    z[flipped] = np.log(-np.expm1(y[flipped]))
+    x = np.empty_like(y)
+    if (small := np.nonzero(z < -5))[0].size:
+        x[small] = -np.sqrt(-2.0 * (z[small] + _NORM_PDF_LOGC))
+    if (moderate := np.nonzero(z >= -5))[0].size:
+        x[moderate] = -_NDTRI_EXP_APPROX_C * np.log(np.expm1(-z[moderate]))
+    going = np.arange(len(y))
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    for _ in range(100):
+        xs = x[going]
+        log_ndtr_x = log_ndtr(xs)
+        log_norm_pdf_x = -0.5 * xs**2 - _NORM_PDF_LOGC
+        dx = (log_ndtr_x - z[going]) * np.exp(log_ndtr_x - log_norm_pdf_x)
+        xs -= dx
+        x[going] = xs
+        unsettled = np.zeros(n_groups, dtype=bool)
+        unsettled[group[going][~(np.abs(dx) < 1e-8 * np.abs(xs))]] = True
+        going = going[unsettled[group[going]]]
+        if not going.size:
+            break
+    x[flipped] *= -1
+    return x
+
+
+def _ppf(q: np.ndarray, a: np.ndarray, b: np.ndarray, group: np.ndarray, ndtr: Any) -> np.ndarray:
+    q, a, b = np.atleast_1d(q, a, b)
+    q, a, b, group = np.broadcast_arrays(q, a, b, group)
+    case_left = a < 0
+    case_right = ~case_left
+    log_mass = log_gauss_mass(a, b, ndtr)
+    out = np.empty_like(q)
+    if (q_left := q[case_left]).size:
+        log_phi = np.logaddexp(log_ndtr(a[case_left]), np.log(q_left) + log_mass[case_left])
+        out[case_left] = _ndtri_exp(log_phi, group[case_left])
+    if (q_right := q[case_right]).size:
+        log_phi = np.logaddexp(log_ndtr(-b[case_right]), np.log1p(-q_right) + log_mass[case_right])
+        out[case_right] = -_ndtri_exp(log_phi, group[case_right])
+    out[q == 0] = a[q == 0]
+    out[q == 1] = b[q == 1]
+    out[a == b] = math.nan
+    return out
+
+
+def _mixture_sample(mixture: Any, rng: np.random.RandomState, asks: int, n: int) -> np.ndarray:
+    """``asks`` x Optuna's ``mixture.sample(rng, n)``, one after the other, as rows of one array."""
+    categorical = tpe_categorical_type()
+    dims = mixture.distributions
+    n_cat = sum(isinstance(d, categorical) for d in dims)
+    u = rng.random_sample((asks, n * (1 + len(dims))))  # each row: the doubles one ask draws
+    cdf = mixture.weights.cumsum()  # RandomState.choice(len(w), p=w): its cdf and searchsorted
+    cdf /= cdf[-1]
+    active = cdf.searchsorted(u[:, :n].reshape(-1), side="right")
+    ret = np.empty((asks * n, len(dims)), dtype=float)
+    disc_inds, numerical_inds, log_inds, numerical, disc = [], [], [], [], []
+    col = n
+    for i, d in enumerate(dims):
+        if isinstance(d, categorical):
+            rnd_quantile = u[:, col : col + n].reshape(-1)
+            col += n
+            cum_probs = np.cumsum(d.weights[active, :], axis=-1)
+            assert np.isclose(cum_probs[:, -1], 1).all()
+            cum_probs[:, -1] = 1
+            ret[:, i] = np.sum(cum_probs < rnd_quantile[:, np.newaxis], axis=-1)
+        else:
+            numerical.append(d)
+            numerical_inds.append(i)
+            if d.step != 0.0:
+                disc_inds.append(i)
+                disc.append(d)
+            if d.is_log:
+                log_inds.append(i)
+    if numerical:
+        mus = np.asarray([d.mu[active] for d in numerical])
+        sigmas = np.asarray([d.sigma[active] for d in numerical])
+        lows = np.asarray([d.adapted_low for d in numerical])
+        highs = np.asarray([d.adapted_high for d in numerical])
+        k = len(numerical)
+        # an ask's quantiles are uniform(size=(k, n)): its row's next k * n doubles, dimension-major
+        quantiles = u[:, n * (1 + n_cat) : n * (1 + n_cat + k)].reshape(asks, k, n)
+        quantiles = quantiles.transpose(1, 0, 2).reshape(k, asks * n)
+        group = np.repeat(np.arange(asks), n)[np.newaxis, :]
+        a = (lows[:, np.newaxis] - mus) / sigmas
+        b = (highs[:, np.newaxis] - mus) / sigmas
+        # one ask's ppf gives Optuna's normal CDF under 2,000 values: math.erf's
+        ndtr = tpe_ndtr if asks == 1 else _ndtr_by_math_erf
+        ret[:, numerical_inds] = (_ppf(quantiles, a, b, group, ndtr) * sigmas + mus).T
+        ret[:, log_inds] = np.exp(ret[:, log_inds])
+        step_d = np.asarray([d.step for d in disc])
+        low_d = np.asarray([d.low for d in disc])
+        high_d = np.asarray([d.high for d in disc])
+        ret[:, disc_inds] = np.clip(low_d + np.round((ret[:, disc_inds] - low_d) / step_d) * step_d, low_d, high_d)
+    return ret
+
+
+def sample(estimator: Any, rng: np.random.RandomState, size: int, asks: int = 1) -> dict[str, np.ndarray]:
+    """``asks`` calls of a Parzen estimator's ``sample(rng, size)``: the same draws and the same
+    candidates, ask after ask (``asks * size`` values per parameter), array-wise."""
+    mixture = estimator._mixture_distribution
+    if asks > 1 and size * len(mixture.distributions) >= 2000:  # Optuna's erf switches to a polynomial
+        drawn = np.concatenate([_mixture_sample(mixture, rng, 1, size) for _ in range(asks)])
+    else:
+        drawn = _mixture_sample(mixture, rng, asks, size)
+    return estimator._untransform(drawn)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 import sqlalchemy as sa
@@ -937,7 +938,6 @@ def test_a_burst_of_asks_shares_tpe_fits_only_when_asked_to() -> None:
 def test_tpe_tail_mass_equals_optunas() -> None:
     # FastTPESampler scores candidates with studies._tpe_math: the same values as Optuna's
     # element-wise functions, including the far tails (asymptotic series below -20).
-    import numpy as np
     from optuna.samplers._tpe import _truncnorm
 
     from studies import _tpe_math
@@ -1023,3 +1023,42 @@ def test_the_trial_copy_is_a_deep_copy_and_shares_nothing_mutable() -> None:
     assert t.user_attrs["history"][0]["epoch"] == 0 and t.user_attrs["nested"]["a"][1]["b"] is None
     assert t.system_attrs["constraints:max_params"] == [-5.0] and t.values == [0.8]
     assert got.user_attrs["tag"] == (1, 2)  # not JSON: deep-copied all the same
+
+
+def test_a_block_of_asks_draws_and_scores_its_candidates_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """one_fit(asks=N): one array-wise draw of N asks' candidates, and the same points as the
+    same block asked one draw at a time; the generator ends where those asks leave it, also
+    when the block uses fewer rows than it drew ahead."""
+    from studies import _tpe_math
+
+    space = {"a": optuna.distributions.IntDistribution(5, 20),
+             "c": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    draws: list[int] = []
+    sample = _tpe_math.sample
+    monkeypatch.setattr(_tpe_math, "sample",
+                        lambda est, rng, n, asks=1: draws.append(asks) or sample(est, rng, n, asks))
+    points, after = {}, {}
+    for expected, asked in ((0, 10), (10, 10), (16, 10)):
+        sampler = _fast.FastTPESampler(seed=1, multivariate=True, n_startup_trials=5)
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        for _ in range(20):
+            t = study.ask(space)
+            study.tell(t, t.params["c"] * t.params["a"])
+        draws.clear()
+        with sampler.one_fit(expected):
+            block = [study.ask(space) for _ in range(asked)]
+            if expected:
+                pool = sampler._pool
+                assert pool is not None and pool[2].shape == (expected, 24) and pool[3] == asked
+                for i, t in enumerate(block):  # each ask: the best of its own candidates
+                    best = int(np.argmax(pool[2][i]))
+                    assert t.params["a"] == int(pool[1]["a"][i][best])
+        assert draws == ([expected] if expected else [1] * asked)
+        assert sampler._pool is None
+        points[expected] = [t.params for t in block]
+        for t in block:
+            study.tell(t, 1.0)
+        after[expected] = study.ask(space).params  # the generator was left where it should be
+    assert points[0] == points[10] == points[16]
+    assert len({(p["a"], p["c"]) for p in points[0]}) == 10
+    assert after[0] == after[10] == after[16]
