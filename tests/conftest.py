@@ -17,6 +17,19 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test of the shared PostgreSQL server in one xdist group: under ``make test``
+    (``-n 2 --dist loadgroup``) they run one after another on one worker, so a test that stops
+    or restarts the server (tests/reliability/test_restarts.py) never pulls it from under
+    another; the rest (SQLite files, their own servers and ports) run beside them."""
+    for item in items:
+        uses_pg = ("pg_url" in getattr(item, "fixturenames", ()) or item.get_closest_marker("postgres")
+                   or "postgres" in item.nodeid)
+        if uses_pg:
+            item.add_marker(pytest.mark.xdist_group("postgres"))
+
+
 #: a small space on digits (8x8 inputs): counts from a few hundred to a few thousand
 TINY_SPACE: dict[str, Any] = {
     "n_neurons": {"type": "int", "low": 2, "high": 8},
