@@ -108,7 +108,7 @@ def _instrument_epochs(profile_epoch: int) -> None:
         rec = {"K": stack.K, "grid": (d.n, d.d, d.k), "bs": self.batch_size,
                "new_graph": self.graph is None or self.graph.stack is not stack,
                "rows_used": sum(m.arch.n * m.arch.d for m in stack.members) / max(1, stack.K),
-               "bands": [n for _, _, n in stack.bands]}
+               "bands": [f"{n}x{d}" for _, _, n, d in stack.bands]}
         _EPOCHS.append(rec)
         t0 = time.perf_counter()
         before = _compiled()
@@ -173,7 +173,7 @@ def _between(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def _print_epochs() -> None:
     """The --profile table: one line per population epoch, then the totals."""
     print("# population epochs: K, padded grid (n, d, k), mean rows used, the fused step's bands "
-          "(each band's neurons), seconds in all, of which "
+          "(each band's neurons x dendrites), seconds in all, of which "
           "stacking plans / steps / evaluation / bookkeeping (the members' callbacks, weights kept); "
           "within the steps: capturing the step (its warm-up step and any Triton compilation "
           "included), and how many Triton kernels were compiled")

@@ -67,7 +67,7 @@ def main() -> None:
 
             launch = functools.partial(
                 kernel[(K, n_blocks)], z, p, p, p, p, y, eps, gz, part, loss, correct,
-                B, n, d, n, 0, C, p.stride(0), 0, offs["sw"], offs["sb"], offs["wo"], offs["bo"],
+                B, n, d, n, d, 0, C, p.stride(0), 0, offs["sw"], offs["sb"], offs["wo"], offs["bo"],
                 n_blocks, part_stride, 1.0 / B, BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=False,
                 GZ_BF16=False, DOT=dot, num_warps=warps)
             run = functools.partial(_launch_and_sum, launch, part)

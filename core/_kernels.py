@@ -51,12 +51,12 @@ def _triton() -> Any:
     # equal to 1); the grid's sizes and the parameters' offsets change with every stack shape,
     # and the batch and its block count with an epoch's last, partial batch, so they are left
     # unspecialized (the row stride is always a multiple of 16: _Dims.stride)
-    @triton.jit(do_not_specialize=["B", "NN", "DD", "NS", "m0", "db_off", "sw_off", "sb_off", "wo_off",
+    @triton.jit(do_not_specialize=["B", "NN", "DD", "NS", "DS", "m0", "db_off", "sw_off", "sb_off", "wo_off",
                                    "bo_off", "n_blocks"])
     def head_kernel(
         z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr, eps_ptr,
         gz_ptr, part_ptr, loss_ptr, correct_ptr,
-        B, NN, DD, NS, m0, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
+        B, NN, DD, NS, DS, m0, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
         inv_b,
         BB: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr,
         ADD_DB: tl.constexpr, GZ_BF16: tl.constexpr, DOT: tl.constexpr,
@@ -82,10 +82,10 @@ def _triton() -> Any:
         pm = p_stride * mg.to(tl.int64)
         mij = mi[:, None] & mj[None, :]
         if ADD_DB:  # z is the product alone (in its own dtype): the dendrites' bias, in float32
-            db = tl.load(sw_ptr + pm + db_off + i[:, None] * DD + j[None, :], mask=mij, other=0.0)
+            db = tl.load(sw_ptr + pm + db_off + i[:, None] * DS + j[None, :], mask=mij, other=0.0)
             z = z + db[None, :, :]
         h = tl.where(z > 0, z, z * 0.1)
-        sw = tl.load(sw_ptr + pm + sw_off + i[:, None] * DD + j[None, :], mask=mij, other=0.0)
+        sw = tl.load(sw_ptr + pm + sw_off + i[:, None] * DS + j[None, :], mask=mij, other=0.0)
         sb = tl.load(sb_ptr + pm + sb_off + i, mask=mi, other=0.0)
         s_pre = tl.sum(h * sw[None, :, :], axis=2) + sb[None, :]
         s = tl.where(s_pre > 0, s_pre, s_pre * 0.1)
@@ -262,6 +262,7 @@ def soma_head(
     z: torch.Tensor, p: torch.Tensor, offsets: dict[str, int], n: int, d: int, y: torch.Tensor,
     smoothing: torch.Tensor | None = None, add_bias: bool = False,
     grad_dtype: torch.dtype | None = None, n_stored: int | None = None, first: int = 0,
+    d_stored: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Loss, correct counts and gradients of ``LeakyReLU -> soma -> LeakyReLU -> Linear -> CE``.
 
@@ -285,6 +286,9 @@ def soma_head(
     ``n_stored``: the neurons the parameter rows are laid out for (default ``n``). With
     ``n`` smaller, ``z`` holds only the first ``n`` neurons' dendrites (a band of members that
     use no more) and the head reads, and returns the gradients of, those neurons alone.
+    ``d_stored``: likewise the dendrites per neuron the rows are laid out for (default ``d``):
+    with ``d`` smaller, ``z`` is laid out on the band's own (n, d) grid, the parameters on the
+    rows' (n_stored, d_stored) one.
     ``first``: the band's first member among the rows of ``p``, ``y`` and ``smoothing``, which
     are then the whole population's (``z`` and what is returned are the band's): whole
     tensors keep their pointers' alignment, which Triton would otherwise compile anew for.
@@ -305,7 +309,7 @@ def soma_head(
     eps = smoothing if smoothing is not None else torch.zeros(first + K, device=z.device)
     kernel[(K, n_blocks)](
         z, p, p, p, p, y, eps, gz, part, loss, correct,
-        B, n, d, n_stored or n, first, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
+        B, n, d, n_stored or n, d_stored or d, first, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
         offsets["wo"], offsets["bo"], n_blocks, part_stride, 1.0 / B,
         BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16,
         DOT=dot, num_warps=4,

@@ -51,8 +51,9 @@ How the members stay exactly themselves:
   replayed; ``dendritic_simple`` stacks compute everything after the dendrite product in one
   Triton kernel (``core/_kernels.py``, no autograd); the next epoch's data orders and
   resampling draws are stacked by a thread while the device trains. A stack's members are
-  sorted by neurons and its fused step runs in bands (:func:`_bands`), each band's products
-  and head on the grid rows its members use; where real connections fill less than half the
+  sorted by their dendrite tile and neurons (:func:`_band_key`) and its fused step runs in
+  bands (:func:`_bands`), each band's products and head on its own (neurons, dendrites) grid,
+  the padding of its smaller members skipped; where real connections fill less than half the
   padded slots, Adam reads their gradient itself and skips the padding
   (``_kernels.adam_connections``). ``precision="tf32"`` or ``"bf16"`` changes only the
   dendrite products' arithmetic. Sequences of configs of very different sizes are split into
@@ -467,43 +468,56 @@ def _candidates(arch: _Arch) -> int:
 #: dense pass over every slot.
 _GATHER_BELOW = 0.5
 #: The most bands a fused stack's step is split into (see :func:`_bands`).
-_MAX_BANDS = 4
+_MAX_BANDS = 6
 #: A band's fixed cost (its extra launches, smaller products), in members of the full grid.
 _BAND_OVERHEAD = 16
 #: The fused head's cost per padded (neuron, dendrite) slot of its power-of-2 tile, relative to
 #: the dendrite products' per row (their step times at the seed space's 20 x 15 grid, one H200).
 _HEAD_WEIGHT = 0.35
+#: The most places where the members' band key changes that :func:`_bands` splits at.
+_MAX_CUTS = 96
 
 
-def _bands(ns: Sequence[int], d: int) -> list[tuple[int, int, int]]:
-    """Split a fused stack's rows into ``(start, stop, neurons)`` bands for its step.
+def _band_key(arch: _Arch) -> tuple[int, int]:
+    """The order a fused stack's members are sorted in for :func:`_bands`: by the head's
+    power-of-2 tile of dendrites, then by neurons (members of similar size run side by side)."""
+    return ((arch.d - 1).bit_length() if arch.d else 0, arch.n)
 
-    The (neuron, dendrite) grid is laid out neuron-major, so a member with ``n`` neurons uses
-    only the grid's first ``n * d`` rows: a band of consecutive members runs its dendrite
-    products and its fused head on the first ``neurons`` (the band's largest ``n``) rows
-    alone. With the members sorted by ``n`` (as a stack is built), a few bands remove most
-    of the neuron padding of a mixed population. The split minimizes the products' rows plus
-    the head's power-of-2 tile plus a fixed cost per band, over the points where ``n``
-    changes (one band when there are too many such points: an unsorted stack).
+
+def _bands(shapes: Sequence[tuple[int, int]], d: int) -> list[tuple[int, int, int, int]]:
+    """Split a fused stack's members into ``(start, stop, neurons, dendrites)`` bands for its step.
+
+    ``shapes`` are the members' (neurons, dendrites), in stack order; ``d`` the stack's padded
+    dendrites. A band of consecutive members runs its dendrite products and its fused head on
+    its own (neurons, dendrites) grid, its largest ``n`` by its largest ``d``: the rows a
+    member does not use are padding the band skips. With the members sorted by
+    :func:`_band_key` (as a stack is built), a few bands remove most of the padding of a mixed
+    population. The split minimizes the products' rows plus the head's power-of-2 tile plus a
+    fixed cost per band, over the points where the key changes (one band when there are too
+    many such points: an unsorted stack).
     """
-    K = len(ns)
+    K = len(shapes)
     if not K:
         return []
-    cuts = [i for i in range(1, K) if ns[i] != ns[i - 1]]
-    if not cuts or len(cuts) > 64:
-        return [(0, K, max(ns))]
+    keys = [((dd - 1).bit_length() if dd else 0, n) for n, dd in shapes]
+    cuts = [i for i in range(1, K) if keys[i] != keys[i - 1]]
+    if not cuts or len(cuts) > _MAX_CUTS:
+        return [(0, K, max(n for n, _ in shapes), d)]
     pts = [0, *cuts, K]
     m = len(pts)
-    top = [[0] * m for _ in range(m)]  # top[a][b]: the largest n from pts[a] to pts[b]
+    # top[a][b]: the largest (n, d) from pts[a] to pts[b]
+    top = [[(0, 0)] * m for _ in range(m)]
     for a in range(m - 1):
         for b in range(a + 1, m):
-            top[a][b] = max(top[a][b - 1], max(ns[pts[b - 1]:pts[b]]))
-    dp2 = 1 << max(0, (d - 1).bit_length())
-    fixed = _BAND_OVERHEAD * top[0][m - 1] * d
+            seg = shapes[pts[b - 1]:pts[b]]
+            top[a][b] = (max(top[a][b - 1][0], max(n for n, _ in seg)),
+                         max(top[a][b - 1][1], max(dd for _, dd in seg)))
+    fixed = _BAND_OVERHEAD * top[0][m - 1][0] * d
 
     def cost(a: int, b: int) -> float:
-        n = top[a][b]
-        return (pts[b] - pts[a]) * (n * d + _HEAD_WEIGHT * (1 << (n - 1).bit_length()) * dp2) + fixed
+        n, dd = top[a][b]
+        tile = (1 << (n - 1).bit_length()) * (1 << max(0, (dd - 1).bit_length()))
+        return (pts[b] - pts[a]) * (n * dd + _HEAD_WEIGHT * tile) + fixed
 
     inf = float("inf")
     # best[j][b]: the cheapest split of the members before pts[b] into j bands, and where
@@ -518,7 +532,7 @@ def _bands(ns: Sequence[int], d: int) -> list[tuple[int, int, int]]:
     out, b = [], m - 1
     while j:
         a = best[j][b][1]
-        out.append((pts[a], pts[b], top[a][b]))
+        out.append((pts[a], pts[b], *top[a][b]))
         b, j = a, j - 1
     return out[::-1]
 
@@ -656,8 +670,9 @@ class _Stack:
         self.full = [all(j < h for h in depth) for j in range(dims.depth)]
         self.flat_t: torch.Tensor | None = None
         self.grad_at: list[int] = []  # where each band's block of the dense gradient starts
+        self.dense_at: list[int] = []  # and of the dense dendrite matrix
         self.grad_size = 0  # the dense gradient's length, its sink excluded
-        self._band: tuple[torch.Tensor, ...] = ()  # per real connection: band start, place, rows
+        self._band: tuple[torch.Tensor, ...] = ()  # per real connection: its offsets in the two layouts
         self.buf: torch.Tensor | None = None
         self.real: tuple[torch.Tensor, ...] = ()
         self._real_at: torch.Tensor | None = None  # the real connections among K * rows * k
@@ -671,8 +686,8 @@ class _Stack:
             and self.K and self.bio is None and _kernels.available(dev)
         )
         # the fused step's bands of members (see _bands); one band of the whole grid otherwise
-        self.bands = (_bands([x.arch.n for x in members], dims.d) if self.fused
-                      else [(0, self.K, dims.n)])
+        self.bands = (_bands([(x.arch.n, x.arch.d) for x in members], dims.d) if self.fused
+                      else [(0, self.K, dims.n, dims.d)])
         # each member's neurons, dendrites and inputs, where the fused step's Adam gathers the
         # connections' gradient itself and skips the padded slots: a stack mostly padding (a
         # real slot's gather costs several times a dense pass over one; rows padded to a
@@ -699,10 +714,12 @@ class _Stack:
             self.bio.flush([m.steps for m in self.members])
 
     def _index(self) -> None:
-        """Flat positions of the connections in the dense buffer: the real ones' in its
-        ``(K, rows, in)`` layout (``real``) and every one's in the gradient's (``flat_t``;
-        padding: the sink). The gradient is laid out band by band (``bands``), each band's
-        members as ``(members, in, band rows)``: one band is the whole ``(K, in, rows)``.
+        """Flat positions of the connections in the dense buffer (``real``) and in the dense
+        gradient (``flat_t``; padding: the sink), both laid out band by band (``bands``): a
+        band's members as ``(members, band rows, in)`` in the buffer and ``(members, in, band
+        rows)`` in the gradient, a member's dendrite (i, j) being the band grid's row
+        ``i * dendrites + j``. One band of the whole grid is the ``(K, rows, in)`` and
+        ``(K, in, rows)`` layouts.
 
         Made with the stack, where every padded slot points at the sink for good; after a
         resampling only the real connections' entries are computed again, in place (a
@@ -710,37 +727,51 @@ class _Stack:
         every padded slot cost ~1 ms an event at K = 996 of the seed space.
         """
         assert self.idx is not None and self.buf is not None and self._real_at is not None
-        R, n_in = self.dims.rows, self.dims.in_dim
+        R, D, n_in = self.dims.rows, self.dims.d, self.dims.in_dim
         if self.flat_t is None:
             cols = R * self.dims.k
             member, col = self._real_at // cols, self._real_at % cols
             self.real = (torch.empty_like(self._real_at), member, col)
-            self._real_row = col // self.dims.k
-            # each member's band: where its block starts, its place in it, the band's rows
-            base, local, rows, at = [], [], [], 0
-            self.grad_at = []
-            for start, stop, n in self.bands:
+            row = col // self.dims.k  # on the stack's (n, d) grid
+            # each member's band: where its blocks start, its place in the band, the band's
+            # rows and dendrites
+            grad, dense, local, rows, dends, at, dat = [], [], [], [], [], 0, 0
+            self.grad_at, self.dense_at = [], []
+            for start, stop, n, d in self.bands:
                 self.grad_at.append(at)
-                base += [at] * (stop - start)
+                self.dense_at.append(dat)
+                grad += [at] * (stop - start)
+                dense += [dat] * (stop - start)
                 local += range(stop - start)
-                rows += [n * self.dims.d] * (stop - start)
-                at += (stop - start) * n_in * n * self.dims.d
+                rows += [n * d] * (stop - start)
+                dends += [d] * (stop - start)
+                at += (stop - start) * n_in * n * d
+                dat += (stop - start) * n * d * n_in
             self.grad_size = at
             dev = self.idx.device
-            self._band = tuple(torch.tensor(v, dtype=torch.long, device=dev).index_select(0, member)
-                               for v in (base, local, rows))
+            grad_t, dense_t, local_t, rows_t, dends_t = (
+                torch.tensor(v, dtype=torch.long, device=dev).index_select(0, member)
+                for v in (grad, dense, local, rows, dends))
+            band_row = (row // D) * dends_t + row % D
+            # per real connection: its position in each layout, less its input's share
+            self._band = (dense_t + (local_t * rows_t + band_row) * n_in,
+                          grad_t + local_t * n_in * rows_t + band_row, rows_t)
             self.flat_t = torch.full_like(self.idx, at)
-        member, row = self.real[1], self._real_row
-        assert row is not None
         inputs = self.idx.view(-1).index_select(0, self._real_at)
-        torch.add((member * R + row) * n_in, inputs, out=self.real[0])
-        base, local, rows = self._band
-        self.flat_t.view(-1).index_copy_(0, self._real_at, base + (local * n_in + inputs) * rows + row)
+        dense_base, grad_base, rows_t = self._band
+        torch.add(dense_base, inputs, out=self.real[0])
+        self.flat_t.view(-1).index_copy_(0, self._real_at, grad_base + inputs * rows_t)
+
+    @property
+    def whole_grid(self) -> bool:
+        """Whether the dense buffer is the whole grid's ``(K, rows, in)`` (one band of it)."""
+        return self.bands == [(0, self.K, self.dims.n, self.dims.d)]
 
     def _unband(self) -> None:
-        """One band of the whole grid (the plain path's gradient layout), indexed anew."""
-        self.bands = [(0, self.K, self.dims.n)]
+        """One band of the whole grid (the plain path's layout), indexed anew."""
+        self.bands = [(0, self.K, self.dims.n, self.dims.d)]
         if self.buf is not None:
+            self.buf.zero_()  # the connections move: their old places must read zero
             self.flat_t = None
             self._index()
 
@@ -863,7 +894,7 @@ class _Stack:
         dims = self.dims
         if not dims.n:
             return self.K * dims.volume
-        return sum((b - a) * (dims.numel + n * dims.d * dims.in_dim) for a, b, n in self.bands)
+        return sum((b - a) * (dims.numel + n * d * dims.in_dim) for a, b, n, d in self.bands)
 
     def real_mask(self) -> torch.Tensor:
         """True where a flat parameter entry belongs to its member (padding is False)."""
@@ -878,10 +909,19 @@ class _Stack:
     # -- forward ----------------------------------------------------------------------------
     @torch.no_grad()
     def _dense(self) -> torch.Tensor:
-        """The current dense ``(K, rows, in_dim)`` dendrite matrix (a view of the buffer)."""
+        """The current dense dendrite matrices, written into the buffer; returned as the whole
+        grid's ``(K, rows, in_dim)`` (see ``whole_grid``; else :meth:`_band_dense` views them)."""
         assert self.buf is not None
         _put(self.buf, self.plain["dw"], self.real)
         return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
+
+    def _band_dense(self, band: int) -> torch.Tensor:
+        """Band ``band``'s dense matrices, ``(members, band rows, in_dim)``, contiguous (a view
+        of the buffer that :meth:`_dense` writes)."""
+        assert self.buf is not None
+        a, b, n, d = self.bands[band]
+        at, size = self.dense_at[band], (b - a) * n * d * self.dims.in_dim
+        return self.buf[at : at + size].view(b - a, n * d, self.dims.in_dim)
 
     @staticmethod
     def _first(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -928,13 +968,14 @@ class _Stack:
             h = y if self.full[j] else torch.where(self.active[:, j, None, None], y, h)
         return torch.baddbmm(P["bo"].unsqueeze(1), h, P["wo"].transpose(1, 2))
 
-    def _band_logits(self, x: torch.Tensor, w: torch.Tensor, a: int, b: int, n: int) -> torch.Tensor:
-        """``logits`` of members ``a:b`` of a fused stack on a shared ``x``, over their band's
-        first ``n`` neurons (the others are padding: zero soma and readout weights); ``w`` holds
-        their dense matrices' first ``n * d`` rows, ``(b - a, n * d, in_dim)``, contiguous."""
-        D, P = self.dims.d, self.plain
-        h = F.leaky_relu(self._first(x, w, P["db"][a:b, : n * D], True), _SLOPE)
-        s = self._soma(h, P["sw"][a:b, :n], P["sb"][a:b, :n], n, D)
+    def _band_logits(self, x: torch.Tensor, band: int) -> torch.Tensor:
+        """``logits`` of a band's members (a fused stack) on a shared ``x``, over their band's
+        (neurons, dendrites) grid: the rest is padding (zero soma and readout weights)."""
+        a, b, n, d = self.bands[band]
+        P = self.plain
+        db = P["db"].view(self.K, self.dims.n, self.dims.d)[a:b, :n, :d].reshape(b - a, n * d)
+        h = F.leaky_relu(self._first(x, self._band_dense(band), db, True), _SLOPE)
+        s = self._soma(h, P["sw"][a:b, :n, :d], P["sb"][a:b, :n], n, d)
         return torch.baddbmm(P["bo"][a:b].unsqueeze(1), s, P["wo"][a:b, :, :n].transpose(1, 2))
 
     # -- training ---------------------------------------------------------------------------
@@ -983,12 +1024,13 @@ class _Stack:
         dense dendrite matrix, then :func:`core._kernels.soma_head` for the loss, the counts and
         every gradient but the dendrites', which is the batched product of the inputs with
         ``dL/dz`` read back at the connections (as ``_DendriteMatmul.backward`` does). Each
-        band of members (``bands``) runs these on the grid's first rows its members use.
+        band of members (``bands``) runs these on its own (neurons, dendrites) grid, laid out
+        band by band in the dense buffer and the gradient (:meth:`_index`).
         """
         dims, K = self.dims, self.K
         assert self.flat_t is not None
-        dense = self._dense()
-        lowp = dense.dtype != torch.float32
+        self._dense()
+        lowp = self.lowp != torch.float32
         D, n_in = dims.d, dims.in_dim
         gd = xb.new_empty(self.grad_size + 1)
         gd[-1:].zero_()
@@ -1003,17 +1045,18 @@ class _Stack:
                  for name, (off, shape) in self.layout.items() if off >= first}
         views["db"] = views["db"].view(K, dims.n, D)
         losses, rights = [], []
-        for (a, b, n), at in zip(self.bands, self.grad_at, strict=True):
-            R, x = n * D, xb[a:b]
-            w = dense[a:b, :R].transpose(1, 2)  # the band's members use the grid's first R rows
+        for band, ((a, b, n, d), at) in enumerate(zip(self.bands, self.grad_at, strict=True)):
+            R, x = n * d, xb[a:b]
+            w = self._band_dense(band).transpose(1, 2)  # the band's own (n, d) grid of rows
             if lowp:  # the head adds the bias to the product in float32, as .float().add_(db) did
                 z = torch.bmm(x, w)
             else:
-                z = torch.baddbmm(self.plain["db"][a:b, :R].unsqueeze(1), x, w)
+                db = self.plain["db"].view(K, dims.n, D)[a:b, :n, :d].reshape(b - a, 1, R)
+                z = torch.baddbmm(db, x, w)
             try:
                 loss, right, gz, gsw, gsb, gwo, gbo, gdb = _kernels.soma_head(
-                    z, self.p, self.offsets, n, D, yb, self.smooth, add_bias=lowp,
-                    grad_dtype=xb.dtype, n_stored=dims.n, first=a)
+                    z, self.p, self.offsets, n, d, yb, self.smooth, add_bias=lowp,
+                    grad_dtype=xb.dtype, n_stored=dims.n, first=a, d_stored=D)
             except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
                 _without_triton(exc, "head")
                 self.fused = False
@@ -1021,8 +1064,8 @@ class _Stack:
                 with torch.enable_grad():
                     return self.train_step(xb, yb)
             torch.bmm(x.transpose(1, 2), gz, out=gd[at : at + (b - a) * n_in * R].view(b - a, n_in, R))
-            views["db"][a:b, :n].copy_(gdb.view(b - a, n, D))
-            views["sw"][a:b, :n].copy_(gsw)
+            views["db"][a:b, :n, :d].copy_(gdb.view(b - a, n, d))
+            views["sw"][a:b, :n, :d].copy_(gsw)
             views["sb"][a:b, :n].copy_(gsb)
             views["wo"][a:b, :, :n].copy_(gwo)
             views["bo"][a:b].copy_(gbo)
@@ -1103,17 +1146,15 @@ class _Stack:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss and number correct of every member on a shared ``(x, y)``."""
         dims = self.dims
-        dense = self._dense() if dims.n else None
+        dense = self._dense() if dims.n else None  # (the bands' views read what it writes)
         budget = _EVAL_BYTES * (4 if x.device.type == "cuda" else 1)
         total = torch.zeros(self.K, device=x.device)
         correct = torch.zeros(self.K, device=x.device)
         # (members a:b, their forward pass on a chunk, the widest activation a member holds)
         parts: list[tuple[int, int, Callable[[torch.Tensor], torch.Tensor], int]]
-        if len(self.bands) > 1:  # the fused step's bands: each on the grid rows its members use
-            assert dense is not None
-            parts = [(a, b, functools.partial(  # the band's rows made contiguous once, not a chunk
-                self._band_logits, w=dense[a:b, : n * dims.d].contiguous(), a=a, b=b, n=n),
-                max(n * dims.d, dims.n_classes)) for a, b, n in self.bands]
+        if dims.n and not self.whole_grid:  # the fused step's bands, each on its own grid
+            parts = [(a, b, functools.partial(self._band_logits, band=i), max(n * d, dims.n_classes))
+                     for i, (a, b, n, d) in enumerate(self.bands)]
         else:
             parts = [(0, self.K, functools.partial(self.logits, shared=True, dense=dense),
                       max(dims.rows, dims.feat, dims.hidden, dims.n_classes, 1))]
@@ -1585,14 +1626,14 @@ class _Population:
                 m.drawn = None
         states = [m.state for m in incoming]
         assert all(s is not None for s in states)
-        # members sorted by neurons, so that the fused step's bands (_bands) cut the padding
+        # members sorted by _band_key, so that the fused step's bands (_bands) cut the padding
         if stack is None or not stack.dims.covers(needed) or stack.dims.volume > 1.25 * needed.volume:
             old = stack.states(list(range(stack.K))) if stack is not None else []
-            pairs = sorted(zip(everyone, old + states, strict=True), key=lambda ms: ms[0].arch.n)
+            pairs = sorted(zip(everyone, old + states, strict=True), key=lambda ms: _band_key(ms[0].arch))
             self.stack = _Stack.build(needed, [m for m, _ in pairs], [st for _, st in pairs],  # type: ignore[misc]
                                       self.device, self.lowp)
         else:
-            pairs = sorted(zip(incoming, states, strict=True), key=lambda ms: ms[0].arch.n)
+            pairs = sorted(zip(incoming, states, strict=True), key=lambda ms: _band_key(ms[0].arch))
             self.stack = stack.cat(_Stack.build(stack.dims, [m for m, _ in pairs], [st for _, st in pairs],  # type: ignore[misc]
                                                 self.device, self.lowp))
         now = time.perf_counter()

@@ -409,16 +409,34 @@ def test_a_fused_kernel_that_fails_switches_triton_off_but_out_of_memory_reaches
 
 
 def test_bands_follow_the_sorted_neurons_and_cut_the_padded_rows() -> None:
-    ns = sorted([5] * 40 + [8] * 30 + [12] * 30 + [20] * 20)
-    bands = _population._bands(ns, 15)
-    assert bands[0][0] == 0 and bands[-1][1] == len(ns) and 1 < len(bands) <= _population._MAX_BANDS
-    assert all(a < b == c for (a, b, _), (c, _, _) in zip(bands, bands[1:], strict=False))
-    assert all(n == max(ns[a:b]) for a, b, n in bands)  # a band covers its members' neurons
-    assert sum((b - a) * n for a, b, n in bands) < 0.7 * len(ns) * 20
-    assert _population._bands([20] * 10, 15) == [(0, 10, 20)]
+    shapes = [(n, 15) for n in sorted([5] * 40 + [8] * 30 + [12] * 30 + [20] * 20)]
+    bands = _population._bands(shapes, 15)
+    assert bands[0][0] == 0 and bands[-1][1] == len(shapes) and 1 < len(bands) <= _population._MAX_BANDS
+    assert all(a < b == c for (a, b, _, _), (c, _, _, _) in zip(bands, bands[1:], strict=False))
+    # a band covers its members' neurons and dendrites
+    assert all((n, d) == tuple(map(max, zip(*shapes[a:b], strict=True))) for a, b, n, d in bands)
+    assert sum((b - a) * n for a, b, n, _ in bands) < 0.7 * len(shapes) * 20
+    assert _population._bands([(20, 15)] * 10, 15) == [(0, 10, 20, 15)]
     assert _population._bands([], 15) == []
-    unsorted = [5, 20] * 40  # no long runs to cut: one band
-    assert _population._bands(unsorted, 15) == [(0, 80, 20)]
+    unsorted = [(5, 15), (20, 15)] * 60  # no long runs to cut: one band
+    assert _population._bands(unsorted, 15) == [(0, 120, 20, 15)]
+
+
+def test_bands_cut_the_padded_dendrites_of_members_sorted_by_their_band_key() -> None:
+    """Members of few dendrites sorted apart (their power-of-2 tile first) get bands of their
+    own dendrites: the rows the products run fall with the dendrites' padding too."""
+    rng = __import__("random").Random(0)
+    archs = [_population._Arch(in_dim=784, n_classes=10, n=rng.randint(5, 20), d=rng.randint(3, 15), k=8)
+             for _ in range(600)]
+    archs.sort(key=_population._band_key)
+    shapes = [(a.n, a.d) for a in archs]
+    bands = _population._bands(shapes, 15)
+    assert all((n, d) == tuple(map(max, zip(*shapes[a:b], strict=True))) for a, b, n, d in bands)
+    assert min(d for *_, d in bands) <= 8 < max(d for *_, d in bands) == 15
+    by_neurons = _population._bands(sorted(shapes), 15)  # sorted by neurons alone
+    executed = sum((b - a) * n * d for a, b, n, d in bands)
+    assert executed < 0.85 * sum((b - a) * n * d for a, b, n, d in by_neurons)
+    assert sum(n * d for n, d in shapes) > 0.6 * executed
 
 
 def test_a_banded_dense_gradient_reads_back_as_the_whole_grids(data: core.Dataset) -> None:
@@ -438,17 +456,17 @@ def test_a_banded_dense_gradient_reads_back_as_the_whole_grids(data: core.Datase
     gz.view(K, B, stack.dims.n, 3)[:2, :, 2:] = 0  # rows no member of a band uses
     gz.view(K, B, stack.dims.n, 3)[2, :, 4:] = 0
     full = torch.cat([torch.bmm(x.transpose(1, 2), gz).reshape(-1), torch.zeros(1)])
-    stack.bands = [(0, 2, 2), (2, 4, 5)]
+    stack.bands = [(0, 2, 2, 3), (2, 4, 5, 3)]
     stack.flat_t = None
     stack._index()
     assert stack.grad_size == 2 * n_in * 2 * 3 + 2 * n_in * 5 * 3 and stack.grad_at == [0, 2 * n_in * 6]
     banded = torch.cat([torch.bmm(x[a:b].transpose(1, 2), gz[a:b, :, : n * 3]).reshape(-1)
-                        for a, b, n in stack.bands] + [torch.zeros(1)])
+                        for a, b, n, _ in stack.bands] + [torch.zeros(1)])
     # the same entries (products of other shapes may round differently in the last bit)
     torch.testing.assert_close(banded.take(stack.flat_t), full.take(whole), rtol=1e-6, atol=1e-6)
     assert torch.equal(stack.flat_t == stack.grad_size, whole == whole.max())  # the padding: the sink
     stack._unband()
-    assert stack.bands == [(0, K, 5)] and torch.equal(stack.flat_t, whole)
+    assert stack.bands == [(0, K, 5, 3)] and torch.equal(stack.flat_t, whole)
 
 
 _BANDS = """
@@ -456,7 +474,7 @@ import torch
 import core
 from core import _kernels, _population
 _kernels.available = lambda device: True  # the fused step on the CPU, its kernels interpreted
-_population._BAND_OVERHEAD = 0  # a band for every neuron count
+_population._BAND_OVERHEAD = 0  # a band for every (dendrite tile, neurons)
 _population._GATHER_BELOW = SHARE_OF_SLOTS  # 1: Adam gathers the connections' gradient; 0: a dense take
 seen = []
 bands = _population._bands
@@ -469,7 +487,8 @@ configs = [
     dict(n_neurons=2, n_dendrites=3, n_dendrite_inputs=9, weight_decay=1e-2, seed=4),
 ]
 results = _population.train_population("dendritic_simple", configs, data, 2, 128, device="cpu")
-assert seen and [n for _, _, n in seen[0]] == [2, 4, 9], seen
+# a band of its own for the member of 2 dendrites (the others have 3): its own (n, d) grid
+assert seen and [(n, d) for _, _, n, d in seen[0]] == [(2, 2), (2, 3), (4, 3), (9, 3)], seen
 for cfg, got in zip(configs, results, strict=True):
     c = dict(cfg)
     lr, seed = c.pop("lr", 1e-3), c.pop("seed")
@@ -504,7 +523,7 @@ def test_members_in_several_bands_match_train_model_on_cuda(
     """Without resampling: on CUDA the bands' products round differently in the last bit, and
     resampling's choice of the weakest weights can then flip between near-equal ones (the
     interpreter test above checks resampling in bands exactly, on the CPU)."""
-    monkeypatch.setattr(_population, "_BAND_OVERHEAD", 0)  # a band for every neuron count
+    monkeypatch.setattr(_population, "_BAND_OVERHEAD", 0)  # a band for every (dendrite tile, neurons)
     seen: list[list[tuple[int, int, int]]] = []
     bands = _population._bands
     monkeypatch.setattr(_population, "_bands", lambda ns, d: seen.append(bands(ns, d)) or seen[-1])
@@ -516,7 +535,7 @@ def test_members_in_several_bands_match_train_model_on_cuda(
         dict(n_neurons=2, n_dendrites=3, n_dendrite_inputs=9, weight_decay=1e-2, seed=4, **never),
     ]
     results = train_population("dendritic_simple", configs, data, 2, BATCH, device="cuda")
-    assert seen and [n for _, _, n in seen[0]] == [2, 4, 9]
+    assert seen and [(n, d) for _, _, n, d in seen[0]] == [(2, 2), (2, 3), (4, 3), (9, 3)]
     # the bands' products have other shapes than train_model's, so cuBLAS rounds them
     # differently; over 2 epochs of Adam the weights drift by up to ~5e-5 (measured on an H200)
     _assert_like_train_model_on_cuda(configs, results, data, rtol=1e-3, atol=2e-4)
