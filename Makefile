@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 WORKERS ?= 1
+TEST_TMP ?= /tmp/dendro-tests
 
 .PHONY: run test lint bench clean setup
 
@@ -24,7 +25,17 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check core studies service tests bench
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	# The tests of the shared PostgreSQL server (the pgserver mark, tests/conftest.py) run one after
+	# another in one process, some of them restart it; everything else runs on two xdist workers
+	# beside them. Both must pass; the PostgreSQL process's output is printed after the rest's.
+	@rm -rf $(TEST_TMP); mkdir -p $(TEST_TMP); \
+	$(BIN)/python -m pytest -q -m pgserver -p no:cacheprovider --basetemp=$(TEST_TMP)/pg \
+		> $(TEST_TMP)/pgserver.log 2>&1 & pg=$$!; \
+	$(BIN)/python -m pytest -q -m "not pgserver" -n 2 --basetemp=$(TEST_TMP)/rest; rest=$$?; \
+	wait $$pg; pgrc=$$?; \
+	echo "==== the tests of the shared PostgreSQL server (-m pgserver)"; cat $(TEST_TMP)/pgserver.log; \
+	echo "make test: pytest exit codes $$rest (the rest), $$pgrc (PostgreSQL)"; \
+	test $$rest -eq 0 -a $$pgrc -eq 0
 
 lint: $(STAMP)
 	$(BIN)/ruff check core studies service tests bench

@@ -18,16 +18,17 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 
+@pytest.hookimpl(tryfirst=True)  # before the mark plugin selects with -m
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test of the shared PostgreSQL server in one xdist group: under ``make test``
-    (``-n 2 --dist loadgroup``) they run one after another on one worker, so a test that stops
-    or restarts the server (tests/reliability/test_restarts.py) never pulls it from under
-    another; the rest (SQLite files, their own servers and ports) run beside them."""
+    """Every test of the shared PostgreSQL server gets the ``pgserver`` mark: ``make test`` runs
+    them one after another in one pytest process (some stop or restart the server:
+    tests/reliability/test_restarts.py) and everything else (SQLite files, their own servers and
+    ports) in a second process beside it."""
     for item in items:
         uses_pg = ("pg_url" in getattr(item, "fixturenames", ()) or item.get_closest_marker("postgres")
                    or "postgres" in item.nodeid)
         if uses_pg:
-            item.add_marker(pytest.mark.xdist_group("postgres"))
+            item.add_marker(pytest.mark.pgserver)
 
 
 #: a small space on digits (8x8 inputs): counts from a few hundred to a few thousand

@@ -773,7 +773,8 @@ def test_the_pipelined_ask_writes_what_the_ask_one_statement_at_a_time_writes() 
     if not _pg_reachable():
         pytest.skip(f"PostgreSQL at {PG_URL} cannot be reached")
     names = [_name("pipe"), _name("plain")]
-    st = _own_storage(PG_URL, heartbeat=False)
+    app = _name("pipe-test")  # our connections, told apart from other processes' on the server
+    st = optuna.storages.RDBStorage(PG_URL, engine_kwargs={"connect_args": {"application_name": app}})
     seen: list[tuple[int, int]] = []
 
     def decide(by_state: Any, flagged: Any, attrs: dict[str, Any]) -> int:
@@ -802,7 +803,8 @@ def test_the_pipelined_ask_writes_what_the_ask_one_statement_at_a_time_writes() 
             assert len(first) == len(second) == 3 and first == sorted(first) and max(first) < min(second)
             with st.engine.connect() as conn:
                 assert conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE state = "
-                                            "'idle in transaction' AND datname = current_database()")).scalar() == 0
+                                            "'idle in transaction' AND application_name = :app"),
+                                    {"app": app}).scalar() == 0
             rows.append([{"number": t.number, "state": t.state, "lease": t.system_attrs.get(_fast.LEASE_KEY)}
                          for t in optuna.load_study(study_name=name, storage=st).get_trials()])
             assert [fs.get_trial(tid).number for tid in first + second] == list(range(1, 7))
