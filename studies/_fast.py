@@ -1727,9 +1727,15 @@ class FastTPESampler(optuna.samplers.TPESampler):
             self._block = {}
 
     #: what a one_fit block computes once for all its asks, by study: its relative search space
-    #: and whether TPE is still in its random start-up (no trial finishes inside a block: its
-    #: asks are gated and written before any of them trains; every ask scanned every trial)
+    #: and whether TPE is still in its random start-up. A trial told inside the block (an ask
+    #: that its gate finds infeasible is told pruned at once) clears them (:meth:`after_trial`):
+    #: the next ask sees it, as one ask at a time would
     _block: dict[tuple[str, int], Any] = {}
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._block = {}
+        super().after_trial(study, trial, state, values)
 
     def infer_relative_search_space(self, study: optuna.Study,
                                     trial: FrozenTrial) -> dict[str, dists.BaseDistribution]:
@@ -1815,6 +1821,11 @@ class FastTPESampler(optuna.samplers.TPESampler):
         n = self._n_ei_candidates
         pool = self._pool
         ahead = pool is not None and pool[0] is cached and pool[3] < len(pool[2])
+        if not ahead and pool is not None and pool[3] < len(pool[2]):
+            # another estimator took over mid-block (a conditional space's independent draws,
+            # or group=True): one ask at a time from here, instead of drawing the rest of the
+            # block again at every switch
+            self._expected = 0
         if not ahead and not (self._frozen and self._expected > 1):
             self._give_back_unused()
             candidates = _tpe_math.sample(below, self._rng.rng, n)

@@ -1064,3 +1064,67 @@ def test_a_block_of_asks_draws_and_scores_its_candidates_together(monkeypatch: p
     assert points[0] == points[10] == points[16]
     assert len({(p["a"], p["c"]) for p in points[0]}) == 10
     assert after[0] == after[10] == after[16]
+
+
+def test_a_trial_told_inside_a_block_is_seen_by_the_blocks_next_ask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block's asks can end inside it (an ask its gate finds infeasible is told pruned at
+    once): the trial that completes the random start-up switches the block's next ask to TPE, as
+    between single asks, instead of the block's first start-up answer holding for all of it."""
+    from studies import _tpe_math
+
+    space = {"a": optuna.distributions.IntDistribution(1, 64, log=True),
+             "c": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)}
+    draws: list[int] = []
+    sample = _tpe_math.sample
+    monkeypatch.setattr(_tpe_math, "sample",
+                        lambda est, rng, n, asks=1: draws.append(asks) or sample(est, rng, n, asks))
+    points = {}
+    for expected in (0, 6):
+        sampler = _fast.FastTPESampler(seed=3, multivariate=True, n_startup_trials=5)
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        for _ in range(4):
+            t = study.ask(space)
+            study.tell(t, t.params["a"] * 0.01 + t.params["c"])
+        draws.clear()
+        with sampler.one_fit(expected):
+            first = study.ask(space)
+            assert draws == [], "still in the start-up: a random point"
+            study.tell(first, state=TrialState.PRUNED)  # the fifth finished trial
+            block = [study.ask(space) for _ in range(5)]
+        assert draws == ([6] if expected else [1] * 5), "TPE drew every ask after the tell"
+        points[expected] = [first.params] + [t.params for t in block]
+    assert points[0] == points[6]
+
+
+def test_a_block_whose_estimators_alternate_draws_each_ask_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conditional space samples each ask with two estimators (the relative one and an
+    independent one): the block's draws ahead are given back at the first switch and the rest
+    of the block draws one ask at a time (not the rest of the block again at every switch),
+    with the same points."""
+    from studies import _tpe_math
+
+    def objective(t: optuna.Trial) -> float:
+        lr = t.suggest_float("lr", 1e-4, 1e-1, log=True)
+        if t.suggest_categorical("kind", ["mlp", "cnn"]) == "mlp":
+            return lr + t.suggest_int("width", 8, 256, log=True) * 1e-3
+        return lr + t.suggest_float("drop", 0.0, 0.5)
+
+    rows: list[int] = []
+    sample = _tpe_math.sample
+    monkeypatch.setattr(_tpe_math, "sample",
+                        lambda est, rng, n, asks=1: rows.append(asks) or sample(est, rng, n, asks))
+    points, drawn = {}, {}
+    for expected in (0, 40):
+        sampler = _fast.FastTPESampler(seed=1, multivariate=True, n_startup_trials=10)
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(objective, n_trials=30)
+        rows.clear()
+        with sampler.one_fit(expected):
+            block = []
+            for _ in range(40):
+                t = study.ask()
+                objective(t)
+                block.append(t.params)
+        points[expected], drawn[expected] = block, sum(rows)
+    assert points[0] == points[40]
+    assert drawn[40] <= drawn[0] + 40, drawn  # at most one block's draw ahead given back
