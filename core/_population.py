@@ -501,8 +501,8 @@ def _bands(shapes: Sequence[tuple[int, int]], d: int) -> list[tuple[int, int, in
         return []
     keys = [((dd - 1).bit_length() if dd else 0, n) for n, dd in shapes]
     cuts = [i for i in range(1, K) if keys[i] != keys[i - 1]]
-    if not cuts or len(cuts) > _MAX_CUTS:
-        return [(0, K, max(n for n, _ in shapes), d)]
+    if not cuts or len(cuts) > _MAX_CUTS:  # one band, on the members' own largest grid
+        return [(0, K, max(n for n, _ in shapes), max(dd for _, dd in shapes))]
     pts = [0, *cuts, K]
     m = len(pts)
     # top[a][b]: the largest (n, d) from pts[a] to pts[b]
@@ -676,7 +676,6 @@ class _Stack:
         self.buf: torch.Tensor | None = None
         self.real: tuple[torch.Tensor, ...] = ()
         self._real_at: torch.Tensor | None = None  # the real connections among K * rows * k
-        self._real_row: torch.Tensor | None = None  # and their rows
         self.bio = (BioPack(self, functools.partial(_bio_positions, dims), dims.n_classes)
                     if any(x.bio is not None for x in members) else None)
         # dendrites -> soma -> readout (dendritic_simple): the fused Triton head on CUDA, unless
@@ -1634,8 +1633,12 @@ class _Population:
                                       self.device, self.lowp)
         else:
             pairs = sorted(zip(incoming, states, strict=True), key=lambda ms: _band_key(ms[0].arch))
-            self.stack = stack.cat(_Stack.build(stack.dims, [m for m, _ in pairs], [st for _, st in pairs],  # type: ignore[misc]
-                                                self.device, self.lowp))
+            merged = stack.cat(_Stack.build(stack.dims, [m for m, _ in pairs], [st for _, st in pairs],  # type: ignore[misc]
+                                            self.device, self.lowp))
+            if merged.fused:  # cat appends the newcomers' run: merged into one sorted run for
+                # the bands (each refill's own run would soon pass _bands' _MAX_CUTS)
+                merged = merged.select(sorted(range(merged.K), key=lambda i: _band_key(merged.members[i].arch)))
+            self.stack = merged
         now = time.perf_counter()
         for m in incoming:
             m.state = None

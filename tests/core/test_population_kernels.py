@@ -420,6 +420,36 @@ def test_bands_follow_the_sorted_neurons_and_cut_the_padded_rows() -> None:
     assert _population._bands([], 15) == []
     unsorted = [(5, 15), (20, 15)] * 60  # no long runs to cut: one band
     assert _population._bands(unsorted, 15) == [(0, 120, 20, 15)]
+    # one band runs on its members' own largest grid, not the stack's padded dendrites (a stack
+    # keeps its grid while the members that needed it leave)
+    assert _population._bands([(4, 3)] * 5, 16) == [(0, 5, 4, 3)]
+    assert _population._bands([(5, 3), (20, 7)] * 60, 16) == [(0, 120, 20, 7)]
+
+
+def test_a_refilled_fused_stack_stays_sorted_by_band_key(data: core.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Newcomers joining a fused stack are merged into its sorted run (not appended as a run of
+    their own, which after a few refills leaves _bands too many cut points to split), and every
+    member that stays keeps its own weights and connections."""
+    monkeypatch.setattr(_kernels, "available", lambda device: True)  # a fused stack; no step runs
+    shapes = [(5, 4), (2, 2), (3, 4), (5, 2), (2, 3), (4, 4), (3, 2)]
+    configs = [dict(n_neurons=n, n_dendrites=d, n_dendrite_inputs=7, seed=s) for s, (n, d) in enumerate(shapes)]
+    pop = _population._Population("dendritic_simple", configs, data, 1, BATCH, torch.device("cpu"), 0, 7,
+                                  None, None)
+    pop.size = 7
+    pop._restack([m for m in (pop._take() for _ in range(4)) if m is not None])
+    first = pop.stack
+    assert first is not None and first.fused
+    before = dict(zip((id(m) for m in first.members), first.states(list(range(first.K))), strict=True))
+    pop._restack([m for m in (pop._take() for _ in range(3)) if m is not None])
+    stack = pop.stack
+    assert stack is not None and stack.dims == first.dims, "joined the stack, not rebuilt"
+    keys = [_population._band_key(m.arch) for m in stack.members]
+    assert keys == sorted(keys) and len(keys) == 7
+    after = dict(zip((id(m) for m in stack.members), stack.states(list(range(stack.K))), strict=True))
+    for key, old in before.items():
+        new = after[key]
+        assert torch.equal(new.indices, old.indices)
+        assert all(torch.equal(new.params[name], value) for name, value in old.params.items())
 
 
 def test_bands_cut_the_padded_dendrites_of_members_sorted_by_their_band_key() -> None:
