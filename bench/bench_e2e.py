@@ -69,6 +69,8 @@ def _trainer_stats(fn: Callable[..., Any]) -> Callable[..., Any]:
                 if k == "stacks":  # the stacks' shapes in the order they trained: count the switches
                     _SHAPES.update(v)
                     _TRAINER["switches"] += len(v)
+                elif isinstance(v, list):  # per epoch (staging_seconds): their sum
+                    _TRAINER[k] += sum(v)
                 else:
                     _TRAINER[k] += v
 
@@ -296,6 +298,8 @@ def main() -> None:
         for k, label in (("build_seconds", "building and stacking members"), ("epoch_seconds", "epochs"),
                          ("keep_seconds", "writing weights back")):
             print(f"    {label:<34} {t[k]:8.1f}s  {100 * t[k] / wall:5.1f}%")
+        print(f"    (the main thread on the epochs' staging {t['staging_seconds']:.1f}s, "
+              f"{int(t['staged_here'])} epochs staged there rather than ahead)")
         print(f"  useful / executed training FLOPs: {t['useful_flops'] / max(1.0, t['executed_flops']):.2f}")
     best = study.best_trial
     print(f"best val {best.value:.4f} test {best.user_attrs.get('test_accuracy'):.4f} "

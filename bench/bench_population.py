@@ -89,7 +89,8 @@ def _population(data: core.Dataset, configs: list[dict[str, Any]], epochs: int, 
     epochs_s = [round(h["seconds"], 3) for h in res[0].history]
     print(f"#   K={len(configs)} {precision}: wall {wall:.2f}s = build {stats['build_seconds']:.2f} + "
           f"epochs {stats['epoch_seconds']:.2f} (of which keeping weights {stats['keep_seconds']:.2f}); "
-          f"epoch seconds {epochs_s}", flush=True)
+          f"epoch seconds {epochs_s}; main thread on staging {stats['staging_seconds']} "
+          f"({stats['staged_here']} staged there)", flush=True)
     return wall, res[0].history[-1]["seconds"], res
 
 

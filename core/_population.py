@@ -1339,7 +1339,12 @@ class _Population:
         self.graph: _StepGraph | None = None
         # training FLOPs of the stacked layout (padding included) and of the members' own sizes
         self.stats: dict[str, Any] = {"useful_flops": 0.0, "executed_flops": 0.0, "stacks": [],
-                                      "build_seconds": 0.0, "epoch_seconds": 0.0, "keep_seconds": 0.0}
+                                      "build_seconds": 0.0, "epoch_seconds": 0.0, "keep_seconds": 0.0,
+                                      # per epoch of a stack: seconds the main thread spent on
+                                      # the epoch's staging (waiting for the staging thread, or
+                                      # staging itself when nothing was staged ahead), and how
+                                      # many epochs staged on the main thread
+                                      "staging_seconds": [], "staged_here": 0}
         self.device, self.seed, self.on_epoch, self.on_result = device, seed, on_epoch, on_result
         self.on_settle: Callable[[int], Any] | None = None
         self.configs: Iterator[dict[str, Any]] = iter(configs)
@@ -1685,12 +1690,15 @@ class _Population:
             plans.append(mem.current)
         ahead, self.ahead = self.ahead, None
         staged = None
+        t_stage = time.perf_counter()
         if ahead is not None and ahead[0] is stack and all(
             a is b for a, b in zip(ahead[1], futures, strict=True)
         ):
             staged = ahead[2].result()  # staged on the CPU while the device ran the last epoch
         if staged is None:
             staged = self._stage(stack, plans)
+            self.stats["staged_here"] += 1
+        self.stats["staging_seconds"].append(round(time.perf_counter() - t_stage, 4))
         dev, cuda = self.device, self.device.type == "cuda"
         perms, shifts, lrs, staged_events = staged
         order = perms.to(dev, non_blocking=cuda)
@@ -1995,7 +2003,10 @@ def train_population(
     changes. An iterator of configs is never bucketed (it is read lazily). If ``stats`` is
     a dict it receives ``useful_flops`` and ``executed_flops`` (training FLOPs, about 4 per
     dense-layout weight per example, of the members' own sizes and of the padded stacks)
-    and ``stacks``: the (members, neurons, dendrites, inputs) shapes that were trained.
+    and ``stacks``: the (members, neurons, dendrites, inputs) shapes that were trained;
+    ``build_seconds``, ``epoch_seconds`` and ``keep_seconds``; ``staging_seconds``, per epoch
+    of a stack, what the main thread spent on its data orders and resampling draws (waiting for
+    the staging thread, or staging itself), and ``staged_here``, the epochs it staged itself.
 
     Only the families registered with ``population="mlp"`` (``POPULATION_FAMILIES``,
     ``list_models(population="mlp")``) can be stacked; any other raises a ValueError (train
@@ -2059,7 +2070,7 @@ def train_population(
         with _matmul_precision(precision, dev):
             out = pop.run()
         for key, value in pop.stats.items():
-            totals[key] = totals.get(key, 0.0) + value if key != "stacks" else totals[key] + value
+            totals[key] = totals[key] + value if key in totals else value  # sums, lists joined
         if len(groups) == 1:
             results = list(out)
         else:

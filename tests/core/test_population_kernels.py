@@ -86,6 +86,9 @@ def test_bucketed_members_train_exactly_and_report_under_their_own_index(
                                on_epoch=lambda i, e, m: seen.append((i, e)), stats=stats)
     assert stats["buckets"] == 2 and sorted(seen) == [(i, 1) for i in range(4)]
     assert 0 < stats["useful_flops"] <= stats["executed_flops"]
+    # each bucket's epoch staged on the main thread (the CPU stages nothing ahead), joined
+    assert stats["staged_here"] == len(stats["staging_seconds"]) == 2
+    assert all(s >= 0 for s in stats["staging_seconds"])
     whole: dict[str, Any] = {}
     train_population("dendritic_simple", configs, data, 1, BATCH, device="cpu", seed=7,
                      buckets=False, stats=whole)
