@@ -80,7 +80,10 @@ class Api:
 
     def __init__(self, proc: subprocess.Popen[bytes], base_url: str, log: Path, storage: str) -> None:
         self.proc, self.base_url, self.log, self.storage = proc, base_url, log, storage
-        self.http = httpx.Client(base_url=base_url, timeout=30.0)
+        # a connection per request: a kept-alive one can be closed by the server (uvicorn's 5 s
+        # keep-alive timeout) just as the client sends on it, and a POST is not retried
+        self.http = httpx.Client(base_url=base_url, timeout=30.0,
+                                 limits=httpx.Limits(max_keepalive_connections=0))
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
