@@ -481,7 +481,12 @@ _MAX_CUTS = 96
 def _band_key(arch: _Arch) -> tuple[int, int]:
     """The order a fused stack's members are sorted in for :func:`_bands`: by the head's
     power-of-2 tile of dendrites, then by neurons (members of similar size run side by side)."""
-    return ((arch.d - 1).bit_length() if arch.d else 0, arch.n)
+    return _shape_key(arch.n, arch.d)
+
+
+def _shape_key(n: int, d: int) -> tuple[int, int]:
+    """:func:`_band_key` of a member of ``n`` neurons and ``d`` dendrites each."""
+    return ((d - 1).bit_length() if d else 0, n)
 
 
 def _bands(shapes: Sequence[tuple[int, int]], d: int) -> list[tuple[int, int, int, int]]:
@@ -499,7 +504,7 @@ def _bands(shapes: Sequence[tuple[int, int]], d: int) -> list[tuple[int, int, in
     K = len(shapes)
     if not K:
         return []
-    keys = [((dd - 1).bit_length() if dd else 0, n) for n, dd in shapes]
+    keys = [_shape_key(n, dd) for n, dd in shapes]
     cuts = [i for i in range(1, K) if keys[i] != keys[i - 1]]
     if not cuts or len(cuts) > _MAX_CUTS:  # one band, on the members' own largest grid
         return [(0, K, max(n for n, _ in shapes), max(dd for _, dd in shapes))]
@@ -669,8 +674,9 @@ class _Stack:
         self.active = torch.tensor([[j < h for j in range(dims.depth)] for h in depth], device=dev)
         self.full = [all(j < h for h in depth) for j in range(dims.depth)]
         self.flat_t: torch.Tensor | None = None
-        self.grad_at: list[int] = []  # where each band's block of the dense gradient starts
-        self.dense_at: list[int] = []  # and of the dense dendrite matrix
+        # where each band's block starts, in the dense gradient and in the dense dendrite
+        # matrix alike (a band's members x rows x inputs in both)
+        self.grad_at: list[int] = []
         self.grad_size = 0  # the dense gradient's length, its sink excluded
         self._band: tuple[torch.Tensor, ...] = ()  # per real connection: its offsets in the two layouts
         self.buf: torch.Tensor | None = None
@@ -732,29 +738,26 @@ class _Stack:
             member, col = self._real_at // cols, self._real_at % cols
             self.real = (torch.empty_like(self._real_at), member, col)
             row = col // self.dims.k  # on the stack's (n, d) grid
-            # each member's band: where its blocks start, its place in the band, the band's
-            # rows and dendrites
-            grad, dense, local, rows, dends, at, dat = [], [], [], [], [], 0, 0
-            self.grad_at, self.dense_at = [], []
+            # each member's band: where its blocks start (the same in both layouts), its place
+            # in the band, the band's rows and dendrites
+            base, local, rows, dends, at = [], [], [], [], 0
+            self.grad_at = []
             for start, stop, n, d in self.bands:
                 self.grad_at.append(at)
-                self.dense_at.append(dat)
-                grad += [at] * (stop - start)
-                dense += [dat] * (stop - start)
+                base += [at] * (stop - start)
                 local += range(stop - start)
                 rows += [n * d] * (stop - start)
                 dends += [d] * (stop - start)
                 at += (stop - start) * n_in * n * d
-                dat += (stop - start) * n * d * n_in
             self.grad_size = at
             dev = self.idx.device
-            grad_t, dense_t, local_t, rows_t, dends_t = (
+            base_t, local_t, rows_t, dends_t = (
                 torch.tensor(v, dtype=torch.long, device=dev).index_select(0, member)
-                for v in (grad, dense, local, rows, dends))
+                for v in (base, local, rows, dends))
             band_row = (row // D) * dends_t + row % D
             # per real connection: its position in each layout, less its input's share
-            self._band = (dense_t + (local_t * rows_t + band_row) * n_in,
-                          grad_t + local_t * n_in * rows_t + band_row, rows_t)
+            self._band = (base_t + (local_t * rows_t + band_row) * n_in,
+                          base_t + local_t * n_in * rows_t + band_row, rows_t)
             self.flat_t = torch.full_like(self.idx, at)
         inputs = self.idx.view(-1).index_select(0, self._real_at)
         dense_base, grad_base, rows_t = self._band
@@ -914,12 +917,17 @@ class _Stack:
         _put(self.buf, self.plain["dw"], self.real)
         return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
 
+    def _band_bias(self, band: int) -> torch.Tensor:
+        """Band ``band``'s dendrite biases on its own grid, ``(members, band rows)``."""
+        a, b, n, d = self.bands[band]
+        return self.plain["db"].view(self.K, self.dims.n, self.dims.d)[a:b, :n, :d].reshape(b - a, n * d)
+
     def _band_dense(self, band: int) -> torch.Tensor:
         """Band ``band``'s dense matrices, ``(members, band rows, in_dim)``, contiguous (a view
         of the buffer that :meth:`_dense` writes)."""
         assert self.buf is not None
         a, b, n, d = self.bands[band]
-        at, size = self.dense_at[band], (b - a) * n * d * self.dims.in_dim
+        at, size = self.grad_at[band], (b - a) * n * d * self.dims.in_dim
         return self.buf[at : at + size].view(b - a, n * d, self.dims.in_dim)
 
     @staticmethod
@@ -972,8 +980,7 @@ class _Stack:
         (neurons, dendrites) grid: the rest is padding (zero soma and readout weights)."""
         a, b, n, d = self.bands[band]
         P = self.plain
-        db = P["db"].view(self.K, self.dims.n, self.dims.d)[a:b, :n, :d].reshape(b - a, n * d)
-        h = F.leaky_relu(self._first(x, self._band_dense(band), db, True), _SLOPE)
+        h = F.leaky_relu(self._first(x, self._band_dense(band), self._band_bias(band), True), _SLOPE)
         s = self._soma(h, P["sw"][a:b, :n, :d], P["sb"][a:b, :n], n, d)
         return torch.baddbmm(P["bo"][a:b].unsqueeze(1), s, P["wo"][a:b, :, :n].transpose(1, 2))
 
@@ -1050,8 +1057,7 @@ class _Stack:
             if lowp:  # the head adds the bias to the product in float32, as .float().add_(db) did
                 z = torch.bmm(x, w)
             else:
-                db = self.plain["db"].view(K, dims.n, D)[a:b, :n, :d].reshape(b - a, 1, R)
-                z = torch.baddbmm(db, x, w)
+                z = torch.baddbmm(self._band_bias(band).unsqueeze(1), x, w)
             try:
                 loss, right, gz, gsw, gsb, gwo, gbo, gdb = _kernels.soma_head(
                     z, self.p, self.offsets, n, d, yb, self.smooth, add_bias=lowp,
