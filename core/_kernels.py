@@ -168,36 +168,34 @@ def _triton() -> Any:
     @triton.jit(do_not_specialize=["P", "R", "KPAD", "D"])
     def adam_connections_kernel(
         p_ptr, m_ptr, v_ptr, gd_ptr, at_ptr, n_ptr, d_ptr, k_ptr, step_ptr, bc2_ptr, wd_ptr,
-        P, R, KPAD, D, w1, beta2, w2, eps,
-        HAS_WD: tl.constexpr, ROWS: tl.constexpr, KB: tl.constexpr,
+        P, R, KPAD, D, w1, beta2, w2, eps, HAS_WD: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
-        r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         n = tl.load(n_ptr + row)
-        if tl.program_id(1) * ROWS < n * D:  # the grid is neuron-major: later rows are padding
-            d = tl.load(d_ptr + row)
-            k = tl.load(k_ptr + row)
-            real = (r < n * D) & (r % D < d)
+        d = tl.load(d_ptr + row)
+        k = tl.load(k_ptr + row)
+        start = tl.program_id(1) * BLOCK
+        if start < n * d * k:  # the member's own slots, numbered (neuron, dendrite, input)
+            s = start + tl.arange(0, BLOCK)
+            mask = s < n * d * k
+            own = s // k  # the member's own dendrite, then its place on the stack's grid
+            j = s - own * k
+            off = ((own // d) * D + own % d) * KPAD + j
             base = row.to(tl.int64) * P
-            cell = row.to(tl.int64) * R * KPAD
-            for j0 in range(0, k, KB):
-                j = j0 + tl.arange(0, KB)
-                mask = real[:, None] & (j[None, :] < k)
-                off = r[:, None] * KPAD + j[None, :]
-                at = tl.load(at_ptr + cell + off, mask=mask, other=0)
-                g = tl.load(gd_ptr + at, mask=mask, other=0.0).to(tl.float32)
-                p = tl.load(p_ptr + base + off, mask=mask, other=0.0)
-                m = tl.load(m_ptr + base + off, mask=mask, other=0.0)
-                v = tl.load(v_ptr + base + off, mask=mask, other=0.0)
-                if HAS_WD:
-                    g = g + tl.load(wd_ptr + row) * p
-                m = m + w1 * (g - m)  # adam_kernel's operations, in its order
-                v = v * beta2 + (w2 * g) * g
-                denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bc2_ptr + row)) + eps
-                p = p - tl.div_rn(m, denom) * tl.load(step_ptr + row)
-                tl.store(p_ptr + base + off, p, mask=mask)
-                tl.store(m_ptr + base + off, m, mask=mask)
-                tl.store(v_ptr + base + off, v, mask=mask)
+            at = tl.load(at_ptr + row.to(tl.int64) * R * KPAD + off, mask=mask, other=0)
+            g = tl.load(gd_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + base + off, mask=mask, other=0.0)
+            m = tl.load(m_ptr + base + off, mask=mask, other=0.0)
+            v = tl.load(v_ptr + base + off, mask=mask, other=0.0)
+            if HAS_WD:
+                g = g + tl.load(wd_ptr + row) * p
+            m = m + w1 * (g - m)  # adam_kernel's operations, in its order
+            v = v * beta2 + (w2 * g) * g
+            denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bc2_ptr + row)) + eps
+            p = p - tl.div_rn(m, denom) * tl.load(step_ptr + row)
+            tl.store(p_ptr + base + off, p, mask=mask)
+            tl.store(m_ptr + base + off, m, mask=mask)
+            tl.store(v_ptr + base + off, v, mask=mask)
 
     return triton, head_kernel, adam_kernel, adam_connections_kernel
 
@@ -354,10 +352,15 @@ def adam_rows(
     )
 
 
+#: Slots of one member that one program of the connections' Adam updates.
+_ADAM_BLOCK = 1024
+
+
 def adam_connections(
     p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, gd: torch.Tensor, at: torch.Tensor,
     sizes: torch.Tensor, d: int, step_size: torch.Tensor, bc2_sqrt: torch.Tensor,
     wd: torch.Tensor | None, beta1: float, beta2: float, eps: float,
+    slots: int | None = None,
 ) -> None:
     """:func:`adam_rows` for the dendrite weights alone, reading their gradient from ``gd``.
 
@@ -368,6 +371,9 @@ def adam_connections(
     member's own connections are read and updated: its padded slots, whose gradient is zero
     and whose weights and moments stay zero, are skipped (for the seed space's mixed sizes,
     ~95% of the slots); the gather from ``gd`` replaces a ``take`` over every slot and its copy.
+    Each program updates ``_ADAM_BLOCK`` of a member's own slots, numbered (neuron, dendrite,
+    input), so that no lane idles on the padding of a smaller member; ``slots`` (default: all
+    of ``R * k``) is the most slots a member has, which sizes the grid.
     """
     tri = _triton()
     assert tri is not None
@@ -375,10 +381,9 @@ def adam_connections(
     K, P = p.shape
     _, R, kpad = at.shape
     assert p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and at.is_contiguous()
-    kb = min(64, _pow2(kpad))
-    rows = max(1, 1024 // kb)
-    kernel[(K, -(-R // rows))](
+    slots = R * kpad if slots is None else slots
+    kernel[(K, max(1, -(-slots // _ADAM_BLOCK)))](
         p, m, v, gd, at, sizes[0], sizes[1], sizes[2], step_size, bc2_sqrt,
         wd if wd is not None else step_size, P, R, kpad, d, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-        HAS_WD=wd is not None, ROWS=rows, KB=kb, num_warps=4,
+        HAS_WD=wd is not None, BLOCK=_ADAM_BLOCK, num_warps=4,
     )

@@ -702,6 +702,8 @@ class _Stack:
                                           [x.arch.k for x in members]], dtype=torch.int32),
                             (0, -self.K % 4)).to(dev)
                       if self.fused and real < _GATHER_BELOW * self.K * dims.rows * dims.k else None)
+        # the most connections a member has: the connections' Adam grid covers that many per member
+        self._slots = max((x.arch.n * x.arch.d * x.arch.k for x in members), default=0)
         if dims.n and self.K:
             assert kmask is not None
             self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
@@ -1104,7 +1106,7 @@ class _Stack:
                     assert self.flat_t is not None and self.sizes is not None
                     _kernels.adam_connections(self.p, self.m, self.v, gd, self.flat_t, self.sizes,
                                               self.dims.d, step_size.view(-1), bc2_sqrt.view(-1), wd,
-                                              _BETA1, _BETA2, _EPS)
+                                              _BETA1, _BETA2, _EPS, slots=self._slots)
                     done = lo
                 _kernels.adam_rows(self.p, self.m, self.v, g, step_size.view(-1), bc2_sqrt.view(-1),
                                    wd, _BETA1, _BETA2, _EPS, col0=lo)
@@ -1269,9 +1271,20 @@ class _Group:
 
 
 # -- the scheduler -------------------------------------------------------------------------------
+#: How much nicer than the caller the plan workers run (Linux: a thread's own nice value).
+#: Their draws can fill every core (resampling scores of 1,024 members of the seed space's
+#: larger sizes), and the main thread, which launches the steps the device waits for, then
+#: waited for a core (bench/v13_probe.py, bench/NOTES_population.md v13).
+_PLAN_NICE = 5
+
+
 def _one_intra_op_thread() -> None:
     torch.get_num_threads()  # this thread's lazy OpenMP set-up first, or it would undo the next line
     torch.set_num_threads(1)
+    if _PLAN_NICE and hasattr(os, "setpriority"):
+        tid = threading.get_native_id()
+        with contextlib.suppress(OSError):  # a system that refuses: the thread runs as it is
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + _PLAN_NICE))
 
 
 def _serial_pool(workers: int, name: str) -> ThreadPoolExecutor:

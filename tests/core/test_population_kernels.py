@@ -244,7 +244,11 @@ gd[-1] = 0  # the sink
 at = torch.full((K, R, kpad), G)
 at[real] = torch.randperm(G)[: int(real.sum())]
 P = R * kpad + tail
-for wd in (None, torch.tensor([0.0, 1e-2, 0.5])):
+# one program for a member's slots, or several (blocks of 4), the grid sized by every slot or
+# by a member's most (3 x 2 x 5)
+for wd, block, slots in ((None, 1024, None), (torch.tensor([0.0, 1e-2, 0.5]), 1024, None),
+                         (None, 4, None), (torch.tensor([0.0, 1e-2, 0.5]), 4, 30)):
+    _kernels._ADAM_BLOCK = block
     p, m, v = torch.zeros(K, P), torch.zeros(K, P), torch.zeros(K, P)
     for t, scale in ((p, 1.0), (m, 0.1), (v, 0.01)):
         t[:, : R * kpad].view(K, R, kpad)[real] = torch.rand(int(real.sum())) * scale
@@ -257,7 +261,8 @@ for wd in (None, torch.tensor([0.0, 1e-2, 0.5])):
     before = [t.clone() for t in (p, m, v)]
     g = torch.cat([gd.take(at).view(K, -1).float(), torch.zeros(K, tail)], 1)
     _kernels.adam_rows(*want, g, step_size, bc2, wd, _BETA1, _BETA2, _EPS)  # every slot
-    _kernels.adam_connections(p, m, v, gd, at, sizes, d, step_size, bc2, wd, _BETA1, _BETA2, _EPS)
+    _kernels.adam_connections(p, m, v, gd, at, sizes, d, step_size, bc2, wd, _BETA1, _BETA2, _EPS,
+                              slots=slots)
     for got, w, b in zip((p, m, v), want, before, strict=True):
         assert torch.equal(got[:, : R * kpad], w[:, : R * kpad])  # the same operations
         assert torch.equal(got[:, R * kpad :], b[:, R * kpad :])  # the columns after: not its job
@@ -582,11 +587,18 @@ def test_the_plan_workers_run_on_one_intra_op_thread_and_the_callers_count_stays
 
     before = torch.get_num_threads()
     pool = _population._serial_pool(3, "test-plans")
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
     try:
         counts = [f.result() for f in [pool.submit(torch.get_num_threads) for _ in range(9)]]
+        nices = [f.result() for f in [pool.submit(nice) for _ in range(9)]]
     finally:
         pool.shutdown()
     assert counts == [1] * 9
+    # nicer than the caller (the main thread launches the device's steps), up to the limit
+    assert nices == [min(19, nice() + _population._PLAN_NICE)] * 9 and _population._PLAN_NICE > 0
     assert torch.get_num_threads() == before
     later: list[int] = []
     t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
