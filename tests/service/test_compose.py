@@ -37,6 +37,11 @@ def test_compose_runs_the_api_and_gpu_workers_after_a_healthy_postgres() -> None
         assert svc["environment"]["DENDRO_STORAGE"].startswith("postgresql+psycopg://")
         assert "@postgres:5432/" in svc["environment"]["DENDRO_STORAGE"]
 
+    # the workers' compiled kernels live on the data volume, shared and kept across containers
+    assert worker["environment"]["TRITON_CACHE_DIR"].startswith("/data/")
+    assert "data:/data" in worker["volumes"]
+    assert api["environment"]["DENDRO_DATA_DIR"] == worker["environment"]["DENDRO_DATA_DIR"] == "/data"
+
     deploy = worker["deploy"]
     assert "replicas" in deploy
     (gpu,) = deploy["resources"]["reservations"]["devices"]
