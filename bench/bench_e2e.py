@@ -138,13 +138,12 @@ def _instrument_epochs(profile_epoch: int) -> None:
     P._Population._epoch, P._Population._train = timed_epoch, timed_train
     P._Population._assemble = _sync_timed("assemble", P._Population._assemble)
     P._Stack.evaluate = _sync_timed("evaluate", P._Stack.evaluate)
-    # the synaptic resampling between two steps (eager, per group of members that share their
-    # inputs and swaps per dendrite), and how many groups it went through
+    # the synaptic resampling between two steps (eager), and how many members it resampled
     resample = _sync_timed("resample", P._Stack.resample)
 
     def counted(self: Any, groups: list[Any]) -> Any:
         if _EPOCHS:
-            _EPOCHS[-1]["groups"] = _EPOCHS[-1].get("groups", 0) + len(groups)
+            _EPOCHS[-1]["members"] = _EPOCHS[-1].get("members", 0) + sum(g.rows.shape[0] for g in groups)
             _EPOCHS[-1]["events"] = _EPOCHS[-1].get("events", 0) + 1
         return resample(self, groups)
 
@@ -188,7 +187,7 @@ def _print_epochs() -> None:
     print("# population epochs: K, padded grid (n, d, k), mean rows used, the fused step's bands "
           "(each band's neurons x dendrites), seconds in all, of which "
           "stacking plans / steps / evaluation / bookkeeping (the members' callbacks, weights kept); "
-          "within the steps: the resampling (seconds, steps with resampling / groups of members), "
+          "within the steps: the resampling (seconds, steps with resampling / members resampled), "
           "capturing the step (its warm-up step and any Triton compilation included), and how many "
           "Triton kernels were compiled")
     tot: dict[str, float] = defaultdict(float)
@@ -203,7 +202,7 @@ def _print_epochs() -> None:
               f"bs={r['bs']} bands {','.join(map(str, r['bands'])):11s} "
               f"{'new ' if r['new_graph'] else '    '}{r['wall']:7.3f}s = "
               f"{r.get('assemble', 0.0):6.3f} + {steps:6.3f} + {r.get('evaluate', 0.0):6.3f} + {book:6.3f}"
-              + (f"   resample {r['resample']:.3f}s ({r['events']}/{r['groups']})" if "resample" in r else "")
+              + (f"   resample {r['resample']:.3f}s ({r['events']}/{r['members']})" if "resample" in r else "")
               + (f"   capture {r['capture']:.3f}s" if "capture" in r else "")
               + (f", {r['compiles']} Triton kernel(s) compiled" if r.get("compiles") else ""))
         tot["capture"] += r.get("capture", 0.0)

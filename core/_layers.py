@@ -367,7 +367,7 @@ def swap_weakest(
     when ``optimizer`` is given, is zeroed. Returns the number of swapped connections.
     """
     dev = weight.device
-    weakest = weight.abs().topk(m, dim=1, largest=False).indices  # (rows, m)
+    weakest = weakest_slots(weight.abs(), m)  # (rows, m)
     scores = torch.rand(indices.shape[0], n_inputs, generator=generator)
     if allowed is not None:
         scores.masked_fill_(~allowed.cpu(), -1.0)  # nor inputs outside the allowed set
@@ -387,6 +387,14 @@ def swap_weakest(
     return weakest.numel()
 
 
+def weakest_slots(magnitude: torch.Tensor, m: int) -> torch.Tensor:
+    """The positions of the ``m`` smallest of each row's last dimension, smallest first, equal
+    magnitudes in their order (a stable sort). Shared by :func:`swap_weakest` and the
+    population trainer's resampling, which pads the rows of its smaller members with ``inf``
+    and takes the first ``m`` of more: the same positions in the same order, ties included."""
+    return magnitude.sort(dim=-1, stable=True).indices[..., :m]
+
+
 def best_unused(best: torch.Tensor, candidates: torch.Tensor, indices: torch.Tensor, n_inputs: int,
                 m: int) -> torch.Tensor:
     """The ``m`` best-scored inputs of each row that the row does not use, best first.
@@ -399,7 +407,9 @@ def best_unused(best: torch.Tensor, candidates: torch.Tensor, indices: torch.Ten
     used = torch.zeros(*indices.shape[:-1], n_inputs, dtype=torch.bool, device=indices.device)
     used.scatter_(-1, indices, True)
     kept = best.masked_fill(used.gather(-1, candidates), -1.0)  # inputs in use are never drawn
-    return candidates.gather(-1, kept.topk(m, dim=-1).indices)
+    # equal scores in their order (a stable sort): the population's resampling pads a smaller
+    # member's candidates with lower scores and takes the first m of more, with the same result
+    return candidates.gather(-1, kept.sort(dim=-1, descending=True, stable=True).indices[..., :m])
 
 
 def register_dendritic_hooks(

@@ -87,7 +87,7 @@ from torch.nn import functional as F
 from . import _kernels
 from ._bio_stack import BioPack, MemberBio, convert_member
 from ._data import Dataset
-from ._layers import DendriticLayer, best_unused, deferred_connections
+from ._layers import DendriticLayer, best_unused, deferred_connections, weakest_slots
 from ._registry import count_parameters, get_family, list_models
 from ._train import (
     AUGMENTS,
@@ -1127,24 +1127,42 @@ class _Stack:
 
     @torch.no_grad()
     def resample(self, groups: list[_Group]) -> None:
-        """DendriticLayer.resample for the members due now, batched by (inputs, swaps)."""
+        """DendriticLayer.resample for the members due now, one batched pass per group.
+
+        The members due at a step are grouped by a power-of-2 range of their inputs per
+        dendrite (``_stage``: a few groups where there were as many as (inputs, swaps) pairs,
+        156 at K = 996 of the seed space). Each member's rows are padded to its group's
+        largest inputs and swaps per dendrite:
+        its padded slots weigh ``inf`` (never the weakest) and its padded candidates score
+        below every real one, so the stable sorts of :func:`weakest_slots` and
+        :func:`best_unused` put its own choices first, in the order a lone layer makes them;
+        the columns past its own swaps write back what was there.
+        """
         assert self.idx is not None
         off, shape = self.layout["dw"]
         size = math.prod(shape)
         views = [t[:, off : off + size].view(self.K, *shape) for t in (self.p, self.m, self.v)]
         for grp in groups:
-            r, k = grp.rows, grp.k
-            w = views[0][r][..., :k]
-            weakest = w.abs().topk(grp.m, dim=2, largest=False).indices
-            ind = self.idx[r][..., :k]
-            ind.scatter_(2, weakest, best_unused(grp.best, grp.inputs.long(), ind, self.dims.in_dim, grp.m))
-            self.idx[r, :, :k] = ind
-            w.scatter_(2, weakest, grp.fresh)
-            views[0][r, :, :k] = w
-            for buf in views[1:] if grp.reset else ():  # resample_reset_adam=False keeps them
-                s = buf[r][..., :k]
-                s.scatter_(2, weakest, 0.0)
-                buf[r, :, :k] = s
+            r, K_, M_ = grp.rows, grp.kmax, grp.mmax
+            dev = r.device
+            cols = [t[:, :, :K_] for t in (*views, self.idx)]  # the first K_ slots, as views
+            w = cols[0][r]
+            pad = torch.arange(K_, device=dev) >= grp.k.view(-1, 1, 1)  # (g, 1, K_)
+            weakest = weakest_slots(w.abs().masked_fill_(pad, math.inf), M_)
+            ind = cols[3][r]
+            # a padded slot's index stands in for the row's first input, which is in use anyway
+            used = torch.where(pad, ind[..., :1], ind)
+            own = torch.arange(M_, device=dev) < grp.m.view(-1, 1, 1)  # (g, 1, M_): its own swaps
+            new = best_unused(grp.best, grp.inputs.long(), used, self.dims.in_dim, M_)
+            ind.scatter_(2, weakest, torch.where(own, new, ind.gather(2, weakest)))
+            cols[3][r] = ind
+            w.scatter_(2, weakest, torch.where(own, grp.fresh, w.gather(2, weakest)))
+            cols[0][r] = w
+            zero = own if grp.reset is None else own & grp.reset  # resample_reset_adam=False keeps them
+            for col in cols[1:3]:
+                st = col[r]
+                st.scatter_(2, weakest, st.gather(2, weakest).masked_fill_(zero, 0.0))
+                col[r] = st
         if self.buf is not None:  # connections moved: their old positions must read zero
             self.buf.index_fill_(0, self.real[0], 0)  # the real ones are all it holds
             self._index()
@@ -1259,15 +1277,22 @@ def _shift_batch(xb: torch.Tensor, shifts: torch.Tensor, image: tuple[int, ...])
 
 @dataclass
 class _Group:
-    """Members resampling at one step that share (inputs per dendrite, swaps per dendrite)."""
+    """Members that resample at one step, padded to the largest of them (see _Stack.resample).
 
-    rows: torch.Tensor
-    k: int
-    m: int
-    best: torch.Tensor  # (g, rows, c): each row's c = k + m best scores, in descending order
+    Member ``j`` (stack row ``rows[j]``) swaps ``m[j]`` of its ``k[j]`` connections per
+    dendrite; its ``c = k + m`` candidates are padded to ``best.shape[2]`` with scores below
+    any real one, and its fresh weights to ``mmax``.
+    """
+
+    rows: torch.Tensor  # (g,) stack rows
+    k: torch.Tensor  # (g,) inputs per dendrite
+    m: torch.Tensor  # (g,) swaps per dendrite
+    kmax: int
+    mmax: int
+    best: torch.Tensor  # (g, rows, c): each row's best scores, in descending order
     inputs: torch.Tensor  # (g, rows, c): their inputs
-    fresh: torch.Tensor  # (g, rows, m)
-    reset: bool = True  # zero the swapped connections' Adam moments
+    fresh: torch.Tensor  # (g, rows, mmax)
+    reset: torch.Tensor | None  # (g, 1, 1) bool: zero the swapped connections' Adam moments; None: all do
 
 
 # -- the scheduler -------------------------------------------------------------------------------
@@ -1721,13 +1746,17 @@ class _Population:
         dev, cuda = self.device, self.device.type == "cuda"
         perms, shifts, lrs, staged_events = staged
         order = perms.to(dev, non_blocking=cuda)
-        events = {
-            t: [_Group(rows=torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=cuda), k=k, m=m,
-                       best=sc.to(dev, non_blocking=cuda), inputs=ix.to(dev, non_blocking=cuda),
-                       fresh=fr.to(dev, non_blocking=cuda), reset=reset)
-                for rows, (k, m, reset), sc, ix, fr in groups]
-            for t, groups in staged_events.items()
-        }
+        def moved(*values: list[Any], dtype: torch.dtype = torch.long) -> list[torch.Tensor]:
+            return [torch.tensor(v, dtype=dtype).to(dev, non_blocking=cuda) for v in values]
+
+        events: dict[int, list[_Group]] = {}
+        for t, groups in staged_events.items():
+            for rows, ks, ms, kmax, reset, sc, ix, fr in groups:
+                r, k, m = moved(rows, ks, ms)
+                events.setdefault(t, []).append(_Group(
+                    rows=r, k=k, m=m, kmax=kmax, mmax=fr.shape[2], best=sc.to(dev, non_blocking=cuda),
+                    inputs=ix.to(dev, non_blocking=cuda), fresh=fr.to(dev, non_blocking=cuda),
+                    reset=None if reset is None else moved(reset, dtype=torch.bool)[0].view(-1, 1, 1)))
         for mem in stack.members:  # after the stacking above, which shares the workers
             self._prefetch(mem)
         moved = [t.to(dev, non_blocking=cuda) if t is not None else None for t in (shifts, lrs)]
@@ -1756,7 +1785,7 @@ class _Population:
                 pass
 
     def _stage(self, stack: _Stack, plans: list[_Plan]) -> tuple[
-        torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[int, list[Any]]
+        torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[int, list[tuple[Any, ...]]]
     ]:
         """The plans' data orders, shifts, learning rates and resampling draws, stacked into
         (pinned) CPU tensors."""
@@ -1781,34 +1810,34 @@ class _Population:
             lrs = factors * base
             if cuda:
                 lrs = lrs.pin_memory()
-        by_step: dict[int, dict[tuple[int, int, bool], list[int]]] = {}
+        # the members due at a step, in groups of one power-of-2 range of inputs per dendrite:
+        # each group is padded to its largest member (see _Stack.resample)
+        by_step: dict[int, dict[int, list[int]]] = {}
         for i, (mem, plan) in enumerate(zip(stack.members, plans, strict=True)):
-            key = (mem.arch.k, mem.arch.m, mem.arch.reset)
             for t in plan.events:
-                by_step.setdefault(t, {}).setdefault(key, []).append(i)
+                by_step.setdefault(t, {}).setdefault((mem.arch.k - 1).bit_length(), []).append(i)
         dims = stack.dims
-        events: dict[int, list[Any]] = {}
-        for t, groups in sorted(by_step.items()):
-            out = []
-            for (k, m, reset), rows in groups.items():
-                g = len(rows)
-                same = all((stack.members[i].arch.n, stack.members[i].arch.d) == (dims.n, dims.d)
-                           for i in rows)
-                new = torch.empty if same else torch.zeros
-                c = _candidates(stack.members[rows[0]].arch)  # the group shares k and m
-                parts = (new(g, dims.rows, c, pin_memory=cuda),
-                         new(g, dims.rows, c, dtype=_INPUT_DTYPE, pin_memory=cuda),
-                         new(g, dims.rows, m, pin_memory=cuda))
+        events: dict[int, list[tuple[Any, ...]]] = {}
+        for t, rows in ((t, rows) for t, groups in sorted(by_step.items()) for _, rows in sorted(groups.items())):
+            archs = [stack.members[i].arch for i in rows]
+            g, C, M = len(rows), max(map(_candidates, archs)), max(a.m for a in archs)
+            if all((a.n, a.d, _candidates(a), a.m) == (dims.n, dims.d, C, M) for a in archs):
+                parts = (torch.empty(g, dims.rows, C, pin_memory=cuda),
+                         torch.empty(g, dims.rows, C, dtype=_INPUT_DTYPE, pin_memory=cuda),
+                         torch.empty(g, dims.rows, M, pin_memory=cuda))
                 for j, part in enumerate(parts):
-                    if same:
-                        self._stack_rows([plans[i].events[t][j] for i in rows], part)
-                    else:  # padded rows: no candidates (their connections are padding too)
-                        for row, i in enumerate(rows):
-                            a = stack.members[i].arch
-                            part[row].view(dims.n, dims.d, -1)[: a.n, : a.d].copy_(
-                                plans[i].events[t][j].view(a.n, a.d, -1))
-                out.append((rows, (k, m, reset), *parts))
-            events[t] = out
+                    self._stack_rows([plans[i].events[t][j] for i in rows], part)
+            else:  # padded: scores below any real one, no candidates on the padded rows
+                parts = (torch.full((g, dims.rows, C), -2.0, pin_memory=cuda),
+                         torch.zeros(g, dims.rows, C, dtype=_INPUT_DTYPE, pin_memory=cuda),
+                         torch.zeros(g, dims.rows, M, pin_memory=cuda))
+                for row, (i, a) in enumerate(zip(rows, archs, strict=True)):
+                    for part, src in zip(parts, plans[i].events[t], strict=True):
+                        part[row].view(dims.n, dims.d, -1)[: a.n, : a.d, : src.shape[1]].copy_(
+                            src.view(a.n, a.d, -1))
+            reset = None if all(a.reset for a in archs) else [a.reset for a in archs]
+            events.setdefault(t, []).append(
+                (rows, [a.k for a in archs], [a.m for a in archs], max(a.k for a in archs), reset, *parts))
         return perms, shifts, lrs, events
 
     def _stack_rows(self, rows: list[torch.Tensor], out: torch.Tensor) -> None:

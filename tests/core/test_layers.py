@@ -297,3 +297,37 @@ def test_deferred_draws_give_the_layer_it_would_have_had(connectivity: str) -> N
         assert torch.equal(torch.rand(4, generator=g._generator), torch.rand(4, generator=w._generator))
     # outside the block a layer draws at once, as before
     assert torch.equal(DendriticLayer(**args, seed=1).indices, want[0].indices)
+
+
+def test_padded_rows_give_each_member_its_own_weakest_slots_and_best_unused_inputs_ties_included() -> None:
+    """The population resamples members of several (k, m) at once, padding each to the largest:
+    slots past a member's k weigh inf, candidates past its k + m score -2 (input 0), and slots
+    past its k stand in for its first input. Its first m choices are then those of its own rows
+    alone, in the same order, with equal magnitudes and equal scores in the draws."""
+    from core._layers import best_unused, weakest_slots
+
+    g = torch.Generator().manual_seed(5)
+    n_inputs, rows = 40, 6
+    members = [(5, 2), (9, 3), (3, 1), (9, 1)]  # (k, m)
+    K_, M_ = max(k for k, _ in members), max(m for _, m in members)
+    C_ = max(k + m for k, m in members)
+    pw = torch.full((len(members), rows, K_), math.inf)
+    pind = torch.zeros(len(members), rows, K_, dtype=torch.long)
+    pbest = torch.full((len(members), rows, C_), -2.0)
+    pcand = torch.zeros(len(members), rows, C_, dtype=torch.long)
+    want_w, want_u = [], []
+    for i, (k, m) in enumerate(members):
+        w = torch.randint(0, 3, (rows, k), generator=g).float()  # few magnitudes: ties everywhere
+        ind = torch.rand(rows, n_inputs, generator=g).topk(k, dim=1).indices
+        scores = (torch.randint(0, 4, (rows, n_inputs), generator=g) / 4.0)  # tied scores too
+        best, cand = scores.topk(k + m, dim=1)
+        want_w.append(weakest_slots(w, m))
+        want_u.append(best_unused(best, cand, ind, n_inputs, m))
+        pw[i, :, :k], pind[i, :, :k] = w, ind
+        pind[i, :, k:] = ind[:, :1]  # a padded slot stands in for the row's first input
+        pbest[i, :, : k + m], pcand[i, :, : k + m] = best, cand
+    got_w = weakest_slots(pw, M_)
+    got_u = best_unused(pbest, pcand, pind, n_inputs, M_)
+    for i, (_, m) in enumerate(members):
+        assert torch.equal(got_w[i, :, :m], want_w[i]), i
+        assert torch.equal(got_u[i, :, :m], want_u[i]), i
