@@ -1132,11 +1132,10 @@ class _Stack:
         The members due at a step are grouped by a power-of-2 range of their inputs per
         dendrite (``_stage``: a few groups where there were as many as (inputs, swaps) pairs,
         156 at K = 996 of the seed space). Each member's rows are padded to its group's
-        largest inputs and swaps per dendrite:
-        its padded slots weigh ``inf`` (never the weakest) and its padded candidates score
-        below every real one, so the stable sorts of :func:`weakest_slots` and
-        :func:`best_unused` put its own choices first, in the order a lone layer makes them;
-        the columns past its own swaps write back what was there.
+        largest inputs and swaps per dendrite: its padded slots weigh ``inf`` (never the
+        weakest) and its padded candidates score below every real one, so the stable sorts of
+        :func:`weakest_slots` and :func:`best_unused` put its own choices first, in the order a
+        lone layer makes them; the columns past its own swaps write back what was there.
         """
         assert self.idx is not None
         off, shape = self.layout["dw"]
@@ -1746,17 +1745,17 @@ class _Population:
         dev, cuda = self.device, self.device.type == "cuda"
         perms, shifts, lrs, staged_events = staged
         order = perms.to(dev, non_blocking=cuda)
-        def moved(*values: list[Any], dtype: torch.dtype = torch.long) -> list[torch.Tensor]:
-            return [torch.tensor(v, dtype=dtype).to(dev, non_blocking=cuda) for v in values]
+        def put(values: list[Any], dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=cuda)
 
         events: dict[int, list[_Group]] = {}
         for t, groups in staged_events.items():
             for rows, ks, ms, kmax, reset, sc, ix, fr in groups:
-                r, k, m = moved(rows, ks, ms)
                 events.setdefault(t, []).append(_Group(
-                    rows=r, k=k, m=m, kmax=kmax, mmax=fr.shape[2], best=sc.to(dev, non_blocking=cuda),
-                    inputs=ix.to(dev, non_blocking=cuda), fresh=fr.to(dev, non_blocking=cuda),
-                    reset=None if reset is None else moved(reset, dtype=torch.bool)[0].view(-1, 1, 1)))
+                    rows=put(rows), k=put(ks), m=put(ms), kmax=kmax, mmax=fr.shape[2],
+                    best=sc.to(dev, non_blocking=cuda), inputs=ix.to(dev, non_blocking=cuda),
+                    fresh=fr.to(dev, non_blocking=cuda),
+                    reset=None if reset is None else put(reset, torch.bool).view(-1, 1, 1)))
         for mem in stack.members:  # after the stacking above, which shares the workers
             self._prefetch(mem)
         moved = [t.to(dev, non_blocking=cuda) if t is not None else None for t in (shifts, lrs)]
