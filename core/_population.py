@@ -697,13 +697,13 @@ class _Stack:
         # connections' gradient itself and skips the padded slots: a stack mostly padding (a
         # real slot's gather costs several times a dense pass over one; rows padded to a
         # multiple of 4 keep each row's pointer 16-byte aligned, as Triton compiles for)
-        real = sum(x.arch.n * x.arch.d * x.arch.k for x in members)
+        own = [x.arch.n * x.arch.d * x.arch.k for x in members]  # each member's connections
         self.sizes = (F.pad(torch.tensor([[x.arch.n for x in members], [x.arch.d for x in members],
                                           [x.arch.k for x in members]], dtype=torch.int32),
                             (0, -self.K % 4)).to(dev)
-                      if self.fused and real < _GATHER_BELOW * self.K * dims.rows * dims.k else None)
+                      if self.fused and sum(own) < _GATHER_BELOW * self.K * dims.rows * dims.k else None)
         # the most connections a member has: the connections' Adam grid covers that many per member
-        self._slots = max((x.arch.n * x.arch.d * x.arch.k for x in members), default=0)
+        self._slots = max(own, default=0)
         if dims.n and self.K:
             assert kmask is not None
             self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
@@ -1750,9 +1750,9 @@ class _Population:
 
         events: dict[int, list[_Group]] = {}
         for t, groups in staged_events.items():
-            for rows, ks, ms, kmax, reset, sc, ix, fr in groups:
+            for rows, ks, ms, reset, sc, ix, fr in groups:
                 events.setdefault(t, []).append(_Group(
-                    rows=put(rows), k=put(ks), m=put(ms), kmax=kmax, mmax=fr.shape[2],
+                    rows=put(rows), k=put(ks), m=put(ms), kmax=max(ks), mmax=fr.shape[2],
                     best=sc.to(dev, non_blocking=cuda), inputs=ix.to(dev, non_blocking=cuda),
                     fresh=fr.to(dev, non_blocking=cuda),
                     reset=None if reset is None else put(reset, torch.bool).view(-1, 1, 1)))
@@ -1835,8 +1835,7 @@ class _Population:
                         part[row].view(dims.n, dims.d, -1)[: a.n, : a.d, : src.shape[1]].copy_(
                             src.view(a.n, a.d, -1))
             reset = None if all(a.reset for a in archs) else [a.reset for a in archs]
-            events.setdefault(t, []).append(
-                (rows, [a.k for a in archs], [a.m for a in archs], max(a.k for a in archs), reset, *parts))
+            events.setdefault(t, []).append((rows, [a.k for a in archs], [a.m for a in archs], reset, *parts))
         return perms, shifts, lrs, events
 
     def _stack_rows(self, rows: list[torch.Tensor], out: torch.Tensor) -> None:
