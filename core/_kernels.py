@@ -28,12 +28,16 @@ callers keep their plain PyTorch path for everything else (the CPU, no Triton).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-__all__ = ["adam_connections", "adam_rows", "available", "disable", "soma_head"]
+__all__ = ["adam_connections", "adam_rows", "ahead", "available", "compiling_ahead", "disable", "soma_head"]
 
 _SLOPE = 0.1
 _TILE = 8192  # the fused head's (batch block x neurons x dendrites) elements per program
@@ -139,6 +143,23 @@ def _triton() -> Any:
         else:
             tl.store(gp, dz, mask=m3)
 
+    global _adam_update  # a module global: Triton's interpreter sees no closure variables
+
+    @triton.jit
+    def _adam_update(p, m, v, g, row, wd_ptr, step_ptr, bc2_ptr, w1, beta2, w2, eps, HAS_WD: tl.constexpr):
+        """Adam's step of member ``row``'s values ``p`` with moments ``m``, ``v`` and gradient
+        ``g``: the operations of Tensor.lerp_ (weight < 0.5), addcmul_, sqrt, div, add, sub,
+        with correctly rounded square root and divisions as PyTorch's (tl.sqrt and / are the
+        fast, approximate ones); the compiler may still fuse a multiply and an add into one FMA.
+        Shared by both Adam kernels (inlined into each)."""
+        if HAS_WD:
+            g = g + tl.load(wd_ptr + row) * p
+        m = m + w1 * (g - m)
+        v = v * beta2 + (w2 * g) * g
+        denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bc2_ptr + row)) + eps
+        p = p - tl.div_rn(m, denom) * tl.load(step_ptr + row)
+        return p, m, v
+
     @triton.jit(do_not_specialize=["P", "p_stride", "col0"])
     def adam_kernel(
         p_ptr, m_ptr, v_ptr, g_ptr, step_ptr, bc2_ptr, wd_ptr, P, p_stride, col0,
@@ -152,15 +173,7 @@ def _triton() -> Any:
         m = tl.load(m_ptr + base + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + base + offs, mask=mask, other=0.0)
         g = tl.load(g_ptr + row.to(tl.int64) * P + offs, mask=mask, other=0.0)
-        if HAS_WD:
-            g = g + tl.load(wd_ptr + row) * p
-        # the operations of Tensor.lerp_ (weight < 0.5), addcmul_, sqrt, div, add, sub, with
-        # correctly rounded square root and divisions as PyTorch's (tl.sqrt and / are the fast,
-        # approximate ones); the compiler may still fuse a multiply and an add into one FMA
-        m = m + w1 * (g - m)
-        v = v * beta2 + (w2 * g) * g
-        denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bc2_ptr + row)) + eps
-        p = p - tl.div_rn(m, denom) * tl.load(step_ptr + row)
+        p, m, v = _adam_update(p, m, v, g, row, wd_ptr, step_ptr, bc2_ptr, w1, beta2, w2, eps, HAS_WD)
         tl.store(p_ptr + base + offs, p, mask=mask)
         tl.store(m_ptr + base + offs, m, mask=mask)
         tl.store(v_ptr + base + offs, v, mask=mask)
@@ -187,12 +200,7 @@ def _triton() -> Any:
             p = tl.load(p_ptr + base + off, mask=mask, other=0.0)
             m = tl.load(m_ptr + base + off, mask=mask, other=0.0)
             v = tl.load(v_ptr + base + off, mask=mask, other=0.0)
-            if HAS_WD:
-                g = g + tl.load(wd_ptr + row) * p
-            m = m + w1 * (g - m)  # adam_kernel's operations, in its order
-            v = v * beta2 + (w2 * g) * g
-            denom = tl.div_rn(tl.sqrt_rn(v), tl.load(bc2_ptr + row)) + eps
-            p = p - tl.div_rn(m, denom) * tl.load(step_ptr + row)
+            p, m, v = _adam_update(p, m, v, g, row, wd_ptr, step_ptr, bc2_ptr, w1, beta2, w2, eps, HAS_WD)
             tl.store(p_ptr + base + off, p, mask=mask)
             tl.store(m_ptr + base + off, m, mask=mask)
             tl.store(v_ptr + base + off, v, mask=mask)
@@ -201,6 +209,45 @@ def _triton() -> Any:
 
 
 _DISABLED: list[bool] = []
+_AHEAD = threading.local()  # .on: this thread is inside compiling_ahead
+
+
+def ahead() -> bool:
+    """Whether this thread is inside :func:`compiling_ahead` (its launches only compile)."""
+    return bool(getattr(_AHEAD, "on", False))
+
+
+@contextlib.contextmanager
+def compiling_ahead(workers: int = 8) -> Iterator[bool]:
+    """Compile, in ``workers`` threads at once, what this thread's calls of the entry points
+    below would launch, and launch nothing; leaving the block waits for every compilation and
+    raises the first failure (the launch that needs the kernel would raise it too).
+
+    A kernel compiled from a cold cache takes ~1.3 s, most of it in LLVM and ``ptxas``, which
+    run without the GIL; a study's first stack compiled 8 of them one after another (10.5–15.7 s
+    on a fresh H200, bench/results/bench_e2e_gpu_v14.txt). Yields False and compiles nothing
+    where this Triton has no asynchronous compilation (``triton.runtime._async_compile``,
+    Triton >= 3.4); the launches then compile as they come.
+    """
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        yield False
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="dendro-compile") as pool, AsyncCompileMode(pool):
+        _AHEAD.on = True
+        try:
+            yield True
+        finally:
+            _AHEAD.on = False
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)``, or only its compilation inside :func:`compiling_ahead`."""
+    if ahead():
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def disable() -> None:
@@ -305,8 +352,8 @@ def soma_head(
     loss = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
     correct = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
     eps = smoothing if smoothing is not None else torch.zeros(first + K, device=z.device)
-    kernel[(K, n_blocks)](
-        z, p, p, p, p, y, eps, gz, part, loss, correct,
+    _launch(
+        kernel, (K, n_blocks), z, p, p, p, p, y, eps, gz, part, loss, correct,
         B, n, d, n_stored or n, d_stored or d, first, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
         offsets["wo"], offsets["bo"], n_blocks, part_stride, 1.0 / B,
         BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16,
@@ -345,8 +392,8 @@ def adam_rows(
     n = P - col0
     assert p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and g.shape == (K, n)
     block = 1024
-    kernel[(K, -(-n // block))](
-        p, m, v, g.contiguous(), step_size, bc2_sqrt, wd if wd is not None else step_size, n, P,
+    _launch(
+        kernel, (K, -(-n // block)), p, m, v, g.contiguous(), step_size, bc2_sqrt, wd if wd is not None else step_size, n, P,
         col0, 1.0 - beta1, beta2, 1.0 - beta2, eps, HAS_WD=wd is not None, BLOCK=block,
         num_warps=4,
     )
@@ -382,8 +429,8 @@ def adam_connections(
     _, R, kpad = at.shape
     assert p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and at.is_contiguous()
     slots = R * kpad if slots is None else slots
-    kernel[(K, max(1, -(-slots // _ADAM_BLOCK)))](
-        p, m, v, gd, at, sizes[0], sizes[1], sizes[2], step_size, bc2_sqrt,
+    _launch(
+        kernel, (K, max(1, -(-slots // _ADAM_BLOCK))), p, m, v, gd, at, sizes[0], sizes[1], sizes[2], step_size, bc2_sqrt,
         wd if wd is not None else step_size, P, R, kpad, d, 1.0 - beta1, beta2, 1.0 - beta2, eps,
         HAS_WD=wd is not None, BLOCK=_ADAM_BLOCK, num_warps=4,
     )

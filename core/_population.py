@@ -1065,6 +1065,8 @@ class _Stack:
                     z, self.p, self.offsets, n, d, yb, self.smooth, add_bias=lowp,
                     grad_dtype=xb.dtype, n_stored=dims.n, first=a, d_stored=D)
             except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
+                if _kernels.ahead():
+                    raise
                 _without_triton(exc, "head")
                 self.fused = False
                 self._unband()
@@ -1085,6 +1087,20 @@ class _Stack:
         self._adam(g, gd if gather else None)
         return loss, correct
 
+    def compile_ahead(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """Compile the fused step's Triton kernels for this stack all at once, in threads
+        (:func:`core._kernels.compiling_ahead`), before its first step: that step's launches
+        compiled them one after another, a head per band and both Adams, ~1.3 s each from a
+        cold cache. The step is traced on the first example of the batch ``xb`` (K, B, in),
+        ``yb`` (K, B), launching nothing of Triton's and changing nothing: the dense matrix is
+        written from the weights as the step writes it, Adam's step count stays. A kernel that
+        cannot be built raises here, and again in the step, which falls back as before."""
+        if not (self.fused and self.fast_adam):
+            return
+        with _kernels.compiling_ahead() as on:
+            if on:
+                self._train_step_fused(xb[:, :1], yb[:, :1])
+
     @torch.no_grad()
     def _adam(self, g: torch.Tensor, gd: torch.Tensor | None = None) -> None:
         """torch.optim.Adam's update, with per-member learning rate, decay and step count.
@@ -1093,7 +1109,9 @@ class _Stack:
         columns after the dendrite weights, whose gradient is read from the dense gradient
         ``gd`` at the connections (``flat_t``) by the same kernel that updates them.
         """
-        self.steps += 1
+        ahead = _kernels.ahead()  # compile_ahead's trace: nothing may change
+        if not ahead:
+            self.steps += 1
         bc1 = 1 - torch.pow(_BETA1, self.steps)
         step_size = (self.lr / bc1).float().unsqueeze(1)
         bc2_sqrt = torch.sqrt(1 - torch.pow(_BETA2, self.steps)).float().unsqueeze(1)
@@ -1112,6 +1130,8 @@ class _Stack:
                                    wd, _BETA1, _BETA2, _EPS, col0=lo)
                 return
             except Exception as exc:  # a Triton that cannot build the kernel here: PyTorch's ops
+                if ahead:
+                    raise
                 _without_triton(exc, "Adam")
                 self.fast_adam = False
         if gd is not None and not done:  # the connections' gradient, read back as the plain path does
@@ -1881,6 +1901,7 @@ class _Population:
                 # the first full step runs for real while it warms up the capture
                 self.graph = None  # the old stack's graph and its memory go first
                 self._settle_staging()  # no other thread may call CUDA during the capture
+                self._compile_ahead(stack, x, y, cols)
                 graph = self.graph = _StepGraph(stack, x, y, cols, self.image, sh)
             else:
                 idx = cols.reshape(-1)
@@ -1906,6 +1927,16 @@ class _Population:
         val_loss, val_acc = stack.evaluate(self.x_val, d.y_val)
         test_loss, test_acc = stack.evaluate(self.x_test, d.y_test)
         return torch.stack([loss_sum, correct, val_loss, val_acc, test_loss, test_acc]).cpu()
+
+    @staticmethod
+    def _compile_ahead(stack: _Stack, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor) -> None:
+        """:meth:`_Stack.compile_ahead` on this step's first example per member; a failure is
+        left to the step, which meets it again and falls back to PyTorch (``_without_triton``)."""
+        first = cols[:, :1].reshape(-1)
+        try:
+            stack.compile_ahead(x.index_select(0, first).unsqueeze(1), y.index_select(0, first).unsqueeze(1))
+        except Exception as exc:  # noqa: BLE001 - the step reports it
+            logger.debug("compiling the fused kernels ahead failed: %s", exc)
 
     def _epoch(self, stack: _Stack) -> set[_Member] | None:
         """One epoch of every member; returns those that ended, or None after halving."""

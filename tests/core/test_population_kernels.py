@@ -605,3 +605,90 @@ def test_the_plan_workers_run_on_one_intra_op_thread_and_the_callers_count_stays
     t.start()
     t.join()
     assert later == [before]  # threads started afterwards get the process's count
+
+
+_AHEAD = """
+import torch
+import core
+from core import _kernels, _population
+_kernels.available = lambda device: True  # the fused step on the CPU, its kernels interpreted
+_population._BAND_OVERHEAD = 0  # two bands: two heads
+_population._GATHER_BELOW = 1.01  # the connections' Adam besides the rows'
+launched = []
+launch = _kernels._launch
+_kernels._launch = lambda kernel, grid, *a, **k: (launched.append(_kernels.ahead()), launch(kernel, grid, *a, **k))
+data = core.load_dataset("digits")
+configs = [dict(n_neurons=n, n_dendrites=d, n_dendrite_inputs=9, weight_decay=1e-2, seed=s)
+           for s, (n, d) in enumerate([(2, 2), (5, 3), (5, 3)])]
+pop = _population._Population("dendritic_simple", configs, data, 1, 16, torch.device("cpu"), 0, 3, None, None)
+pop.size = 3
+pop._restack([m for m in (pop._take() for _ in range(3)) if m is not None])
+stack = pop.stack
+assert stack.fused and stack.fast_adam and len(stack.bands) == 2, stack.bands
+before = stack.snapshot()
+stack._dense()  # the dense matrix as every step writes it first, from the weights
+buf = stack.buf.clone()
+x = data.x_train[:16].float().expand(3, 16, -1).contiguous()
+y = data.y_train[:16].expand(3, 16).contiguous()
+stack.compile_ahead(x, y)
+assert launched == [True, True, True, True], launched  # two heads, both Adams: compiled, not run
+for t, s in zip((stack.p, stack.m, stack.v, stack.idx, stack.steps), before[:5], strict=True):
+    assert torch.equal(t, s)
+assert torch.equal(stack.buf, buf)
+launched.clear()
+stack.train_step(x, y)  # the step itself still launches (and changes the weights)
+assert launched == [False, False, False, False] and not torch.equal(stack.p, before[0])
+assert int(stack.steps.max()) == int(before[4].max()) + 1
+print("same")
+"""
+
+
+def test_compiling_the_fused_step_ahead_launches_nothing_and_changes_nothing_in_the_interpreter() -> None:
+    """The trace of the step that compiles its kernels (all at once, in threads, before the
+    capture) leaves the weights, moments, connections, step counts and dense matrix as they were."""
+    _interpret(_AHEAD)
+
+
+_COLD = """
+import os, sys, torch
+import core
+from core import _kernels, _population
+tri = _kernels._triton()
+def compiled():
+    return sum(len(c[0]) for kernel in tri[1:] for c in kernel.device_caches.values())
+seen = []
+capture = _population.capture_step
+def counted(body, device, generators=()):
+    seen.append(compiled())
+    graph = capture(body, device, generators)
+    seen.append(compiled())
+    return graph
+_population.capture_step = counted
+_population._BAND_OVERHEAD = 0
+if sys.argv[1] == "off":
+    _population._Stack.compile_ahead = lambda self, xb, yb: None
+data = core.load_dataset("digits")
+configs = [dict(n_neurons=n, n_dendrites=d, n_dendrite_inputs=9, seed=s)
+           for s, (n, d) in enumerate([(2, 2), (9, 3), (5, 3)])]
+res = _population.train_population("dendritic_simple", configs, data, 1, 128, device="cuda")
+torch.save([r.state_dict for r in res], sys.argv[2])
+print("seen", seen)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles for CUDA only")
+def test_a_cold_cache_compiles_the_fused_step_before_its_capture_and_trains_the_same_on_cuda(tmp_path: Path) -> None:
+    """A fresh process and an empty Triton cache: with the kernels compiled ahead the capture's
+    warm-up step compiles nothing more; the members' weights equal a run that compiles as it goes."""
+    out = {}
+    for mode in ("on", "off"):
+        env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / f"cache-{mode}"))
+        done = subprocess.run([sys.executable, "-c", _COLD, mode, str(tmp_path / f"{mode}.pt")], env=env,
+                              cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[mode] = eval(done.stdout.split("seen", 1)[1])  # [compiled at the capture's start, at its end]
+    assert out["on"][0] >= 3 and out["on"][0] == out["on"][1]  # two heads and Adam, all before it
+    assert out["off"][0] == 0 and out["off"][1] >= 3
+    on, off = torch.load(tmp_path / "on.pt"), torch.load(tmp_path / "off.pt")
+    for a, b in zip(on, off, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
