@@ -1410,6 +1410,7 @@ class _Population:
                                       "staging_seconds": [], "staged_here": 0}
         self.device, self.seed, self.on_epoch, self.on_result = device, seed, on_epoch, on_result
         self.on_settle: Callable[[int], Any] | None = None
+        self.keep_weights: Callable[[int, TrainResult], Any] | None = None
         self.configs: Iterator[dict[str, Any]] = iter(configs)
         self.n_configs = len(configs) if isinstance(configs, Sequence) else None
         self.size_arg = size
@@ -2003,7 +2004,10 @@ class _Population:
                 fut.cancel()
             mem.plans.clear()
         t_keep = time.perf_counter()
-        self._keep_weights(stack, [i for i in ended if stack.members[i].result.status != "diverged"])
+        wanted = self.keep_weights
+        self._keep_weights(stack, [
+            i for i in ended if stack.members[i].result.status != "diverged"
+            and (wanted is None or wanted(stack.members[i].index, stack.members[i].result))])
         self.stats["keep_seconds"] += time.perf_counter() - t_keep
         for i in ended:
             mem = stack.members[i]
@@ -2030,6 +2034,7 @@ def train_population(
     on_settle: Callable[[int], Any] | None = None,
     buckets: bool = True,
     stats: dict[str, Any] | None = None,
+    keep_weights: Callable[[int, TrainResult], Any] | None = None,
 ) -> list[TrainResult]:
     """Train many models of one family at once, each exactly as :func:`train_model` would.
 
@@ -2064,7 +2069,9 @@ def train_population(
     of memory, the population is halved and no member is lost (see the module's docstring).
     Returns one :class:`TrainResult` per config, in the order the configs were read; each
     member that did not diverge or fail also carries ``result.state_dict``, the trained
-    module's weights (CPU tensors).
+    module's weights (CPU tensors). ``keep_weights(index, result)``, if given, is asked for
+    each such member as it ends, before ``on_result``: a falsy answer leaves its
+    ``state_dict`` None and spares reading its weights back (a study keeps a few best).
 
     ``precision`` chooses the arithmetic of the matrix products: ``"fp32"`` (the default)
     is exact float32, the members equal ``train_model``'s within rounding; ``"tf32"`` lets
@@ -2128,7 +2135,7 @@ def train_population(
     for group in groups:
         if len(groups) == 1:  # no renumbering: callbacks and seeds see the caller's indices
             sub: Any = configs
-            on_e, on_r, on_s = on_epoch, on_result, on_settle
+            on_e, on_r, on_s, on_k = on_epoch, on_result, on_settle, keep_weights
         else:
             sub = [dict(configs[i], seed=configs[i].get("seed", seed + i))
                    if isinstance(configs[i], dict) else configs[i] for i in group]
@@ -2138,10 +2145,12 @@ def train_population(
                 lambda j, r, g=group: on_result(g[j], r))  # type: ignore[misc]
             on_s = None if on_settle is None else (
                 lambda j, g=group: on_settle(g[j]))  # type: ignore[misc]
+            on_k = None if keep_weights is None else (
+                lambda j, r, g=group: keep_weights(g[j], r))  # type: ignore[misc]
         pop = _Population(
             family.name, sub, on_device, n_epochs, batch_size, dev, seed, size, on_e, on_r, precision,
         )
-        pop.on_settle = on_s
+        pop.on_settle, pop.keep_weights = on_s, on_k
         if max_population is not None:
             pop.max_size = max_population
         with _matmul_precision(precision, dev):

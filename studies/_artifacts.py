@@ -75,11 +75,9 @@ class ModelStore:
         ``"normalization"`` (``None`` when the inputs were used as they are), so a downloaded
         model says how to prepare raw inputs.
         """
-        if keep <= 0:
+        if not self.may_keep(study_name, trial_number, value, keep, maximize):
             return False
         order = _BEST_FIRST[maximize]
-        if self._cannot_enter(study_name, trial_number, value, keep, maximize, order):
-            return False
         if normalization is not None or "normalization" not in config:
             config = {**config, "normalization": normalization}
         buf = io.BytesIO()
@@ -116,6 +114,14 @@ class ModelStore:
                     )
                 )
         return trial_number not in drop
+
+    def may_keep(self, study_name: str, trial_number: int, value: float | None, keep: int,
+                 maximize: bool = True) -> bool:
+        """Whether :meth:`keep` could store this trial's weights now: false where the study
+        already holds ``keep`` models that all rank before it (a population trainer then
+        does not read its weights back)."""
+        return keep > 0 and not self._cannot_enter(study_name, trial_number, value, keep, maximize,
+                                                   _BEST_FIRST[maximize])
 
     def _cannot_enter(self, study_name: str, trial_number: int, value: float | None, keep: int,
                       maximize: bool, order: Any) -> bool:

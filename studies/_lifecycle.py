@@ -192,11 +192,7 @@ class TrialRun:
         if self.stopped_by:
             # Cut short from outside: fail it visibly and queue its point again, losing nothing.
             return self.fail(f"stopped: {self.stopped_by}", state="stopped", requeue=True)
-        metrics = {
-            "val_accuracy": _mean([_final(r).get("val_accuracy") for r in results]),
-            "val_loss": _mean([_final(r).get("val_loss") for r in results]),
-        }
-        values = _objective_values(spec, metrics, int(n or 0))
+        values = self._values(results)
         if not all(math.isfinite(v) for v in values):
             return self.fail(f"non-finite objective {values}")
         trial.set_user_attr(TRIAL_STATE_ATTR, "complete")
@@ -208,12 +204,35 @@ class TrialRun:
                     {"family": self.family, "model_args": self.model_args, "params": self.params,
                      "seed": results[0].seed, "n_params": n},
                     state_dict, spec.keep_models,
-                    maximize=OBJECTIVES[spec.objectives[0]] == "maximize",
-                    normalization=self.normalization,
+                    maximize=self._maximize, normalization=self.normalization,
                 )
             except Exception as exc:  # noqa: BLE001 - the trial is told; weights are a bonus
                 log.warning("could not keep the weights of trial %s: %s", self.number, exc)
         return TrialOutcome(self.number, "complete", values=values, n_params=n, attrs=attrs)
+
+    def _values(self, results: list[core.TrainResult]) -> list[float]:
+        """The objective values of these results (one per seed): their final epochs' means."""
+        metrics = {
+            "val_accuracy": _mean([_final(r).get("val_accuracy") for r in results]),
+            "val_loss": _mean([_final(r).get("val_loss") for r in results]),
+        }
+        return _objective_values(self.spec, metrics, int(self.n_params or 0))
+
+    @property
+    def _maximize(self) -> bool:
+        return OBJECTIVES[self.spec.objectives[0]] == "maximize"
+
+    def wants_weights(self, results: list[core.TrainResult], model_store: ModelStore | None) -> bool:
+        """Whether :meth:`finish` could keep these results' weights: a completed trial whose
+        first objective may enter the study's ``keep_models`` best now. A population trainer
+        reads back only those (``core.train_population(keep_weights=...)``); a bar that rose
+        meanwhile only makes ``finish`` drop them."""
+        if (model_store is None or self.spec.keep_models <= 0 or self.stopped_by or not results
+                or results[-1].status != "completed"):
+            return False
+        values = self._values(results)
+        return all(math.isfinite(v) for v in values) and model_store.may_keep(
+            self.study.study_name, self.number, values[0], self.spec.keep_models, self._maximize)
 
     def fail(self, reason: str, state: str = "failed", requeue: bool = False) -> TrialOutcome:
         """Tell it FAIL with ``reason`` in ``fail_reason``; with ``requeue``, its point is

@@ -242,6 +242,10 @@ def execute_population(
             return True
         return False
 
+    def keep_weights(i: int, result: core.TrainResult) -> bool:
+        # only a trial that may enter the kept few has its weights read back from the stack
+        return runs[i].wants_weights([result], model_store)
+
     def on_result(i: int, result: core.TrainResult) -> None:
         state["training"] = True
         state["ended"] += 1
@@ -272,7 +276,7 @@ def execute_population(
                 core.train_recurrent_population(spec.model, configs(), data, spec.n_epochs, **common)
             else:
                 core.train_population(spec.model, configs(), data, spec.n_epochs,
-                                      precision=spec.precision, **common)
+                                      precision=spec.precision, keep_weights=keep_weights, **common)
     finally:
         for run in list(queue):  # asked and written, never handed to the trainer (an error)
             run.fail("the population ended before it trained")

@@ -361,3 +361,40 @@ def test_full_collections_are_off_while_a_population_trains_and_come_back_after(
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_keep_weights_decides_which_members_read_their_weights_back(data: core.Dataset, split: bool) -> None:
+    """Asked once per member that ends, under the caller's index (members of two batch sizes
+    train in two groups, renumbered inside), before on_result; a falsy answer leaves
+    state_dict None, the rest is unchanged."""
+    configs = [dict(n_neurons=2 + i % 3, n_dendrites=2, n_dendrite_inputs=8, seed=i,
+                    batch_size=64 if split and i % 2 else BATCH) for i in range(8)]
+    asked: list[tuple[int, str]] = []
+    order: list[str] = []
+    seen: dict[int, Any] = {}
+
+    def keep(i: int, result: core.TrainResult) -> bool:
+        asked.append((i, result.status))
+        order.append(f"keep {i}")
+        return i % 3 == 0
+
+    def on_result(i: int, result: core.TrainResult) -> None:
+        order.append(f"result {i}")
+        seen[i] = result.state_dict
+
+    stats: dict[str, Any] = {}
+    got = train_population("dendritic_simple", configs, data, 1, BATCH, device="cpu", keep_weights=keep,
+                           on_result=on_result, population_size=4, stats=stats)
+    assert stats["buckets"] == (2 if split else 1)
+    assert sorted(asked) == [(i, "completed") for i in range(8)]
+    assert all(order.index(f"keep {i}") < order.index(f"result {i}") for i in range(8))
+    every = train_population("dendritic_simple", configs, data, 1, BATCH, device="cpu", population_size=4)
+    for i, (r, full) in enumerate(zip(got, every, strict=True)):
+        assert r.history == [dict(h, seconds=r.history[j]["seconds"]) for j, h in enumerate(full.history)]
+        if i % 3:
+            assert r.state_dict is None and seen[i] is None
+        else:
+            assert r.state_dict is not None and seen[i] is r.state_dict
+            assert full.state_dict is not None
+            assert all(torch.equal(r.state_dict[k], full.state_dict[k]) for k in full.state_dict)

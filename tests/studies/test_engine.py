@@ -332,3 +332,30 @@ def test_the_lifecycle_writes_through_one_interface_whichever_storage_is_underne
     assert v.kinds() == from_db and sum(from_db.values()) >= 4
     assert studies.progress(study)["finished"] == from_db["complete"] + from_db["pruned"] == 4
     assert studies.study_state(study) == "done"
+
+
+def test_a_population_reads_back_only_the_weights_that_may_be_kept_and_keeps_the_best(
+    tmp_path: Path, tiny_spec: Callable[..., StudySpec], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core import _population
+
+    url = f"sqlite:///{tmp_path / 'keep.db'}"
+    study, spec = _open(url, _spec(tiny_spec, n_trials=12, n_epochs=1, keep_models=2))
+    read_back: list[int] = []
+    keep = _population._Population._keep_weights
+
+    def counted(self: Any, stack: Any, rows: list[int]) -> None:
+        read_back.extend(stack.members[i].index for i in rows)
+        keep(self, stack, rows)
+
+    monkeypatch.setattr(_population._Population, "_keep_weights", counted)
+    store = studies.ModelStore(sa.create_engine(url))
+    outs = studies.execute_population(study, spec, population_size=3, device="cpu", model_store=store,
+                                      max_trials=12)
+    done = sorted((o for o in outs if o.state == "complete"), key=lambda o: (-o.values[0], o.number))
+    assert len(done) == 12
+    assert sorted(store.list(study.study_name)) == sorted(o.number for o in done[:2])
+    # the first two fill the store; later members are read back only while they could enter it
+    assert 2 <= len(read_back) < 12, read_back
+    got = store.get(study.study_name, done[0].number)
+    assert got is not None and got[0]["n_params"] == done[0].n_params

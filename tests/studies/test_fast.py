@@ -65,7 +65,7 @@ def _fake_train_population(model: str, configs: Any, data: Any, n_epochs: int, b
                            device: Any = None, seed: int = 0, on_epoch: Any = None, *,
                            population_size: Any = None, on_result: Any = None,
                            max_population: Any = None, precision: str = "fp32",
-                           on_settle: Any = None) -> list[core.TrainResult]:
+                           on_settle: Any = None, keep_weights: Any = None) -> list[core.TrainResult]:
     """core.train_population's scheduling (slots refilled as members end), without training."""
     size = population_size if isinstance(population_size, int) else 8
     it = iter(configs)
