@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 import torch
 
-__all__ = ["ModelStore"]
+__all__ = ["ModelStore", "Shortlist"]
 
 #: how long a read of a study's ``keep``-th model answers ``_cannot_enter`` without another
 #: read: a population's members end ~1,000 at a time and each asked the database (~1.5 ms).
@@ -196,6 +196,33 @@ class ModelStore:
         self._written = {w for w in self._written if w[0] != study_name}
         with self.engine.begin() as con:
             con.execute(_MODELS.delete().where(_MODELS.c.study_name == study_name))
+
+
+class Shortlist:
+    """The ``keep`` best (value, trial number) pairs offered so far, ranked as the store ranks.
+
+    A population's members end ~1,000 at a time, all before the first of them is kept; the
+    store's bar, read then, refuses none of them in a study's first cohort. A trial ranking
+    after ``keep`` trials already offered can never be kept once those are, so its weights
+    need not be read back (a trial offered and then lost keeps its place: the list errs on
+    the side of reading fewer).
+    """
+
+    def __init__(self, keep: int, maximize: bool) -> None:
+        self.keep, self.maximize = keep, maximize
+        self.best: list[tuple[float, int]] = []  # best first
+
+    def offer(self, value: float, number: int) -> bool:
+        """Whether (value, number) is among the ``keep`` best offered so far, itself included."""
+        if self.keep <= 0:
+            return False
+        if len(self.best) >= self.keep and _ranks_after(value, number, *self.best[-1], self.maximize):
+            return False
+        at = next((j for j, (v, n) in enumerate(self.best) if _ranks_after(v, n, value, number, self.maximize)),
+                  len(self.best))
+        self.best.insert(at, (value, number))
+        del self.best[self.keep:]
+        return True
 
 
 def _ranks_after(value: float, number: int, last: float, last_number: int, maximize: bool) -> bool:

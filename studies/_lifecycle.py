@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 import core
 
 from . import _fast, _lease, _optuna_private
-from ._artifacts import ModelStore
+from ._artifacts import ModelStore, Shortlist
 from ._keys import TRIAL_STATE_ATTR
 from ._space import suggest
 from ._spec import OBJECTIVES, StudySpec, count_point, split_params
@@ -222,17 +222,20 @@ class TrialRun:
     def _maximize(self) -> bool:
         return OBJECTIVES[self.spec.objectives[0]] == "maximize"
 
-    def wants_weights(self, results: list[core.TrainResult], model_store: ModelStore | None) -> bool:
-        """Whether :meth:`finish` could keep these results' weights: a completed trial whose
-        first objective may enter the study's ``keep_models`` best now. A population trainer
-        reads back only those (``core.train_population(keep_weights=...)``); a bar that rose
-        meanwhile only makes ``finish`` drop them."""
+    def wants_weights(self, results: list[core.TrainResult], model_store: ModelStore | None,
+                      shortlist: Shortlist) -> bool:
+        """Whether :meth:`finish` could keep these results' weights: a completed trial among
+        the ``keep_models`` best ``shortlist`` was offered (this worker's trials) whose first
+        objective may also enter the study's stored best now. A population trainer reads back
+        only those (``core.train_population(keep_weights=...)``); a bar that rose meanwhile
+        only makes ``finish`` drop them."""
         if (model_store is None or self.spec.keep_models <= 0 or self.stopped_by or not results
                 or results[-1].status != "completed"):
             return False
         values = self._values(results)
-        return all(math.isfinite(v) for v in values) and model_store.may_keep(
-            self.study.study_name, self.number, values[0], self.spec.keep_models, self._maximize)
+        return (all(math.isfinite(v) for v in values) and shortlist.offer(values[0], self.number)
+                and model_store.may_keep(self.study.study_name, self.number, values[0],
+                                         self.spec.keep_models, self._maximize))
 
     def fail(self, reason: str, state: str = "failed", requeue: bool = False) -> TrialOutcome:
         """Tell it FAIL with ``reason`` in ``fail_reason``; with ``requeue``, its point is

@@ -16,7 +16,7 @@ import torch
 import core
 
 from . import _fast, _lease, _optuna_private
-from ._artifacts import ModelStore
+from ._artifacts import ModelStore, Shortlist
 from ._lifecycle import TrialOutcome, TrialRun
 from ._rungs import RungPruner
 from ._runner import (
@@ -29,7 +29,7 @@ from ._runner import (
     load_data,
     recipe_args,
 )
-from ._spec import ARCH_KEY, StudySpec
+from ._spec import ARCH_KEY, OBJECTIVES, StudySpec
 
 __all__ = ["execute_population", "population_supported", "fair_share"]
 
@@ -242,9 +242,11 @@ def execute_population(
             return True
         return False
 
+    shortlist = Shortlist(spec.keep_models, OBJECTIVES[spec.objectives[0]] == "maximize")
+
     def keep_weights(i: int, result: core.TrainResult) -> bool:
         # only a trial that may enter the kept few has its weights read back from the stack
-        return runs[i].wants_weights([result], model_store)
+        return runs[i].wants_weights([result], model_store, shortlist)
 
     def on_result(i: int, result: core.TrainResult) -> None:
         state["training"] = True

@@ -303,3 +303,18 @@ def test_a_nan_value_ranks_where_the_database_sorts_it(
     assert not _keep(store, name, 3, sign * 1.0, 2, maximize)
     assert _keep(store, name, 4, sign * 9.0, 2, maximize)
     assert sorted(store.list(name)) == ([2, 4] if nan_first else [1, 4])
+
+
+@pytest.mark.parametrize("maximize", [True, False])
+def test_a_shortlist_takes_a_trial_while_it_is_among_the_keep_best_offered_ties_by_number(maximize: bool) -> None:
+    rng = random.Random(7)
+    offers = [(rng.choice([0.1, 0.2, 0.3, 0.4, float("nan")]), n) for n in rng.sample(range(100), 40)]
+    short = _artifacts.Shortlist(3, maximize)
+    seen: list[tuple[float, int]] = []
+    for value, number in offers:
+        seen.append((value, number))
+        # the store's ranking: better value first, then the lower trial number; NaN ranks last
+        ranked = sorted(seen, key=lambda p: (p[0] != p[0], -p[0] if maximize else p[0], p[1]))
+        want = (value, number) in ranked[:3] or value != value  # NaN: left to the store's write path
+        assert short.offer(value, number) == want, (value, number, ranked[:3])
+    assert not _artifacts.Shortlist(0, maximize).offer(1.0, 1)
