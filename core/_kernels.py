@@ -224,7 +224,7 @@ def compiling_ahead(workers: int = 8) -> Iterator[bool]:
     raises the first failure (the launch that needs the kernel would raise it too).
 
     A kernel compiled from a cold cache takes ~1.3 s, most of it in LLVM and ``ptxas``, which
-    run without the GIL; a study's first stack compiled 8 of them one after another (10.5–15.7 s
+    run without the GIL; a study's first stack compiled 8 of them one after another (10.5–17.6 s
     on a fresh H200, bench/results/bench_e2e_gpu_v14.txt). Yields False and compiles nothing
     where this Triton has no asynchronous compilation (``triton.runtime._async_compile``,
     Triton >= 3.4); the launches then compile as they come.
