@@ -2153,7 +2153,10 @@ def train_population(
         pop.on_settle, pop.keep_weights = on_s, on_k
         if max_population is not None:
             pop.max_size = max_population
-        with _matmul_precision(precision, dev):
+        # Triton launches on the current device (and its stream): the population's, on a
+        # worker given cuda:N
+        with _matmul_precision(precision, dev), (
+                torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()):
             out = pop.run()
         for key, value in pop.stats.items():
             totals[key] = totals[key] + value if key in totals else value  # sums, lists joined

@@ -692,3 +692,13 @@ def test_a_cold_cache_compiles_the_fused_step_before_its_capture_and_trains_the_
     on, off = torch.load(tmp_path / "on.pt"), torch.load(tmp_path / "off.pt")
     for a, b in zip(on, off, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_population_on_the_second_gpu_makes_it_the_current_device_while_it_trains(data: core.Dataset) -> None:
+    """Triton launches on the current device: a worker given cuda:1 must train there."""
+    seen: list[int] = []
+    res = train_population("dendritic_simple", [dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, seed=0)],
+                           data, 1, BATCH, device="cuda:1",
+                           on_epoch=lambda i, e, m: seen.append(torch.cuda.current_device()))
+    assert seen == [1] and res[0].status == "completed" and torch.cuda.current_device() == 0
