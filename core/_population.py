@@ -611,11 +611,12 @@ def _without_triton(exc: Exception, kernel: str) -> None:
     """After a fused Triton kernel failed: re-raise what must not be hidden, else switch the
     kernels off for the process (the caller then takes its PyTorch path).
 
-    Re-raised: a failure inside a CUDA graph capture, and running out of memory, which the
-    population answers by halving (Triton stays on).
+    Re-raised: a failure inside a CUDA graph capture; one while compiling ahead
+    (:meth:`_Stack.compile_ahead`, whose step meets it again); and running out of memory,
+    which the population answers by halving (Triton stays on).
     """
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if capturing or isinstance(exc, torch.OutOfMemoryError):
+    if capturing or _kernels.ahead() or isinstance(exc, torch.OutOfMemoryError):
         raise exc
     logger.warning("train_population: fused Triton %s unavailable (%s); using PyTorch", kernel, exc)
     _kernels.disable()
@@ -1065,8 +1066,6 @@ class _Stack:
                     z, self.p, self.offsets, n, d, yb, self.smooth, add_bias=lowp,
                     grad_dtype=xb.dtype, n_stored=dims.n, first=a, d_stored=D)
             except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
-                if _kernels.ahead():
-                    raise
                 _without_triton(exc, "head")
                 self.fused = False
                 self._unband()
@@ -1109,8 +1108,7 @@ class _Stack:
         columns after the dendrite weights, whose gradient is read from the dense gradient
         ``gd`` at the connections (``flat_t``) by the same kernel that updates them.
         """
-        ahead = _kernels.ahead()  # compile_ahead's trace: nothing may change
-        if not ahead:
+        if not _kernels.ahead():  # compile_ahead's trace changes nothing
             self.steps += 1
         bc1 = 1 - torch.pow(_BETA1, self.steps)
         step_size = (self.lr / bc1).float().unsqueeze(1)
@@ -1130,8 +1128,6 @@ class _Stack:
                                    wd, _BETA1, _BETA2, _EPS, col0=lo)
                 return
             except Exception as exc:  # a Triton that cannot build the kernel here: PyTorch's ops
-                if ahead:
-                    raise
                 _without_triton(exc, "Adam")
                 self.fast_adam = False
         if gd is not None and not done:  # the connections' gradient, read back as the plain path does
@@ -1307,11 +1303,14 @@ class _Group:
     k: torch.Tensor  # (g,) inputs per dendrite
     m: torch.Tensor  # (g,) swaps per dendrite
     kmax: int
-    mmax: int
     best: torch.Tensor  # (g, rows, c): each row's best scores, in descending order
     inputs: torch.Tensor  # (g, rows, c): their inputs
     fresh: torch.Tensor  # (g, rows, mmax)
     reset: torch.Tensor | None  # (g, 1, 1) bool: zero the swapped connections' Adam moments; None: all do
+
+    @property
+    def mmax(self) -> int:
+        return self.fresh.shape[2]
 
 
 # -- the scheduler -------------------------------------------------------------------------------
@@ -1773,7 +1772,7 @@ class _Population:
         for t, groups in staged_events.items():
             for rows, ks, ms, reset, sc, ix, fr in groups:
                 events.setdefault(t, []).append(_Group(
-                    rows=put(rows), k=put(ks), m=put(ms), kmax=max(ks), mmax=fr.shape[2],
+                    rows=put(rows), k=put(ks), m=put(ms), kmax=max(ks),
                     best=sc.to(dev, non_blocking=cuda), inputs=ix.to(dev, non_blocking=cuda),
                     fresh=fr.to(dev, non_blocking=cuda),
                     reset=None if reset is None else put(reset, torch.bool).view(-1, 1, 1)))

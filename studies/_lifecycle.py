@@ -25,7 +25,7 @@ from . import _fast, _lease, _optuna_private
 from ._artifacts import ModelStore, Shortlist
 from ._keys import TRIAL_STATE_ATTR
 from ._space import suggest
-from ._spec import OBJECTIVES, StudySpec, count_point, split_params
+from ._spec import StudySpec, count_point, split_params
 from ._storage import rdb
 
 __all__ = ["TRIAL_STATES", "TRIAL_STATE_ATTR", "trial_state", "is_infeasible", "TrialOutcome", "TrialRun",
@@ -220,7 +220,7 @@ class TrialRun:
 
     @property
     def _maximize(self) -> bool:
-        return OBJECTIVES[self.spec.objectives[0]] == "maximize"
+        return self.spec.directions[0] == "maximize"
 
     def wants_weights(self, results: list[core.TrainResult], model_store: ModelStore | None,
                       shortlist: Shortlist) -> bool:

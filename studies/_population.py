@@ -29,7 +29,7 @@ from ._runner import (
     load_data,
     recipe_args,
 )
-from ._spec import ARCH_KEY, OBJECTIVES, StudySpec
+from ._spec import ARCH_KEY, StudySpec
 
 __all__ = ["execute_population", "population_supported", "fair_share"]
 
@@ -242,7 +242,7 @@ def execute_population(
             return True
         return False
 
-    shortlist = Shortlist(spec.keep_models, OBJECTIVES[spec.objectives[0]] == "maximize")
+    shortlist = Shortlist(spec.keep_models, spec.directions[0] == "maximize")
 
     def keep_weights(i: int, result: core.TrainResult) -> bool:
         # only a trial that may enter the kept few has its weights read back from the stack
