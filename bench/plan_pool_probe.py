@@ -32,7 +32,7 @@ def main() -> None:
 
     def one(i: int) -> P._Plan:
         m = mems[i % 64]
-        return P._make_plan(m.data_gen, m.layer_gen, m.arch, pop.n_train, m.n_steps, 0, m.recipe, m.patch)
+        return P._make_plan(m.data_gen, m.arch, pop.n_train, m.n_steps, 0, m.recipe)
 
     t0 = time.perf_counter()
     for i in range(64):

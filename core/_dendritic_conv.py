@@ -101,8 +101,11 @@ class DendriticConv2d(nn.Module):
         self.n_dendrites = n_dendrites
         self.n_dendrite_inputs = n_dendrite_inputs
         self.kernel_size = kernel_size
+        # construction draws from the generator; resampling from a counter keyed by the seed
+        self._seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self._generator = gen = torch.Generator()
-        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        gen.manual_seed(self._seed)
+        self.n_resamples = 0
         rows = n_units * n_dendrites
         window = in_channels * kernel_size * kernel_size
         scores = torch.rand(rows, window, generator=gen)
@@ -155,8 +158,9 @@ class DendriticConv2d(nn.Module):
         if not self.synaptic_resampling or m <= 0:
             return 0
         window = self.in_channels * self.kernel_size * self.kernel_size
-        swapped = swap_weakest(self.weight, self.indices, window, m, self._generator,
+        swapped = swap_weakest(self.weight, self.indices, window, m, (self._seed, self.n_resamples),
                                optimizer if self.resample_reset_adam else None)
+        self.n_resamples += 1
         self.n_swapped += swapped
         return swapped
 

@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["adam_connections", "adam_rows", "ahead", "available", "compiling_ahead", "disable", "soma_head"]
+__all__ = [
+    "adam_connections", "adam_rows", "ahead", "available", "compiling_ahead", "disable", "input_scores", "soma_head",
+]
 
 _SLOPE = 0.1
 _TILE = 8192  # the fused head's (batch block x neurons x dendrites) elements per program
@@ -205,7 +207,25 @@ def _triton() -> Any:
             tl.store(m_ptr + base + off, m, mask=mask)
             tl.store(v_ptr + base + off, v, mask=mask)
 
-    return triton, head_kernel, adam_kernel, adam_connections_kernel
+    global _mix32  # a module global, as _adam_update
+
+    @triton.jit
+    def _mix32(x):
+        """core._layers._mix on uint32 (whose products wrap as the int64 ones are masked)."""
+        x = ((x >> 16) ^ x) * 0x45D9F3B
+        x = ((x >> 16) ^ x) * 0x45D9F3B
+        return (x >> 16) ^ x
+
+    @triton.jit(do_not_specialize=["N", "CB"])
+    def scores_kernel(key_ptr, out_ptr, N, CB, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        c = col.to(tl.uint32)
+        h = _mix32(tl.load(key_ptr + row).to(tl.uint32) ^ _mix32(c ^ 0x1B873593))
+        key = ((h >> (CB + 1)) << CB) | c
+        tl.store(out_ptr + row.to(tl.int64) * N + col, key.to(tl.int32), mask=col < N)
+
+    return triton, head_kernel, adam_kernel, adam_connections_kernel, scores_kernel
 
 
 _DISABLED: list[bool] = []
@@ -434,3 +454,21 @@ def adam_connections(
         wd if wd is not None else step_size, P, R, kpad, d, 1.0 - beta1, beta2, 1.0 - beta2, eps,
         HAS_WD=wd is not None, BLOCK=_ADAM_BLOCK, num_warps=4,
     )
+
+
+_SCORES_BLOCK = 1024
+
+
+def input_scores(row_keys: torch.Tensor, n_inputs: int) -> torch.Tensor:
+    """``core._layers.input_scores`` in one kernel: ``(..., rows, n_inputs)`` int32 scores of
+    each row's key (int64) and input, the same values as the PyTorch ops (integer arithmetic),
+    one write of the scores instead of about fifteen passes over int64 temporaries."""
+    from ._layers import key_bits  # noqa: PLC0415 - _layers imports this module lazily
+
+    tri = _triton()
+    assert tri is not None
+    keys = row_keys.contiguous()
+    out = torch.empty(*keys.shape, n_inputs, dtype=torch.int32, device=keys.device)
+    _launch(tri[4], (keys.numel(), -(-n_inputs // _SCORES_BLOCK)), keys, out, n_inputs, key_bits(n_inputs),
+            BLOCK=_SCORES_BLOCK, num_warps=4)
+    return out

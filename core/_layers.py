@@ -32,7 +32,7 @@ def deferred_connections() -> Iterator[list[Callable[[], None]]]:
     Each adds to the list a closure that draws them from the layer's own generator exactly as
     its constructor would have (the same numbers: the generator is the layer's alone, and
     nothing else draws from it before). Call each before the layer's ``indices`` or weights
-    are read or its generator draws again. The population runs them on its worker threads
+    are read. The population runs them on its worker threads
     while the main thread builds the next members: the draw (a ``rand`` and a ``topk`` over
     every input of every dendrite) was over half of a member's build. Only for builders
     that do not touch the layer after constructing it (core's own families).
@@ -174,10 +174,11 @@ class DendriticLayer(nn.Module):
         self.n_swapped = 0
         self._pending_resample = False
         self._hooked = False  # resampling driven by register_dendritic_hooks
+        # construction draws from the generator; resampling from a counter keyed by the seed
+        self._seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self._generator = torch.Generator()
-        self._generator.manual_seed(
-            int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        )
+        self._generator.manual_seed(self._seed)
+        self.n_resamples = 0  # resamplings made: the counter of the next one's draws
 
         n_dend = n_neurons * n_dendrites
         self.image_shape: tuple[int, int, int] | None = image
@@ -324,10 +325,11 @@ class DendriticLayer(nn.Module):
         if not self.synaptic_resampling or m <= 0:
             return 0
         swapped = swap_weakest(
-            self.weight, self.indices, self.in_dim, m, self._generator,
+            self.weight, self.indices, self.in_dim, m, (self._seed, self.n_resamples),
             optimizer if self.resample_reset_adam else None,
             self.patch_mask() if self.image_shape is not None else None,
         )
+        self.n_resamples += 1
         self.n_swapped += swapped
         return swapped
 
@@ -347,13 +349,89 @@ class DendriticLayer(nn.Module):
         )
 
 
+# -- the resampling draws ----------------------------------------------------------------
+# A resampling's random numbers come from a counter-based generator: each is a hash of the
+# layer's seed, the resampling's number, the dendrite (row), the input or swap slot and a
+# stream, so that any set of them can be computed on any device, in any order and in any
+# batch, and equal what a lone layer computes. The population trainer draws every member's
+# scores on the device at the step they are due (core._population); the CPU threads that drew
+# them ahead (a ``rand`` and a ``topk`` over every input of every dendrite, ~1 ms a member
+# and event) could not keep up with the device (bench/NOTES_population.md, v14).
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2**27: a 32-bit value times it is exact in int64
+_COL_SALT = 0x1B873593
+_SCORES, _FRESH = 1, 2  # the streams: the inputs' scores, the fresh weights
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash of ``x`` (int64, values in [0, 2**32))."""
+    x = ((x >> 16) ^ x) * _MIX & _M32
+    x = ((x >> 16) ^ x) * _MIX & _M32
+    return (x >> 16) ^ x
+
+
+def draw_rows(seed: torch.Tensor, event: torch.Tensor, rows: torch.Tensor, stream: int) -> torch.Tensor:
+    """Each row's key for one stream of a resampling's draws (int64, in [0, 2**32)).
+
+    ``seed`` and ``event`` (int64, the layer's seed and how many resamplings it made before)
+    broadcast against ``rows`` (int64, the dendrites' own row numbers).
+    """
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    h = _mix(_mix(_mix(lo ^ stream) ^ hi) ^ (event & _M32))
+    return _mix(h ^ rows)
+
+
+def _column_hash(n: int, device: torch.device) -> torch.Tensor:
+    return _mix(torch.arange(n, dtype=torch.long, device=device) ^ _COL_SALT)
+
+
+def key_bits(n_inputs: int) -> int:
+    """Low bits of a score that hold its input (the rest hold the hash)."""
+    return max(1, (n_inputs - 1).bit_length())
+
+
+def input_scores(row_keys: torch.Tensor, n_inputs: int) -> torch.Tensor:
+    """``(..., rows, n_inputs)`` int32 scores from :func:`draw_rows`'s ``_SCORES`` keys.
+
+    A score's high bits are a hash of its row key and input, its low bits the input itself:
+    non-negative and distinct within a row, so the k best are the same set in the same order
+    whatever sorts them (no ties to break, on any device). On CUDA with Triton it is one
+    kernel (``core._kernels.input_scores``, the same values).
+    """
+    from . import _kernels  # noqa: PLC0415 - imports torch only; Triton when used
+
+    if _kernels.available(row_keys.device) and row_keys.numel():
+        try:
+            return _kernels.input_scores(row_keys, n_inputs)
+        except Exception:  # noqa: BLE001 - a Triton that cannot build it: the same values below
+            _kernels.disable()
+    cb = key_bits(n_inputs)
+    h = _mix(row_keys.unsqueeze(-1) ^ _column_hash(n_inputs, row_keys.device))
+    cols = torch.arange(n_inputs, dtype=torch.long, device=row_keys.device)
+    return (((h >> (cb + 1)) << cb) | cols).to(torch.int32)
+
+
+def fresh_weights(row_keys: torch.Tensor, m: int, bound: torch.Tensor) -> torch.Tensor:
+    """``(..., rows, m)`` weights uniform in ``[-bound, bound)`` from :func:`draw_rows`'s
+    ``_FRESH`` keys; ``bound`` (float32) broadcasts against the result. The same float32
+    operations on every device, so the same values."""
+    h = _mix(row_keys.unsqueeze(-1) ^ _column_hash(m, row_keys.device))
+    u = (h >> 8).to(torch.float32) * (1.0 / (1 << 24))  # exact: 24 bits
+    return u * (bound + bound) - bound
+
+
+def _draw_key(seed: int, event: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(seed, dtype=torch.long, device=device),
+            torch.tensor(event, dtype=torch.long, device=device))
+
+
 @torch.no_grad()
 def swap_weakest(
     weight: torch.Tensor,
     indices: torch.Tensor,
     n_inputs: int,
     m: int,
-    generator: torch.Generator,
+    draw: tuple[int, int],
     optimizer: torch.optim.Optimizer | None = None,
     allowed: torch.Tensor | None = None,
 ) -> int:
@@ -362,24 +440,23 @@ def swap_weakest(
     ``weight`` and ``indices`` are ``(rows, k)``: row ``r`` reads inputs ``indices[r]`` (of
     ``n_inputs``) with ``weight[r]``. The new inputs are drawn uniformly from the row's
     unused inputs (and, with the boolean ``(rows, n_inputs)`` mask ``allowed``, only where
-    it is true), from ``generator``: first ``rand(rows, n_inputs)`` scores, then the fresh
-    weights, ``uniform(-1/sqrt(k), 1/sqrt(k))``. The optimizer state of the swapped slots,
+    it is true): the best-scored ones by :func:`input_scores`, then fresh weights, uniform
+    in ``[-1/sqrt(k), 1/sqrt(k))`` (:func:`fresh_weights`), both from ``draw``: the layer's
+    seed and how many resamplings it made before. The optimizer state of the swapped slots,
     when ``optimizer`` is given, is zeroed. Returns the number of swapped connections.
     """
     dev = weight.device
+    seed, event = _draw_key(*draw, dev)
+    rows = torch.arange(indices.shape[0], dtype=torch.long, device=dev)
     weakest = weakest_slots(weight.abs(), m)  # (rows, m)
-    scores = torch.rand(indices.shape[0], n_inputs, generator=generator)
+    scores = input_scores(draw_rows(seed, event, rows, _SCORES), n_inputs)
     if allowed is not None:
-        scores.masked_fill_(~allowed.cpu(), -1.0)  # nor inputs outside the allowed set
-    # A row uses k inputs, so its m best-scored unused inputs are among its k + m best: those
-    # are selected first (on the CPU, where they were drawn), then the ones in use drop out
-    # (never drawn). The population trainer makes the same two selections (core._population),
-    # so that equal scores, which float32 draws do produce, resolve the same way in both.
-    best, candidates = scores.topk(min(n_inputs, indices.shape[1] + m), dim=1)
-    indices.scatter_(1, weakest, best_unused(best.to(dev), candidates.to(dev), indices, n_inputs, m))
-    b = 1.0 / math.sqrt(weight.shape[1])
-    fresh = torch.empty(weakest.shape, device="cpu").uniform_(-b, b, generator=generator)
-    weight.scatter_(1, weakest, fresh.to(dev, weight.dtype))
+        scores.masked_fill_(~allowed.to(dev), -2)  # nor inputs outside the allowed set
+    scores.scatter_(1, indices, -1)  # nor inputs in use
+    indices.scatter_(1, weakest, scores.topk(m, dim=1).indices)  # the best first (no ties)
+    bound = torch.tensor(1.0 / math.sqrt(weight.shape[1]), dtype=torch.float32, device=dev)
+    fresh = fresh_weights(draw_rows(seed, event, rows, _FRESH), m, bound)
+    weight.scatter_(1, weakest, fresh.to(weight.dtype))
     if optimizer is not None:
         for value in optimizer.state.get(weight, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == weight.shape:
@@ -393,23 +470,6 @@ def weakest_slots(magnitude: torch.Tensor, m: int) -> torch.Tensor:
     population trainer's resampling, which pads the rows of its smaller members with ``inf``
     and takes the first ``m`` of more: the same positions in the same order, ties included."""
     return magnitude.sort(dim=-1, stable=True).indices[..., :m]
-
-
-def best_unused(best: torch.Tensor, candidates: torch.Tensor, indices: torch.Tensor, n_inputs: int,
-                m: int) -> torch.Tensor:
-    """The ``m`` best-scored inputs of each row that the row does not use, best first.
-
-    ``candidates`` (..., rows, c) are each row's ``c = k + m`` best-scored inputs with their
-    scores ``best`` in descending order (``topk``); ``indices`` (..., rows, k) the inputs in
-    use. Shared by :func:`swap_weakest` and the population trainer's batched resampling, so
-    that both resolve equal scores alike.
-    """
-    used = torch.zeros(*indices.shape[:-1], n_inputs, dtype=torch.bool, device=indices.device)
-    used.scatter_(-1, indices, True)
-    kept = best.masked_fill(used.gather(-1, candidates), -1.0)  # inputs in use are never drawn
-    # equal scores in their order (a stable sort): the population's resampling pads a smaller
-    # member's candidates with lower scores and takes the first m of more, with the same result
-    return candidates.gather(-1, kept.sort(dim=-1, descending=True, stable=True).indices[..., :m])
 
 
 def register_dendritic_hooks(

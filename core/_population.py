@@ -20,14 +20,13 @@ How the members stay exactly themselves:
 * **Adam.** One update over the flat parameter buffer of all members, with each member's
   learning rate, weight decay and step count as vectors. It does the operations of
   ``torch.optim.Adam`` (single-tensor and foreach paths) in the same order.
-* **Resampling.** The random draws of a dendritic layer do not depend on its weights, so each
-  member's draws for an epoch are made ahead of time, on the CPU, from that member's own layer
-  generator (and its data order from its own ``torch.Generator``), in background threads. Of
-  each row's scores over all inputs only its ``k + m`` best travel (the ``m`` best unused
-  inputs are among them, since a row uses ``k``): 34 of 784 per row at the seed space's
-  typical sizes, where the whole rows made an epoch's plans ~1.5 GB of pinned memory at
-  K = 996. The swap itself (weakest magnitudes, unused inputs, fresh weights, Adam slots
-  reset) runs batched on the device for the members due at that step.
+* **Resampling.** A layer's resampling draws come from a counter-based generator (a hash of
+  its seed, the resampling's number, the dendrite and the input: ``core._layers.swap_weakest``),
+  so the population computes them on the device, batched, for the members due at a step, and
+  gets the numbers each lone layer gets: the scores of every input of every real dendrite
+  (one Triton kernel on CUDA), the ``m`` best of those a row does not use, then the swap
+  (weakest magnitudes, new inputs, fresh weights, Adam slots reset). Each member's data order is drawn ahead of time on the
+  CPU from its own ``torch.Generator``, in background threads, as train_model draws it.
 * **Recipe.** A member's ``batch_size``, ``lr_schedule`` (with ``warmup_epochs``),
   ``label_smoothing`` and ``augment`` are train_model's: the schedule's rates are computed
   per member and step in double precision and written into the learning-rate vector before
@@ -87,7 +86,16 @@ from torch.nn import functional as F
 from . import _kernels
 from ._bio_stack import BioPack, MemberBio, convert_member
 from ._data import Dataset
-from ._layers import DendriticLayer, best_unused, deferred_connections, weakest_slots
+from ._layers import (
+    _FRESH,
+    _SCORES,
+    DendriticLayer,
+    deferred_connections,
+    draw_rows,
+    fresh_weights,
+    input_scores,
+    weakest_slots,
+)
 from ._registry import count_parameters, get_family, list_models
 from ._train import (
     AUGMENTS,
@@ -390,8 +398,7 @@ class _Plan:
     """A member's random draws for one epoch: the data order and the resampling draws."""
 
     perm: torch.Tensor  # int32, (n_train,)
-    # step -> (each row's k + m best scores, their inputs, fresh weights)
-    events: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    events: dict[int, int]  # step -> the layer's resampling number then (its draws' counter)
     shifts: torch.Tensor | None = None  # uint8 (n_train, 2): augment="shift", in visiting order
     lr_factors: torch.Tensor | None = None  # float64 (n_steps,): the schedule's multipliers
 
@@ -419,16 +426,16 @@ def _draw_all(draws: list[Callable[[], None]]) -> None:
 
 
 def _make_plan(
-    data_gen: torch.Generator, layer_gen: torch.Generator | None, arch: _Arch,
-    n: int, n_steps: int, steps0: int, recipe: _Recipe | None = None,
-    patch: torch.Tensor | None = None,
+    data_gen: torch.Generator, arch: _Arch, n: int, n_steps: int, steps0: int,
+    recipe: _Recipe | None = None,
 ) -> _Plan:
-    """Draw what train_model and DendriticLayer.resample would draw, in the same order.
+    """Draw what train_model draws from its generator, in the same order, and say when the
+    layer resamples.
 
     The data generator gives the epoch's order, then (``augment="shift"``) its shifts, as
-    train_model draws them; the layer's generator gives each resampling's scores (outside a
-    ``connectivity="local"`` dendrite's patch set to -1, never drawn, as the layer does)
-    and fresh weights. ``steps0`` is the member's optimizer steps before this epoch.
+    train_model draws them. A resampling's draws come from a counter (its number, see
+    ``core._layers.swap_weakest``): they are made on the device at its step (``_Group.draw``).
+    ``steps0`` is the member's optimizer steps before this epoch.
     """
     perm = torch.randperm(n, generator=data_gen).to(torch.int32)
     shifts = factors = None
@@ -438,29 +445,11 @@ def _make_plan(
         factors = torch.tensor(
             [lr_multiplier(recipe.lr_schedule, steps0 + t, recipe.total_steps, recipe.warmup_steps)
              for t in range(n_steps)], dtype=torch.float64)
-    events: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    if arch.m > 0 and layer_gen is not None:
-        b = 1.0 / math.sqrt(arch.k)
-        c = _candidates(arch)
-        for t in range(1, n_steps + 1):
-            if (steps0 + t) % arch.every == 0:
-                scores = torch.rand(arch.n * arch.d, arch.in_dim, generator=layer_gen)
-                if patch is not None:
-                    scores.masked_fill_(~patch, -1.0)
-                fresh = torch.empty(arch.n * arch.d, arch.m).uniform_(-b, b, generator=layer_gen)
-                # the layer keeps the m best-scored inputs a row does not use; it uses k of
-                # them, so they are among its k + m best (sorted, as topk gives them)
-                best, inputs = scores.topk(c, dim=1)
-                events[t] = (best, inputs.to(_INPUT_DTYPE), fresh)
+    events = {}
+    if arch.m > 0:  # the layer resamples after every ``every``-th step, counting from 0
+        events = {t: (steps0 + t) // arch.every - 1 for t in range(1, n_steps + 1)
+                  if (steps0 + t) % arch.every == 0}
     return _Plan(perm, events, shifts, factors)
-
-
-_INPUT_DTYPE = torch.int32  # the candidates' input indices, as they travel
-
-
-def _candidates(arch: _Arch) -> int:
-    """How many best-scored inputs of a row a resampling needs: the row's k plus its m swaps."""
-    return min(arch.in_dim, arch.k + arch.m)
 
 
 #: A fused stack whose real connections fill less than this share of its padded slots has
@@ -550,7 +539,7 @@ class _Member:
     lr: float
     weight_decay: float
     data_gen: torch.Generator
-    layer_gen: torch.Generator | None
+    layer_seed: int | None  # its dendritic layer's: the key of its resampling draws
     result: TrainResult
     recipe: _Recipe
     n_steps: int  # optimizer steps in one of its epochs (its batch size's)
@@ -1149,9 +1138,9 @@ class _Stack:
         dendrite (``_stage``: a few groups where there were as many as (inputs, swaps) pairs,
         156 at K = 996 of the seed space). Each member's rows are padded to its group's
         largest inputs and swaps per dendrite: its padded slots weigh ``inf`` (never the
-        weakest) and its padded candidates score below every real one, so the stable sorts of
-        :func:`weakest_slots` and :func:`best_unused` put its own choices first, in the order a
-        lone layer makes them; the columns past its own swaps write back what was there.
+        weakest), so the stable sort of :func:`weakest_slots` puts its own slots first, in the
+        order a lone layer finds them, and its draws (:meth:`_Group.draw`) are its lone
+        layer's, best first; the columns past its own swaps write back what was there.
         """
         assert self.idx is not None
         off, shape = self.layout["dw"]
@@ -1168,10 +1157,10 @@ class _Stack:
             # a padded slot's index stands in for the row's first input, which is in use anyway
             used = torch.where(pad, ind[..., :1], ind)
             own = torch.arange(M_, device=dev) < grp.m.view(-1, 1, 1)  # (g, 1, M_): its own swaps
-            new = best_unused(grp.best, grp.inputs.long(), used, self.dims.in_dim, M_)
+            new, fresh = grp.draw(used, self.dims.in_dim)
             ind.scatter_(2, weakest, torch.where(own, new, ind.gather(2, weakest)))
             cols[3][r] = ind
-            w.scatter_(2, weakest, torch.where(own, grp.fresh, w.gather(2, weakest)))
+            w.scatter_(2, weakest, torch.where(own, fresh, w.gather(2, weakest)))
             cols[0][r] = w
             zero = own if grp.reset is None else own & grp.reset  # resample_reset_adam=False keeps them
             for col in cols[1:3]:
@@ -1295,29 +1284,60 @@ class _Group:
     """Members that resample at one step, padded to the largest of them (see _Stack.resample).
 
     Member ``j`` (stack row ``rows[j]``) swaps ``m[j]`` of its ``k[j]`` connections per
-    dendrite; its ``c = k + m`` candidates are padded to ``best.shape[2]`` with scores below
-    any real one, and its fresh weights to ``mmax``.
+    dendrite. Its draws are made on the device (:meth:`draw`) from its layer's seed and
+    resampling number, for its own rows only: ``where`` holds each real row's place on the
+    group's padded (member, grid row) layout, ``member`` its member and ``own`` its number in
+    the member's own layer.
     """
 
     rows: torch.Tensor  # (g,) stack rows
     k: torch.Tensor  # (g,) inputs per dendrite
     m: torch.Tensor  # (g,) swaps per dendrite
     kmax: int
-    best: torch.Tensor  # (g, rows, c): each row's best scores, in descending order
-    inputs: torch.Tensor  # (g, rows, c): their inputs
-    fresh: torch.Tensor  # (g, rows, mmax)
+    mmax: int
+    seeds: torch.Tensor  # (g,) int64: each member's layer seed
+    events: torch.Tensor  # (g,) int64: its resampling number
+    bound: torch.Tensor  # (g,) float32: its fresh weights' bound, 1 / sqrt(k)
+    where: torch.Tensor  # (N,) int64: each real row's place among the g * grid rows
+    member: torch.Tensor  # (N,) int64
+    own: torch.Tensor  # (N,) int64
+    allowed: torch.Tensor | None  # (N, in_dim) bool: connectivity="local" patches; None: all inputs
     reset: torch.Tensor | None  # (g, 1, 1) bool: zero the swapped connections' Adam moments; None: all do
 
-    @property
-    def mmax(self) -> int:
-        return self.fresh.shape[2]
+    def draw(self, used: torch.Tensor, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's new inputs and fresh weights as its lone layer draws them
+        (``core._layers.swap_weakest``), on the padded layout ``(g, grid, mmax)``: of each real
+        row, the ``mmax`` best-scored inputs it does not use (``used``, ``(g, grid, k)``), best
+        first; padded rows get input 0 and zero weights (as they had)."""
+        g, grid, _ = used.shape
+        dev = used.device
+        seed, event = self.seeds[self.member], self.events[self.member]
+        used = used.reshape(g * grid, -1)
+        new = torch.zeros(g * grid, self.mmax, dtype=torch.long, device=dev)
+        n = self.where.shape[0]
+        chunk = max(1, _DRAW_ELEMENTS // in_dim)  # the scores of every input, a few rows at a time
+        for a in range(0, n, chunk):
+            part = slice(a, a + chunk)
+            scores = input_scores(draw_rows(seed[part], event[part], self.own[part], _SCORES), in_dim)
+            if self.allowed is not None:
+                scores.masked_fill_(~self.allowed[part], -2)
+            scores.scatter_(1, used[self.where[part]], -1)
+            new.index_copy_(0, self.where[part], scores.topk(self.mmax, dim=1).indices)
+        fresh = torch.zeros(g * grid, self.mmax, device=dev)
+        fresh.index_copy_(0, self.where, fresh_weights(
+            draw_rows(seed, event, self.own, _FRESH), self.mmax, self.bound[self.member].unsqueeze(1)))
+        return new.view(g, grid, -1), fresh.view(g, grid, -1)
+
+
+#: The most scores a resampling draws at once (int32: 256 MB).
+_DRAW_ELEMENTS = 1 << 26
 
 
 # -- the scheduler -------------------------------------------------------------------------------
 #: How much nicer than the caller the plan workers run (Linux: a thread's own nice value).
-#: Their draws can fill every core (resampling scores of 1,024 members of the seed space's
-#: larger sizes), and the main thread, which launches the steps the device waits for, then
-#: waited for a core (bench/v13_probe.py, bench/NOTES_population.md v13).
+#: Their draws filled every core when they drew the resampling scores too (1,024 members of the
+#: seed space's larger sizes), and the main thread, which launches the steps the device waits
+#: for, then waited for a core (bench/v13_probe.py, bench/NOTES_population.md v13).
 _PLAN_NICE = 5
 
 
@@ -1516,7 +1536,7 @@ class _Population:
         mem = _Member(
             index=index, arch=arch, seed=mseed, lr=lr, weight_decay=wd,
             data_gen=torch.Generator().manual_seed(mseed),
-            layer_gen=layer._generator if layer is not None else None,
+            layer_seed=layer._seed if layer is not None else None,
             result=result, recipe=recipe, n_steps=math.ceil(self.n_train / recipe.batch_size),
             patch=patch, state=state, net=net, own=own, bio=bio, drawn=drawn,
         )
@@ -1566,6 +1586,8 @@ class _Population:
             if layer is not None and st.indices is not None:
                 layer.indices.copy_(st.indices)
                 layer.n_backward = mem.steps
+                if mem.arch.m > 0:
+                    layer.n_resamples = mem.steps // mem.arch.every
             mem.result.state_dict = mem.net.state_dict()
             mem.net, mem.own = None, {}
 
@@ -1576,8 +1598,7 @@ class _Population:
             steps0 = mem.plan_steps
             mem.plan_steps += mem.n_steps
             mem.plans.append(self.pool.submit(
-                _make_plan, mem.data_gen, mem.layer_gen, mem.arch, self.n_train, mem.n_steps,
-                steps0, mem.recipe, mem.patch,
+                _make_plan, mem.data_gen, mem.arch, self.n_train, mem.n_steps, steps0, mem.recipe,
             ))
 
     def _take(self) -> _Member | None:
@@ -1770,11 +1791,14 @@ class _Population:
 
         events: dict[int, list[_Group]] = {}
         for t, groups in staged_events.items():
-            for rows, ks, ms, reset, sc, ix, fr in groups:
+            for rows, ks, ms, reset, seeds, evs, where, member, own, allowed in groups:
                 events.setdefault(t, []).append(_Group(
-                    rows=put(rows), k=put(ks), m=put(ms), kmax=max(ks),
-                    best=sc.to(dev, non_blocking=cuda), inputs=ix.to(dev, non_blocking=cuda),
-                    fresh=fr.to(dev, non_blocking=cuda),
+                    rows=put(rows), k=put(ks), m=put(ms), kmax=max(ks), mmax=max(ms),
+                    seeds=put(seeds), events=put(evs),
+                    bound=put([1.0 / math.sqrt(k) for k in ks], torch.float32),
+                    where=where.to(dev, non_blocking=cuda), member=member.to(dev, non_blocking=cuda),
+                    own=own.to(dev, non_blocking=cuda),
+                    allowed=None if allowed is None else allowed.to(dev, non_blocking=cuda),
                     reset=None if reset is None else put(reset, torch.bool).view(-1, 1, 1)))
         for mem in stack.members:  # after the stacking above, which shares the workers
             self._prefetch(mem)
@@ -1838,24 +1862,27 @@ class _Population:
         dims = stack.dims
         events: dict[int, list[tuple[Any, ...]]] = {}
         for t, rows in ((t, rows) for t, groups in sorted(by_step.items()) for _, rows in sorted(groups.items())):
-            archs = [stack.members[i].arch for i in rows]
-            g, C, M = len(rows), max(map(_candidates, archs)), max(a.m for a in archs)
-            if all((a.n, a.d, _candidates(a), a.m) == (dims.n, dims.d, C, M) for a in archs):
-                parts = (torch.empty(g, dims.rows, C, pin_memory=cuda),
-                         torch.empty(g, dims.rows, C, dtype=_INPUT_DTYPE, pin_memory=cuda),
-                         torch.empty(g, dims.rows, M, pin_memory=cuda))
-                for j, part in enumerate(parts):
-                    self._stack_rows([plans[i].events[t][j] for i in rows], part)
-            else:  # padded: scores below any real one, no candidates on the padded rows
-                parts = (torch.full((g, dims.rows, C), -2.0, pin_memory=cuda),
-                         torch.zeros(g, dims.rows, C, dtype=_INPUT_DTYPE, pin_memory=cuda),
-                         torch.zeros(g, dims.rows, M, pin_memory=cuda))
-                for row, (i, a) in enumerate(zip(rows, archs, strict=True)):
-                    for part, src in zip(parts, plans[i].events[t], strict=True):
-                        part[row].view(dims.n, dims.d, -1)[: a.n, : a.d, : src.shape[1]].copy_(
-                            src.view(a.n, a.d, -1))
+            mems = [stack.members[i] for i in rows]
+            archs = [mem.arch for mem in mems]
+            sizes = torch.tensor([a.n * a.d for a in archs])
+            member = torch.repeat_interleave(torch.arange(len(rows)), sizes)
+            own = torch.arange(len(member)) - (torch.cumsum(sizes, 0) - sizes)[member]
+            # a member's row (neuron i, dendrite j) sits at grid row i * dims.d + j of its slot
+            where = (member * dims.rows + (own // torch.tensor([a.d for a in archs])[member]) * dims.d
+                     + own % torch.tensor([a.d for a in archs])[member])
+            allowed = None
+            if any(mem.patch is not None for mem in mems):
+                allowed = torch.cat([
+                    mem.patch if mem.patch is not None else torch.ones(a.n * a.d, dims.in_dim, dtype=torch.bool)
+                    for mem, a in zip(mems, archs, strict=True)])
+            if cuda:
+                where, member, own = (x.pin_memory() for x in (where, member, own))
+                allowed = allowed.pin_memory() if allowed is not None else None
             reset = None if all(a.reset for a in archs) else [a.reset for a in archs]
-            events.setdefault(t, []).append((rows, [a.k for a in archs], [a.m for a in archs], reset, *parts))
+            events.setdefault(t, []).append((
+                rows, [a.k for a in archs], [a.m for a in archs], reset,
+                [mem.layer_seed for mem in mems], [plans[i].events[t] for i in rows],
+                where, member, own, allowed))
         return perms, shifts, lrs, events
 
     def _stack_rows(self, rows: list[torch.Tensor], out: torch.Tensor) -> None:

@@ -241,34 +241,6 @@ def test_resampling_keeps_adam_state_when_asked() -> None:
         assert torch.equal(opt.state[layer.weight][key], state[key])
 
 
-def test_best_unused_picks_what_masking_the_whole_row_picks_batched_or_not() -> None:
-    """The m best unused inputs come from each row's k + m best scores, as masking every input
-    in use over the whole row and taking the top m gives them (also within an allowed patch of
-    exactly k + m inputs), and a batch of row blocks gives what each block gives alone."""
-    from core._layers import best_unused
-
-    g = torch.Generator().manual_seed(3)
-    rows, n_inputs, k, m = 600, 784, 30, 4
-    indices = torch.rand(rows, n_inputs, generator=g).topk(k, dim=1).indices
-    scores = torch.rand(rows, n_inputs, generator=g)
-    allowed = torch.zeros(rows, n_inputs, dtype=torch.bool)
-    allowed[: rows // 2].scatter_(1, torch.rand(rows // 2, n_inputs, generator=g).topk(k + m, dim=1).indices, True)
-    allowed[: rows // 2].scatter_(1, indices[: rows // 2], True)  # a patch holds its row's inputs
-    allowed[rows // 2 :] = True
-    scores.masked_fill_(~allowed, -1.0)
-    whole = scores.clone()
-    whole.scatter_(1, indices, -1.0)
-    want = whole.topk(m, dim=1).indices
-    best, candidates = scores.topk(k + m, dim=1)
-    got = best_unused(best, candidates, indices, n_inputs, m)
-    assert torch.equal(got, want)
-    assert not (got.unsqueeze(2) == indices.unsqueeze(1)).any()  # never an input in use
-    assert allowed.gather(1, got).all()  # never outside the patch
-    blocks = best_unused(best.view(3, rows // 3, -1), candidates.view(3, rows // 3, -1),
-                         indices.view(3, rows // 3, -1), n_inputs, m)
-    assert torch.equal(blocks.reshape(rows, m), want)
-
-
 @pytest.mark.parametrize("connectivity", ["random", "local"])
 def test_deferred_draws_give_the_layer_it_would_have_had(connectivity: str) -> None:
     """The population builds members with their layers' draws deferred (run on its workers):
@@ -293,41 +265,99 @@ def test_deferred_draws_give_the_layer_it_would_have_had(connectivity: str) -> N
         assert torch.equal(g.indices, w.indices)
         for name, p in w.named_parameters():
             assert torch.equal(getattr(g, name), p), name
-        # and the generator goes on from the same point: the next resampling draws agree
+        # and the generator goes on from the same point
         assert torch.equal(torch.rand(4, generator=g._generator), torch.rand(4, generator=w._generator))
     # outside the block a layer draws at once, as before
     assert torch.equal(DendriticLayer(**args, seed=1).indices, want[0].indices)
 
 
-def test_padded_rows_give_each_member_its_own_weakest_slots_and_best_unused_inputs_ties_included() -> None:
+def test_padded_rows_give_each_member_its_own_weakest_slots_ties_included() -> None:
     """The population resamples members of several (k, m) at once, padding each to the largest:
-    slots past a member's k weigh inf, candidates past its k + m score -2 (input 0), and slots
-    past its k stand in for its first input. Its first m choices are then those of its own rows
-    alone, in the same order, with equal magnitudes and equal scores in the draws."""
-    from core._layers import best_unused, weakest_slots
+    slots past a member's k weigh inf. Its first m weakest slots are then those of its own rows
+    alone, in the same order, with equal magnitudes everywhere."""
+    from core._layers import weakest_slots
 
     g = torch.Generator().manual_seed(5)
-    n_inputs, rows = 40, 6
+    rows = 6
     members = [(5, 2), (9, 3), (3, 1), (9, 1)]  # (k, m)
     K_, M_ = max(k for k, _ in members), max(m for _, m in members)
-    C_ = max(k + m for k, m in members)
     pw = torch.full((len(members), rows, K_), math.inf)
-    pind = torch.zeros(len(members), rows, K_, dtype=torch.long)
-    pbest = torch.full((len(members), rows, C_), -2.0)
-    pcand = torch.zeros(len(members), rows, C_, dtype=torch.long)
-    want_w, want_u = [], []
+    want = []
     for i, (k, m) in enumerate(members):
         w = torch.randint(0, 3, (rows, k), generator=g).float()  # few magnitudes: ties everywhere
-        ind = torch.rand(rows, n_inputs, generator=g).topk(k, dim=1).indices
-        scores = (torch.randint(0, 4, (rows, n_inputs), generator=g) / 4.0)  # tied scores too
-        best, cand = scores.topk(k + m, dim=1)
-        want_w.append(weakest_slots(w, m))
-        want_u.append(best_unused(best, cand, ind, n_inputs, m))
-        pw[i, :, :k], pind[i, :, :k] = w, ind
-        pind[i, :, k:] = ind[:, :1]  # a padded slot stands in for the row's first input
-        pbest[i, :, : k + m], pcand[i, :, : k + m] = best, cand
-    got_w = weakest_slots(pw, M_)
-    got_u = best_unused(pbest, pcand, pind, n_inputs, M_)
+        want.append(weakest_slots(w, m))
+        pw[i, :, :k] = w
+    got = weakest_slots(pw, M_)
     for i, (_, m) in enumerate(members):
-        assert torch.equal(got_w[i, :, :m], want_w[i]), i
-        assert torch.equal(got_u[i, :, :m], want_u[i]), i
+        assert torch.equal(got[i, :, :m], want[i]), i
+
+
+def test_resampling_draws_come_from_the_seed_and_the_resampling_number_alone() -> None:
+    """A resampling's draws are a counter of (layer seed, resampling number): a layer whose
+    counter is set to n draws what the n-th resampling of an identical layer drew, whatever
+    happened before; the next draws differ. Pinned values keep the streams from moving."""
+    from core._layers import _FRESH, _SCORES, _draw_key, draw_rows, fresh_weights, input_scores
+
+    seed, event = _draw_key(7, 2, torch.device("cpu"))
+    assert draw_rows(seed, event, torch.arange(3), _SCORES).tolist() == [4007268685, 166961371, 2832374082]
+    assert input_scores(draw_rows(seed, event, torch.arange(2), _SCORES), 50)[:, :2].tolist() == [
+        [308414848, 649932609], [1826484096, 174826241]]
+    fresh = fresh_weights(draw_rows(seed, event, torch.arange(2), _FRESH), 3, torch.tensor(0.5))
+    assert fresh[0, 0].item() == pytest.approx(-0.3418164849281311, abs=0)
+
+    a, b = _layer(seed=5), _layer(seed=5)
+    for _ in range(3):
+        a.resample()
+    b.n_resamples = 2  # b skips two resamplings: its next draws are a's third
+    before = b.weight.detach().clone()
+    a2 = _layer(seed=5)
+    a2.resample()
+    a2.resample()
+    assert a.n_resamples == 3
+    b.weight.data.copy_(a2.weight)  # the same weakest slots and inputs in use as a had then
+    b.indices.copy_(a2.indices)
+    b.resample()
+    assert torch.equal(b.indices, a.indices) and torch.equal(b.weight, a.weight)
+    assert not torch.equal(before, b.weight)
+
+
+def test_input_scores_are_distinct_per_row_uniform_and_the_same_in_any_batch() -> None:
+    """Scores hold their input in the low bits (no ties: any sort picks the same k), the k
+    best of a row are uniform over its inputs, and a row's scores do not depend on the rows
+    computed beside it; fresh weights lie in [-bound, bound)."""
+    from core._layers import _FRESH, _SCORES, draw_rows, fresh_weights, input_scores, key_bits
+
+    seed, event = torch.tensor([3, 3, 9]).view(3, 1), torch.tensor([0, 1, 0]).view(3, 1)
+    rows = torch.arange(400).expand(3, -1)
+    scores = input_scores(draw_rows(seed, event, rows, _SCORES), 100)
+    assert scores.shape == (3, 400, 100) and scores.dtype == torch.int32 and (scores >= 0).all()
+    assert torch.equal(scores & ((1 << key_bits(100)) - 1), torch.arange(100).expand_as(scores))
+    lone = input_scores(draw_rows(torch.tensor(3), torch.tensor(1), torch.arange(400), _SCORES), 100)
+    assert torch.equal(scores[1], lone)
+    assert not torch.equal(scores[0], scores[1]) and not torch.equal(scores[0], scores[2])
+    counts = torch.bincount(scores.topk(10, dim=2).indices.flatten(), minlength=100).float()
+    assert counts.std() / counts.mean() < 0.1  # binomial: ~0.05
+    bound = torch.tensor([0.5, 0.25, 0.125]).view(3, 1, 1)
+    fresh = fresh_weights(draw_rows(seed, event, rows, _FRESH), 7, bound)
+    assert fresh.shape == (3, 400, 7)
+    assert (fresh.abs() <= bound).all() and (fresh.amax((1, 2)) > 0.9 * bound.view(3)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resampling_on_cuda_draws_what_it_draws_on_the_cpu() -> None:
+    """The scores (Triton's kernel or PyTorch's ops) and the fresh weights are the same numbers on
+    the GPU as on the CPU, so a layer resamples alike on both."""
+    from core import _kernels
+    from core._layers import _SCORES, draw_rows, input_scores
+
+    keys = draw_rows(torch.tensor(11), torch.tensor(4), torch.arange(5000), _SCORES)
+    for n in (5, 64, 784, 3072):
+        want = input_scores(keys, n)
+        assert torch.equal(input_scores(keys.cuda(), n).cpu(), want), n
+        if _kernels.available(torch.device("cuda")):
+            assert torch.equal(_kernels.input_scores(keys.cuda(), n).cpu(), want), n
+    cpu, gpu = _layer(seed=3, in_dim=784), _layer(seed=3, in_dim=784).cuda()
+    for _ in range(3):
+        cpu.resample()
+        gpu.resample()
+    assert torch.equal(gpu.indices.cpu(), cpu.indices) and torch.equal(gpu.weight.detach().cpu(), cpu.weight)

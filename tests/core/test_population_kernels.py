@@ -196,6 +196,25 @@ def test_fused_head_kernel_matches_autograd_in_the_triton_interpreter(
                .replace("== DOT", f"== {dot}"))
 
 
+_SCORES_INTERPRETED = """
+import torch
+from core import _kernels
+from core._layers import _SCORES, draw_rows, input_scores
+keys = draw_rows(torch.tensor([5, 2**40 + 3]).view(2, 1), torch.tensor([0, 7]).view(2, 1),
+                 torch.arange(30).expand(2, -1), _SCORES)
+for n in (1, 5, 64, 784, 1500):  # 1500: two blocks, the second masked
+    got = _kernels.input_scores(keys, n)
+    assert got.shape == (2, 30, n) and got.dtype == torch.int32
+    assert torch.equal(got, input_scores(keys, n)), n  # the CPU: PyTorch's ops
+print("same")
+"""
+
+
+def test_the_scores_kernel_gives_the_pytorch_scores_in_the_triton_interpreter() -> None:
+    """Resampling scores from Triton's kernel are the integers the PyTorch ops compute."""
+    _interpret(_SCORES_INTERPRETED)
+
+
 _ADAM_INTERPRETED = """
 import torch
 from core import _kernels
