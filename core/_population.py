@@ -1157,7 +1157,7 @@ class _Stack:
             # a padded slot's index stands in for the row's first input, which is in use anyway
             used = torch.where(pad, ind[..., :1], ind)
             own = torch.arange(M_, device=dev) < grp.m.view(-1, 1, 1)  # (g, 1, M_): its own swaps
-            new, fresh = grp.draw(used, self.dims.in_dim)
+            new, fresh = grp.draw(used, self.dims.d, self.dims.in_dim)
             ind.scatter_(2, weakest, torch.where(own, new, ind.gather(2, weakest)))
             cols[3][r] = ind
             w.scatter_(2, weakest, torch.where(own, fresh, w.gather(2, weakest)))
@@ -1285,9 +1285,7 @@ class _Group:
 
     Member ``j`` (stack row ``rows[j]``) swaps ``m[j]`` of its ``k[j]`` connections per
     dendrite. Its draws are made on the device (:meth:`draw`) from its layer's seed and
-    resampling number, for its own rows only: ``where`` holds each real row's place on the
-    group's padded (member, grid row) layout, ``member`` its member and ``own`` its number in
-    the member's own layer.
+    resampling number, for its own ``n[j] * d[j]`` rows only (``n_real`` in all).
     """
 
     rows: torch.Tensor  # (g,) stack rows
@@ -1298,34 +1296,42 @@ class _Group:
     seeds: torch.Tensor  # (g,) int64: each member's layer seed
     events: torch.Tensor  # (g,) int64: its resampling number
     bound: torch.Tensor  # (g,) float32: its fresh weights' bound, 1 / sqrt(k)
-    where: torch.Tensor  # (N,) int64: each real row's place among the g * grid rows
-    member: torch.Tensor  # (N,) int64
-    own: torch.Tensor  # (N,) int64
-    allowed: torch.Tensor | None  # (N, in_dim) bool: connectivity="local" patches; None: all inputs
+    n: torch.Tensor  # (g,) its neurons
+    d: torch.Tensor  # (g,) its dendrites per neuron
+    n_real: int  # sum(n * d)
+    allowed: torch.Tensor | None  # (n_real, in_dim) bool: connectivity="local" patches; None: all inputs
     reset: torch.Tensor | None  # (g, 1, 1) bool: zero the swapped connections' Adam moments; None: all do
 
-    def draw(self, used: torch.Tensor, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, used: torch.Tensor, grid_d: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member's new inputs and fresh weights as its lone layer draws them
-        (``core._layers.swap_weakest``), on the padded layout ``(g, grid, mmax)``: of each real
-        row, the ``mmax`` best-scored inputs it does not use (``used``, ``(g, grid, k)``), best
-        first; padded rows get input 0 and zero weights (as they had)."""
+        (``core._layers.swap_weakest``), on the padded layout ``(g, grid, mmax)`` of a grid of
+        ``grid_d`` dendrites per neuron: of each real row, the ``mmax`` best-scored inputs it
+        does not use (``used``, ``(g, grid, k)``), best first; padded rows get input 0 and zero
+        weights (as they had). Computed on the device from a few numbers per member: nothing
+        per row is staged on the host."""
         g, grid, _ = used.shape
         dev = used.device
-        seed, event = self.seeds[self.member], self.events[self.member]
+        # each real row's member, its number in the member's own layer (neuron i, dendrite j:
+        # i * d + j) and its place among the g * grid rows (i * the grid's dendrites + j)
+        sizes = self.n * self.d
+        member = torch.repeat_interleave(torch.arange(g, device=dev), sizes, output_size=self.n_real)
+        own = torch.arange(self.n_real, device=dev) - (torch.cumsum(sizes, 0) - sizes)[member]
+        d = self.d[member]
+        where = member * grid + (own // d) * grid_d + own % d
+        seed, event = self.seeds[member], self.events[member]
         used = used.reshape(g * grid, -1)
         new = torch.zeros(g * grid, self.mmax, dtype=torch.long, device=dev)
-        n = self.where.shape[0]
         chunk = max(1, _DRAW_ELEMENTS // in_dim)  # the scores of every input, a few rows at a time
-        for a in range(0, n, chunk):
+        for a in range(0, self.n_real, chunk):
             part = slice(a, a + chunk)
-            scores = input_scores(draw_rows(seed[part], event[part], self.own[part], _SCORES), in_dim)
+            scores = input_scores(draw_rows(seed[part], event[part], own[part], _SCORES), in_dim)
             if self.allowed is not None:
                 scores.masked_fill_(~self.allowed[part], -2)
-            scores.scatter_(1, used[self.where[part]], -1)
-            new.index_copy_(0, self.where[part], scores.topk(self.mmax, dim=1).indices)
+            scores.scatter_(1, used[where[part]], -1)
+            new.index_copy_(0, where[part], scores.topk(self.mmax, dim=1).indices)
         fresh = torch.zeros(g * grid, self.mmax, device=dev)
-        fresh.index_copy_(0, self.where, fresh_weights(
-            draw_rows(seed, event, self.own, _FRESH), self.mmax, self.bound[self.member].unsqueeze(1)))
+        fresh.index_copy_(0, where, fresh_weights(
+            draw_rows(seed, event, own, _FRESH), self.mmax, self.bound[member].unsqueeze(1)))
         return new.view(g, grid, -1), fresh.view(g, grid, -1)
 
 
@@ -1791,13 +1797,12 @@ class _Population:
 
         events: dict[int, list[_Group]] = {}
         for t, groups in staged_events.items():
-            for rows, ks, ms, reset, seeds, evs, where, member, own, allowed in groups:
+            for rows, ks, ms, reset, seeds, evs, ns, ds, allowed in groups:
                 events.setdefault(t, []).append(_Group(
                     rows=put(rows), k=put(ks), m=put(ms), kmax=max(ks), mmax=max(ms),
                     seeds=put(seeds), events=put(evs),
                     bound=put([1.0 / math.sqrt(k) for k in ks], torch.float32),
-                    where=where.to(dev, non_blocking=cuda), member=member.to(dev, non_blocking=cuda),
-                    own=own.to(dev, non_blocking=cuda),
+                    n=put(ns), d=put(ds), n_real=sum(a * b for a, b in zip(ns, ds, strict=True)),
                     allowed=None if allowed is None else allowed.to(dev, non_blocking=cuda),
                     reset=None if reset is None else put(reset, torch.bool).view(-1, 1, 1)))
         for mem in stack.members:  # after the stacking above, which shares the workers
@@ -1864,25 +1869,18 @@ class _Population:
         for t, rows in ((t, rows) for t, groups in sorted(by_step.items()) for _, rows in sorted(groups.items())):
             mems = [stack.members[i] for i in rows]
             archs = [mem.arch for mem in mems]
-            sizes = torch.tensor([a.n * a.d for a in archs])
-            member = torch.repeat_interleave(torch.arange(len(rows)), sizes)
-            own = torch.arange(len(member)) - (torch.cumsum(sizes, 0) - sizes)[member]
-            # a member's row (neuron i, dendrite j) sits at grid row i * dims.d + j of its slot
-            where = (member * dims.rows + (own // torch.tensor([a.d for a in archs])[member]) * dims.d
-                     + own % torch.tensor([a.d for a in archs])[member])
             allowed = None
             if any(mem.patch is not None for mem in mems):
                 allowed = torch.cat([
                     mem.patch if mem.patch is not None else torch.ones(a.n * a.d, dims.in_dim, dtype=torch.bool)
                     for mem, a in zip(mems, archs, strict=True)])
-            if cuda:
-                where, member, own = (x.pin_memory() for x in (where, member, own))
-                allowed = allowed.pin_memory() if allowed is not None else None
+            if cuda and allowed is not None:
+                allowed = allowed.pin_memory()
             reset = None if all(a.reset for a in archs) else [a.reset for a in archs]
             events.setdefault(t, []).append((
                 rows, [a.k for a in archs], [a.m for a in archs], reset,
                 [mem.layer_seed for mem in mems], [plans[i].events[t] for i in rows],
-                where, member, own, allowed))
+                [a.n for a in archs], [a.d for a in archs], allowed))
         return perms, shifts, lrs, events
 
     def _stack_rows(self, rows: list[torch.Tensor], out: torch.Tensor) -> None:
