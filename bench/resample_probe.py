@@ -25,7 +25,7 @@ from core._layers import (  # noqa: E402
     _FRESH,
     _SCORES,
     _column_hash,
-    _mix,
+    _mix_,
     draw_rows,
     fresh_weights,
     input_scores,
@@ -69,7 +69,7 @@ def main() -> None:
 
     def torch_scores() -> torch.Tensor:
         cb = key_bits(a.inputs)
-        h = _mix(keys.unsqueeze(-1) ^ _column_hash(a.inputs, dev))
+        h = _mix_(keys.unsqueeze(-1) ^ _column_hash(a.inputs, dev))
         return (((h >> (cb + 1)) << cb) | torch.arange(a.inputs, device=dev)).to(torch.int32)
 
     rows = {

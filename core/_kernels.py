@@ -211,7 +211,7 @@ def _triton() -> Any:
 
     @triton.jit
     def _mix32(x):
-        """core._layers._mix on uint32 (whose products wrap as the int64 ones are masked)."""
+        """core._layers._mix_ on uint32 (whose products wrap as the int64 ones are masked)."""
         x = ((x >> 16) ^ x) * 0x45D9F3B
         x = ((x >> 16) ^ x) * 0x45D9F3B
         return (x >> 16) ^ x
