@@ -1,5 +1,5 @@
 """Triton kernels for population training: the soma-and-readout head, forward and backward,
-fused; and Adam over the population's flat parameter rows in one pass.
+fused; Adam over the population's flat parameter rows in one pass; resampling scores.
 
 A population of ``dendritic_simple`` members spends most of a step after the dendrite product
 in small element-wise and reduction kernels (LeakyReLU, the soma's weighted sum, its
@@ -16,6 +16,10 @@ parameters and moments and one write of each, where the element-wise PyTorch ops
 ten passes over those buffers. :func:`adam_connections` is the same update for the dendrite
 weights alone, reading each real connection's gradient from the dense gradient matrix and
 skipping the padded slots (a population of mixed sizes is mostly padding).
+
+:func:`input_scores` computes a resampling's scores of every input of every dendrite from
+the counter-based generator's row keys (``core._layers.input_scores``, the same integers) in
+one pass.
 
 Triton specializes a kernel on each integer argument's divisibility by 16 and each pointer's
 16-byte alignment; sizes and offsets are left unspecialized and pointers are whole tensors, so
