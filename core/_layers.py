@@ -113,6 +113,13 @@ class DendriticLayer(nn.Module):
     buffer. ``resample_reset_adam`` says whether a swapped connection's optimizer state is
     reset (the default) or kept.
 
+    The connections, patches and initial weights are drawn from a generator seeded with
+    ``seed``; a resampling's draws are a counter of ``seed`` and ``n_resamples``, the number
+    of resamplings the layer made before (see :func:`swap_weakest`): the same on every
+    device, and the same for a population trainer that resamples many layers at once. A
+    layer restored from a ``state_dict`` to go on training should get ``n_resamples`` back
+    too (it is not part of the state), or its next draws repeat the first ones.
+
     ``impl`` chooses how the connections are computed: ``"gather"`` gathers the inputs of
     each dendrite and reduces them; ``"scatter"`` scatters the compact weights into a dense
     matrix for one matmul (the gradient still reaches only the stored weights). ``"auto"``
@@ -391,22 +398,32 @@ def key_bits(n_inputs: int) -> int:
     return max(1, (n_inputs - 1).bit_length())
 
 
+#: The fewest hash bits an int32 score keeps (31 less the input's bits: up to 2,048 inputs). Wider
+#: inputs get int64 scores with the whole 32-bit hash: with few hash bits, inputs of equal hash
+#: would be ranked by their number, and the draw would lean to the higher inputs.
+_MIN_HASH_BITS = 20
+
+
 def input_scores(row_keys: torch.Tensor, n_inputs: int) -> torch.Tensor:
-    """``(..., rows, n_inputs)`` int32 scores from :func:`draw_rows`'s ``_SCORES`` keys.
+    """``(..., rows, n_inputs)`` scores from :func:`draw_rows`'s ``_SCORES`` keys.
 
     A score's high bits are a hash of its row key and input, its low bits the input itself:
     non-negative and distinct within a row, so the k best are the same set in the same order
-    whatever sorts them (no ties to break, on any device). On CUDA with Triton it is one
-    kernel (``core._kernels.input_scores``, the same values).
+    whatever sorts them (no ties to break, on any device). int32 up to 2,048 inputs, where
+    the hash keeps at least ``_MIN_HASH_BITS`` bits; int64 above. On CUDA with Triton the
+    int32 scores are one kernel (``core._kernels.input_scores``, the same values).
     """
     from . import _kernels  # noqa: PLC0415 - imports torch only; Triton when used
 
+    cb = key_bits(n_inputs)
+    if 31 - cb < _MIN_HASH_BITS:
+        h = _mix_(row_keys.unsqueeze(-1) ^ _column_hash(n_inputs, row_keys.device))
+        return h.bitwise_left_shift_(cb).bitwise_or_(torch.arange(n_inputs, device=row_keys.device))
     if _kernels.available(row_keys.device) and row_keys.numel():
         try:
             return _kernels.input_scores(row_keys, n_inputs)
         except Exception:  # noqa: BLE001 - a Triton that cannot build it: the same values below
             _kernels.disable()
-    cb = key_bits(n_inputs)
     h = _mix_(row_keys.unsqueeze(-1) ^ _column_hash(n_inputs, row_keys.device))
     cols = torch.arange(n_inputs, dtype=torch.long, device=row_keys.device)
     return h.bitwise_right_shift_(cb + 1).bitwise_left_shift_(cb).bitwise_or_(cols).to(torch.int32)

@@ -94,6 +94,7 @@ from ._layers import (
     draw_rows,
     fresh_weights,
     input_scores,
+    key_bits,
     weakest_slots,
 )
 from ._registry import count_parameters, get_family, list_models
@@ -1081,13 +1082,17 @@ class _Stack:
         compiled them one after another, a head per band and both Adams, ~1.3 s each from a
         cold cache. The step is traced on the first example of the batch ``xb`` (K, B, in),
         ``yb`` (K, B), launching nothing of Triton's and changing nothing: the dense matrix is
-        written from the weights as the step writes it, Adam's step count stays. A kernel that
-        cannot be built raises here, and again in the step, which falls back as before."""
+        written from the weights as the step writes it, Adam's step count stays. The first
+        resampling's scores kernel (``core._kernels.input_scores``) is compiled with them. A
+        kernel that cannot be built raises here, and again where it is launched, which falls
+        back as before."""
         if not (self.fused and self.fast_adam):
             return
         with _kernels.compiling_ahead() as on:
             if on:
                 self._train_step_fused(xb[:, :1], yb[:, :1])
+                if any(mem.arch.m for mem in self.members) and key_bits(self.dims.in_dim) <= 11:
+                    _kernels.input_scores(torch.zeros(1, dtype=torch.long, device=xb.device), self.dims.in_dim)
 
     @torch.no_grad()
     def _adam(self, g: torch.Tensor, gd: torch.Tensor | None = None) -> None:

@@ -337,6 +337,12 @@ def test_input_scores_are_distinct_per_row_uniform_and_the_same_in_any_batch() -
     assert not torch.equal(scores[0], scores[1]) and not torch.equal(scores[0], scores[2])
     counts = torch.bincount(scores.topk(10, dim=2).indices.flatten(), minlength=100).float()
     assert counts.std() / counts.mean() < 0.1  # binomial: ~0.05
+    # past 2,048 inputs an int32 score would keep too few hash bits: int64, the whole hash
+    wide = input_scores(draw_rows(torch.tensor(3), torch.tensor(0), torch.arange(400), _SCORES), 5000)
+    assert wide.dtype == torch.int64 and (wide >= 0).all()
+    assert torch.equal(wide & ((1 << key_bits(5000)) - 1), torch.arange(5000).expand_as(wide))
+    chosen = wide.topk(10, dim=1).indices.float()
+    assert abs(chosen.mean().item() / 5000 - 0.5) < 0.02  # no lean towards the higher inputs
     bound = torch.tensor([0.5, 0.25, 0.125]).view(3, 1, 1)
     fresh = fresh_weights(draw_rows(seed, event, rows, _FRESH), 7, bound)
     assert fresh.shape == (3, 400, 7)
@@ -351,10 +357,10 @@ def test_resampling_on_cuda_draws_what_it_draws_on_the_cpu() -> None:
     from core._layers import _SCORES, draw_rows, input_scores
 
     keys = draw_rows(torch.tensor(11), torch.tensor(4), torch.arange(5000), _SCORES)
-    for n in (5, 64, 784, 3072):
+    for n in (5, 64, 784, 2048, 3072):  # 3072: int64 scores, PyTorch's ops on both
         want = input_scores(keys, n)
         assert torch.equal(input_scores(keys.cuda(), n).cpu(), want), n
-        if _kernels.available(torch.device("cuda")):
+        if _kernels.available(torch.device("cuda")) and n <= 2048:
             assert torch.equal(_kernels.input_scores(keys.cuda(), n).cpu(), want), n
     cpu, gpu = _layer(seed=3, in_dim=784), _layer(seed=3, in_dim=784).cuda()
     for _ in range(3):

@@ -88,6 +88,20 @@ def test_dendritic_simple_members_of_different_sizes_match_train_model(data: cor
     ], data)
 
 
+def test_members_over_more_than_2048_inputs_resample_as_train_model() -> None:
+    """Past 2,048 inputs the resampling scores are int64 (core._layers.input_scores): members of
+    different sizes still pick what train_model's layer picks."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 2500, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    wide = core.Dataset("wide", x[:200], y[:200], x[200:250], y[200:250], x[250:], y[250:], n_classes=2)
+    _check_family("dendritic_simple", [
+        dict(n_neurons=3, n_dendrites=2, n_dendrite_inputs=12, steps_to_resample=1, seed=1),
+        dict(n_neurons=2, n_dendrites=3, n_dendrite_inputs=20, steps_to_resample=2,
+             percentage_resample=0.5, seed=2),
+    ], wide)
+
+
 def test_soma_disabled_members_match_train_model(data: core.Dataset) -> None:
     _check_family("soma_disabled", [
         dict(n_neurons=2, n_dendrites=5, n_dendrite_inputs=16, hidden_dim=8, steps_to_resample=6,

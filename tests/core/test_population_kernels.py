@@ -650,7 +650,8 @@ buf = stack.buf.clone()
 x = data.x_train[:16].float().expand(3, 16, -1).contiguous()
 y = data.y_train[:16].expand(3, 16).contiguous()
 stack.compile_ahead(x, y)
-assert launched == [True, True, True, True], launched  # two heads, both Adams: compiled, not run
+# two heads, both Adams and the resampling's scores: compiled, not run
+assert launched == [True, True, True, True, True], launched
 for t, s in zip((stack.p, stack.m, stack.v, stack.idx, stack.steps), before[:5], strict=True):
     assert torch.equal(t, s)
 assert torch.equal(stack.buf, buf)
@@ -706,7 +707,8 @@ def test_a_cold_cache_compiles_the_fused_step_before_its_capture_and_trains_the_
                               cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         out[mode] = eval(done.stdout.split("seen", 1)[1])  # [compiled at the capture's start, at its end]
-    assert out["on"][0] >= 3 and out["on"][0] == out["on"][1]  # two heads and Adam, all before it
+    # two heads, Adam and the resampling's scores, all before it
+    assert out["on"][0] >= 4 and out["on"][0] == out["on"][1]
     assert out["off"][0] == 0 and out["off"][1] >= 3
     on, off = torch.load(tmp_path / "on.pt"), torch.load(tmp_path / "off.pt")
     for a, b in zip(on, off, strict=True):
