@@ -438,8 +438,14 @@ def fresh_weights(row_keys: torch.Tensor, m: int, bound: torch.Tensor) -> torch.
     return u * (bound + bound) - bound
 
 
+def seed_int64(seed: int) -> int:
+    """A seed as int64 holds it (``torch.Generator`` takes seeds up to 2**64 - 1): its 64 bits."""
+    seed %= 1 << 64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
 def _draw_key(seed: int, event: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(seed, dtype=torch.long, device=device),
+    return (torch.tensor(seed_int64(seed), dtype=torch.long, device=device),
             torch.tensor(event, dtype=torch.long, device=device))
 
 

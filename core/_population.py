@@ -25,8 +25,9 @@ How the members stay exactly themselves:
   so the population computes them on the device, batched, for the members due at a step, and
   gets the numbers each lone layer gets: the scores of every input of every real dendrite
   (one Triton kernel on CUDA), the ``m`` best of those a row does not use, then the swap
-  (weakest magnitudes, new inputs, fresh weights, Adam slots reset). Each member's data order is drawn ahead of time on the
-  CPU from its own ``torch.Generator``, in background threads, as train_model draws it.
+  (weakest magnitudes, new inputs, fresh weights, Adam slots reset). Each member's data
+  order is drawn ahead of time on the CPU from its own ``torch.Generator``, in background
+  threads, as train_model draws it.
 * **Recipe.** A member's ``batch_size``, ``lr_schedule`` (with ``warmup_epochs``),
   ``label_smoothing`` and ``augment`` are train_model's: the schedule's rates are computed
   per member and step in double precision and written into the learning-rate vector before
@@ -95,6 +96,7 @@ from ._layers import (
     fresh_weights,
     input_scores,
     key_bits,
+    seed_int64,
     weakest_slots,
 )
 from ._registry import count_parameters, get_family, list_models
@@ -396,7 +398,7 @@ class _State:
 
 @dataclass
 class _Plan:
-    """A member's random draws for one epoch: the data order and the resampling draws."""
+    """A member's random draws for one epoch (its data order, shifts) and when it resamples."""
 
     perm: torch.Tensor  # int32, (n_train,)
     events: dict[int, int]  # step -> the layer's resampling number then (its draws' counter)
@@ -446,7 +448,7 @@ def _make_plan(
         factors = torch.tensor(
             [lr_multiplier(recipe.lr_schedule, steps0 + t, recipe.total_steps, recipe.warmup_steps)
              for t in range(n_steps)], dtype=torch.float64)
-    events = {}
+    events: dict[int, int] = {}
     if arch.m > 0:  # the layer resamples after every ``every``-th step, counting from 0
         events = {t: (steps0 + t) // arch.every - 1 for t in range(1, n_steps + 1)
                   if (steps0 + t) % arch.every == 0}
@@ -1340,7 +1342,7 @@ class _Group:
         return new.view(g, grid, -1), fresh.view(g, grid, -1)
 
 
-#: The most scores a resampling draws at once (int32: 256 MB).
+#: The most scores a resampling draws at once (256 MB of int32 scores, 512 MB past 2,048 inputs).
 _DRAW_ELEMENTS = 1 << 26
 
 
@@ -1547,7 +1549,7 @@ class _Population:
         mem = _Member(
             index=index, arch=arch, seed=mseed, lr=lr, weight_decay=wd,
             data_gen=torch.Generator().manual_seed(mseed),
-            layer_seed=layer._seed if layer is not None else None,
+            layer_seed=seed_int64(layer._seed) if layer is not None else None,
             result=result, recipe=recipe, n_steps=math.ceil(self.n_train / recipe.batch_size),
             patch=patch, state=state, net=net, own=own, bio=bio, drawn=drawn,
         )

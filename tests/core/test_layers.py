@@ -319,6 +319,8 @@ def test_resampling_draws_come_from_the_seed_and_the_resampling_number_alone() -
     b.resample()
     assert torch.equal(b.indices, a.indices) and torch.equal(b.weight, a.weight)
     assert not torch.equal(before, b.weight)
+    for seed in (2**64 - 1, -3):  # any seed a torch.Generator takes
+        assert _layer(seed=seed).resample() == 12 * 2
 
 
 def test_input_scores_are_distinct_per_row_uniform_and_the_same_in_any_batch() -> None:
