@@ -2,9 +2,9 @@
 
 K members of ``--rows`` dendrites (12 x 6 = 72 by default) over ``--inputs`` inputs, each row
 using ``--k`` of them and swapping ``--m``: the population's draw (``core._population._Group``'s
-steps) timed part by part with CUDA events, median of ``--repeat`` runs. For comparison: the
-scores by PyTorch's integer ops instead of the Triton kernel, and the top ``k + m`` that the
-CPU-drawn plans used to select.
+steps) timed part by part with CUDA events (``_baseline.cuda_seconds``: the median of
+``--repeat`` runs after three warm-up calls). For comparison: the scores by PyTorch's integer
+ops instead of the Triton kernel, and the top ``k + m`` that the CPU-drawn plans used to select.
 
     python bench/resample_probe.py [--members 1024] [--rows 72] [--inputs 784] [--k 96] [--m 24]
 """
@@ -12,14 +12,15 @@ CPU-drawn plans used to select.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _baseline import cuda_seconds  # noqa: E402
+
 from core import _kernels  # noqa: E402
 from core._layers import (  # noqa: E402
     _FRESH,
@@ -31,20 +32,6 @@ from core._layers import (  # noqa: E402
     input_scores,
     key_bits,
 )
-
-
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    """Median milliseconds of ``fn`` on the device."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -84,7 +71,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}: {a.members} members x {a.rows} rows "
           f"x {a.inputs} inputs, k={a.k}, m={a.m}; median of {a.repeat}, ms")
     for name, fn in rows.items():
-        print(f"{name:52s} {timed(fn, a.repeat):8.3f}")
+        print(f"{name:52s} {cuda_seconds(fn, a.repeat) * 1e3:8.3f}")
 
     def event() -> None:
         s = input_scores(draw_rows(seeds, events, own, _SCORES), a.inputs)
@@ -92,7 +79,7 @@ def main() -> None:
         s.topk(a.m, dim=1)
         fresh_weights(draw_rows(seeds, events, own, _FRESH), a.m, bound)
 
-    print(f"{'one event, all of the above (Triton scores, topk(m))':52s} {timed(event, a.repeat):8.3f}")
+    print(f"{'one event, all of the above (Triton scores, topk(m))':52s} {cuda_seconds(event, a.repeat) * 1e3:8.3f}")
 
 
 if __name__ == "__main__":

@@ -467,10 +467,10 @@ def input_scores(row_keys: torch.Tensor, n_inputs: int) -> torch.Tensor:
     """``core._layers.input_scores`` in one kernel, up to 2,048 inputs: ``(..., rows, n_inputs)``
     int32 scores of each row's key (int64) and input, the same values as the PyTorch ops (integer arithmetic),
     one write of the scores instead of about fifteen passes over int64 temporaries."""
-    from ._layers import key_bits  # noqa: PLC0415 - _layers imports this module lazily
+    from ._layers import int32_scores, key_bits  # noqa: PLC0415 - _layers imports this module lazily
 
     tri = _triton()
-    assert tri is not None and key_bits(n_inputs) <= 11, "int32 scores: up to 2,048 inputs"
+    assert tri is not None and int32_scores(n_inputs), "int32 scores: up to 2,048 inputs"
     keys = row_keys.contiguous()
     out = torch.empty(*keys.shape, n_inputs, dtype=torch.int32, device=keys.device)
     _launch(tri[4], (keys.numel(), -(-n_inputs // _SCORES_BLOCK)), keys, out, n_inputs, key_bits(n_inputs),

@@ -404,6 +404,11 @@ def key_bits(n_inputs: int) -> int:
 _MIN_HASH_BITS = 20
 
 
+def int32_scores(n_inputs: int) -> bool:
+    """Whether :func:`input_scores` over ``n_inputs`` inputs are int32 (up to 2,048 inputs)."""
+    return 31 - key_bits(n_inputs) >= _MIN_HASH_BITS
+
+
 def input_scores(row_keys: torch.Tensor, n_inputs: int) -> torch.Tensor:
     """``(..., rows, n_inputs)`` scores from :func:`draw_rows`'s ``_SCORES`` keys.
 
@@ -415,17 +420,17 @@ def input_scores(row_keys: torch.Tensor, n_inputs: int) -> torch.Tensor:
     """
     from . import _kernels  # noqa: PLC0415 - imports torch only; Triton when used
 
-    cb = key_bits(n_inputs)
-    if 31 - cb < _MIN_HASH_BITS:
-        h = _mix_(row_keys.unsqueeze(-1) ^ _column_hash(n_inputs, row_keys.device))
-        return h.bitwise_left_shift_(cb).bitwise_or_(torch.arange(n_inputs, device=row_keys.device))
-    if _kernels.available(row_keys.device) and row_keys.numel():
+    narrow = int32_scores(n_inputs)
+    if narrow and _kernels.available(row_keys.device) and row_keys.numel():
         try:
             return _kernels.input_scores(row_keys, n_inputs)
         except Exception:  # noqa: BLE001 - a Triton that cannot build it: the same values below
             _kernels.disable()
+    cb = key_bits(n_inputs)
     h = _mix_(row_keys.unsqueeze(-1) ^ _column_hash(n_inputs, row_keys.device))
     cols = torch.arange(n_inputs, dtype=torch.long, device=row_keys.device)
+    if not narrow:  # the whole hash above the input's bits
+        return h.bitwise_left_shift_(cb).bitwise_or_(cols)
     return h.bitwise_right_shift_(cb + 1).bitwise_left_shift_(cb).bitwise_or_(cols).to(torch.int32)
 
 

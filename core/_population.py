@@ -95,7 +95,7 @@ from ._layers import (
     draw_rows,
     fresh_weights,
     input_scores,
-    key_bits,
+    int32_scores,
     seed_int64,
     weakest_slots,
 )
@@ -1093,7 +1093,7 @@ class _Stack:
         with _kernels.compiling_ahead() as on:
             if on:
                 self._train_step_fused(xb[:, :1], yb[:, :1])
-                if any(mem.arch.m for mem in self.members) and key_bits(self.dims.in_dim) <= 11:
+                if any(mem.arch.m for mem in self.members) and int32_scores(self.dims.in_dim):
                     _kernels.input_scores(torch.zeros(1, dtype=torch.long, device=xb.device), self.dims.in_dim)
 
     @torch.no_grad()
