@@ -2,6 +2,7 @@
 
     python bench/epoch_probe.py DATA_DIR [--k 1024] [--epochs 8] [--rounds 2] [--sync-debug]
                                          [--switch-intervals 0.005,0.0005] [--resampling on,off]
+                                         [--resample-graphs on,off]
 
 Trains ``dendritic_simple`` 12 x 6 x 96 members (the bench's) with synaptic resampling as
 configured (every 128 steps) and switched off, alternating, and prints each run's epoch
@@ -13,6 +14,8 @@ launches the next steps). Uses only ``core.train_population``, so the same file 
 older tree (``PYTHONPATH=old python old/bench/epoch_probe.py``) in the same call.
 ``--switch-intervals`` repeats each run under each ``sys.setswitchinterval`` (Python's
 default is 0.005 s: how long a thread that wants the GIL waits before asking its holder).
+``--resample-graphs on,off`` repeats each run with the resamplings captured as CUDA graphs and
+eager (``core._population._RESAMPLE_GRAPHS``; a tree without it runs eager whatever is asked).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--switch-intervals", default="0.005")
     ap.add_argument("--resampling", default="on,off")
+    ap.add_argument("--resample-graphs", default="on")
     args = ap.parse_args()
     data = core.load_dataset("fashion-mnist", data_dir=args.data_dir)
     run(data, 2, 1, True, args.precision)  # kernels compiled, the device warm
@@ -58,15 +62,17 @@ def main() -> None:
     for rnd in range(args.rounds):
         for interval in map(float, args.switch_intervals.split(",")):
             for resample in (m == "on" for m in args.resampling.split(",")):
-                sys.setswitchinterval(interval)
-                t0 = time.perf_counter()
-                ep = run(data, args.k, args.epochs, resample, args.precision)
-                wall = time.perf_counter() - t0
-                sys.setswitchinterval(default)
-                mid = statistics.median(ep[1:-1])
-                print(f"{args.tag}resampling {'on ' if resample else 'off'} switch {interval:g} round {rnd}: "
-                      f"wall {wall:6.2f}s, epochs 2..N-1 median {mid:.3f}s, last {ep[-1]:.3f}s, "
-                      f"{[round(e, 3) for e in ep]}", flush=True)
+                for graphs in args.resample_graphs.split(","):
+                    core._population._RESAMPLE_GRAPHS = graphs == "on"
+                    sys.setswitchinterval(interval)
+                    t0 = time.perf_counter()
+                    ep = run(data, args.k, args.epochs, resample, args.precision)
+                    wall = time.perf_counter() - t0
+                    sys.setswitchinterval(default)
+                    mid = statistics.median(ep[1:-1])
+                    print(f"{args.tag}resampling {'on ' if resample else 'off'} graphs {graphs:3} "
+                          f"switch {interval:g} round {rnd}: wall {wall:6.2f}s, epochs 2..N-1 median "
+                          f"{mid:.3f}s, last {ep[-1]:.3f}s, {[round(e, 3) for e in ep]}", flush=True)
     if args.sync_debug:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -557,7 +557,7 @@ class _Member:
     net: nn.Module | None = None  # the built module, which receives the trained weights
     own: dict[str, torch.Tensor] = field(default_factory=dict)
     bio: MemberBio | None = None  # its bio rules (the readout's), if its config has ``bio``
-    drawn: Future[None] | None = None  # its layer's connections, drawn on a worker thread
+    draws: list[Callable[[], None]] = field(default_factory=list)  # its layer's, not drawn yet
 
 
 # -- the stacked population ---------------------------------------------------------------------
@@ -704,6 +704,11 @@ class _Stack:
             self._real_at = (kmask.reshape(-1) > 0).nonzero().squeeze(1)
             self._index()
         self.fast_adam = bool(self.K and _kernels.available(dev))
+        # resamplings captured as CUDA graphs (_Population._resample), by their groups' keys;
+        # they read and write this stack's tensors, so they live and die with it
+        self.resample_graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, list[_Group]]] = {}
+        self.resample_seen: set[tuple[Any, ...]] = set()
+        self.resample_pool: Any = None  # their shared memory pool (they never run at once)
         self.offsets = {name: self.layout[name][0] for name in ("db", "sw", "sb", "wo", "bo")
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
@@ -767,6 +772,7 @@ class _Stack:
     def _unband(self) -> None:
         """One band of the whole grid (the plain path's layout), indexed anew."""
         self.bands = [(0, self.K, self.dims.n, self.dims.d)]
+        self.resample_graphs.clear()  # they write the index tensors replaced below
         if self.buf is not None:
             self.buf.zero_()  # the connections move: their old places must read zero
             self.flat_t = None
@@ -892,6 +898,11 @@ class _Stack:
         if not dims.n:
             return self.K * dims.volume
         return sum((b - a) * (dims.numel + n * d * dims.in_dim) for a, b, n, d in self.bands)
+
+    @functools.cached_property
+    def useful_volume(self) -> int:
+        """:attr:`volume` of the members' own sizes, without padding (~7 ms at K = 1,024: once)."""
+        return sum(_Dims.of([m.arch]).volume for m in self.members)
 
     def real_mask(self) -> torch.Tensor:
         """True where a flat parameter entry belongs to its member (padding is False)."""
@@ -1209,10 +1220,11 @@ class _Stack:
 
 
 def capture_step(body: Callable[[], None], device: torch.device,
-                 generators: Sequence[torch.Generator] = ()) -> torch.cuda.CUDAGraph:
+                 generators: Sequence[torch.Generator] = (), pool: Any = None) -> torch.cuda.CUDAGraph:
     """Run ``body`` once for real on a side stream (the warm-up a capture needs), then record
     it as a CUDA graph. ``generators`` (custom ones ``body`` draws from) are registered with
-    the graph, so that each replay draws anew. Shared by both population trainers."""
+    the graph, so that each replay draws anew; ``pool`` is a memory pool shared with other
+    graphs that never run at the same time. Shared by both population trainers."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -1221,7 +1233,7 @@ def capture_step(body: Callable[[], None], device: torch.device,
     graph = torch.cuda.CUDAGraph()
     for gen in generators:
         graph.register_generator_state(gen)
-    with torch.cuda.graph(graph, stream=side):
+    with torch.cuda.graph(graph, pool=pool, stream=side):
         body()  # recorded, not run
     return graph
 
@@ -1292,22 +1304,52 @@ class _Group:
 
     Member ``j`` (stack row ``rows[j]``) swaps ``m[j]`` of its ``k[j]`` connections per
     dendrite. Its draws are made on the device (:meth:`draw`) from its layer's seed and
-    resampling number, for its own ``n[j] * d[j]`` rows only (``n_real`` in all).
+    resampling number, for its own ``n[j] * d[j]`` rows only (``n_real`` in all). The per-member
+    numbers are the rows of one device tensor, ``meta``: one copy to stage, and one copy into
+    a captured resampling's own (:meth:`load`).
     """
 
-    rows: torch.Tensor  # (g,) stack rows
-    k: torch.Tensor  # (g,) inputs per dendrite
-    m: torch.Tensor  # (g,) swaps per dendrite
+    meta: torch.Tensor  # (8, g) int64: rows, k, m, seeds, events, n, d, reset (see the properties)
     kmax: int
     mmax: int
-    seeds: torch.Tensor  # (g,) int64: each member's layer seed
-    events: torch.Tensor  # (g,) int64: its resampling number
-    bound: torch.Tensor  # (g,) float32: its fresh weights' bound, 1 / sqrt(k)
-    n: torch.Tensor  # (g,) its neurons
-    d: torch.Tensor  # (g,) its dendrites per neuron
     n_real: int  # sum(n * d)
     allowed: torch.Tensor | None  # (n_real, in_dim) bool: connectivity="local" patches; None: all inputs
-    reset: torch.Tensor | None  # (g, 1, 1) bool: zero the swapped connections' Adam moments; None: all do
+    reset_all: bool = True  # every member zeroes its swapped connections' Adam moments
+
+    rows = property(lambda self: self.meta[0])  # (g,) stack rows
+    k = property(lambda self: self.meta[1])  # (g,) inputs per dendrite
+    m = property(lambda self: self.meta[2])  # (g,) swaps per dendrite
+    seeds = property(lambda self: self.meta[3])  # (g,) each member's layer seed
+    events = property(lambda self: self.meta[4])  # (g,) its resampling number
+    n = property(lambda self: self.meta[5])  # (g,) its neurons
+    d = property(lambda self: self.meta[6])  # (g,) its dendrites per neuron
+
+    @property
+    def reset(self) -> torch.Tensor | None:
+        """(g, 1, 1) bool: zero the swapped connections' Adam moments; None: all do."""
+        return None if self.reset_all else self.meta[7].view(-1, 1, 1).bool()
+
+    @property
+    def bound(self) -> torch.Tensor:
+        """(g,) float32: the fresh weights' bound, 1 / sqrt(k), rounded once from double (as
+        Python's ``1.0 / math.sqrt(k)`` converted to float32: both operations are exact-rounded)."""
+        return (1.0 / self.k.double().sqrt()).float()
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What a captured resampling of this group depends on besides ``meta``'s values."""
+        return (self.meta.shape[1], self.kmax, self.mmax, self.n_real, self.allowed is None, self.reset_all)
+
+    def static(self) -> _Group:
+        """A copy with its own tensors, for a captured resampling to read (see :meth:`load`)."""
+        return _Group(self.meta.clone(), self.kmax, self.mmax, self.n_real,
+                      None if self.allowed is None else self.allowed.clone(), self.reset_all)
+
+    def load(self, other: _Group) -> None:
+        """``other``'s values into this static copy's tensors (the same :attr:`key`)."""
+        self.meta.copy_(other.meta)
+        if self.allowed is not None and other.allowed is not None:
+            self.allowed.copy_(other.allowed)
 
     def draw(self, used: torch.Tensor, grid_d: int, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member's new inputs and fresh weights as its lone layer draws them
@@ -1341,6 +1383,11 @@ class _Group:
             draw_rows(seed, event, own, _FRESH), self.mmax, self.bound[member].unsqueeze(1)))
         return new.view(g, grid, -1), fresh.view(g, grid, -1)
 
+
+#: Whether resamplings are captured as CUDA graphs (``_Population._resample``; off: eager, for A/B runs).
+_RESAMPLE_GRAPHS = True
+#: The most captured resamplings a stack keeps.
+_MAX_RESAMPLE_GRAPHS = 8
 
 #: The most scores a resampling draws at once (256 MB of int32 scores, 512 MB past 2,048 inputs).
 _DRAW_ELEMENTS = 1 << 26
@@ -1520,11 +1567,9 @@ class _Population:
             net = family.build(**resolved)
         arch, layer, linears = _parse(net, self.family)
         bio = None
-        drawn = None
+        pending: list[Callable[[], None]] = []
         if draws and config.get("bio") is None:
-            # the connections are drawn on a worker while this thread builds the next members;
-            # _restack waits for them (they are stacked, and the member's plans draw after them)
-            drawn = self.pool.submit(_draw_all, draws)
+            pending = draws  # drawn on the workers once every newcomer is built (_draw_connections)
         else:
             _draw_all(draws)
         if config.get("bio") is not None:  # converted before its tensors are read: Dale's signs
@@ -1551,7 +1596,7 @@ class _Population:
             data_gen=torch.Generator().manual_seed(mseed),
             layer_seed=seed_int64(layer._seed) if layer is not None else None,
             result=result, recipe=recipe, n_steps=math.ceil(self.n_train / recipe.batch_size),
-            patch=patch, state=state, net=net, own=own, bio=bio, drawn=drawn,
+            patch=patch, state=state, net=net, own=own, bio=bio, draws=pending,
         )
         self.results.append(result)
         return mem
@@ -1721,10 +1766,7 @@ class _Population:
             return
         everyone = (stack.members if stack is not None else []) + incoming
         needed = _Dims.of(m.arch for m in everyone)
-        for m in incoming:
-            if m.drawn is not None:
-                m.drawn.result()
-                m.drawn = None
+        self._draw_connections(incoming)
         states = [m.state for m in incoming]
         assert all(s is not None for s in states)
         # members sorted by _band_key, so that the fused step's bands (_bands) cut the padding
@@ -1748,6 +1790,22 @@ class _Population:
                 m.start = now
             # Drawn once the newcomers are built: drawing alongside the building only slows both.
             self._prefetch(m)
+
+    def _draw_connections(self, members: list[_Member]) -> None:
+        """The members' deferred draws (their layers' connections and weights, see
+        ``core._layers.deferred_connections``), on the workers, a share each.
+
+        Made once every newcomer is built: drawn alongside the building, each of this thread's
+        many small operations handed the GIL to a worker and waited to get it back, and
+        building 1,024 members took 1.0-1.7 s on a 16-core host instead of ~0.6 s
+        (bench/NOTES_population.md, v16).
+        """
+        draws = [d for m in members for d in m.draws]
+        for m in members:
+            m.draws = []
+        parts = min(self.workers, len(draws))
+        for fut in [self.pool.submit(_draw_all, draws[j::parts]) for j in range(parts)]:
+            fut.result()
 
     def _shrink(self, stack: _Stack) -> None:
         """After an out-of-memory error: halve the population, requeue who no longer fits."""
@@ -1806,14 +1864,10 @@ class _Population:
         for t, groups in staged_events.items():
             for rows, ks, ms, reset, seeds, evs, ns, ds, allowed in groups:
                 events.setdefault(t, []).append(_Group(
-                    rows=put(rows), k=put(ks), m=put(ms), kmax=max(ks), mmax=max(ms),
-                    seeds=put(seeds), events=put(evs),
-                    bound=put([1.0 / math.sqrt(k) for k in ks], torch.float32),
-                    n=put(ns), d=put(ds), n_real=sum(a * b for a, b in zip(ns, ds, strict=True)),
+                    put([rows, ks, ms, seeds, evs, ns, ds, [int(r) for r in reset or [True] * len(rows)]]),
+                    kmax=max(ks), mmax=max(ms), n_real=sum(a * b for a, b in zip(ns, ds, strict=True)),
                     allowed=None if allowed is None else allowed.to(dev, non_blocking=cuda),
-                    reset=None if reset is None else put(reset, torch.bool).view(-1, 1, 1)))
-        for mem in stack.members:  # after the stacking above, which shares the workers
-            self._prefetch(mem)
+                    reset_all=reset is None))
         moved = [t.to(dev, non_blocking=cuda) if t is not None else None for t in (shifts, lrs)]
         return order, events, moved[0], moved[1]
 
@@ -1945,20 +1999,56 @@ class _Population:
                 loss_sum += loss * b
                 correct += right
             if t in events:
-                stack.resample(events[t])
-            if t == 1:
-                # The next epoch's plans are stacked on the CPU while the device runs this
-                # one's steps: from the first step on, once this stack's step is captured (no
-                # other thread may call CUDA during a capture). Started after the last step,
-                # it had only the evaluation to hide behind and the next epoch waited for it
-                # (~1 s at K = 996 of the seed space, bench/results/bench_e2e_gpu_v5.txt).
-                self._stage_ahead(stack)
+                self._resample(stack, events[t])
+        # The next epoch's plans are drawn and stacked on the CPU while the device runs this
+        # one's steps, once they are all queued (nothing in the loop waits for the device):
+        # drawn from the first step on, the workers' and the stager's turns at the GIL slowed
+        # this thread's launches, and early in an epoch the device ran dry (50-65 ms an epoch
+        # at K = 1,024, bench/NOTES_population.md v15-v16).
+        for mem in stack.members:
+            self._prefetch(mem)
+        self._stage_ahead(stack)
         if graph is not None:
             loss_sum += graph.loss_sum
             correct += graph.correct
         val_loss, val_acc = stack.evaluate(self.x_val, d.y_val)
         test_loss, test_acc = stack.evaluate(self.x_test, d.y_test)
         return torch.stack([loss_sum, correct, val_loss, val_acc, test_loss, test_acc]).cpu()
+
+    def _resample(self, stack: _Stack, groups: list[_Group]) -> None:
+        """:meth:`_Stack.resample` of one step's groups, replayed as a CUDA graph where one
+        was captured for groups of the same shapes (:attr:`_Group.key`).
+
+        An eager resampling launches ~60 operations from this thread; each hands the GIL over
+        to the staging and plan threads and waits to get it back, and early in an epoch,
+        when only a few steps are queued ahead, the device ran dry meanwhile (bench/
+        NOTES_population.md v15: 50-65 ms an early event). A replay is two launches. Groups
+        that cover the whole stack (a cohort resampling together) are captured at once; others
+        at their second sighting, up to ``_MAX_RESAMPLE_GRAPHS`` a stack. The capture's
+        warm-up is the resampling itself.
+        """
+        if not (self.graphs and _RESAMPLE_GRAPHS):
+            stack.resample(groups)
+            return
+        key = tuple(g.key for g in groups)
+        held = stack.resample_graphs.get(key)
+        if held is not None:
+            graph, static = held
+            for mine, grp in zip(static, groups, strict=True):
+                mine.load(grp)
+            graph.replay()
+            return
+        whole = sum(g.meta.shape[1] for g in groups) == stack.K
+        if (not whole and key not in stack.resample_seen) or len(stack.resample_graphs) >= _MAX_RESAMPLE_GRAPHS:
+            stack.resample_seen.add(key)
+            stack.resample(groups)
+            return
+        self._settle_staging()  # no other thread may call CUDA during the capture
+        static = [g.static() for g in groups]
+        if stack.resample_pool is None:
+            stack.resample_pool = torch.cuda.graph_pool_handle()
+        graph = capture_step(lambda: stack.resample(static), self.device, pool=stack.resample_pool)
+        stack.resample_graphs[key] = (graph, static)
 
     @staticmethod
     def _compile_ahead(stack: _Stack, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor) -> None:
@@ -1994,7 +2084,7 @@ class _Population:
         seconds = time.perf_counter() - t0
         per = 4.0 * self.n_train  # fwd + weight gradient, 2 FLOPs each, per volume element
         self.stats["executed_flops"] += per * stack.volume
-        self.stats["useful_flops"] += per * sum(_Dims.of([m.arch]).volume for m in stack.members)
+        self.stats["useful_flops"] += per * stack.useful_volume
         shape = (stack.K, stack.dims.n, stack.dims.d, stack.dims.k)
         if not self.stats["stacks"] or self.stats["stacks"][-1] != shape:
             self.stats["stacks"].append(shape)

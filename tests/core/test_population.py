@@ -313,6 +313,40 @@ def test_members_match_train_model_on_cuda(data: core.Dataset) -> None:
         _assert_same(got, want, data)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # two members resampling together (the whole stack: captured at once) at steps 6, 12, ...
+    # and a third alone every 4 steps (captured at its second sighting): replays must swap
+    # the same connections and weights as the eager resamplings
+    configs = [dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=6, seed=1),
+               dict(n_neurons=5, n_dendrites=2, n_dendrite_inputs=20, steps_to_resample=6, seed=2),
+               dict(n_neurons=3, n_dendrites=4, n_dendrite_inputs=40, steps_to_resample=4,
+                    resample_reset_adam=False, seed=3)]
+    held: list[int] = []
+
+    def run(graphs: bool) -> list[core.TrainResult]:
+        monkeypatch.setattr(_population, "_RESAMPLE_GRAPHS", graphs)
+        pop: _Population
+
+        def on_epoch(index: int, epoch: int, metrics: dict[str, Any]) -> None:
+            if graphs and pop.stack is not None:
+                held.append(len(pop.stack.resample_graphs))
+
+        dev = torch.device("cuda")
+        pop = _Population("dendritic_simple", configs, data.to(dev), EPOCHS, BATCH, dev, 0, 3, on_epoch, None)
+        return pop.run()
+
+    eager, replayed = run(False), run(True)
+    assert max(held) >= 2  # the whole stack's event, and the lone member's
+    for a, b in zip(eager, replayed, strict=True):
+        assert [[h[m] for m in METRICS] for h in a.history] == [[h[m] for m in METRICS] for h in b.history]
+        assert a.state_dict.keys() == b.state_dict.keys()  # type: ignore[attr-defined]
+        for name, value in a.state_dict.items():  # type: ignore[attr-defined]
+            assert torch.equal(value, b.state_dict[name]), name  # type: ignore[attr-defined]
+
+
 def test_after_resampling_the_dense_matrix_and_gradient_positions_are_those_made_from_scratch(
     data: core.Dataset,
 ) -> None:
