@@ -1253,42 +1253,52 @@ def settle(members: Sequence[Any], ended: list[int], on_settle: Callable[[int], 
 
 
 class _StepGraph:
-    """A stack's full-batch training step captured as a CUDA graph and replayed every step.
+    """``steps`` consecutive full-batch training steps of a stack captured as one CUDA graph.
 
-    The step reads the members' batch indices from ``idx`` (copied in before each replay)
-    and adds its losses and correct counts to ``loss_sum`` and ``correct``; everything else
-    it touches (parameters, moments, connections, step counts) is updated in place, by the
-    replays and by the eager resampling between them. Made with the first full step of an
-    epoch, which it runs for real on a side stream as the capture's warm-up.
+    The steps read the members' batch indices from ``idx`` (copied in before each replay, one
+    copy for all of them) and add their losses and correct counts to ``loss_sum`` and
+    ``correct``; everything else they touch (parameters, moments, connections, step counts)
+    is updated in place, by the replays and by the resampling between them. Made with the
+    first full steps it covers, which it runs for real on a side stream as the capture's
+    warm-up. A graph of several steps is one launch from the host where each step was one.
     """
 
     def __init__(
         self, stack: _Stack, x: torch.Tensor, y: torch.Tensor, cols: torch.Tensor,
-        image: tuple[int, ...] | None = None, shifts: torch.Tensor | None = None,
+        image: tuple[int, ...] | None = None, shifts: torch.Tensor | None = None, steps: int = 1,
     ) -> None:
-        self.stack, self.x, self.y = stack, x, y
-        self.K, self.B = cols.shape
+        self.stack, self.x, self.y, self.steps = stack, x, y, steps
+        self.K, self.B = cols.shape[0], cols.shape[1] // steps
         dev = x.device
-        self.idx = cols.reshape(-1).to(torch.long).clone()
+        self.idx = torch.empty(steps, self.K * self.B, dtype=torch.long, device=dev)
         self.image = image
-        self.shifts = shifts.to(torch.long).clone() if shifts is not None else None
+        self.shifts = (torch.empty(steps, self.K, self.B, 2, dtype=torch.long, device=dev)
+                       if shifts is not None else None)
+        self._load(cols, shifts)
         self.loss_sum = torch.zeros(self.K, device=dev)
         self.correct = torch.zeros(self.K, device=dev)
+        self.chunk: _StepGraph | None = None  # a one-step graph's: the stack's chunk of steps
         self.graph = capture_step(self._body, dev)
 
+    def _load(self, cols: torch.Tensor, shifts: torch.Tensor | None) -> None:
+        """``cols`` ``(K, steps * B)`` (and ``shifts`` ``(K, steps * B, 2)``) into the step-major buffers."""
+        S, K, B = self.steps, self.K, self.B
+        self.idx.view(S, K, B).copy_(cols.view(K, S, B).transpose(0, 1))
+        if self.shifts is not None and shifts is not None:
+            self.shifts.copy_(shifts.view(K, S, B, 2).transpose(0, 1))
+
     def _body(self) -> None:
-        xb = self.x.index_select(0, self.idx).view(self.K, self.B, -1)
-        yb = self.y.index_select(0, self.idx).view(self.K, self.B)
-        if self.shifts is not None and self.image is not None:
-            xb = _shift_batch(xb, self.shifts, self.image)
-        loss, right = self.stack.train_step(xb, yb)
-        self.loss_sum.add_(loss, alpha=self.B)
-        self.correct.add_(right)
+        for j in range(self.steps):
+            xb = self.x.index_select(0, self.idx[j]).view(self.K, self.B, -1)
+            yb = self.y.index_select(0, self.idx[j]).view(self.K, self.B)
+            if self.shifts is not None and self.image is not None:
+                xb = _shift_batch(xb, self.shifts[j], self.image)
+            loss, right = self.stack.train_step(xb, yb)
+            self.loss_sum.add_(loss, alpha=self.B)
+            self.correct.add_(right)
 
     def replay(self, cols: torch.Tensor, shifts: torch.Tensor | None = None) -> None:
-        self.idx.view(self.K, self.B).copy_(cols)
-        if self.shifts is not None and shifts is not None:
-            self.shifts.copy_(shifts)
+        self._load(cols, shifts)
         self.graph.replay()
 
 
@@ -1384,6 +1394,9 @@ class _Group:
         return new.view(g, grid, -1), fresh.view(g, grid, -1)
 
 
+#: Full-batch steps that one CUDA graph replay runs where no resampling, schedule or test hook
+#: comes between them (``_Population._train``; 1: a replay a step).
+_CHUNK_STEPS = 16
 #: Whether resamplings are captured as CUDA graphs (``_Population._resample``; off: eager, for A/B runs).
 _RESAMPLE_GRAPHS = True
 #: The most captured resamplings a stack keeps.
@@ -1399,6 +1412,10 @@ _DRAW_ELEMENTS = 1 << 26
 #: seed space's larger sizes), and the main thread, which launches the steps the device waits
 #: for, then waited for a core (bench/v13_probe.py, bench/NOTES_population.md v13).
 _PLAN_NICE = 5
+
+
+#: The most plan workers a CUDA population runs (each on one core, two cores left to the rest).
+_MAX_PLAN_WORKERS = 16
 
 
 def _one_intra_op_thread() -> None:
@@ -1509,7 +1526,7 @@ class _Population:
         cuda = device.type == "cuda"
         # Enough threads to draw the next epoch's random numbers while the device works, each
         # on one intra-op thread (see _serial_pool), leaving two cores to the main thread.
-        workers = max(1, min(16, (os.cpu_count() or 2) - 2)) if cuda else 1
+        workers = max(1, min(_MAX_PLAN_WORKERS, (os.cpu_count() or 2) - 2)) if cuda else 1
         self.pool = _serial_pool(workers, "population") if cuda else ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="population")
         # one thread of its own, so that its waits on the pool's work can never deadlock
@@ -1970,10 +1987,28 @@ class _Population:
         loss_sum = torch.zeros(K, device=self.device)
         correct = torch.zeros(K, device=self.device)
         graph = self.graph if self.graph is not None and self.graph.stack is stack else None
-        if graph is not None:
-            graph.loss_sum.zero_()
-            graph.correct.zero_()
-        for t in range(1, self.n_steps + 1):
+        for g in (graph, graph and graph.chunk):
+            if g is not None:
+                g.loss_sum.zero_()
+                g.correct.zero_()
+        S, full = _CHUNK_STEPS, self.n_train // B  # full: the steps of a whole batch
+        t = 0
+        while t < self.n_steps:
+            t += 1
+            last = t + S - 1
+            if (graph is not None and S > 1 and lrs is None and _step_hook is None and last <= full
+                    and not any(u in events for u in range(t, last))):
+                # S steps in one replay (the first chunk captures it, its warm-up running them)
+                cols = order[:, (t - 1) * B : last * B]
+                sh = shifts[:, (t - 1) * B : last * B].long() if shifts is not None else None
+                if graph.chunk is None:
+                    graph.chunk = _StepGraph(stack, x, y, cols, self.image, sh, steps=S)
+                else:
+                    graph.chunk.replay(cols, sh)
+                t = last
+                if t in events:
+                    self._resample(stack, events[t])
+                continue
             if _step_hook is not None:
                 _step_hook(K)
             cols = order[:, (t - 1) * B : t * B]
@@ -2008,9 +2043,10 @@ class _Population:
         for mem in stack.members:
             self._prefetch(mem)
         self._stage_ahead(stack)
-        if graph is not None:
-            loss_sum += graph.loss_sum
-            correct += graph.correct
+        for g in (graph, graph and graph.chunk):
+            if g is not None:
+                loss_sum += g.loss_sum
+                correct += g.correct
         val_loss, val_acc = stack.evaluate(self.x_val, d.y_val)
         test_loss, test_acc = stack.evaluate(self.x_test, d.y_test)
         return torch.stack([loss_sum, correct, val_loss, val_acc, test_loss, test_acc]).cpu()

@@ -298,7 +298,11 @@ def test_a_bad_config_fails_alone_and_bad_arguments_are_value_errors(data: core.
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_members_match_train_model_on_cuda(data: core.Dataset) -> None:
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_members_match_train_model_on_cuda(
+    data: core.Dataset, chunk: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_population, "_CHUNK_STEPS", chunk)  # 3: steps replayed three at a time
     configs = [
         dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=4, lr=3e-3, seed=1),
         dict(n_neurons=6, n_dendrites=2, n_dendrite_inputs=24, soma_enabled=False,
@@ -319,7 +323,8 @@ def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
 ) -> None:
     # two members resampling together (the whole stack: captured at once) at steps 6, 12, ...
     # and a third alone every 4 steps (captured at its second sighting): replays must swap
-    # the same connections and weights as the eager resamplings
+    # the same connections and weights as the eager resamplings (steps replayed three at a
+    # time between them, one at a time in the eager run)
     configs = [dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=6, seed=1),
                dict(n_neurons=5, n_dendrites=2, n_dendrite_inputs=20, steps_to_resample=6, seed=2),
                dict(n_neurons=3, n_dendrites=4, n_dendrite_inputs=40, steps_to_resample=4,
@@ -328,6 +333,7 @@ def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
 
     def run(graphs: bool) -> list[core.TrainResult]:
         monkeypatch.setattr(_population, "_RESAMPLE_GRAPHS", graphs)
+        monkeypatch.setattr(_population, "_CHUNK_STEPS", 3 if graphs else 1)
         pop: _Population
 
         def on_epoch(index: int, epoch: int, metrics: dict[str, Any]) -> None:
@@ -341,10 +347,14 @@ def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
     eager, replayed = run(False), run(True)
     assert max(held) >= 2  # the whole stack's event, and the lone member's
     for a, b in zip(eager, replayed, strict=True):
-        assert [[h[m] for m in METRICS] for h in a.history] == [[h[m] for m in METRICS] for h in b.history]
+        for h, g in zip(a.history, b.history, strict=True):
+            assert [h[m] for m in METRICS] == pytest.approx([g[m] for m in METRICS], rel=1e-5)
         assert a.state_dict.keys() == b.state_dict.keys()  # type: ignore[attr-defined]
         for name, value in a.state_dict.items():  # type: ignore[attr-defined]
-            assert torch.equal(value, b.state_dict[name]), name  # type: ignore[attr-defined]
+            if value.dtype.is_floating_point:  # the same operations, in one graph or several
+                torch.testing.assert_close(value, b.state_dict[name], rtol=1e-5, atol=1e-6)  # type: ignore[attr-defined]
+            else:  # the connections resampling chose
+                assert torch.equal(value, b.state_dict[name]), name  # type: ignore[attr-defined]
 
 
 def test_after_resampling_the_dense_matrix_and_gradient_positions_are_those_made_from_scratch(
