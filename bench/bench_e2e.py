@@ -138,18 +138,25 @@ def _instrument_epochs(profile_epoch: int) -> None:
     P._Population._epoch, P._Population._train = timed_epoch, timed_train
     P._Population._assemble = _sync_timed("assemble", P._Population._assemble)
     P._Stack.evaluate = _sync_timed("evaluate", P._Stack.evaluate)
-    # the synaptic resampling between two steps (eager), and how many members it resampled
-    resample = _sync_timed("resample", P._Stack.resample)
+    # the synaptic resampling between two steps (eager, replayed or captured: timed around
+    # _Population._resample, never inside a capture), and how many members it resampled
+    owner = P._Population if hasattr(P._Population, "_resample") else P._Stack  # older trees: eager only
+    resample = _sync_timed("resample", owner._resample if owner is P._Population else owner.resample)
 
-    def counted(self: Any, groups: list[Any]) -> Any:
+    def counted(self: Any, *args: Any) -> Any:
+        groups = args[-1]
         if _EPOCHS:
             _EPOCHS[-1]["members"] = _EPOCHS[-1].get("members", 0) + sum(g.rows.shape[0] for g in groups)
             _EPOCHS[-1]["events"] = _EPOCHS[-1].get("events", 0) + 1
-        return resample(self, groups)
+        return resample(self, *args)
 
-    P._Stack.resample = counted
-    # inside the steps: the capture of a stack's step (its warm-up step included) and the
-    # Triton compilations (each new specialization of the fused kernels)
+    if owner is P._Population:
+        P._Population._resample = counted
+    else:
+        P._Stack.resample = counted
+    # inside the steps: the capture of a stack's step graphs (their warm-up steps included: one
+    # step, then a chunk of _CHUNK_STEPS) and the Triton compilations (each new specialization
+    # of the fused kernels)
     P._StepGraph.__init__ = _sync_timed("capture", P._StepGraph.__init__)
     from core import _kernels
 
@@ -188,7 +195,7 @@ def _print_epochs() -> None:
           "(each band's neurons x dendrites), seconds in all, of which "
           "stacking plans / steps / evaluation / bookkeeping (the members' callbacks, weights kept); "
           "within the steps: the resampling (seconds, steps with resampling / members resampled), "
-          "capturing the step (its warm-up step and any Triton compilation included), and how many "
+          "capturing the step graphs (their warm-up steps and any Triton compilation included), and how many "
           "Triton kernels were compiled")
     tot: dict[str, float] = defaultdict(float)
     for i, r in enumerate(_EPOCHS, 1):

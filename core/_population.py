@@ -47,10 +47,12 @@ How the members stay exactly themselves:
   to resume from that state when a slot frees. No member is lost or restarted; their
   callbacks see each epoch once. (Only the training epoch is guarded: running out of memory
   while the population is being rebuilt at an epoch boundary is raised.)
-* **Speed paths (CUDA).** Each stack's full-batch step is captured once as a CUDA graph and
-  replayed; ``dendritic_simple`` stacks compute everything after the dendrite product in one
-  Triton kernel (``core/_kernels.py``, no autograd); the next epoch's data orders and
-  resampling draws are stacked by a thread while the device trains. A stack's members are
+* **Speed paths (CUDA).** Each stack's full-batch step is captured once as a CUDA graph, and
+  so are 16 of them in a row (``_CHUNK_STEPS``) and its recurring resamplings: an epoch is a
+  few dozen replays, queued ahead of the device; ``dendritic_simple`` stacks compute everything
+  after the dendrite product in one Triton kernel (``core/_kernels.py``, no autograd); the next
+  epoch's data orders are drawn and stacked by threads once this epoch's steps are queued,
+  while the device works through them. A stack's members are
   sorted by their dendrite tile and neurons (:func:`_band_key`) and its fused step runs in
   bands (:func:`_bands`), each band's products and head on its own (neurons, dendrites) grid,
   the padding of its smaller members skipped; where real connections fill less than half the
