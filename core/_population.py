@@ -1814,9 +1814,9 @@ class _Population:
         """The members' deferred draws (their layers' connections and weights, see
         ``core._layers.deferred_connections``), on the workers, a share each.
 
-        Made once every newcomer is built: drawn alongside the building, each of this thread's
-        many small operations handed the GIL to a worker and waited to get it back, and
-        building 1,024 members took 1.0-1.7 s on a 16-core host instead of ~0.6 s
+        Made once every newcomer is built: drawn alongside the building, the workers' turns at
+        the GIL slowed this thread's many small operations, and building 1,024 members took
+        3.07 s against 1.36 s drawn afterwards, on the same 16-core host
         (bench/NOTES_population.md, v16).
         """
         draws = [d for m in members for d in m.draws]
@@ -1876,8 +1876,8 @@ class _Population:
         dev, cuda = self.device, self.device.type == "cuda"
         perms, shifts, lrs, staged_events = staged
         order = perms.to(dev, non_blocking=cuda)
-        def put(values: list[Any], dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=cuda)
+        def put(values: list[Any]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(dev, non_blocking=cuda)
 
         events: dict[int, list[_Group]] = {}
         for t, groups in staged_events.items():
@@ -2008,40 +2008,38 @@ class _Population:
                 else:
                     graph.chunk.replay(cols, sh)
                 t = last
-                if t in events:
-                    self._resample(stack, events[t])
-                continue
-            if _step_hook is not None:
-                _step_hook(K)
-            cols = order[:, (t - 1) * B : t * B]
-            b = cols.shape[1]
-            sh = shifts[:, (t - 1) * B : t * B].long() if shifts is not None else None
-            if lrs is not None:  # the schedule: this step's rates, read by the (captured) Adam
-                stack.lr.copy_(lrs[t - 1])
-            if graph is not None and b == B:
-                graph.replay(cols, sh)
-            elif self.graphs and b == B and graph is None and stack.bio is None:
-                # the first full step runs for real while it warms up the capture
-                self.graph = None  # the old stack's graph and its memory go first
-                self._settle_staging()  # no other thread may call CUDA during the capture
-                self._compile_ahead(stack, x, y, cols)
-                graph = self.graph = _StepGraph(stack, x, y, cols, self.image, sh)
             else:
-                idx = cols.reshape(-1)
-                xb = x.index_select(0, idx).view(K, b, -1)
-                yb = y.index_select(0, idx).view(K, b)
-                if sh is not None and self.image is not None:
-                    xb = _shift_batch(xb, sh, self.image)
-                loss, right = stack.train_step(xb, yb, [m.steps + t for m in stack.members])
-                loss_sum += loss * b
-                correct += right
-            if t in events:
+                if _step_hook is not None:
+                    _step_hook(K)
+                cols = order[:, (t - 1) * B : t * B]
+                b = cols.shape[1]
+                sh = shifts[:, (t - 1) * B : t * B].long() if shifts is not None else None
+                if lrs is not None:  # the schedule: this step's rates, read by the (captured) Adam
+                    stack.lr.copy_(lrs[t - 1])
+                if graph is not None and b == B:
+                    graph.replay(cols, sh)
+                elif self.graphs and b == B and graph is None and stack.bio is None:
+                    # the first full step runs for real while it warms up the capture
+                    self.graph = None  # the old stack's graph and its memory go first
+                    self._settle_staging()  # no other thread may call CUDA during the capture
+                    self._compile_ahead(stack, x, y, cols)
+                    graph = self.graph = _StepGraph(stack, x, y, cols, self.image, sh)
+                else:
+                    idx = cols.reshape(-1)
+                    xb = x.index_select(0, idx).view(K, b, -1)
+                    yb = y.index_select(0, idx).view(K, b)
+                    if sh is not None and self.image is not None:
+                        xb = _shift_batch(xb, sh, self.image)
+                    loss, right = stack.train_step(xb, yb, [m.steps + t for m in stack.members])
+                    loss_sum += loss * b
+                    correct += right
+            if t in events:  # after step t (the last of a chunk)
                 self._resample(stack, events[t])
         # The next epoch's plans are drawn and stacked on the CPU while the device runs this
-        # one's steps, once they are all queued (nothing in the loop waits for the device):
-        # drawn from the first step on, the workers' and the stager's turns at the GIL slowed
-        # this thread's launches, and early in an epoch the device ran dry (50-65 ms an epoch
-        # at K = 1,024, bench/NOTES_population.md v15-v16).
+        # one's steps, once they are all queued (nothing in the loop waits for the device).
+        # Drawn from the first step on, alongside this thread's launches, they slowed the
+        # middle epochs at K = 1,024 bf16 to 0.31-0.55 s against the last epoch's 0.29 s (which
+        # stages nothing); now they take 0.29 s (bench/NOTES_population.md v15-v16).
         for mem in stack.members:
             self._prefetch(mem)
         self._stage_ahead(stack)
@@ -2057,10 +2055,10 @@ class _Population:
         """:meth:`_Stack.resample` of one step's groups, replayed as a CUDA graph where one
         was captured for groups of the same shapes (:attr:`_Group.key`).
 
-        An eager resampling launches ~60 operations from this thread; each hands the GIL over
-        to the staging and plan threads and waits to get it back, and early in an epoch,
-        when only a few steps are queued ahead, the device ran dry meanwhile (bench/
-        NOTES_population.md v15: 50-65 ms an early event). A replay is two launches. Groups
+        An eager resampling launches ~60 operations from this thread, a replay two: with the
+        next epoch still staged from the first step, the middle epochs' median at K = 1,024
+        bf16 was 0.34-0.35 s eager and 0.31-0.33 s replayed, the last epoch's 0.29 s
+        (bench/NOTES_population.md v16, call 1). Groups
         that cover the whole stack (a cohort resampling together) are captured at once; others
         at their second sighting, up to ``_MAX_RESAMPLE_GRAPHS`` a stack. The capture's
         warm-up is the resampling itself.
