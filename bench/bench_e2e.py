@@ -137,7 +137,12 @@ def _instrument_epochs(profile_epoch: int) -> None:
 
     P._Population._epoch, P._Population._train = timed_epoch, timed_train
     P._Population._assemble = _sync_timed("assemble", P._Population._assemble)
-    P._Stack.evaluate = _sync_timed("evaluate", P._Stack.evaluate)
+    # the evaluation, eager or replayed (timed around _Population._evaluate, never inside its
+    # capture; older trees: _Stack.evaluate)
+    if hasattr(P._Population, "_evaluate"):
+        P._Population._evaluate = _sync_timed("evaluate", P._Population._evaluate)
+    else:
+        P._Stack.evaluate = _sync_timed("evaluate", P._Stack.evaluate)
     # the synaptic resampling between two steps (eager, replayed or captured: timed around
     # _Population._resample, never inside a capture), and how many members it resampled
     owner = P._Population if hasattr(P._Population, "_resample") else P._Stack  # older trees: eager only

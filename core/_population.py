@@ -327,6 +327,23 @@ class _Dims:
         """Per-member work of a step, roughly: flat parameters plus the dense dendrite matrix."""
         return self.numel + self.rows * self.in_dim
 
+    def macs(self, n: int | None = None, d: int | None = None) -> int:
+        """Multiply-adds of one example's forward pass on a grid of ``n`` neurons by ``d``
+        dendrites (the stack's own by default): the dense dendrite matrix, the somas and the
+        Linear layers. The compact connections, the biases and Adam are per step, not per
+        example (a step of 256 examples does ~150 of these for each of Adam's)."""
+        n = self.n if n is None else n
+        d = self.d if d is None else d
+        if not self.n:
+            width, total = self.in_dim, 0
+        else:
+            total = n * d * self.in_dim + (n * d if self.soma_on else 0)
+            width = n if self.soma_on and not self.soma_off else n * d
+        for _ in range(self.depth):
+            total += width * self.hidden
+            width = self.hidden
+        return total + width * self.n_classes
+
 
 def _region(
     t: torch.Tensor, name: str, arch: _Arch, dims: _Dims
@@ -711,6 +728,10 @@ class _Stack:
         self.resample_graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, list[_Group]]] = {}
         self.resample_seen: set[tuple[Any, ...]] = set()
         self.resample_pool: Any = None  # their shared memory pool (they never run at once)
+        # the epoch's evaluation captured as a CUDA graph (_Population._evaluate), with the
+        # tensors its replays write; captured at the stack's second epoch
+        self.eval_graph: tuple[torch.cuda.CUDAGraph, list[torch.Tensor]] | None = None
+        self.evaluated = 0  # epochs this stack was evaluated eagerly
         self.offsets = {name: self.layout[name][0] for name in ("db", "sw", "sb", "wo", "bo")
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
@@ -775,6 +796,7 @@ class _Stack:
         """One band of the whole grid (the plain path's layout), indexed anew."""
         self.bands = [(0, self.K, self.dims.n, self.dims.d)]
         self.resample_graphs.clear()  # they write the index tensors replaced below
+        self.eval_graph = None  # it reads the bands' layout
         if self.buf is not None:
             self.buf.zero_()  # the connections move: their old places must read zero
             self.flat_t = None
@@ -893,18 +915,15 @@ class _Stack:
             self._index()
 
     @property
-    def volume(self) -> int:
-        """The step's work, as ``_Dims.volume`` counts it, summed over the members: each
-        band's dendrite products cover only its rows."""
-        dims = self.dims
-        if not dims.n:
-            return self.K * dims.volume
-        return sum((b - a) * (dims.numel + n * d * dims.in_dim) for a, b, n, d in self.bands)
+    def macs(self) -> int:
+        """Multiply-adds of one example's forward pass (``_Dims.macs``) summed over the members,
+        as executed: each band's on its own (neurons, dendrites) grid, padding included."""
+        return sum((b - a) * self.dims.macs(n, d) for a, b, n, d in self.bands)
 
     @functools.cached_property
-    def useful_volume(self) -> int:
-        """:attr:`volume` of the members' own sizes, without padding (~7 ms at K = 1,024: once)."""
-        return sum(_Dims.of([m.arch]).volume for m in self.members)
+    def useful_macs(self) -> int:
+        """:attr:`macs` of the members' own sizes, without padding (computed once)."""
+        return sum(_Dims.of([m.arch]).macs() for m in self.members)
 
     def real_mask(self) -> torch.Tensor:
         """True where a flat parameter entry belongs to its member (padding is False)."""
@@ -1403,6 +1422,8 @@ _CHUNK_STEPS = 16
 _RESAMPLE_GRAPHS = True
 #: The most captured resamplings a stack keeps.
 _MAX_RESAMPLE_GRAPHS = 8
+#: A stack's evaluation captured as a CUDA graph from its second epoch (``_Population._evaluate``).
+_EVAL_GRAPHS = False
 
 #: The most scores a resampling draws at once (256 MB of int32 scores, 512 MB past 2,048 inputs).
 _DRAW_ELEMENTS = 1 << 26
@@ -2047,9 +2068,34 @@ class _Population:
             if g is not None:
                 loss_sum += g.loss_sum
                 correct += g.correct
-        val_loss, val_acc = stack.evaluate(self.x_val, d.y_val)
-        test_loss, test_acc = stack.evaluate(self.x_test, d.y_test)
-        return torch.stack([loss_sum, correct, val_loss, val_acc, test_loss, test_acc]).cpu()
+        return torch.stack([loss_sum, correct, *self._evaluate(stack)]).cpu()
+
+    def _evaluate(self, stack: _Stack) -> list[torch.Tensor]:
+        """Every member's validation and test sums (loss, correct), after this epoch's steps.
+
+        On CUDA a stack's evaluation is captured as a CUDA graph at its second epoch (a stack
+        that lives one epoch is not worth the capture) and replayed from then on: hundreds of
+        launches per epoch (a chunk of examples, band by band) become one. The capture's
+        warm-up is the evaluation itself.
+        """
+        d = self.data
+        out: list[torch.Tensor] = []
+
+        def body() -> None:
+            out.extend([*stack.evaluate(self.x_val, d.y_val), *stack.evaluate(self.x_test, d.y_test)])
+
+        if stack.eval_graph is not None:
+            graph, held = stack.eval_graph
+            graph.replay()
+            return held  # read (copied by _train's stack) before the next replay
+        if not (self.graphs and _EVAL_GRAPHS and stack.bio is None and stack.evaluated):
+            stack.evaluated += 1
+            body()
+            return out
+        self._settle_staging()  # no other thread may call CUDA during the capture
+        graph = capture_step(body, self.device)
+        stack.eval_graph = (graph, out[4:])
+        return out[:4]  # the warm-up's: the real evaluation
 
     def _resample(self, stack: _Stack, groups: list[_Group]) -> None:
         """:meth:`_Stack.resample` of one step's groups, replayed as a CUDA graph where one
@@ -2118,9 +2164,9 @@ class _Population:
             return None
         del snap
         seconds = time.perf_counter() - t0
-        per = 4.0 * self.n_train  # fwd + weight gradient, 2 FLOPs each, per volume element
-        self.stats["executed_flops"] += per * stack.volume
-        self.stats["useful_flops"] += per * stack.useful_volume
+        per = 4.0 * self.n_train  # forward and weight gradient, 2 FLOPs a multiply-add each
+        self.stats["executed_flops"] += per * stack.macs
+        self.stats["useful_flops"] += per * stack.useful_macs
         shape = (stack.K, stack.dims.n, stack.dims.d, stack.dims.k)
         if not self.stats["stacks"] or self.stats["stacks"][-1] != shape:
             self.stats["stacks"].append(shape)
@@ -2242,8 +2288,9 @@ def train_population(
     :data:`_MIN_BUCKET` members, and small or uniform populations stay one stack. Every
     member trains exactly as without buckets; only the order in which members run and end
     changes. An iterator of configs is never bucketed (it is read lazily). If ``stats`` is
-    a dict it receives ``useful_flops`` and ``executed_flops`` (training FLOPs, about 4 per
-    dense-layout weight per example, of the members' own sizes and of the padded stacks)
+    a dict it receives ``useful_flops`` and ``executed_flops`` (training FLOPs: 4 per
+    multiply-add of an example's forward pass, ``_Dims.macs``, of the members' own sizes and
+    of the padded stacks)
     and ``stacks``: the (members, neurons, dendrites, inputs) shapes that were trained;
     ``build_seconds``, ``epoch_seconds`` and ``keep_seconds``; ``staging_seconds``, per epoch
     of a stack, what the main thread spent on its data orders and resampling draws (waiting for

@@ -357,6 +357,37 @@ def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
                 assert torch.equal(value, b.state_dict[name]), name  # type: ignore[attr-defined]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_evaluations_report_what_eager_ones_do_on_cuda(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # members of mixed sizes (the fused step's bands), three epochs: eager at the first,
+    # captured at the second (its warm-up reports), replayed at the third
+    configs = [dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, seed=1),
+               dict(n_neurons=9, n_dendrites=7, n_dendrite_inputs=20, seed=2),
+               dict(n_neurons=3, n_dendrites=2, n_dendrite_inputs=40, seed=3)]
+    graphs: list[bool] = []
+
+    def run(captured: bool) -> list[core.TrainResult]:
+        monkeypatch.setattr(_population, "_EVAL_GRAPHS", captured)
+        pop: _Population
+
+        def on_epoch(index: int, epoch: int, metrics: dict[str, Any]) -> None:
+            if captured and index == 0 and pop.stack is not None:
+                graphs.append(pop.stack.eval_graph is not None)
+
+        dev = torch.device("cuda")
+        pop = _Population("dendritic_simple", configs, data.to(dev), 3, BATCH, dev, 0, 3, on_epoch, None)
+        return pop.run()
+
+    eager, replayed = run(False), run(True)
+    assert graphs == [False, True, True]
+    for a, b in zip(eager, replayed, strict=True):
+        assert len(a.history) == len(b.history) == 3
+        for h, g in zip(a.history, b.history, strict=True):
+            assert [h[m] for m in METRICS] == pytest.approx([g[m] for m in METRICS], rel=1e-6)
+
+
 def test_after_resampling_the_dense_matrix_and_gradient_positions_are_those_made_from_scratch(
     data: core.Dataset,
 ) -> None:

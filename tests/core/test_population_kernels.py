@@ -94,6 +94,14 @@ def test_bucketed_members_train_exactly_and_report_under_their_own_index(
                      buckets=False, stats=whole)
     assert whole["buckets"] == 1 and whole["useful_flops"] == stats["useful_flops"]
     assert stats["executed_flops"] < whole["executed_flops"]  # less padding
+    # 4 FLOPs per multiply-add of an example's forward pass: dense dendrite matrix, somas, readout
+    n_in, per = data.in_dim, 4.0 * len(data.x_train)
+
+    def macs(n: int, d: int) -> int:
+        return n * d * n_in + n * d + n * data.n_classes
+    own = sum(macs(c["n_neurons"], c["n_dendrites"]) for c in configs)
+    assert stats["useful_flops"] == pytest.approx(per * own)
+    assert whole["executed_flops"] == pytest.approx(per * 4 * macs(9, 6))  # one stack, 9 x 6 grid
     for i, (cfg, got) in enumerate(zip(configs, results, strict=True)):
         want = _solo(dict(cfg, seed=7 + i), data, 1)
         assert got.seed == 7 + i

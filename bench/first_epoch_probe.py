@@ -1,0 +1,66 @@
+"""Where a homogeneous population call's first epoch and build go (issue 14's whole / steady).
+
+    python bench/first_epoch_probe.py --data-dir DIR [--k 1024] [--epochs 4] [--precision bf16]
+
+K members of dendritic_simple 12x6x96 on Fashion-MNIST, batch 256, after a two-member warm-up
+call (as bench/bench_population.py makes). Every population epoch is timed as
+``bench/bench_e2e.py --profile`` times the study's: stacking plans / steps / evaluation /
+bookkeeping, the resampling and the graph captures within the steps, plus compiling the fused
+kernels ahead; each part with the device synchronized before and after, so the parts add up
+to device time plus the host time nothing overlapped. Then the call's own build and keep
+seconds, and a second call without the timing for its plain wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import core  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir")
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--precision", default="bf16")
+    args = ap.parse_args()
+    dev = core.resolve_device("auto")
+    data = core.load_dataset("fashion-mnist", data_dir=args.data_dir)
+    sizes = {"n_neurons": 12, "n_dendrites": 6, "n_dendrite_inputs": 96}
+    core.train_population("dendritic_simple", [dict(sizes)] * 2, data, 1, 256, device=dev,
+                          precision=args.precision)
+    configs = [dict(sizes, lr=2e-3, seed=i) for i in range(args.k)]
+
+    def call() -> tuple[float, dict]:
+        stats: dict = {}
+        t0 = time.perf_counter()
+        core.train_population("dendritic_simple", configs, data, args.epochs, 256, device=dev,
+                              population_size=args.k, precision=args.precision, stats=stats)
+        return time.perf_counter() - t0, stats
+
+    wall, stats = call()
+    print(f"# plain call: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
+          f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s")
+    import bench_e2e
+
+    from core import _population as P
+
+    bench_e2e._instrument_epochs(10**9)
+    P._Population._compile_ahead = staticmethod(bench_e2e._sync_timed("compile", P._Population._compile_ahead))
+    wall, stats = call()
+    bench_e2e._print_epochs()
+    for i, r in enumerate(bench_e2e._EPOCHS, 1):
+        if "compile" in r:
+            print(f"# epoch {i}: compiling ahead {r['compile']:.3f}s (within its steps)")
+    print(f"# timed call: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
+          f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s")
+
+
+if __name__ == "__main__":
+    main()
