@@ -90,6 +90,31 @@ def _patch_side(k: int, image: tuple[int, int, int]) -> tuple[int, int]:
     return min(side, h), min(side, w)
 
 
+def draw_connections(generator: torch.Generator, rows: int, in_dim: int, k: int,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(rows, k)`` distinct inputs per dendrite, as a layer's construction draws them: the
+    first ``k`` of a random permutation of its candidates (``mask``: the inputs of its patch)."""
+    scores = torch.rand(rows, in_dim, generator=generator)
+    if mask is not None:
+        scores.masked_fill_(~mask, 2.0)  # rand < 1: outside inputs come last
+    return scores.topk(k, dim=1, largest=False).indices
+
+
+@torch.no_grad()
+def draw_weights(generator: torch.Generator, weight: torch.Tensor, bias: torch.Tensor,
+                 soma_weight: torch.Tensor | None = None, soma_bias: torch.Tensor | None = None) -> None:
+    """A layer's initial weights, in place and in its construction's order: like ``nn.Linear``
+    over each unit's real fan-in (a dendrite's inputs, a soma's dendrites). Drawn on the CPU
+    whatever the tensors' device, so that every device starts from the same numbers."""
+    b = 1.0 / math.sqrt(weight.shape[1])
+    weight.copy_(torch.empty_like(weight, device="cpu").uniform_(-b, b, generator=generator))
+    bias.copy_(torch.empty_like(bias, device="cpu").uniform_(-b, b, generator=generator))
+    if soma_weight is not None and soma_bias is not None:
+        bs = 1.0 / math.sqrt(soma_weight.shape[1])
+        soma_weight.copy_(torch.empty_like(soma_weight, device="cpu").uniform_(-bs, bs, generator=generator))
+        soma_bias.copy_(torch.empty_like(soma_bias, device="cpu").uniform_(-bs, bs, generator=generator))
+
+
 class DendriticLayer(nn.Module):
     """A layer of neurons whose inputs arrive on dendrites that each see a few inputs.
 
@@ -225,10 +250,9 @@ class DendriticLayer(nn.Module):
 
     def _draw_connections(self) -> None:
         """Distinct inputs per dendrite: the first k of a random permutation of its candidates."""
-        scores = torch.rand(self.n_neurons * self.n_dendrites, self.in_dim, generator=self._generator)
-        if self.image_shape is not None:
-            scores.masked_fill_(~self.patch_mask(), 2.0)  # rand < 1: outside inputs come last
-        self.indices.copy_(scores.topk(self.n_dendrite_inputs, dim=1, largest=False).indices)
+        mask = self.patch_mask() if self.image_shape is not None else None
+        self.indices.copy_(draw_connections(self._generator, self.n_neurons * self.n_dendrites,
+                                            self.in_dim, self.n_dendrite_inputs, mask))
 
     def patch_mask(self) -> torch.Tensor:
         """``(n_neurons * n_dendrites, in_dim)`` booleans: the inputs each dendrite's patch holds.
@@ -249,24 +273,10 @@ class DendriticLayer(nn.Module):
         return mask[:, None].expand(-1, c, -1, -1).reshape(len(origin), c * h * w)
 
     # -- initialisation -------------------------------------------------------------------
-    def _dendrite_bound(self) -> float:
-        return 1.0 / math.sqrt(self.n_dendrite_inputs)
-
     def reset_parameters(self) -> None:
         """Initialise like ``nn.Linear`` over each unit's real fan-in, from the layer's generator."""
-        b = self._dendrite_bound()
-        g = self._generator
-        with torch.no_grad():
-            self.weight.copy_(torch.empty_like(self.weight, device="cpu").uniform_(-b, b, generator=g))
-            self.bias.copy_(torch.empty_like(self.bias, device="cpu").uniform_(-b, b, generator=g))
-            if self.soma_enabled:
-                bs = 1.0 / math.sqrt(self.n_dendrites)
-                self.soma_weight.copy_(
-                    torch.empty_like(self.soma_weight, device="cpu").uniform_(-bs, bs, generator=g)
-                )
-                self.soma_bias.copy_(
-                    torch.empty_like(self.soma_bias, device="cpu").uniform_(-bs, bs, generator=g)
-                )
+        soma = (self.soma_weight, self.soma_bias) if self.soma_enabled else ()
+        draw_weights(self._generator, self.weight, self.bias, *soma)
 
     @property
     def out_dim(self) -> int:

@@ -388,6 +388,39 @@ def test_captured_evaluations_report_what_eager_ones_do_on_cuda(
             assert [h[m] for m in METRICS] == pytest.approx([g[m] for m in METRICS], rel=1e-6)
 
 
+def test_members_built_without_their_modules_train_and_save_as_module_built_ones(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # dendritic_simple members drawn without a module (soma on and off, two sharing an
+    # architecture) against the same members built as modules: the same numbers, and the
+    # state_dict a module gives (keys, order, metadata, values)
+    configs = [dict(n_neurons=3, n_dendrites=4, n_dendrite_inputs=10, steps_to_resample=3, seed=4),
+               dict(n_neurons=3, n_dendrites=4, n_dendrite_inputs=10, steps_to_resample=3, seed=5),
+               dict(n_neurons=2, n_dendrites=5, n_dendrite_inputs=7, soma_enabled=False, lr=4e-3),
+               dict(n_neurons=5, n_dendrites=2, n_dendrite_inputs=12, percentage_resample=0.5)]
+
+    def run(module_free: bool) -> list[core.TrainResult]:
+        monkeypatch.setattr(_population, "_MODULE_FREE", module_free)
+        pop = _Population("dendritic_simple", configs, data, EPOCHS, BATCH, torch.device("cpu"), 3, 4, None, None)
+        out = pop.run()
+        assert len(pop.templates) == (3 if module_free else 0)  # one per architecture
+        return out
+
+    built, drawn = run(False), run(True)
+    for cfg, a, b in zip(configs, built, drawn, strict=True):
+        assert (a.n_params, a.seed, a.status) == (b.n_params, b.seed, b.status)
+        assert [h[m] for h in a.history for m in METRICS] == [h[m] for h in b.history for m in METRICS]
+        sa, sb = a.state_dict, b.state_dict
+        assert sa is not None and sb is not None
+        assert list(sa) == list(sb) and sa._metadata == sb._metadata  # type: ignore[attr-defined]
+        for key, value in sa.items():
+            assert value.dtype == sb[key].dtype and torch.equal(value, sb[key]), key
+            assert sb[key].is_contiguous() and sb[key].untyped_storage().nbytes() == value.numel() * value.element_size()
+        net = core.create_model("dendritic_simple", in_dim=data.in_dim, n_classes=data.n_classes,
+                                **{k: v for k, v in cfg.items() if k not in ("seed", "lr")})
+        net.load_state_dict(sb)  # loads into the family's module as it is
+
+
 def test_after_resampling_the_dense_matrix_and_gradient_positions_are_those_made_from_scratch(
     data: core.Dataset,
 ) -> None:
