@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import core  # noqa: E402
+from core import _population as P  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +30,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--eval-bytes", type=int, help="core._population._EVAL_BYTES (a probe)")
+    ap.add_argument("--module-free", type=int, choices=[0, 1], help="core._population._MODULE_FREE")
+    ap.add_argument("--eval-graphs", type=int, choices=[0, 1], help="core._population._EVAL_GRAPHS")
+    ap.add_argument("--plain-only", action="store_true", help="skip the timed call")
     args = ap.parse_args()
+    for flag, name in ((args.eval_bytes, "_EVAL_BYTES"), (args.module_free, "_MODULE_FREE"),
+                       (args.eval_graphs, "_EVAL_GRAPHS")):
+        if flag is not None:
+            setattr(P, name, type(getattr(P, name))(flag))
     dev = core.resolve_device("auto")
     data = core.load_dataset("fashion-mnist", data_dir=args.data_dir)
     sizes = {"n_neurons": 12, "n_dendrites": 6, "n_dendrite_inputs": 96}
@@ -40,16 +49,20 @@ def main() -> None:
     def call() -> tuple[float, dict]:
         stats: dict = {}
         t0 = time.perf_counter()
-        core.train_population("dendritic_simple", configs, data, args.epochs, 256, device=dev,
-                              population_size=args.k, precision=args.precision, stats=stats)
+        res = core.train_population("dendritic_simple", configs, data, args.epochs, 256, device=dev,
+                                    population_size=args.k, precision=args.precision, stats=stats)
+        stats["epochs"] = [round(h["seconds"], 3) for h in res[0].history]
         return time.perf_counter() - t0, stats
 
     wall, stats = call()
+    last = stats["epochs"][-1]
     print(f"# plain call: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
-          f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s")
+          f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s; whole / steady "
+          f"{args.epochs * last / wall:.3f} (steady: the last epoch, {args.k / last:.1f} model-epochs/s); "
+          f"epoch seconds {stats['epochs']}", flush=True)
+    if args.plain_only:
+        return
     import bench_e2e
-
-    from core import _population as P
 
     bench_e2e._instrument_epochs(10**9)
     P._Population._compile_ahead = staticmethod(bench_e2e._sync_timed("compile", P._Population._compile_ahead))

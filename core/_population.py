@@ -615,7 +615,8 @@ class _Template:
             t = st.indices if name == "indices" else st.params[name]
             assert t is not None
             out[key] = t.clone(memory_format=torch.contiguous_format)
-        out._metadata = copy.deepcopy(self.metadata)  # type: ignore[attr-defined]
+        if self.metadata is not None:  # each module's {"version": ...}, a copy per state_dict
+            out._metadata = OrderedDict((k, dict(v)) for k, v in self.metadata.items())  # type: ignore[attr-defined]
         return out
 
 
@@ -1466,7 +1467,7 @@ _MAX_RESAMPLE_GRAPHS = 8
 #: (``_Population._member_without_module``).
 _MODULE_FREE = True
 #: A stack's evaluation captured as a CUDA graph from its second epoch (``_Population._evaluate``).
-_EVAL_GRAPHS = False
+_EVAL_GRAPHS = True
 
 #: The most scores a resampling draws at once (256 MB of int32 scores, 512 MB past 2,048 inputs).
 _DRAW_ELEMENTS = 1 << 26
@@ -2162,10 +2163,14 @@ class _Population:
     def _evaluate(self, stack: _Stack) -> list[torch.Tensor]:
         """Every member's validation and test sums (loss, correct), after this epoch's steps.
 
-        On CUDA a stack's evaluation is captured as a CUDA graph at its second epoch (a stack
-        that lives one epoch is not worth the capture) and replayed from then on: hundreds of
-        launches per epoch (a chunk of examples, band by band) become one. The capture's
-        warm-up is the evaluation itself.
+        On CUDA the evaluation of a stack of several bands (members of mixed sizes) is
+        captured as a CUDA graph at the stack's second epoch (a stack that lives one epoch is
+        not worth the capture) and replayed from then on: hundreds of launches per epoch (a
+        chunk of examples, band by band) become one. The capture's warm-up is the evaluation
+        itself. In the 2,000-trial study a cohort's evaluation took 0.13-0.30 s an epoch
+        eager and 0.057 s replayed; a homogeneous stack's eager evaluation already hides
+        behind its steps, and its capture only cost its second epoch ~0.05 s (K = 1,024 bf16,
+        bench/NOTES_population.md v17).
         """
         d = self.data
         out: list[torch.Tensor] = []
@@ -2177,7 +2182,8 @@ class _Population:
             graph, held = stack.eval_graph
             graph.replay()
             return held  # read (copied by _train's stack) before the next replay
-        if not (self.graphs and _EVAL_GRAPHS and stack.bio is None and stack.evaluated):
+        if not (self.graphs and _EVAL_GRAPHS and stack.bio is None and stack.evaluated
+                and not stack.whole_grid):
             stack.evaluated += 1
             body()
             return out
