@@ -1602,7 +1602,7 @@ class _Population:
         self.staging: Future[Any] | None = None
         self.workers = workers
         # the architectures of members built without a module (_member_without_module)
-        self.templates: dict[str, _Template] = {}
+        self.templates: dict[str, _Template | None] = {}  # None: built as modules
 
     # -- members --------------------------------------------------------------------------
     def _new_member(self, config: dict[str, Any]) -> _Member | None:
@@ -1695,20 +1695,23 @@ class _Population:
         2-core machine; about twice that on a busy GPU host). None where it does not apply
         (``connectivity="local"``)."""
         key = repr(sorted(resolved.items()))
-        tmpl = self.templates.get(key)
-        if tmpl is None:
+        if key in self.templates:
+            tmpl = self.templates[key]
+            if tmpl is None:
+                return None
+        else:
             # one module per architecture: it checks the arguments as the builder does (a bad
             # one raises here) and shows the layout; its draws go to a forked generator
             with torch.random.fork_rng(devices=[]), deferred_connections():
                 net = family.build(**resolved)
             arch, layer, linears = _parse(net, self.family)
-            if layer is None or layer.connectivity != "random":
-                return None
             names = {id(t): name for name, t in _own_tensors(layer, linears).items()}
-            names[id(layer.indices)] = "indices"
             sd = net.state_dict(keep_vars=True)
-            if any(id(v) not in names for v in sd.values()):
-                return None  # a tensor the stack does not hold
+            if layer is not None:
+                names[id(layer.indices)] = "indices"
+            if layer is None or layer.connectivity != "random" or any(id(v) not in names for v in sd.values()):
+                self.templates[key] = None  # its members are built as modules
+                return None
             tmpl = self.templates[key] = _Template(
                 arch, count_parameters(net), tuple((k, names[id(v)]) for k, v in sd.items()),
                 copy.deepcopy(getattr(sd, "_metadata", None)))

@@ -400,13 +400,16 @@ def test_members_built_without_their_modules_train_and_save_as_module_built_ones
     configs = [dict(n_neurons=3, n_dendrites=4, n_dendrite_inputs=10, steps_to_resample=3, seed=4),
                dict(n_neurons=3, n_dendrites=4, n_dendrite_inputs=10, steps_to_resample=3, seed=5),
                dict(n_neurons=2, n_dendrites=5, n_dendrite_inputs=7, soma_enabled=False, lr=4e-3),
-               dict(n_neurons=5, n_dendrites=2, n_dendrite_inputs=12, percentage_resample=0.5)]
+               dict(n_neurons=5, n_dendrites=2, n_dendrite_inputs=12, percentage_resample=0.5),
+               dict(n_neurons=2, n_dendrites=3, n_dendrite_inputs=9, connectivity="local")]
 
     def run(module_free: bool) -> list[core.TrainResult]:
         monkeypatch.setattr(_population, "_MODULE_FREE", module_free)
-        pop = _Population("dendritic_simple", configs, data, EPOCHS, BATCH, torch.device("cpu"), 3, 4, None, None)
+        pop = _Population("dendritic_simple", configs, data, EPOCHS, BATCH, torch.device("cpu"), 3, 5, None, None)
         out = pop.run()
-        assert len(pop.templates) == (3 if module_free else 0)  # one per architecture
+        # one per architecture; none for the local one (its patches are drawn by its module)
+        assert len(pop.templates) == (4 if module_free else 0)
+        assert [t is None for t in pop.templates.values()] == ([False] * 3 + [True] if module_free else [])
         return out
 
     built, drawn = run(False), run(True)
