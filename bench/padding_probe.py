@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core._population import _Arch, _band_key, _bands, _Dims  # noqa: E402
+from core._population import _Arch, _band_key, _bands, _Dims, executed_macs, useful_macs  # noqa: E402
 
 
 def sample(rng: random.Random, in_dim: int = 784, classes: int = 10, budget: int = 8000) -> _Arch:
@@ -43,8 +43,7 @@ def main() -> None:
         archs = sorted((sample(rng) for _ in range(args.k)), key=_band_key)
         dims = _Dims.of(archs)
         bands = _bands([(a.n, a.d) for a in archs], dims.d)
-        macs = sum((b - a) * dims.macs(n, d) for a, b, n, d in bands)
-        own = sum(_Dims.of([a]).macs() for a in archs)
+        macs, own = executed_macs(dims, bands), useful_macs(archs)
         old = sum((b - a) * (dims.numel + n * d * dims.in_dim) for a, b, n, d in bands)
         old_own = sum(_Dims.of([a]).numel + a.n * a.d * a.in_dim for a in archs)
         print(f"{s:6d}  {len(bands):5d}  {own / macs:44.3f}  {old_own / old:18.3f}")

@@ -347,6 +347,18 @@ class _Dims:
         return total + width * self.n_classes
 
 
+def executed_macs(dims: _Dims, bands: Sequence[tuple[int, int, int, int]]) -> int:
+    """Multiply-adds of one example's forward pass (``_Dims.macs``) summed over a stack's
+    members, as its step executes them: each band ``(start, stop, neurons, dendrites)`` on its
+    own grid, padding included. ``bench/padding_probe.py`` reports the same count."""
+    return sum((b - a) * dims.macs(n, d) for a, b, n, d in bands)
+
+
+def useful_macs(archs: Iterable[_Arch]) -> int:
+    """:func:`executed_macs` of members at their own sizes, without padding."""
+    return sum(_Dims.of([a]).macs() for a in archs)
+
+
 def _region(
     t: torch.Tensor, name: str, arch: _Arch, dims: _Dims
 ) -> tuple[torch.Tensor, tuple[int, ...]] | None:
@@ -772,7 +784,7 @@ class _Stack:
         # the epoch's evaluation captured as a CUDA graph (_Population._evaluate), with the
         # tensors its replays write; captured at the stack's second epoch
         self.eval_graph: tuple[torch.cuda.CUDAGraph, list[torch.Tensor]] | None = None
-        self.evaluated = 0  # epochs this stack was evaluated eagerly
+        self.evaluated = False  # whether this stack was evaluated once (eagerly)
         self.offsets = {name: self.layout[name][0] for name in ("db", "sw", "sb", "wo", "bo")
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
@@ -957,14 +969,13 @@ class _Stack:
 
     @property
     def macs(self) -> int:
-        """Multiply-adds of one example's forward pass (``_Dims.macs``) summed over the members,
-        as executed: each band's on its own (neurons, dendrites) grid, padding included."""
-        return sum((b - a) * self.dims.macs(n, d) for a, b, n, d in self.bands)
+        """Multiply-adds of one example's forward pass, as executed (:func:`executed_macs`)."""
+        return executed_macs(self.dims, self.bands)
 
     @functools.cached_property
     def useful_macs(self) -> int:
         """:attr:`macs` of the members' own sizes, without padding (computed once)."""
-        return sum(_Dims.of([m.arch]).macs() for m in self.members)
+        return useful_macs(m.arch for m in self.members)
 
     def real_mask(self) -> torch.Tensor:
         """True where a flat parameter entry belongs to its member (padding is False)."""
@@ -2187,7 +2198,7 @@ class _Population:
             return held  # read (copied by _train's stack) before the next replay
         if not (self.graphs and _EVAL_GRAPHS and stack.bio is None and stack.evaluated
                 and not stack.whole_grid):
-            stack.evaluated += 1
+            stack.evaluated = True
             body()
             return out
         self._settle_staging()  # no other thread may call CUDA during the capture
