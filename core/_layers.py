@@ -100,6 +100,30 @@ def draw_connections(generator: torch.Generator, rows: int, in_dim: int, k: int,
     return scores.topk(k, dim=1, largest=False).indices
 
 
+def pick_connections(scores: torch.Tensor, ks: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """:func:`draw_connections`' choice for many dendrites at once, on ``device``: row ``r`` of
+    the CPU ``scores`` (the layer's ``torch.rand(rows, in_dim)``, rows of several layers
+    stacked) picks its ``ks[r]`` inputs, the first ``ks[r]`` columns of the ``(rows, max
+    ks)`` result.
+
+    The smallest scores, in order, are one answer whatever the algorithm while none of a
+    row's first ``k + 1`` is tied; a row with a tie (about 1 in 400 at 96 of 784 inputs) is
+    picked again by the CPU's ``topk``, as the layer picks it. On CUDA this takes the top-k
+    off the CPU: 1,024 layers of 72 x 784 took 0.33 s on 14 threads of an H200 host, most of
+    it the CPU's top-k (bench/NOTES_population.md, v18).
+    """
+    n, kmax = scores.shape[1], int(ks.max())
+    top = min(kmax + 1, n)
+    values, idx = scores.to(device).topk(top, dim=1, largest=False)
+    # pair (j, j + 1) of a row's smallest: within its k, or its k-th and the next
+    in_reach = torch.arange(top - 1, device=device) < ks.to(device).unsqueeze(1)
+    tied = ((values[:, 1:] == values[:, :-1]) & in_reach).any(1).nonzero().squeeze(1).tolist()
+    for r in tied:
+        k = int(ks[r])
+        idx[r, :k] = scores[r : r + 1].topk(k, dim=1, largest=False).indices[0].to(device)
+    return idx[:, :kmax]
+
+
 @torch.no_grad()
 def draw_weights(generator: torch.Generator, weight: torch.Tensor, bias: torch.Tensor,
                  soma_weight: torch.Tensor | None = None, soma_bias: torch.Tensor | None = None) -> None:
@@ -113,6 +137,20 @@ def draw_weights(generator: torch.Generator, weight: torch.Tensor, bias: torch.T
         bs = 1.0 / math.sqrt(soma_weight.shape[1])
         soma_weight.copy_(torch.empty_like(soma_weight, device="cpu").uniform_(-bs, bs, generator=generator))
         soma_bias.copy_(torch.empty_like(soma_bias, device="cpu").uniform_(-bs, bs, generator=generator))
+
+
+def weights_from_rand(u: torch.Tensor, fan_in: torch.Tensor) -> torch.Tensor:
+    """What :func:`draw_weights` draws, from the same generator's ``torch.rand`` ``u`` (one
+    float32 draw per weight, in its order; ``fan_in``: each weight's, as its unit's).
+
+    The CPU generator's ``uniform_(-b, b)`` of a float32 tensor is ``u * (b' - a') + a'``
+    computed in double, ``a'`` and ``b'`` being the bounds rounded to float32, and rounded
+    back to float32 (``tests/core/test_layers.py`` holds it to ``uniform_``): so many layers'
+    weights are drawn with one ``torch.rand`` each and bounded all at once
+    (``core._population``, ``_draw_on_device``).
+    """
+    bound = (1.0 / fan_in.double().sqrt()).float().double()  # b', as uniform_ rounds it
+    return (u.double() * (2 * bound) - bound).float()
 
 
 class DendriticLayer(nn.Module):

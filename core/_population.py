@@ -99,8 +99,10 @@ from ._layers import (
     fresh_weights,
     input_scores,
     int32_scores,
+    pick_connections,
     seed_int64,
     weakest_slots,
+    weights_from_rand,
 )
 from ._models import dendritic_simple, dendritic_simple_tensors
 from ._registry import ModelFamily, count_parameters, get_family, list_models
@@ -153,6 +155,8 @@ _AUTO_CPU = 8
 # bench/bench_population.py), and a study learns sooner from fewer concurrent trials.
 _AUTO_MAX = 1024
 _EVAL_BYTES = 1 << 28  # bound on one evaluation chunk's activations
+_DRAW_BYTES = 1 << 26  # bound on the connections' scores picked on the device at once (_draw_on_device)
+_PICK_ON = ("cuda",)  # device types whose members' connections are picked there (_draw_on_device)
 
 # Test hook: called with the population size before every training step. Raising
 # torch.OutOfMemoryError from it exercises the halving path without filling a device.
@@ -461,6 +465,14 @@ def _draw_all(draws: list[Callable[[], None]]) -> None:
         draw()
 
 
+def _rand_into(seed: int, *outs: torch.Tensor) -> None:
+    """``torch.rand`` into each of ``outs`` in turn, from a generator seeded with ``seed``."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    for out in outs:
+        torch.rand(out.shape, generator=gen, out=out)
+
+
 def _make_plan(
     data_gen: torch.Generator, arch: _Arch, n: int, n_steps: int, steps0: int,
     recipe: _Recipe | None = None,
@@ -621,12 +633,15 @@ class _Template:
 
     def state_dict(self, st: _State) -> OrderedDict[str, torch.Tensor]:
         """The ``state_dict`` the member's module would give with the state ``st``: the same
-        keys, order and metadata, each tensor its own contiguous copy."""
+        keys, order and metadata, each tensor contiguous and alone in its storage. A tensor of
+        ``st`` that already is (``_Stack.states`` copies each out) becomes the state_dict's
+        own, so ``st`` is the member's last state, used for nothing else."""
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         for key, name in self.keys:
             t = st.indices if name == "indices" else st.params[name]
             assert t is not None
-            out[key] = t.clone(memory_format=torch.contiguous_format)
+            alone = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            out[key] = t if alone else t.clone(memory_format=torch.contiguous_format)
         if self.metadata is not None:  # each module's {"version": ...}, a copy per state_dict
             out._metadata = OrderedDict((k, dict(v)) for k, v in self.metadata.items())  # type: ignore[attr-defined]
         return out
@@ -861,7 +876,8 @@ class _Stack:
         cls, dims: _Dims, members: list[_Member], states: list[_State], device: torch.device,
         lowp: torch.dtype = torch.float32,
     ) -> _Stack:
-        """Stack members' own tensors (on the CPU) into padded rows on ``device``."""
+        """Stack members' own tensors (on the CPU, a newcomer's connections maybe on ``device``)
+        into padded rows on ``device``."""
         K, P = len(states), dims.stride
         layout = dims.layout()
         if K and all(_Dims.of([m.arch]) == dims for m in members):  # no padding: plain stacking
@@ -869,23 +885,26 @@ class _Stack:
             for ds in ([st.params for st in states], [st.exp_avg for st in states],
                        [st.exp_avg_sq for st in states]):
                 if not any(ds):  # moments of members that have not trained yet
-                    bufs.append(torch.zeros(K, P))
+                    bufs.append(torch.zeros(K, P, device=device))
                     continue
                 ds = [d or {k: torch.zeros_like(v) for k, v in st.params.items()}
                       for d, st in zip(ds, states, strict=True)]
                 bufs.append(F.pad(torch.cat([torch.stack([d[name] for d in ds]).reshape(K, -1)
                                              for name in layout], 1), (0, P - dims.numel)))
             idx = kmask = None
-            if dims.n:
-                idx = torch.stack([st.indices for st in states])  # type: ignore[misc]
+            if dims.n:  # (connections picked on the device are there: _draw_on_device)
+                on_cpu = all(st.indices.device.type == "cpu" for st in states)  # type: ignore[union-attr]
+                idx = torch.stack([st.indices if on_cpu else st.indices.to(device)  # type: ignore[misc, union-attr]
+                                   for st in states])
                 kmask = torch.ones(K, dims.rows, dims.k)
             steps = torch.tensor([float(x.steps) for x in members], dtype=torch.float64)
             moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
             return cls(dims, members, *moved, lowp=lowp)  # type: ignore[arg-type, misc]
         bufs = [torch.zeros(K, P) for _ in range(3)]
         idx = kmask = None
-        if dims.n:
-            idx = torch.zeros(K, dims.rows, dims.k, dtype=torch.long)
+        if dims.n:  # on the device where some connections were picked there (_draw_on_device)
+            on_cpu = all(st.indices is None or st.indices.device.type == "cpu" for st in states)
+            idx = torch.zeros(K, dims.rows, dims.k, dtype=torch.long, device="cpu" if on_cpu else device)
             kmask = torch.zeros(K, dims.rows, dims.k)
         for i, (mem, st) in enumerate(zip(members, states, strict=True)):
             for name, (off, shape) in layout.items():
@@ -914,9 +933,25 @@ class _Stack:
         r = torch.tensor(rows, dtype=torch.long, device=self.p.device)
         bufs = [t.index_select(0, r).cpu() for t in ((self.p, self.m, self.v) if moments else (self.p,))]
         idx = self.idx.index_select(0, r).cpu() if self.idx is not None else None
+        # A member of the stack's own sizes with no hidden layer (no padding) has each tensor
+        # in its whole slot: viewed in its own shape once for all rows and copied out row by
+        # row. At K = 1,024 the per-member regions below took ~0.18 s of the 0.24 s the
+        # members' weights took to keep.
+        whole: dict[str, list[torch.Tensor]] | None = None
+        unpadded: dict[_Arch, bool] = {}
         out = []
         for j, i in enumerate(rows):
             arch = self.members[i].arch
+            if arch not in unpadded:
+                unpadded[arch] = not arch.hidden and _Dims.of([arch]) == self.dims
+            if unpadded[arch]:
+                if whole is None:
+                    whole = self._whole_views(bufs, arch)
+                params, exp_avg, exp_avg_sq = ([{name: views[b][j].clone() for name, views in whole.items()}
+                                                for b in range(len(bufs))] + [{}, {}])[:3]
+                out.append(_State(params, exp_avg, exp_avg_sq,
+                                  idx[j].clone() if idx is not None and arch.n else None))
+                continue
             parts: list[dict[str, torch.Tensor]] = [{}, {}, {}]
             for name, (off, shape) in self.layout.items():
                 for d, buf in zip(parts, bufs, strict=False):
@@ -930,6 +965,17 @@ class _Stack:
                 indices = reg[0].reshape(reg[1]).clone()
             out.append(_State(parts[0], parts[1], parts[2], indices))
         return out
+
+    def _whole_views(self, bufs: list[torch.Tensor], arch: _Arch) -> dict[str, list[torch.Tensor]]:
+        """Each tensor of ``arch``, a member without padding, as ``(rows, *own shape)`` views of
+        the rows ``bufs`` (one per buffer)."""
+        views = {}
+        for name, (off, shape) in self.layout.items():
+            reg = _region(torch.empty(shape, device="meta"), name, arch, self.dims)
+            if reg is not None:
+                assert math.prod(reg[1]) == math.prod(shape), (name, shape, reg[1])
+                views[name] = [buf[:, off : off + math.prod(shape)].view(len(buf), *reg[1]) for buf in bufs]
+        return views
 
     def select(self, rows: list[int]) -> _Stack:
         if rows == list(range(self.K)):
@@ -1942,14 +1988,83 @@ class _Population:
         Made once every newcomer is built: drawn alongside the building, the workers' turns at
         the GIL slowed this thread's many small operations, and building 1,024 members took
         3.07 s against 1.36 s drawn afterwards, on the same 16-core host
-        (bench/NOTES_population.md, v16).
+        (bench/NOTES_population.md, v16). On CUDA, the members built without a module draw
+        only their connections' scores on the workers, and the device picks the connections
+        (:meth:`_draw_on_device`).
         """
+        batched = [m for m in members if m.template is not None and m.draws] if self.device.type in _PICK_ON else []
+        if batched:
+            self._draw_on_device(batched)
         draws = [d for m in members for d in m.draws]
         for m in members:
             m.draws = []
         parts = min(self.workers, len(draws))
         for fut in [self.pool.submit(_draw_all, draws[j::parts]) for j in range(parts)]:
             fut.result()
+
+    def _draw_on_device(self, members: list[_Member]) -> None:
+        """The draws of members built without a module (``dendritic_simple_tensors``), their
+        connections picked on the device.
+
+        A layer draws its connections' scores, then its weights, biases and somas, from its
+        own generator (``DendriticLayer._draw``). Here each member's worker makes those draws
+        two ``torch.rand`` calls, into two CPU buffers shared by all: the scores', picked on
+        the device (:func:`core._layers.pick_connections`), and the rest's, bounded for every
+        member at once (:func:`core._layers.weights_from_rand`). The draws are the layer's
+        numbers, ``_DRAW_BYTES`` of scores at a time. The workers' many small operations had
+        taken 0.28 s of the 0.33 s these draws took for 1,024 members 12 x 6 x 96 on an H200
+        host's 14 workers, their turns at the GIL rather than the work
+        (bench/NOTES_population.md, v18).
+        """
+        in_dim = members[0].arch.in_dim
+        per_chunk = max(1, _DRAW_BYTES // (4 * in_dim))  # rows of scores
+        chunks: list[list[_Member]] = [[]]
+        rows = 0
+        for m in members:
+            if chunks[-1] and rows + m.arch.n * m.arch.d > per_chunk:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(m)
+            rows += m.arch.n * m.arch.d
+        # per member: (rows, k, its weights' draws by fan-in: (count, fan-in) in the layer's order)
+        def parts(a: _Arch) -> list[tuple[int, int]]:
+            r = a.n * a.d
+            return [(r * a.k + r, a.k)] + ([(a.n * a.d + a.n, a.d)] if a.soma else [])
+        scores = torch.empty(max(sum(m.arch.n * m.arch.d for m in c) for c in chunks), in_dim)
+        rest = torch.empty(max(sum(c for m in ch for c, _ in parts(m.arch)) for ch in chunks))
+        for chunk in chunks:
+            jobs, at, at_rest, counts, fans, k_rows = [], 0, 0, [], [], []
+            for m in chunk:
+                a = m.arch
+                r, size = a.n * a.d, sum(c for c, _ in parts(a))
+                assert m.layer_seed is not None and len(m.draws) == 1
+                m.draws = []
+                jobs.append(functools.partial(_rand_into, m.layer_seed, scores[at : at + r],
+                                              rest[at_rest : at_rest + size]))
+                for c, f in parts(a):
+                    counts.append(c)
+                    fans.append(f)
+                k_rows.append((r, a.k))
+                at += r
+                at_rest += size
+            n_jobs = min(self.workers, len(jobs))
+            for fut in [self.pool.submit(_draw_all, jobs[j::n_jobs]) for j in range(n_jobs)]:
+                fut.result()
+            picked = pick_connections(scores[:at], torch.repeat_interleave(
+                torch.tensor([k for _, k in k_rows]), torch.tensor([r for r, _ in k_rows])), self.device)
+            drawn = weights_from_rand(rest[:at_rest], torch.repeat_interleave(torch.tensor(fans), torch.tensor(counts)))
+            at = at_rest = 0
+            for m in chunk:
+                a, st = m.arch, m.state
+                assert st is not None
+                r = a.n * a.d
+                st.indices = picked[at : at + r, : a.k]
+                views = [("dw", (r, a.k)), ("db", (r,))] + ([("sw", (a.n, a.d)), ("sb", (a.n,))] if a.soma else [])
+                for name, shape in views:
+                    size = math.prod(shape)
+                    st.params[name] = drawn[at_rest : at_rest + size].view(shape)
+                    at_rest += size
+                at += r
 
     def _shrink(self, stack: _Stack) -> None:
         """After an out-of-memory error: halve the population, requeue who no longer fits."""

@@ -156,6 +156,48 @@ def test_random_connectivity_draws_as_it_always_has() -> None:
     assert "patch_origin" not in dict(_layer().named_buffers())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_connections_picked_for_many_layers_at_once_are_each_layers_own(device: str) -> None:
+    # rows of several layers (different k) picked together, on the device, are what each
+    # layer's own top-k picks, tied scores included (a tied row is picked again by the CPU)
+    from core._layers import draw_connections, pick_connections
+
+    gen = torch.Generator().manual_seed(7)
+    layers = [(12, 8), (30, 50), (5, 1), (7, 49)]  # (rows, k) of 50 inputs; k = 49: one past
+    scores = torch.rand(sum(r for r, _ in layers), 50, generator=gen)
+    scores[:20] = (scores[:20] * 12).floor() / 12  # ties everywhere in the first rows
+    ks = torch.repeat_interleave(torch.tensor([k for _, k in layers]), torch.tensor([r for r, _ in layers]))
+    picked = pick_connections(scores, ks, torch.device(device))
+    assert picked.shape == (len(scores), 50) and picked.device.type == device
+    at = 0
+    for rows, k in layers:
+        want = scores[at : at + rows].topk(k, dim=1, largest=False).indices
+        assert torch.equal(picked[at : at + rows, :k].cpu(), want), (rows, k)
+        at += rows
+    # and the scores are the layer's: draw_connections' own draw
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    mine = torch.empty(12, 50)
+    torch.rand(12, 50, generator=g1, out=mine)
+    assert torch.equal(pick_connections(mine, torch.full((12,), 8), torch.device(device))[:, :8].cpu(),
+                       draw_connections(g2, 12, 50, 8))
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # left alike
+
+
+def test_weights_bounded_from_one_rand_are_the_layers_own_draws() -> None:
+    # draw_weights (uniform_ per tensor) against one torch.rand of the same generator, bounded
+    # afterwards by each weight's fan-in: the same numbers, bit for bit
+    from core._layers import draw_weights, weights_from_rand
+
+    for n, d, k in ((4, 3, 8), (1, 1, 1), (20, 15, 255), (7, 2, 96)):
+        w, b, sw, sb = torch.empty(n * d, k), torch.empty(n * d), torch.empty(n, d), torch.empty(n)
+        draw_weights(torch.Generator().manual_seed(k), w, b, sw, sb)
+        counts = torch.tensor([n * d * k + n * d, n * d + n])
+        u = torch.rand(int(counts.sum()), generator=torch.Generator().manual_seed(k))
+        got = weights_from_rand(u, torch.repeat_interleave(torch.tensor([k, d]), counts))
+        assert torch.equal(got, torch.cat([w.flatten(), b, sw.flatten(), sb])), (n, d, k)
+
+
 def _local(**kw: object) -> DendriticLayer:
     args = {"in_dim": 784, "n_neurons": 6, "n_dendrite_inputs": 20, "n_dendrites": 5, "seed": 2,
             "connectivity": "local"}

@@ -391,8 +391,9 @@ def test_captured_evaluations_report_what_eager_ones_do_on_cuda(
             assert [h[m] for m in METRICS] == pytest.approx([g[m] for m in METRICS], rel=1e-6)
 
 
+@pytest.mark.parametrize("pick_on_device", [False, True])
 def test_members_built_without_their_modules_train_and_save_as_module_built_ones(
-    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, pick_on_device: bool,
 ) -> None:
     # dendritic_simple members drawn without a module (soma on and off, two sharing an
     # architecture) against the same members built as modules: the same numbers, and the
@@ -402,6 +403,10 @@ def test_members_built_without_their_modules_train_and_save_as_module_built_ones
                dict(n_neurons=2, n_dendrites=5, n_dendrite_inputs=7, soma_enabled=False, lr=4e-3),
                dict(n_neurons=5, n_dendrites=2, n_dendrite_inputs=12, percentage_resample=0.5),
                dict(n_neurons=2, n_dendrites=3, n_dendrite_inputs=9, connectivity="local")]
+
+    if pick_on_device:  # the connections picked in batches, as on CUDA: three batches here
+        monkeypatch.setattr(_population, "_PICK_ON", ("cuda", "cpu"))
+        monkeypatch.setattr(_population, "_DRAW_BYTES", 4 * data.in_dim * 20)
 
     def run(module_free: bool) -> list[core.TrainResult]:
         monkeypatch.setattr(_population, "_MODULE_FREE", module_free)
