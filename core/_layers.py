@@ -124,19 +124,31 @@ def pick_connections(scores: torch.Tensor, ks: torch.Tensor, device: torch.devic
     return idx[:, :kmax]
 
 
+def weight_draws(rows: int, k: int, soma: tuple[int, int] | None = None) -> list[tuple[str, tuple[int, ...], int]]:
+    """A dendritic layer's weights in the order its construction draws them, after its
+    connections and from the same generator: ``(name, shape, fan-in)`` each, drawn uniform in
+    ``+-1/sqrt(fan-in)`` like ``nn.Linear`` over the unit's real fan-in (a dendrite's ``k``
+    inputs, a soma's dendrites). ``soma``: ``(n_neurons, n_dendrites)`` where the layer has
+    somas. :func:`draw_weights` draws them; the population trainer draws many layers' at once
+    in the same order (``core._population``, ``_draw_on_device``)."""
+    out: list[tuple[str, tuple[int, ...], int]] = [("weight", (rows, k), k), ("bias", (rows,), k)]
+    if soma is not None:
+        n, d = soma
+        out += [("soma_weight", (n, d), d), ("soma_bias", (n,), d)]
+    return out
+
+
 @torch.no_grad()
 def draw_weights(generator: torch.Generator, weight: torch.Tensor, bias: torch.Tensor,
                  soma_weight: torch.Tensor | None = None, soma_bias: torch.Tensor | None = None) -> None:
-    """A layer's initial weights, in place and in its construction's order: like ``nn.Linear``
-    over each unit's real fan-in (a dendrite's inputs, a soma's dendrites). Drawn on the CPU
-    whatever the tensors' device, so that every device starts from the same numbers."""
-    b = 1.0 / math.sqrt(weight.shape[1])
-    weight.copy_(torch.empty_like(weight, device="cpu").uniform_(-b, b, generator=generator))
-    bias.copy_(torch.empty_like(bias, device="cpu").uniform_(-b, b, generator=generator))
-    if soma_weight is not None and soma_bias is not None:
-        bs = 1.0 / math.sqrt(soma_weight.shape[1])
-        soma_weight.copy_(torch.empty_like(soma_weight, device="cpu").uniform_(-bs, bs, generator=generator))
-        soma_bias.copy_(torch.empty_like(soma_bias, device="cpu").uniform_(-bs, bs, generator=generator))
+    """A layer's initial weights, in place and in its construction's order
+    (:func:`weight_draws`). Drawn on the CPU whatever the tensors' device, so that every
+    device starts from the same numbers."""
+    soma = (soma_weight, soma_bias) if soma_weight is not None and soma_bias is not None else ()
+    order = weight_draws(weight.shape[0], weight.shape[1], tuple(soma_weight.shape) if soma else None)
+    for t, (_, _, fan_in) in zip((weight, bias, *soma), order, strict=True):
+        b = 1.0 / math.sqrt(fan_in)
+        t.copy_(torch.empty_like(t, device="cpu").uniform_(-b, b, generator=generator))
 
 
 def weights_from_rand(u: torch.Tensor, fan_in: torch.Tensor) -> torch.Tensor:

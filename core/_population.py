@@ -102,6 +102,7 @@ from ._layers import (
     pick_connections,
     seed_int64,
     weakest_slots,
+    weight_draws,
     weights_from_rand,
 )
 from ._models import dendritic_simple, dendritic_simple_tensors
@@ -606,14 +607,17 @@ class _Member:
     template: _Template | None = None  # built without a module: its state_dict comes from here
 
 
+#: a dendritic layer's parameters by the stack's names
+_LAYER_PARAMS = {"weight": "dw", "bias": "db", "soma_weight": "sw", "soma_bias": "sb"}
+
+
 def _own_tensors(layer: DendriticLayer | None, linears: list[nn.Linear]) -> dict[str, torch.Tensor]:
     """A built member's parameters by the stack's names (``dw``, ``db``, ``sw``, ``sb``, ``w0``,
     ``b0``, ..., ``wo``, ``bo``)."""
     own: dict[str, torch.Tensor] = {}
     if layer is not None:
-        own["dw"], own["db"] = layer.weight, layer.bias
-        if layer.soma_enabled:
-            own["sw"], own["sb"] = layer.soma_weight, layer.soma_bias
+        for name in ("weight", "bias") + (("soma_weight", "soma_bias") if layer.soma_enabled else ()):
+            own[_LAYER_PARAMS[name]] = getattr(layer, name)
     for j, lin in enumerate(linears):
         tag = "o" if j == len(linears) - 1 else str(j)
         own[f"w{tag}"], own[f"b{tag}"] = lin.weight, lin.bias
@@ -2018,49 +2022,50 @@ class _Population:
         """
         in_dim = members[0].arch.in_dim
         per_chunk = max(1, _DRAW_BYTES // (4 * in_dim))  # rows of scores
+        # per member, its weights' draws in the layer's order: (stack name, shape, fan-in)
+        order = {a: [(_LAYER_PARAMS[name], shape, fan_in)
+                     for name, shape, fan_in in weight_draws(a.n * a.d, a.k, (a.n, a.d) if a.soma else None)]
+                 for a in {m.arch for m in members}}
         chunks: list[list[_Member]] = [[]]
-        rows = 0
+        sizes = [[0, 0]]  # per chunk: rows of scores, weights drawn
         for m in members:
-            if chunks[-1] and rows + m.arch.n * m.arch.d > per_chunk:
+            a = m.arch
+            r, size = a.n * a.d, sum(math.prod(shape) for _, shape, _ in order[a])
+            if chunks[-1] and sizes[-1][0] + r > per_chunk:
                 chunks.append([])
-                rows = 0
+                sizes.append([0, 0])
             chunks[-1].append(m)
-            rows += m.arch.n * m.arch.d
-        # per member: (rows, k, its weights' draws by fan-in: (count, fan-in) in the layer's order)
-        def parts(a: _Arch) -> list[tuple[int, int]]:
-            r = a.n * a.d
-            return [(r * a.k + r, a.k)] + ([(a.n * a.d + a.n, a.d)] if a.soma else [])
-        scores = torch.empty(max(sum(m.arch.n * m.arch.d for m in c) for c in chunks), in_dim)
-        rest = torch.empty(max(sum(c for m in ch for c, _ in parts(m.arch)) for ch in chunks))
-        for chunk in chunks:
-            jobs, at, at_rest, counts, fans, k_rows = [], 0, 0, [], [], []
+            sizes[-1][0] += r
+            sizes[-1][1] += size
+        scores = torch.empty(max(r for r, _ in sizes), in_dim)
+        rest = torch.empty(max(w for _, w in sizes))
+        for chunk, (n_rows, n_rest) in zip(chunks, sizes, strict=True):
+            jobs, at, at_rest = [], 0, 0
             for m in chunk:
                 a = m.arch
-                r, size = a.n * a.d, sum(c for c, _ in parts(a))
+                r, size = a.n * a.d, sum(math.prod(shape) for _, shape, _ in order[a])
                 assert m.layer_seed is not None and len(m.draws) == 1
                 m.draws = []
                 jobs.append(functools.partial(_rand_into, m.layer_seed, scores[at : at + r],
                                               rest[at_rest : at_rest + size]))
-                for c, f in parts(a):
-                    counts.append(c)
-                    fans.append(f)
-                k_rows.append((r, a.k))
                 at += r
                 at_rest += size
             n_jobs = min(self.workers, len(jobs))
             for fut in [self.pool.submit(_draw_all, jobs[j::n_jobs]) for j in range(n_jobs)]:
                 fut.result()
-            picked = pick_connections(scores[:at], torch.repeat_interleave(
-                torch.tensor([k for _, k in k_rows]), torch.tensor([r for r, _ in k_rows])), self.device)
-            drawn = weights_from_rand(rest[:at_rest], torch.repeat_interleave(torch.tensor(fans), torch.tensor(counts)))
+            ks = torch.repeat_interleave(torch.tensor([m.arch.k for m in chunk]),
+                                         torch.tensor([m.arch.n * m.arch.d for m in chunk]))
+            picked = pick_connections(scores[:n_rows], ks, self.device)
+            draws = [(math.prod(shape), fan_in) for m in chunk for _, shape, fan_in in order[m.arch]]
+            fans = torch.repeat_interleave(torch.tensor([f for _, f in draws]), torch.tensor([c for c, _ in draws]))
+            drawn = weights_from_rand(rest[:n_rest], fans)
             at = at_rest = 0
             for m in chunk:
                 a, st = m.arch, m.state
                 assert st is not None
                 r = a.n * a.d
                 st.indices = picked[at : at + r, : a.k]
-                views = [("dw", (r, a.k)), ("db", (r,))] + ([("sw", (a.n, a.d)), ("sb", (a.n,))] if a.soma else [])
-                for name, shape in views:
+                for name, shape, _ in order[a]:
                     size = math.prod(shape)
                     st.params[name] = drawn[at_rest : at_rest + size].view(shape)
                     at_rest += size
