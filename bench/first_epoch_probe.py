@@ -1,14 +1,17 @@
 """Where a homogeneous population call's first epoch and build go (issue 14's whole / steady).
 
     python bench/first_epoch_probe.py --data-dir DIR [--k 1024] [--epochs 4] [--precision bf16]
+        [--calls N] [--plain-only]
 
 K members of dendritic_simple 12x6x96 on Fashion-MNIST, batch 256, after a two-member warm-up
 call (as bench/bench_population.py makes). Every population epoch is timed as
 ``bench/bench_e2e.py --profile`` times the study's: stacking plans / steps / evaluation /
 bookkeeping, the resampling and the graph captures within the steps, plus compiling the fused
 kernels ahead; each part with the device synchronized before and after, so the parts add up
-to device time plus the host time nothing overlapped. Then the call's own build and keep
-seconds, and a second call without the timing for its plain wall time.
+to device time plus the host time nothing overlapped. Before it, ``--calls`` plain calls (1 by
+default; v18 compared two trees with two plain calls a process, 15 epochs, processes
+alternating: ``--epochs 15 --calls 2 --plain-only``), each with its wall time, build, keep and
+whole / steady.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, help="core._population._EVAL_BYTES (a probe)")
     ap.add_argument("--module-free", type=int, choices=[0, 1], help="core._population._MODULE_FREE")
     ap.add_argument("--eval-graphs", type=int, choices=[0, 1], help="core._population._EVAL_GRAPHS")
+    ap.add_argument("--calls", type=int, default=1, help="plain calls before the timed one")
     ap.add_argument("--plain-only", action="store_true", help="skip the timed call")
     args = ap.parse_args()
     for flag, name in ((args.eval_bytes, "_EVAL_BYTES"), (args.module_free, "_MODULE_FREE"),
@@ -54,12 +58,13 @@ def main() -> None:
         stats["epochs"] = [round(h["seconds"], 3) for h in res[0].history]
         return time.perf_counter() - t0, stats
 
-    wall, stats = call()
-    last = stats["epochs"][-1]
-    print(f"# plain call: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
-          f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s; whole / steady "
-          f"{args.epochs * last / wall:.3f} (steady: the last epoch, {args.k / last:.1f} model-epochs/s); "
-          f"epoch seconds {stats['epochs']}", flush=True)
+    for n in range(1, args.calls + 1):
+        wall, stats = call()
+        last = stats["epochs"][-1]
+        print(f"# plain call {n}: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
+              f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s; whole / steady "
+              f"{args.epochs * last / wall:.3f} (steady: the last epoch, {args.k / last:.1f} model-epochs/s); "
+              f"epoch seconds {stats['epochs']}", flush=True)
     if args.plain_only:
         return
     import bench_e2e
