@@ -217,8 +217,10 @@ def test_iterator_of_seven_configs_with_three_slots_refills_each_freed_slot(
         _assert_same(results[i], _solo("dendritic_simple", configs[i], data, n_epochs, stop), data)
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_ended_members_left_in_the_stack_as_ghosts_change_nothing(
-    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, device: str,
 ) -> None:
     # members that end early (stopped, diverged) while nobody waits for their slot keep their
     # rows (as on CUDA, where a smaller stack means new graphs): the others train exactly as
@@ -229,12 +231,13 @@ def test_ended_members_left_in_the_stack_as_ghosts_change_nothing(
     stop_at = {1: 1, 3: 2}
 
     def run(stats: dict[str, Any]) -> list[core.TrainResult]:
-        return train_population("dendritic_simple", configs, data, 3, BATCH, device="cpu",
+        return train_population("dendritic_simple", configs, data, 3, BATCH, device=device,
                                 on_epoch=lambda i, epoch, _m: stop_at.get(i) == epoch, stats=stats)
 
+    monkeypatch.setattr(_population, "_GHOSTS_ON", ())
     plain_stats: dict[str, Any] = {}
     plain = run(plain_stats)
-    monkeypatch.setattr(_population, "_GHOSTS_ON", ("cuda", "cpu"))
+    monkeypatch.setattr(_population, "_GHOSTS_ON", (device,))
     monkeypatch.setattr(_population, "_MAX_GHOSTS", 0.5)
     ghost_stats: dict[str, Any] = {}
     ghosted = run(ghost_stats)
