@@ -27,4 +27,19 @@ if __name__ == "__main__":
     print(f"## ghosts {mode}: _GHOSTS_ON={P._GHOSTS_ON}", flush=True)
     import bench_e2e
 
+    counts = {"ended": 0, "kept": 0, "restacks": 0}
+    retire = P._Population._retire
+
+    def counted(self: P._Population, ended: set) -> None:
+        before = self.stack
+        retire(self, ended)
+        counts["ended"] += len(ended)
+        if self.stack is before:
+            counts["kept"] += len(ended)
+        else:
+            counts["restacks"] += 1
+
+    P._Population._retire = counted
     bench_e2e.main()
+    print(f"## members that ended mid-stack {counts['ended']}, left as ghosts {counts['kept']}; "
+          f"stacks made smaller or emptied {counts['restacks']}", flush=True)

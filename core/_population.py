@@ -78,7 +78,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -1372,15 +1372,17 @@ def capture_step(body: Callable[[], None], device: torch.device,
     return graph
 
 
-def settle(members: Sequence[Any], ended: list[int], on_settle: Callable[[int], Any] | None) -> list[int]:
+def settle(members: Sequence[Any], ended: list[int], on_settle: Callable[[int], Any] | None,
+           ghosts: Container[int] = ()) -> list[int]:
     """``ended`` (the stack rows whose members end this epoch) with the rows ``on_settle``
     stops once every member has reported the epoch, sorted; those members get status
-    ``"stopped"``. Shared by both population trainers."""
+    ``"stopped"``. ``ghosts``: rows of members that ended before (not asked). Shared by both
+    population trainers."""
     if on_settle is None:
         return ended
     done = set(ended)
     for i, mem in enumerate(members):
-        if i not in done and on_settle(mem.index):
+        if i not in done and i not in ghosts and on_settle(mem.index):
             mem.result.status = "stopped"
             done.add(i)
     return sorted(done)
@@ -1966,13 +1968,13 @@ class _Population:
         member's computation is its own), and nothing of it is read, reported or kept. Ghosts
         go at the next restack, when the last live member ends, past the share, or when a
         ghost's plans would not last as long as the live members' (it started earlier).
-        Not with ``on_settle`` (the rungs ask every member in the stack).
+        ``on_settle`` is not asked about ghosts.
         """
         stack = self.stack
         assert stack is not None
         ghosts = [m for m in stack.members if m.ghost or m in ended]
         live = [m for m in stack.members if not (m.ghost or m in ended)]
-        if (ghosts and live and self.device.type in _GHOSTS_ON and self.on_settle is None
+        if (ghosts and live and self.device.type in _GHOSTS_ON
                 and len(ghosts) <= _MAX_GHOSTS * stack.K
                 and max(m.epoch for m in ghosts) <= min(m.epoch for m in live)):
             for m in ended:
@@ -2481,7 +2483,8 @@ class _Population:
                     res.status, stop = "completed", True
             if stop:
                 ended.append(i)
-        ended = settle(stack.members, ended, self.on_settle)  # every member has reported
+        ended = settle(stack.members, ended, self.on_settle,  # every live member has reported
+                       {i for i, m in enumerate(stack.members) if m.ghost})
         for i in ended:
             stack.members[i].result.wall_time = now - stack.members[i].start
         t_keep = time.perf_counter()

@@ -273,7 +273,8 @@ def execute_population(
             common: dict[str, Any] = dict(
                 batch_size=spec.batch_size, device=dev, seed=spec.seed, on_epoch=on_epoch,
                 population_size=size, on_result=on_result, max_population=max_population,
-                on_settle=on_settle)
+                # asked of every member each epoch: only a rung pruner decides there
+                on_settle=on_settle if isinstance(study.pruner, RungPruner) else None)
             if recurrent:
                 core.train_recurrent_population(spec.model, configs(), data, spec.n_epochs, **common)
             else:

@@ -253,6 +253,31 @@ def test_ended_members_left_in_the_stack_as_ghosts_change_nothing(
     assert ghost_stats["executed_flops"] > plain_stats["executed_flops"]
 
 
+def test_ghosts_are_not_asked_to_settle(data: core.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a rung pruner's on_settle is asked about the members still training, never a ghost
+    monkeypatch.setattr(_population, "_GHOSTS_ON", ("cuda", "cpu"))
+    monkeypatch.setattr(_population, "_MAX_GHOSTS", 0.5)
+    configs = [dict(n_neurons=3, n_dendrites=2, n_dendrite_inputs=10, seed=70 + i) for i in range(4)]
+    asked: list[tuple[int, int]] = []
+    epochs = {i: 0 for i in range(4)}
+
+    def on_epoch(i: int, epoch: int, _m: dict[str, Any]) -> bool:
+        epochs[i] = epoch
+        return i == 0 and epoch == 1
+
+    def on_settle(i: int) -> bool:
+        asked.append((i, epochs[i]))
+        return i == 1 and epochs[i] == 2  # a rung stops member 1 after its second epoch
+
+    stats: dict[str, Any] = {}
+    results = train_population("dendritic_simple", configs, data, 3, BATCH, device="cpu", on_epoch=on_epoch,
+                               on_settle=on_settle, stats=stats)
+    assert [r.status for r in results] == ["stopped", "stopped", "completed", "completed"]
+    assert [r.epochs_run for r in results] == [1, 2, 3, 3]
+    assert sorted(asked) == [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]  # never 0, nobody at the end
+    assert [k for k, *_ in stats["stacks"]] == [4]  # both stayed as ghosts (2 of 4 rows)
+
+
 def test_ghosts_past_their_share_leave_the_stack(data: core.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_population, "_GHOSTS_ON", ("cuda", "cpu"))
     monkeypatch.setattr(_population, "_MAX_GHOSTS", 0.25)  # one ghost in 4 rows
