@@ -78,7 +78,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,8 +158,6 @@ _AUTO_MAX = 1024
 _EVAL_BYTES = 1 << 28  # bound on one evaluation chunk's activations
 _DRAW_BYTES = 1 << 26  # bound on the connections' scores picked on the device at once (_draw_on_device)
 _PICK_ON = ("cuda",)  # device types whose members' connections are picked there (_draw_on_device)
-_GHOSTS_ON = ("cuda",)  # device types whose stacks keep a few ended members' rows (_Population._retire)
-_MAX_GHOSTS = 1 / 16  # the largest share of a stack's rows left to ended members (_Population._retire)
 
 # Test hook: called with the population size before every training step. Raising
 # torch.OutOfMemoryError from it exercises the halving path without filling a device.
@@ -463,14 +461,6 @@ class _Recipe:
         return self.lr_schedule != "constant" or self.warmup_steps > 0
 
 
-def _cancel_plans(members: Iterable[_Member]) -> None:
-    """Drop the plans drawn ahead for members that leave their stack."""
-    for mem in members:
-        for fut in mem.plans:
-            fut.cancel()
-        mem.plans.clear()
-
-
 def _draw_all(draws: list[Callable[[], None]]) -> None:
     for draw in draws:
         draw()
@@ -615,7 +605,6 @@ class _Member:
     bio: MemberBio | None = None  # its bio rules (the readout's), if its config has ``bio``
     draws: list[Callable[[], None]] = field(default_factory=list)  # its layer's, not drawn yet
     template: _Template | None = None  # built without a module: its state_dict comes from here
-    ghost: bool = False  # ended, its row still in the stack: it trains on, unread (_Population._retire)
 
 
 #: a dendritic layer's parameters by the stack's names
@@ -1372,17 +1361,15 @@ def capture_step(body: Callable[[], None], device: torch.device,
     return graph
 
 
-def settle(members: Sequence[Any], ended: list[int], on_settle: Callable[[int], Any] | None,
-           ghosts: Container[int] = ()) -> list[int]:
+def settle(members: Sequence[Any], ended: list[int], on_settle: Callable[[int], Any] | None) -> list[int]:
     """``ended`` (the stack rows whose members end this epoch) with the rows ``on_settle``
     stops once every member has reported the epoch, sorted; those members get status
-    ``"stopped"``. ``ghosts``: rows of members that ended before (not asked). Shared by both
-    population trainers."""
+    ``"stopped"``. Shared by both population trainers."""
     if on_settle is None:
         return ended
     done = set(ended)
     for i, mem in enumerate(members):
-        if i not in done and i not in ghosts and on_settle(mem.index):
+        if i not in done and on_settle(mem.index):
             mem.result.status = "stopped"
             done.add(i)
     return sorted(done)
@@ -1928,7 +1915,7 @@ class _Population:
         self.size = self._initial_size(first)
         incoming = [first]
         while True:
-            live = sum(not m.ghost for st, _, _ in self.stacks.values() for m in st.members)
+            live = sum(st.K for st, _, _ in self.stacks.values())
             while live + len(incoming) < self.size:
                 mem = self._take()
                 if mem is None:
@@ -1952,45 +1939,9 @@ class _Population:
                 t0 = time.perf_counter()
                 self.stats["epoch_seconds"] += t0 - t1
                 if ended is not None:  # None: out of memory, halved; the rest retry next round
-                    self._retire(ended)
+                    keep = [i for i, mem in enumerate(self.stack.members) if mem not in ended]
+                    self.stack = self.stack.select(keep)
                 self._park(bs)
-
-    def _retire(self, ended: set[_Member]) -> None:
-        """Take the members that ended out of the stack, or leave them in it as ghosts.
-
-        A stack that loses members is a new stack: its step and evaluation graphs are
-        captured again and its next epoch's plans, staged ahead with the old rows, are staged
-        again. On CUDA that cost 0.35-0.5 s an epoch at K = 996 of the seed space's sizes, three
-        times in the last cohort of the 2,000-trial study, whose pruned trials leave it one by
-        one with nobody to take their rows (bench/NOTES_population.md, v19). So on
-        ``_GHOSTS_ON`` devices, while no newcomer is waiting, the ended members keep their rows,
-        at most ``_MAX_GHOSTS`` of the stack: a ghost trains on with its own plans (each
-        member's computation is its own), and nothing of it is read, reported or kept. Ghosts
-        go at the next restack, when the last live member ends, past the share, or when a
-        ghost's plans would not last as long as the live members' (it started earlier).
-        ``on_settle`` is not asked about ghosts.
-        """
-        stack = self.stack
-        assert stack is not None
-        ghosts = [m for m in stack.members if m.ghost or m in ended]
-        live = [m for m in stack.members if not (m.ghost or m in ended)]
-        if (ghosts and live and self.device.type in _GHOSTS_ON
-                and len(ghosts) <= _MAX_GHOSTS * stack.K
-                and max(m.epoch for m in ghosts) <= min(m.epoch for m in live)):
-            for m in ended:
-                m.ghost = True
-            return
-        if ghosts:
-            _cancel_plans(ghosts)
-            self.stack = stack.select([i for i, m in enumerate(stack.members) if not (m.ghost or m in ended)])
-
-    def _without_ghosts(self, stack: _Stack) -> _Stack:
-        """``stack`` without its ghosts' rows (see :meth:`_retire`)."""
-        ghosts = [m for m in stack.members if m.ghost]
-        if not ghosts:
-            return stack
-        _cancel_plans(ghosts)
-        return stack.select([i for i, m in enumerate(stack.members) if not m.ghost])
 
     def _switch(self, bs: int) -> None:
         """Make the stack of batch size ``bs`` (if any) the one that trains next."""
@@ -2007,8 +1958,6 @@ class _Population:
         stack = self.stack
         if not incoming and stack is not None:
             return
-        if stack is not None:
-            stack = self._without_ghosts(stack)
         everyone = (stack.members if stack is not None else []) + incoming
         needed = _Dims.of(m.arch for m in everyone)
         self._draw_connections(incoming)
@@ -2124,7 +2073,6 @@ class _Population:
 
     def _shrink(self, stack: _Stack) -> None:
         """After an out-of-memory error: halve the population, requeue who no longer fits."""
-        stack = self._without_ghosts(stack)
         if stack.K <= 1:
             raise torch.OutOfMemoryError(
                 "train_population ran out of device memory with a single member; "
@@ -2447,8 +2395,7 @@ class _Population:
         seconds = time.perf_counter() - t0
         per = 4.0 * self.n_train  # forward and weight gradient, 2 FLOPs a multiply-add each
         self.stats["executed_flops"] += per * stack.macs
-        ghosts = [m.arch for m in stack.members if m.ghost]
-        self.stats["useful_flops"] += per * (stack.useful_macs - (useful_macs(ghosts) if ghosts else 0))
+        self.stats["useful_flops"] += per * stack.useful_macs
         shape = (stack.K, stack.dims.n, stack.dims.d, stack.dims.k)
         if not self.stats["stacks"] or self.stats["stacks"][-1] != shape:
             self.stats["stacks"].append(shape)
@@ -2461,8 +2408,6 @@ class _Population:
             mem.current = None
             mem.epoch += 1
             mem.steps += mem.n_steps
-            if mem.ghost:  # ended: its rows train on unread (_retire)
-                continue
             res = mem.result
             tl, ta, vl, va, sl, sa = (row[i] for row in rows)
             stop = False
@@ -2483,10 +2428,13 @@ class _Population:
                     res.status, stop = "completed", True
             if stop:
                 ended.append(i)
-        ended = settle(stack.members, ended, self.on_settle,  # every live member has reported
-                       {i for i, m in enumerate(stack.members) if m.ghost})
+        ended = settle(stack.members, ended, self.on_settle)  # every member has reported
         for i in ended:
-            stack.members[i].result.wall_time = now - stack.members[i].start
+            mem = stack.members[i]
+            mem.result.wall_time = now - mem.start
+            for fut in mem.plans:
+                fut.cancel()
+            mem.plans.clear()
         t_keep = time.perf_counter()
         wanted = self.keep_weights
         self._keep_weights(stack, [

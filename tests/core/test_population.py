@@ -174,13 +174,9 @@ def test_padding_holds_zeros_and_receives_no_gradient(data: core.Dataset) -> Non
     _assert_same(results[0], _solo("dendritic_with_hidden", configs[0], data), data)
 
 
-@pytest.mark.parametrize("ghosts", [False, True])
 def test_iterator_of_seven_configs_with_three_slots_refills_each_freed_slot(
-    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, ghosts: bool,
+    data: core.Dataset,
 ) -> None:
-    if ghosts:  # ended members keep their rows until a newcomer takes the slot, as on CUDA
-        monkeypatch.setattr(_population, "_GHOSTS_ON", ("cuda", "cpu"))
-        monkeypatch.setattr(_population, "_MAX_GHOSTS", 0.5)
     n_epochs = 3
     stop_at = [1, 3, 2, 1, 2, 3, 1]  # pruning at different epochs frees slots at different times
     configs = [
@@ -215,82 +211,6 @@ def test_iterator_of_seven_configs_with_three_slots_refills_each_freed_slot(
     for i in (4, 5, 6):
         stop = stop_at[i] if stop_at[i] < n_epochs else None
         _assert_same(results[i], _solo("dendritic_simple", configs[i], data, n_epochs, stop), data)
-
-
-@pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_ended_members_left_in_the_stack_as_ghosts_change_nothing(
-    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, device: str,
-) -> None:
-    # members that end early (stopped, diverged) while nobody waits for their slot keep their
-    # rows (as on CUDA, where a smaller stack means new graphs): the others train exactly as
-    # in a stack that dropped them, and the ghosts' results stay as they were when they ended
-    configs = [dict(n_neurons=3 + i % 2, n_dendrites=2, n_dendrite_inputs=12 + 2 * i,
-                    steps_to_resample=4, seed=40 + i) for i in range(6)]
-    configs[4]["lr"] = 1e12  # diverges in its first epoch
-    stop_at = {1: 1, 3: 2}
-
-    def run(stats: dict[str, Any]) -> list[core.TrainResult]:
-        return train_population("dendritic_simple", configs, data, 3, BATCH, device=device,
-                                on_epoch=lambda i, epoch, _m: stop_at.get(i) == epoch, stats=stats)
-
-    monkeypatch.setattr(_population, "_GHOSTS_ON", ())
-    plain_stats: dict[str, Any] = {}
-    plain = run(plain_stats)
-    monkeypatch.setattr(_population, "_GHOSTS_ON", (device,))
-    monkeypatch.setattr(_population, "_MAX_GHOSTS", 0.5)
-    ghost_stats: dict[str, Any] = {}
-    ghosted = run(ghost_stats)
-    assert [r.status for r in ghosted] == ["completed", "stopped", "completed", "stopped", "diverged", "completed"]
-    assert [r.epochs_run for r in ghosted] == [3, 1, 3, 2, 0, 3]
-    for got, want in zip(ghosted, plain, strict=True):
-        _assert_same(got, want, data)
-    # one stack of 6 rows throughout, against 6, 4 (two ended), 3 rows without ghosts
-    assert [k for k, *_ in plain_stats["stacks"]] == [6, 4, 3]
-    assert [k for k, *_ in ghost_stats["stacks"]] == [6]
-    # the ghosts' rows count as executed work, not useful work
-    assert ghost_stats["useful_flops"] == plain_stats["useful_flops"]
-    assert ghost_stats["executed_flops"] > plain_stats["executed_flops"]
-
-
-def test_ghosts_are_not_asked_to_settle(data: core.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
-    # a rung pruner's on_settle is asked about the members still training, never a ghost
-    monkeypatch.setattr(_population, "_GHOSTS_ON", ("cuda", "cpu"))
-    monkeypatch.setattr(_population, "_MAX_GHOSTS", 0.5)
-    configs = [dict(n_neurons=3, n_dendrites=2, n_dendrite_inputs=10, seed=70 + i) for i in range(4)]
-    asked: list[tuple[int, int]] = []
-    epochs = {i: 0 for i in range(4)}
-
-    def on_epoch(i: int, epoch: int, _m: dict[str, Any]) -> bool:
-        epochs[i] = epoch
-        return i == 0 and epoch == 1
-
-    def on_settle(i: int) -> bool:
-        asked.append((i, epochs[i]))
-        return i == 1 and epochs[i] == 2  # a rung stops member 1 after its second epoch
-
-    stats: dict[str, Any] = {}
-    results = train_population("dendritic_simple", configs, data, 3, BATCH, device="cpu", on_epoch=on_epoch,
-                               on_settle=on_settle, stats=stats)
-    assert [r.status for r in results] == ["stopped", "stopped", "completed", "completed"]
-    assert [r.epochs_run for r in results] == [1, 2, 3, 3]
-    assert sorted(asked) == [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]  # never 0, nobody at the end
-    assert [k for k, *_ in stats["stacks"]] == [4]  # both stayed as ghosts (2 of 4 rows)
-
-
-def test_ghosts_past_their_share_leave_the_stack(data: core.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_population, "_GHOSTS_ON", ("cuda", "cpu"))
-    monkeypatch.setattr(_population, "_MAX_GHOSTS", 0.25)  # one ghost in 4 rows
-    configs = [dict(n_neurons=3, n_dendrites=2, n_dendrite_inputs=10, seed=60 + i) for i in range(4)]
-    stop_at = {0: 1, 1: 2}
-    stats: dict[str, Any] = {}
-    results = train_population("dendritic_simple", configs, data, 3, BATCH, device="cpu",
-                               on_epoch=lambda i, epoch, _m: stop_at.get(i) == epoch, stats=stats)
-    assert [r.epochs_run for r in results] == [1, 2, 3, 3]
-    # member 0 stays as a ghost after epoch 1; with member 1 the share is passed: both go
-    assert [k for k, *_ in stats["stacks"]] == [4, 2]
-    for i in (2, 3):
-        _assert_same(results[i], _solo("dendritic_simple", configs[i], data, 3), data)
 
 
 def test_non_finite_member_diverges_alone(data: core.Dataset) -> None:
