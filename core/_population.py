@@ -364,6 +364,18 @@ def useful_macs(archs: Iterable[_Arch]) -> int:
     return sum(_Dims.of([a]).macs() for a in archs)
 
 
+def _connection_mask(sizes: list[tuple[int, int, int]], dims: _Dims, device: torch.device) -> torch.Tensor:
+    """``(K, rows, k)``: 1.0 where a member's connection is real on the padded grid, 0.0 on
+    padding (its neurons, dendrites and inputs per dendrite: ``sizes``, one per member), made
+    on ``device``; :func:`_region`'s ``"didx"`` part of every member, filled with ones."""
+    n, d, k = torch.tensor(sizes, dtype=torch.long).reshape(-1, 3).to(device).unbind(1)
+    def under(size: int, bound: torch.Tensor) -> torch.Tensor:
+        return torch.arange(size, device=device) < bound.unsqueeze(1)
+    real = (under(dims.n, n)[:, :, None, None] & under(dims.d, d)[:, None, :, None]
+            & under(dims.k, k)[:, None, None, :])
+    return real.reshape(len(sizes), dims.rows, dims.k).float()
+
+
 def _region(
     t: torch.Tensor, name: str, arch: _Arch, dims: _Dims
 ) -> tuple[torch.Tensor, tuple[int, ...]] | None:
@@ -900,33 +912,38 @@ class _Stack:
                 on_cpu = all(st.indices.device.type == "cpu" for st in states)  # type: ignore[union-attr]
                 idx = torch.stack([st.indices if on_cpu else st.indices.to(device)  # type: ignore[misc, union-attr]
                                    for st in states])
-                kmask = torch.ones(K, dims.rows, dims.k)
+                kmask = torch.ones(K, dims.rows, dims.k, device=device)
             steps = torch.tensor([float(x.steps) for x in members], dtype=torch.float64)
             moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
             return cls(dims, members, *moved, lowp=lowp)  # type: ignore[arg-type, misc]
-        bufs = [torch.zeros(K, P) for _ in range(3)]
+        # Padded rows are written on the CPU and moved at once; what is zeros or a mask is made
+        # on the device: newcomers' moments (a whole cohort's) and the real connections' mask.
+        # For a cohort of the seed space (K = 996, rows of 76,736) each such CPU buffer was
+        # ~300 MB zeroed, paged in and copied over (bench/NOTES_population.md, v19).
+        moments = any(st.exp_avg or st.exp_avg_sq for st in states)
+        bufs = [torch.zeros(K, P) for _ in range(3 if moments else 1)]
         idx = kmask = None
         if dims.n:  # on the device where some connections were picked there (_draw_on_device)
             on_cpu = all(st.indices is None or st.indices.device.type == "cpu" for st in states)
             idx = torch.zeros(K, dims.rows, dims.k, dtype=torch.long, device="cpu" if on_cpu else device)
-            kmask = torch.zeros(K, dims.rows, dims.k)
+            kmask = _connection_mask([(m.arch.n, m.arch.d, m.arch.k) if st.indices is not None else (0, 0, 0)
+                                for m, st in zip(members, states, strict=True)], dims, device)
         for i, (mem, st) in enumerate(zip(members, states, strict=True)):
             for name, (off, shape) in layout.items():
-                for buf, src in zip(bufs, (st.params, st.exp_avg, st.exp_avg_sq), strict=True):
+                for buf, src in zip(bufs, (st.params, st.exp_avg, st.exp_avg_sq), strict=False):
                     if name not in src:  # moments not kept yet: the buffer's zeros
                         continue
                     reg = _region(buf[i, off : off + math.prod(shape)].view(shape), name, mem.arch, dims)
                     if reg is not None:
                         reg[0].copy_(src[name].reshape(reg[0].shape))
-            if idx is not None and kmask is not None and st.indices is not None:
+            if idx is not None and st.indices is not None:
                 reg = _region(idx[i], "didx", mem.arch, dims)
                 assert reg is not None
                 reg[0].copy_(st.indices.reshape(reg[0].shape))
-                reg = _region(kmask[i], "didx", mem.arch, dims)
-                assert reg is not None
-                reg[0].fill_(1.0)
         steps = torch.tensor([float(x.steps) for x in members], dtype=torch.float64)
         moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
+        if not moments:
+            moved[1:1] = [torch.zeros(K, P, device=device), torch.zeros(K, P, device=device)]
         return cls(dims, members, *moved, lowp=lowp)  # type: ignore[arg-type, misc]
 
     def states(self, rows: list[int], moments: bool = True) -> list[_State]:

@@ -531,3 +531,22 @@ def test_keep_weights_decides_which_members_read_their_weights_back(data: core.D
             assert r.state_dict is not None and seen[i] is r.state_dict
             assert full.state_dict is not None
             assert all(torch.equal(r.state_dict[k], full.state_dict[k]) for k in full.state_dict)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_connection_mask_marks_each_members_own_connections_on_the_padded_grid(device: str) -> None:
+    # the padded stack's mask of real connections, made at once on the device, against each
+    # member's region of the grid filled one by one (a member without a layer: no row of it)
+    archs = [_population._Arch(784, 10, n, d, k, soma=True) for n, d, k in ((3, 2, 5), (5, 4, 9), (1, 1, 1), (5, 1, 3))]
+    dims = _population._Dims.of(archs)
+    sizes = [(a.n, a.d, a.k) for a in archs] + [(0, 0, 0)]
+    want = torch.zeros(len(sizes), dims.rows, dims.k)
+    for i, a in enumerate(archs):
+        reg = _population._region(want[i], "didx", a, dims)
+        assert reg is not None
+        reg[0].fill_(1.0)
+    got = _population._connection_mask(sizes, dims, torch.device(device))
+    assert got.device.type == device and got.dtype == torch.float32
+    assert torch.equal(got.cpu(), want)
+    assert int(got.sum()) == sum(n * d * k for n, d, k in sizes)
