@@ -144,9 +144,10 @@ def draw_weights(generator: torch.Generator, weight: torch.Tensor, bias: torch.T
     """A layer's initial weights, in place and in its construction's order
     (:func:`weight_draws`). Drawn on the CPU whatever the tensors' device, so that every
     device starts from the same numbers."""
-    soma = (soma_weight, soma_bias) if soma_weight is not None and soma_bias is not None else ()
-    order = weight_draws(weight.shape[0], weight.shape[1], tuple(soma_weight.shape) if soma else None)
-    for t, (_, _, fan_in) in zip((weight, bias, *soma), order, strict=True):
+    tensors, soma_shape = (weight, bias), None
+    if soma_weight is not None and soma_bias is not None:
+        tensors, soma_shape = (weight, bias, soma_weight, soma_bias), (soma_weight.shape[0], soma_weight.shape[1])
+    for t, (_, _, fan_in) in zip(tensors, weight_draws(weight.shape[0], weight.shape[1], soma_shape), strict=True):
         b = 1.0 / math.sqrt(fan_in)
         t.copy_(torch.empty_like(t, device="cpu").uniform_(-b, b, generator=generator))
 

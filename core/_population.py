@@ -926,11 +926,12 @@ class _Stack:
         if dims.n:  # on the device where some connections were picked there (_draw_on_device)
             on_cpu = all(st.indices is None or st.indices.device.type == "cpu" for st in states)
             idx = torch.zeros(K, dims.rows, dims.k, dtype=torch.long, device="cpu" if on_cpu else device)
-            kmask = _connection_mask([(m.arch.n, m.arch.d, m.arch.k) if st.indices is not None else (0, 0, 0)
-                                for m, st in zip(members, states, strict=True)], dims, device)
+            sizes = [(m.arch.n, m.arch.d, m.arch.k) if st.indices is not None else (0, 0, 0)
+                     for m, st in zip(members, states, strict=True)]
+            kmask = _connection_mask(sizes, dims, device)
         for i, (mem, st) in enumerate(zip(members, states, strict=True)):
             for name, (off, shape) in layout.items():
-                for buf, src in zip(bufs, (st.params, st.exp_avg, st.exp_avg_sq), strict=False):
+                for buf, src in zip(bufs, (st.params, st.exp_avg, st.exp_avg_sq)[: len(bufs)], strict=True):
                     if name not in src:  # moments not kept yet: the buffer's zeros
                         continue
                     reg = _region(buf[i, off : off + math.prod(shape)].view(shape), name, mem.arch, dims)
