@@ -122,14 +122,20 @@ def fake_train_seeds(spec: studies.StudySpec, number: int, family: str, model_ar
     return [_result(curve(params, n), seed, n, on_epoch)], None
 
 
+#: the population a study's "auto" takes in fake_train_population (the CPU's 8; an H200 takes 996)
+AUTO_SIZE = 8
+
+
 def fake_train_population(model: str, configs: Any, data: Any, n_epochs: int, batch_size: int = 128,
                           device: Any = None, seed: int = 0, on_epoch: Any = None, *,
                           population_size: Any = None, on_result: Any = None,
                           max_population: Any = None, precision: str = "fp32",
-                          on_settle: Any = None) -> list[Any]:
-    """core.train_population's scheduling (slots refilled as members end), without the work."""
+                          on_settle: Any = None, keep_weights: Any = None, **_: Any) -> list[Any]:
+    """core.train_population's scheduling (slots refilled as members end), without the work:
+    each member's epochs are :func:`curve`'s; ``keep_weights`` is asked of each member that
+    ends, before ``on_result``, as the trainer asks it."""
     spec = make_spec("x", 1, 0)
-    size = population_size if isinstance(population_size, int) else 8
+    size = population_size if isinstance(population_size, int) else AUTO_SIZE
     it = iter(configs)
     results: list[core.TrainResult] = []
     active: list[tuple[int, list[dict[str, Any]]]] = []
@@ -163,6 +169,8 @@ def fake_train_population(model: str, configs: Any, data: Any, n_epochs: int, ba
                     results[idx].status = "stopped"
                     ended.append(idx)
         for idx in ended:
+            if keep_weights is not None:
+                keep_weights(idx, results[idx])
             on_result(idx, results[idx])
         active = [a for a in active if a[0] not in ended]
 
