@@ -921,7 +921,8 @@ class _Stack:
         # For a cohort of the seed space (K = 996, rows of 76,736) each such CPU buffer was
         # ~300 MB zeroed, paged in and copied over (bench/NOTES_population.md, v19).
         moments = any(st.exp_avg or st.exp_avg_sq for st in states)
-        bufs = [torch.zeros(K, P) for _ in range(3 if moments else 1)]
+        # (without moments the two buffers are never written below: each member's are empty)
+        bufs = [torch.zeros(K, P)] + [torch.zeros(K, P, device=None if moments else device) for _ in range(2)]
         idx = kmask = None
         if dims.n:  # on the device where some connections were picked there (_draw_on_device)
             on_cpu = all(st.indices is None or st.indices.device.type == "cpu" for st in states)
@@ -931,7 +932,7 @@ class _Stack:
             kmask = _connection_mask(sizes, dims, device)
         for i, (mem, st) in enumerate(zip(members, states, strict=True)):
             for name, (off, shape) in layout.items():
-                for buf, src in zip(bufs, (st.params, st.exp_avg, st.exp_avg_sq)[: len(bufs)], strict=True):
+                for buf, src in zip(bufs, (st.params, st.exp_avg, st.exp_avg_sq), strict=True):
                     if name not in src:  # moments not kept yet: the buffer's zeros
                         continue
                     reg = _region(buf[i, off : off + math.prod(shape)].view(shape), name, mem.arch, dims)
@@ -943,8 +944,6 @@ class _Stack:
                 reg[0].copy_(st.indices.reshape(reg[0].shape))
         steps = torch.tensor([float(x.steps) for x in members], dtype=torch.float64)
         moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
-        if not moments:
-            moved[1:1] = [torch.zeros(K, P, device=device), torch.zeros(K, P, device=device)]
         return cls(dims, members, *moved, lowp=lowp)  # type: ignore[arg-type, misc]
 
     def states(self, rows: list[int], moments: bool = True) -> list[_State]:
@@ -2044,11 +2043,12 @@ class _Population:
         order = {a: [(_LAYER_PARAMS[name], shape, fan_in)
                      for name, shape, fan_in in weight_draws(a.n * a.d, a.k, (a.n, a.d) if a.soma else None)]
                  for a in {m.arch for m in members}}
+        drawn_size = {a: sum(math.prod(shape) for _, shape, _ in draws) for a, draws in order.items()}
         chunks: list[list[_Member]] = [[]]
         sizes = [[0, 0]]  # per chunk: rows of scores, weights drawn
         for m in members:
             a = m.arch
-            r, size = a.n * a.d, sum(math.prod(shape) for _, shape, _ in order[a])
+            r, size = a.n * a.d, drawn_size[a]
             if chunks[-1] and sizes[-1][0] + r > per_chunk:
                 chunks.append([])
                 sizes.append([0, 0])
@@ -2061,7 +2061,7 @@ class _Population:
             jobs, at, at_rest = [], 0, 0
             for m in chunk:
                 a = m.arch
-                r, size = a.n * a.d, sum(math.prod(shape) for _, shape, _ in order[a])
+                r, size = a.n * a.d, drawn_size[a]
                 assert m.layer_seed is not None and len(m.draws) == 1
                 m.draws = []
                 jobs.append(functools.partial(_rand_into, m.layer_seed, scores[at : at + r],
