@@ -61,19 +61,18 @@ def _triton() -> Any:
     # equal to 1); the grid's sizes and the parameters' offsets change with every stack shape,
     # and the batch and its block count with an epoch's last, partial batch, so they are left
     # unspecialized (the row stride is always a multiple of 16: _Dims.stride)
-    @triton.jit(do_not_specialize=["B", "NN", "DD", "NS", "DS", "m0", "db_off", "sw_off", "sb_off", "wo_off",
-                                   "bo_off", "n_blocks"])
+    @triton.jit(do_not_specialize=["B", "NN", "DD", "NS", "DS", "RS", "m0", "db_off", "sw_off", "sb_off",
+                                   "wo_off", "bo_off", "n_blocks"])
     def head_kernel(
         z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr, eps_ptr,
         gz_ptr, part_ptr, loss_ptr, correct_ptr,
-        B, NN, DD, NS, DS, m0, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
+        B, NN, DD, NS, DS, RS, m0, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
         inv_b,
         BB: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr,
         ADD_DB: tl.constexpr, GZ_BF16: tl.constexpr, DOT: tl.constexpr,
     ):
         m = tl.program_id(0)
         blk = tl.program_id(1)
-        R = NN * DD
         offs_b = blk * BB + tl.arange(0, BB)
         i = tl.arange(0, NP)
         j = tl.arange(0, DP)
@@ -86,7 +85,7 @@ def _triton() -> Any:
         i3 = i[None, :, None]
         j3 = j[None, None, :]
         m3 = (b3 < B) & (i3 < NN) & (j3 < DD)
-        zp = z_ptr + m.to(tl.int64) * B * R + b3 * R + i3 * DD + j3
+        zp = z_ptr + m.to(tl.int64) * B * RS + b3 * RS + i3 * DD + j3
         z = tl.load(zp, mask=m3, other=0.0).to(tl.float32)
         mg = m + m0  # the member's row of p, y and eps (z, gz and the sums are the band's own)
         pm = p_stride * mg.to(tl.int64)
@@ -143,7 +142,7 @@ def _triton() -> Any:
         dh = ds[:, :, None] * sw[None, :, :]
         dz = tl.where(z > 0, dh, dh * 0.1)
         tl.store(part + NP * DP + NP + CP * NP + CP + i[:, None] * DP + j[None, :], tl.sum(dz, axis=0))
-        gp = gz_ptr + m.to(tl.int64) * B * R + b3 * R + i3 * DD + j3
+        gp = gz_ptr + m.to(tl.int64) * B * RS + b3 * RS + i3 * DD + j3
         if GZ_BF16:  # rounded to nearest even, as Tensor.to rounds
             tl.store(gp, dz.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=m3)
         else:
@@ -335,11 +334,12 @@ def soma_head(
 ) -> tuple[torch.Tensor, ...]:
     """Loss, correct counts and gradients of ``LeakyReLU -> soma -> LeakyReLU -> Linear -> CE``.
 
-    ``z`` (K, B, n*d) holds the dendrites' pre-activations (bias included) on the (neuron,
-    dendrite) grid; the soma weights (n, d) and bias (n) and the readout weight (C, n) and bias
+    ``z`` (K, B, R) holds the dendrites' pre-activations (bias included) on the (neuron,
+    dendrite) grid, its first ``n*d`` columns (``R`` may be larger: a fused band's rows aligned
+    for its products; dL/dz is zero past them); the soma weights (n, d) and bias (n) and the readout weight (C, n) and bias
     (C) are read from each member's flat parameter row ``p`` (K, P) at ``offsets``
     (``sw``, ``sb``, ``wo``, ``bo``; the readout's shape from ``offsets["C"]``). ``y`` (K, B)
-    holds the labels. Returns ``(mean loss (K,), correct (K,), dL/dz (K, B, n*d), dL/dsw
+    holds the labels. Returns ``(mean loss (K,), correct (K,), dL/dz (K, B, R), dL/dsw
     (K, n, d), dL/dsb (K, n), dL/dwo (K, C, n), dL/dbo (K, C), dL/ddb (K, n*d))`` for the loss
     ``sum over members of the batch-mean cross-entropy``, ``db`` being the dendrites' bias
     (the batch sum of dL/dz). ``smoothing`` (K,) float32, if given, is each member's label
@@ -372,13 +372,15 @@ def soma_head(
     tail = NP * DP + NP + CP * NP + CP  # sw, sb, wo, bo; then db
     part_stride = tail + NP * DP
     gz = torch.empty_like(z, dtype=grad_dtype or z.dtype)
+    if R > n * d:  # the aligned rows past the grid: the kernel covers the grid alone
+        gz[:, :, n * d :].zero_()
     part = torch.empty(K, n_blocks, part_stride, device=z.device, dtype=torch.float32)
     loss = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
     correct = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
     eps = smoothing if smoothing is not None else torch.zeros(first + K, device=z.device)
     _launch(
         kernel, (K, n_blocks), z, p, p, p, p, y, eps, gz, part, loss, correct,
-        B, n, d, n_stored or n, d_stored or d, first, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
+        B, n, d, n_stored or n, d_stored or d, R, first, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
         offsets["wo"], offsets["bo"], n_blocks, part_stride, 1.0 / B,
         BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16,
         DOT=dot, num_warps=4,

@@ -352,11 +352,26 @@ class _Dims:
         return total + width * self.n_classes
 
 
-def executed_macs(dims: _Dims, bands: Sequence[tuple[int, int, int, int]]) -> int:
+#: A fused band's dendrite rows are padded to a multiple of this (zero rows): they are the
+#: leading dimension of its bf16 products' outputs, and cuBLAS runs those several times slower
+#: at one that is not a multiple of 8 (one H200, K = 996, B = 256, 784 inputs: 187 rows 1.0 +
+#: 1.09 ms for the two products, 192 rows 0.23 + 0.23 ms; bench/bmm_align_probe.py).
+_ROW_ALIGN = 8
+
+
+def _aligned(rows: int, align: int = _ROW_ALIGN) -> int:
+    """``rows`` rounded up to a multiple of ``align``."""
+    return -(-rows // align) * align
+
+
+def executed_macs(dims: _Dims, bands: Sequence[tuple[int, int, int, int]], align: int = _ROW_ALIGN) -> int:
     """Multiply-adds of one example's forward pass (``_Dims.macs``) summed over a stack's
     members, as its step executes them: each band ``(start, stop, neurons, dendrites)`` on its
-    own grid, padding included. ``bench/padding_probe.py`` reports the same count."""
-    return sum((b - a) * dims.macs(n, d) for a, b, n, d in bands)
+    own grid, its dendrite rows padded to a multiple of ``align`` (a fused step's bands:
+    ``_ROW_ALIGN``; 1 for the plain step's one band), padding included.
+    ``bench/padding_probe.py`` reports the same count."""
+    return sum((b - a) * (dims.macs(n, d) + (_aligned(n * d, align) - n * d) * dims.in_dim)
+               for a, b, n, d in bands)
 
 
 def useful_macs(archs: Iterable[_Arch]) -> int:
@@ -547,7 +562,8 @@ def _bands(shapes: Sequence[tuple[int, int]], d: int) -> list[tuple[int, int, in
     its own (neurons, dendrites) grid, its largest ``n`` by its largest ``d``: the rows a
     member does not use are padding the band skips. With the members sorted by
     :func:`_band_key` (as a stack is built), a few bands remove most of the padding of a mixed
-    population. The split minimizes the products' rows plus the head's power-of-2 tile plus a
+    population. The split minimizes the products' rows (aligned, as the step pads them:
+    ``_ROW_ALIGN``) plus the head's power-of-2 tile plus a
     fixed cost per band, over the points where the key changes (one band when there are too
     many such points: an unsorted stack).
     """
@@ -572,7 +588,7 @@ def _bands(shapes: Sequence[tuple[int, int]], d: int) -> list[tuple[int, int, in
     def cost(a: int, b: int) -> float:
         n, dd = top[a][b]
         tile = (1 << (n - 1).bit_length()) * (1 << max(0, (dd - 1).bit_length()))
-        return (pts[b] - pts[a]) * (n * dd + _HEAD_WEIGHT * tile) + fixed
+        return (pts[b] - pts[a]) * (_aligned(n * dd) + _HEAD_WEIGHT * tile) + fixed
 
     inf = float("inf")
     # best[j][b]: the cheapest split of the members before pts[b] into j bands, and where
@@ -684,7 +700,7 @@ class _DendriteMatmul(torch.autograd.Function):
     ) -> torch.Tensor:
         K, rows = b.shape
         _put(buf, w, real)
-        dense = buf[:-1].view(K, rows, -1)
+        dense = buf[: K * rows * x.shape[2]].view(K, rows, -1)
         ctx.save_for_backward(x, flat_t)
         ctx.shape = (K, rows, dense.shape[2])
         if buf.dtype == torch.float32:
@@ -789,6 +805,9 @@ class _Stack:
         # the fused step's bands of members (see _bands); one band of the whole grid otherwise
         self.bands = (_bands([(x.arch.n, x.arch.d) for x in members], dims.d) if self.fused
                       else [(0, self.K, dims.n, dims.d)])
+        # a band's rows in the dense buffer and gradient: aligned for the fused step's products
+        # (_ROW_ALIGN); the plain step's one band is the (K, rows, in) grid itself
+        self.align = _ROW_ALIGN if self.fused else 1
         # each member's neurons, dendrites and inputs, where the fused step's Adam gathers the
         # connections' gradient itself and skips the padded slots: a stack mostly padding (a
         # real slot's gather costs several times a dense pass over one; rows padded to a
@@ -802,7 +821,9 @@ class _Stack:
         self._slots = max(own, default=0)
         if dims.n and self.K:
             assert kmask is not None
-            self.buf = torch.zeros(self.K * dims.rows * dims.in_dim + 1, device=dev, dtype=lowp)
+            # large enough for the bands' aligned blocks and for the whole grid (_unband)
+            rows = max(self.K * dims.rows, sum((b - a) * self._rows(n, d) for a, b, n, d in self.bands))
+            self.buf = torch.zeros(rows * dims.in_dim + 1, device=dev, dtype=lowp)
             # the real connections (resampling moves them, never adds or drops one)
             self._real_at = (kmask.reshape(-1) > 0).nonzero().squeeze(1)
             self._index()
@@ -820,6 +841,10 @@ class _Stack:
                         if name in self.layout}
         self.offsets["C"] = dims.n_classes
 
+    def _rows(self, n: int, d: int) -> int:
+        """A band of ``n`` neurons by ``d`` dendrites: its rows in the dense buffer and gradient."""
+        return _aligned(n * d, self.align)
+
     def flush(self) -> None:
         """The bio rules' state back into the members' modules, before the stack changes."""
         if self.bio is not None:
@@ -830,8 +855,9 @@ class _Stack:
         gradient (``flat_t``; padding: the sink), both laid out band by band (``bands``): a
         band's members as ``(members, band rows, in)`` in the buffer and ``(members, in, band
         rows)`` in the gradient, a member's dendrite (i, j) being the band grid's row
-        ``i * dendrites + j``. One band of the whole grid is the ``(K, rows, in)`` and
-        ``(K, in, rows)`` layouts.
+        ``i * dendrites + j``. A band's rows are aligned (:meth:`_rows`): the rows past its
+        grid are zero in the buffer and never read in the gradient. One band of the whole grid,
+        unaligned, is the ``(K, rows, in)`` and ``(K, in, rows)`` layouts.
 
         Made with the stack, where every padded slot points at the sink for good; after a
         resampling only the real connections' entries are computed again, in place (a
@@ -853,9 +879,9 @@ class _Stack:
                 self.grad_at.append(at)
                 base += [at] * (stop - start)
                 local += range(stop - start)
-                rows += [n * d] * (stop - start)
+                rows += [self._rows(n, d)] * (stop - start)
                 dends += [d] * (stop - start)
-                at += (stop - start) * n_in * n * d
+                at += (stop - start) * n_in * self._rows(n, d)
             self.grad_size = at
             dev = self.idx.device
             base_t, local_t, rows_t, dends_t = (
@@ -873,12 +899,15 @@ class _Stack:
 
     @property
     def whole_grid(self) -> bool:
-        """Whether the dense buffer is the whole grid's ``(K, rows, in)`` (one band of it)."""
-        return self.bands == [(0, self.K, self.dims.n, self.dims.d)]
+        """Whether the dense buffer is the whole grid's ``(K, rows, in)`` (one band of it, its
+        rows not aligned past the grid's)."""
+        dims = self.dims
+        return self.bands == [(0, self.K, dims.n, dims.d)] and self._rows(dims.n, dims.d) == dims.rows
 
     def _unband(self) -> None:
         """One band of the whole grid (the plain path's layout), indexed anew."""
         self.bands = [(0, self.K, self.dims.n, self.dims.d)]
+        self.align = 1
         self.resample_graphs.clear()  # they write the index tensors replaced below
         self.eval_graph = None  # it reads the bands' layout
         if self.buf is not None:
@@ -1037,7 +1066,7 @@ class _Stack:
     @property
     def macs(self) -> int:
         """Multiply-adds of one example's forward pass, as executed (:func:`executed_macs`)."""
-        return executed_macs(self.dims, self.bands)
+        return executed_macs(self.dims, self.bands, self.align)
 
     @functools.cached_property
     def useful_macs(self) -> int:
@@ -1061,7 +1090,8 @@ class _Stack:
         grid's ``(K, rows, in_dim)`` (see ``whole_grid``; else :meth:`_band_dense` views them)."""
         assert self.buf is not None
         _put(self.buf, self.plain["dw"], self.real)
-        return self.buf[:-1].view(self.K, self.dims.rows, self.dims.in_dim)
+        dims = self.dims
+        return self.buf[: self.K * dims.rows * dims.in_dim].view(self.K, dims.rows, dims.in_dim)
 
     def _band_bias(self, band: int) -> torch.Tensor:
         """Band ``band``'s dendrite biases on its own grid, ``(members, band rows)``."""
@@ -1069,22 +1099,25 @@ class _Stack:
         return self.plain["db"].view(self.K, self.dims.n, self.dims.d)[a:b, :n, :d].reshape(b - a, n * d)
 
     def _band_dense(self, band: int) -> torch.Tensor:
-        """Band ``band``'s dense matrices, ``(members, band rows, in_dim)``, contiguous (a view
-        of the buffer that :meth:`_dense` writes)."""
+        """Band ``band``'s dense matrices, ``(members, aligned band rows, in_dim)`` (:meth:`_rows`;
+        the rows past the band's grid are zero), contiguous (a view of the buffer that
+        :meth:`_dense` writes)."""
         assert self.buf is not None
         a, b, n, d = self.bands[band]
-        at, size = self.grad_at[band], (b - a) * n * d * self.dims.in_dim
-        return self.buf[at : at + size].view(b - a, n * d, self.dims.in_dim)
+        rows = self._rows(n, d)
+        at, size = self.grad_at[band], (b - a) * rows * self.dims.in_dim
+        return self.buf[at : at + size].view(b - a, rows, self.dims.in_dim)
 
     @staticmethod
     def _first(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
         """``x @ w^T + b`` per member of ``w`` (members, rows, in); a shared ``x`` (evaluation)
-        is one large product."""
+        is one large product, where ``w`` may have more rows than ``b`` (a band's aligned
+        rows, zero past ``b``'s): those are left out."""
         if not shared:
             return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
         K, rows = w.shape[:2]
         z = x @ w.reshape(K * rows, -1).t()
-        return z.view(len(x), K, rows).transpose(0, 1) + b.unsqueeze(1)
+        return z.view(len(x), K, rows)[:, :, : b.shape[1]].transpose(0, 1) + b.unsqueeze(1)
 
     @staticmethod
     def _soma(h: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor, n: int, d: int) -> torch.Tensor:
@@ -1198,12 +1231,12 @@ class _Stack:
         views["db"] = views["db"].view(K, dims.n, D)
         losses, rights = [], []
         for band, ((a, b, n, d), at) in enumerate(zip(self.bands, self.grad_at, strict=True)):
-            R, x = n * d, xb[a:b]
-            w = self._band_dense(band).transpose(1, 2)  # the band's own (n, d) grid of rows
+            R, x = self._rows(n, d), xb[a:b]
+            w = self._band_dense(band).transpose(1, 2)  # the band's own (n, d) grid of rows, aligned
             if lowp:  # the head adds the bias to the product in float32, as .float().add_(db) did
                 z = torch.bmm(x, w)
             else:
-                z = torch.baddbmm(self._band_bias(band).unsqueeze(1), x, w)
+                z = torch.baddbmm(F.pad(self._band_bias(band), (0, R - n * d)).unsqueeze(1), x, w)
             try:
                 loss, right, gz, gsw, gsb, gwo, gbo, gdb = _kernels.soma_head(
                     z, self.p, self.offsets, n, d, yb, self.smooth, add_bias=lowp,

@@ -178,6 +178,17 @@ for a, b in zip(_kernels.soma_head(z2, p, offs, n2, d, y, eps, n_stored=n),
 for a, b in zip(_kernels.soma_head(z[1:], p, offs, n, d, y, eps, first=1),
                 _kernels.soma_head(z[1:], p[1:], offs, n, d, y[1:], eps[1:]), strict=True):
     assert torch.equal(a, b)
+# rows aligned past the grid (a fused band's, _population._ROW_ALIGN): z's extra columns are
+# not read (NaN there changes nothing), dL/dz is zero there and the same elsewhere
+R = -(-(n * d) // 8) * 8 + 8
+za = torch.full((K, B, R), float("nan"))
+za[:, :, : n * d] = z
+aligned = _kernels.soma_head(za, p, offs, n, d, y, eps)
+for i, (a, b) in enumerate(zip(aligned, _kernels.soma_head(z, p, offs, n, d, y, eps), strict=True)):
+    if i == 2:
+        assert a.shape == (K, B, R) and torch.equal(a[:, :, n * d :], torch.zeros(K, B, R - n * d))
+        a = a[:, :, : n * d]
+    assert torch.equal(a, b), i
 print("same")
 """
 
@@ -530,7 +541,35 @@ def test_a_banded_dense_gradient_reads_back_as_the_whole_grids(data: core.Datase
     # the same entries (products of other shapes may round differently in the last bit)
     torch.testing.assert_close(banded.take(stack.flat_t), full.take(whole), rtol=1e-6, atol=1e-6)
     assert torch.equal(stack.flat_t == stack.grad_size, whole == whole.max())  # the padding: the sink
-    stack._unband()
+    # a fused step's bands align their rows (2 x 3 -> 8, 5 x 3 -> 16): the rows past a band's
+    # grid sit in its blocks, and nothing reads the gradient there (NaN in them changes nothing)
+    stack.align = 8
+    stack.flat_t = None
+    stack._index()
+    assert stack.grad_size == 2 * n_in * 8 + 2 * n_in * 16 and stack.grad_at == [0, 2 * n_in * 8]
+    blocks = []
+    for a, b, n, _ in stack.bands:
+        rows = stack._rows(n, 3)
+        gza = torch.full((b - a, B, rows), float("nan"))
+        gza[:, :, : n * 3] = gz[a:b, :, : n * 3]
+        g = torch.bmm(x[a:b].transpose(1, 2), gza)
+        assert g[:, :, n * 3 :].isnan().all()
+        blocks.append(g.reshape(-1))
+    aligned = torch.cat([*blocks, torch.zeros(1)])
+    torch.testing.assert_close(aligned.take(stack.flat_t), full.take(whole), rtol=1e-6, atol=1e-6)
+    # and the dense buffer: each connection's weight lands in its band's row of its member
+    stack.buf.zero_()  # type: ignore[union-attr]
+    stack._dense()
+    for band, (a, b, n, _) in enumerate(stack.bands):
+        dense = stack._band_dense(band)
+        assert dense.shape == (b - a, stack._rows(n, 3), n_in) and not dense[:, n * 3 :].any()
+        for i in range(a, b):
+            m = stack.members[i].arch
+            w = stack.plain["dw"][i].view(stack.dims.n, 3, -1)[: m.n, : m.d, : m.k]
+            at = stack.idx[i].view(stack.dims.n, 3, -1)[: m.n, : m.d, : m.k]  # type: ignore[union-attr]
+            want = torch.zeros(n, 3, n_in).scatter_(2, at, w)
+            torch.testing.assert_close(dense[i - a, : n * 3].view(n, 3, n_in).float(), want)
+    stack._unband()  # the plain step's layout: the whole grid, unaligned
     assert stack.bands == [(0, K, 5, 3)] and torch.equal(stack.flat_t, whole)
 
 
