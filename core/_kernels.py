@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "adam_connections", "adam_rows", "ahead", "available", "compiling_ahead", "disable", "input_scores", "soma_head",
+    "adam_connections", "adam_rows", "ahead", "available", "compiling_ahead", "disable", "input_scores", "soma_eval",
+    "soma_head",
 ]
 
 _SLOPE = 0.1
@@ -60,14 +61,16 @@ def _triton() -> Any:
     # Triton compiles a kernel anew for each pattern of "integer argument divisible by 16" (or
     # equal to 1); the grid's sizes and the parameters' offsets change with every stack shape,
     # and the batch and its block count with an epoch's last, partial batch, so they are left
-    # unspecialized (the row stride is always a multiple of 16: _Dims.stride)
-    @triton.jit(do_not_specialize=["B", "NN", "DD", "NS", "DS", "RS", "m0", "db_off", "sw_off", "sb_off",
-                                   "wo_off", "bo_off", "n_blocks"])
+    # unspecialized (the row stride is always a multiple of 16: _Dims.stride); so are z's and
+    # the labels' strides and the gradient switch, which the evaluation (soma_eval) sets
+    # otherwise than the step: both run the same compiled kernel
+    @triton.jit(do_not_specialize=["B", "NN", "DD", "NS", "DS", "ZM", "ZB", "YM", "m0", "db_off", "sw_off",
+                                   "sb_off", "wo_off", "bo_off", "n_blocks", "grad"])
     def head_kernel(
         z_ptr, sw_ptr, sb_ptr, wo_ptr, bo_ptr, y_ptr, eps_ptr,
         gz_ptr, part_ptr, loss_ptr, correct_ptr,
-        B, NN, DD, NS, DS, RS, m0, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks, part_stride,
-        inv_b,
+        B, NN, DD, NS, DS, ZM, ZB, YM, m0, C, p_stride, db_off, sw_off, sb_off, wo_off, bo_off, n_blocks,
+        part_stride, inv_b, grad,
         BB: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr,
         ADD_DB: tl.constexpr, GZ_BF16: tl.constexpr, DOT: tl.constexpr,
     ):
@@ -85,7 +88,7 @@ def _triton() -> Any:
         i3 = i[None, :, None]
         j3 = j[None, None, :]
         m3 = (b3 < B) & (i3 < NN) & (j3 < DD)
-        zp = z_ptr + m.to(tl.int64) * B * RS + b3 * RS + i3 * DD + j3
+        zp = z_ptr + m.to(tl.int64) * ZM + b3.to(tl.int64) * ZB + i3 * DD + j3
         z = tl.load(zp, mask=m3, other=0.0).to(tl.float32)
         mg = m + m0  # the member's row of p, y and eps (z, gz and the sums are the band's own)
         pm = p_stride * mg.to(tl.int64)
@@ -106,7 +109,7 @@ def _triton() -> Any:
         else:
             logits = tl.sum(s[:, None, :] * wo[None, :, :], axis=2) + bo[None, :]
         logits = tl.where(mc[None, :], logits, float("-inf"))
-        y = tl.load(y_ptr + mg.to(tl.int64) * B + offs_b, mask=mb, other=0)
+        y = tl.load(y_ptr + mg.to(tl.int64) * YM + offs_b, mask=mb, other=0)
         mx = tl.max(logits, axis=1)
         e = tl.exp(logits - mx[:, None])
         se = tl.sum(e, axis=1)
@@ -120,33 +123,34 @@ def _triton() -> Any:
         right = tl.where(mb & (pred == y), 1.0, 0.0)
         tl.store(loss_ptr + m * n_blocks + blk, tl.sum(ce, axis=0))
         tl.store(correct_ptr + m * n_blocks + blk, tl.sum(right, axis=0))
-        dlog = (e / se[:, None] - (1.0 - eps) * tl.where(hit, 1.0, 0.0) - eps / C) * inv_b
-        dlog = tl.where(mb[:, None] & mc[None, :], dlog, 0.0)
-        # per-block partial sums of the small parameters' gradients: sw, sb, wo, bo
-        part = part_ptr + (m.to(tl.int64) * n_blocks + blk) * part_stride
-        if DOT:
-            g_wo = tl.dot(tl.trans(dlog), s, input_precision="ieee")  # (CP, NP)
-            ds = tl.dot(dlog, wo, input_precision="ieee")  # (BB, NP)
-        else:
-            g_wo = tl.sum(dlog[:, :, None] * s[:, None, :], axis=0)
-            ds = tl.sum(dlog[:, :, None] * wo[None, :, :], axis=1)
-        g_bo = tl.sum(dlog, axis=0)
-        ds = tl.where(s_pre > 0, ds, ds * 0.1)
-        ds = tl.where(mb[:, None], ds, 0.0)
-        g_sb = tl.sum(ds, axis=0)
-        g_sw = tl.sum(ds[:, :, None] * h, axis=0)  # (NP, DP)
-        tl.store(part + i[:, None] * DP + j[None, :], g_sw)
-        tl.store(part + NP * DP + i, g_sb)
-        tl.store(part + NP * DP + NP + c[:, None] * NP + i[None, :], g_wo)
-        tl.store(part + NP * DP + NP + CP * NP + c, g_bo)
-        dh = ds[:, :, None] * sw[None, :, :]
-        dz = tl.where(z > 0, dh, dh * 0.1)
-        tl.store(part + NP * DP + NP + CP * NP + CP + i[:, None] * DP + j[None, :], tl.sum(dz, axis=0))
-        gp = gz_ptr + m.to(tl.int64) * B * RS + b3 * RS + i3 * DD + j3
-        if GZ_BF16:  # rounded to nearest even, as Tensor.to rounds
-            tl.store(gp, dz.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=m3)
-        else:
-            tl.store(gp, dz, mask=m3)
+        if grad:  # the step's gradients (the evaluation wants the sums above alone)
+            dlog = (e / se[:, None] - (1.0 - eps) * tl.where(hit, 1.0, 0.0) - eps / C) * inv_b
+            dlog = tl.where(mb[:, None] & mc[None, :], dlog, 0.0)
+            # per-block partial sums of the small parameters' gradients: sw, sb, wo, bo
+            part = part_ptr + (m.to(tl.int64) * n_blocks + blk) * part_stride
+            if DOT:
+                g_wo = tl.dot(tl.trans(dlog), s, input_precision="ieee")  # (CP, NP)
+                ds = tl.dot(dlog, wo, input_precision="ieee")  # (BB, NP)
+            else:
+                g_wo = tl.sum(dlog[:, :, None] * s[:, None, :], axis=0)
+                ds = tl.sum(dlog[:, :, None] * wo[None, :, :], axis=1)
+            g_bo = tl.sum(dlog, axis=0)
+            ds = tl.where(s_pre > 0, ds, ds * 0.1)
+            ds = tl.where(mb[:, None], ds, 0.0)
+            g_sb = tl.sum(ds, axis=0)
+            g_sw = tl.sum(ds[:, :, None] * h, axis=0)  # (NP, DP)
+            tl.store(part + i[:, None] * DP + j[None, :], g_sw)
+            tl.store(part + NP * DP + i, g_sb)
+            tl.store(part + NP * DP + NP + c[:, None] * NP + i[None, :], g_wo)
+            tl.store(part + NP * DP + NP + CP * NP + c, g_bo)
+            dh = ds[:, :, None] * sw[None, :, :]
+            dz = tl.where(z > 0, dh, dh * 0.1)
+            tl.store(part + NP * DP + NP + CP * NP + CP + i[:, None] * DP + j[None, :], tl.sum(dz, axis=0))
+            gp = gz_ptr + m.to(tl.int64) * ZM + b3.to(tl.int64) * ZB + i3 * DD + j3
+            if GZ_BF16:  # rounded to nearest even, as Tensor.to rounds
+                tl.store(gp, dz.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=m3)
+            else:
+                tl.store(gp, dz, mask=m3)
 
     global _adam_update  # a module global: Triton's interpreter sees no closure variables
 
@@ -380,8 +384,9 @@ def soma_head(
     eps = smoothing if smoothing is not None else torch.zeros(first + K, device=z.device)
     _launch(
         kernel, (K, n_blocks), z, p, p, p, p, y, eps, gz, part, loss, correct,
-        B, n, d, n_stored or n, d_stored or d, R, first, C, p.stride(0), offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"],
-        offsets["wo"], offsets["bo"], n_blocks, part_stride, 1.0 / B,
+        B, n, d, n_stored or n, d_stored or d, B * R, R, B, first, C, p.stride(0),
+        offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"], offsets["wo"], offsets["bo"], n_blocks,
+        part_stride, 1.0 / B, 1,
         BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16,
         DOT=dot, num_warps=4,
     )
@@ -392,6 +397,43 @@ def soma_head(
     g_bo = tot[:, NP * DP + NP + CP * NP : NP * DP + NP + CP * NP + C]
     g_db = tot[:, tail:].view(K, NP, DP)[:, :n, :d].reshape(K, n * d)
     return loss.sum(1) / B, correct.sum(1), gz, g_sw, g_sb, g_wo, g_bo, g_db
+
+
+def soma_eval(
+    z: torch.Tensor, p: torch.Tensor, offsets: dict[str, int], n: int, d: int, y: torch.Tensor, rows: int,
+    add_bias: bool = False, grad_dtype: torch.dtype | None = None, n_stored: int | None = None, first: int = 0,
+    d_stored: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`soma_head`'s summed cross-entropy (no label smoothing) and correct counts, without
+    its gradients, of every member on one shared batch.
+
+    ``z`` (N, K * rows) holds each example's pre-activations member after member, ``rows``
+    columns each (the first ``n*d`` on the (neuron, dendrite) grid): ``x @ W^T`` for the
+    members' dense matrices stacked ``(K * rows, in)``. ``y`` (N,) holds the labels. The other
+    arguments are :func:`soma_head`'s; ``grad_dtype`` is the one the step passes, so that the
+    evaluation runs the step's compiled kernel (its gradients switched off) and compiles nothing
+    of its own. Returns ``(loss sums (K,), correct (K,))``.
+    """
+    tri = _triton()
+    assert tri is not None
+    kernel = tri[1]
+    N, K = z.shape[0], z.shape[1] // rows
+    C = offsets["C"]
+    NP, DP, CP, BB, dot = head_config(n, d, C)
+    n_blocks = -(-N // BB)
+    part_stride = NP * DP + NP + CP * NP + CP + NP * DP  # as the step's (not written here)
+    loss = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
+    correct = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
+    eps = torch.zeros(first + K, device=z.device)
+    _launch(
+        kernel, (K, n_blocks), z, p, p, p, p, y, eps, z, loss, loss, correct,
+        N, n, d, n_stored or n, d_stored or d, rows, K * rows, 0, first, C, p.stride(0),
+        offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"], offsets["wo"], offsets["bo"], n_blocks,
+        part_stride, 1.0 / N, 0,
+        BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=(grad_dtype or z.dtype) == torch.bfloat16,
+        DOT=dot, num_warps=4,
+    )
+    return loss.sum(1), correct.sum(1)
 
 
 def adam_rows(

@@ -1111,13 +1111,12 @@ class _Stack:
     @staticmethod
     def _first(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
         """``x @ w^T + b`` per member of ``w`` (members, rows, in); a shared ``x`` (evaluation)
-        is one large product, where ``w`` may have more rows than ``b`` (a band's aligned
-        rows, zero past ``b``'s): those are left out."""
+        is one large product."""
         if not shared:
             return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
         K, rows = w.shape[:2]
         z = x @ w.reshape(K * rows, -1).t()
-        return z.view(len(x), K, rows)[:, :, : b.shape[1]].transpose(0, 1) + b.unsqueeze(1)
+        return z.view(len(x), K, rows).transpose(0, 1) + b.unsqueeze(1)
 
     @staticmethod
     def _soma(h: torch.Tensor, sw: torch.Tensor, sb: torch.Tensor, n: int, d: int) -> torch.Tensor:
@@ -1153,15 +1152,6 @@ class _Stack:
             y = F.leaky_relu(torch.baddbmm(P[f"b{j}"].unsqueeze(1), h, P[f"w{j}"].transpose(1, 2)), _SLOPE)
             h = y if self.full[j] else torch.where(self.active[:, j, None, None], y, h)
         return torch.baddbmm(P["bo"].unsqueeze(1), h, P["wo"].transpose(1, 2))
-
-    def _band_logits(self, x: torch.Tensor, band: int) -> torch.Tensor:
-        """``logits`` of a band's members (a fused stack) on a shared ``x``, over their band's
-        (neurons, dendrites) grid: the rest is padding (zero soma and readout weights)."""
-        a, b, n, d = self.bands[band]
-        P = self.plain
-        h = F.leaky_relu(self._first(x, self._band_dense(band), self._band_bias(band), True), _SLOPE)
-        s = self._soma(h, P["sw"][a:b, :n, :d], P["sb"][a:b, :n], n, d)
-        return torch.baddbmm(P["bo"][a:b].unsqueeze(1), s, P["wo"][a:b, :, :n].transpose(1, 2))
 
     # -- training ---------------------------------------------------------------------------
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor,
@@ -1276,7 +1266,7 @@ class _Stack:
             return
         with _kernels.compiling_ahead() as on:
             if on:
-                self._train_step_fused(xb[:, :1], yb[:, :1])
+                self._train_step_fused(xb[:, :1], yb[:, :1])  # (the evaluation runs its heads' kernels)
                 if any(mem.arch.m for mem in self.members) and int32_scores(self.dims.in_dim):
                     _kernels.input_scores(torch.zeros(1, dtype=torch.long, device=xb.device), self.dims.in_dim)
 
@@ -1366,30 +1356,61 @@ class _Stack:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss and number correct of every member on a shared ``(x, y)``."""
         dims = self.dims
-        dense = self._dense() if dims.n else None  # (the bands' views read what it writes)
         budget = _EVAL_BYTES * (4 if x.device.type == "cuda" else 1)
         total = torch.zeros(self.K, device=x.device)
         correct = torch.zeros(self.K, device=x.device)
-        # (members a:b, their forward pass on a chunk, the widest activation a member holds)
-        parts: list[tuple[int, int, Callable[[torch.Tensor], torch.Tensor], int]]
-        if dims.n and not self.whole_grid:  # the fused step's bands, each on its own grid
-            parts = [(a, b, functools.partial(self._band_logits, band=i), max(n * d, dims.n_classes))
-                     for i, (a, b, n, d) in enumerate(self.bands)]
-        else:
-            parts = [(0, self.K, functools.partial(self.logits, shared=True, dense=dense),
-                      max(dims.rows, dims.feat, dims.hidden, dims.n_classes, 1))]
-        for a, b, forward, width in parts:
-            chunk = max(1, min(4096, budget // ((b - a) * width * 4 * 4)))
-            for i in range(0, len(x), chunk):
-                xb, yb = x[i : i + chunk], y[i : i + chunk]
-                out = forward(xb)
-                if self.bio is not None:
-                    out = self.bio.split(out)
-                K, B, C = out.shape
-                ce = F.cross_entropy(out.reshape(K * B, C), yb.repeat(K), reduction="none")
-                total[a:b] += ce.view(K, B).sum(1)
-                correct[a:b] += (out.argmax(2) == yb).sum(1)
+        if self.fused:
+            try:
+                self._evaluate_fused(x, y, total, correct, budget)
+                return total, correct
+            except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
+                _without_triton(exc, "head")
+                self.fused = False
+                self._unband()
+                total.zero_()
+                correct.zero_()
+        forward = functools.partial(self.logits, shared=True, dense=self._dense() if dims.n else None)
+        width = max(dims.rows, dims.feat, dims.hidden, dims.n_classes, 1)  # the widest activation
+        chunk = max(1, min(4096, budget // (self.K * width * 4 * 4)))
+        for i in range(0, len(x), chunk):
+            xb, yb = x[i : i + chunk], y[i : i + chunk]
+            out = forward(xb)
+            if self.bio is not None:
+                out = self.bio.split(out)
+            K, B, C = out.shape
+            ce = F.cross_entropy(out.reshape(K * B, C), yb.repeat(K), reduction="none")
+            total += ce.view(K, B).sum(1)
+            correct += (out.argmax(2) == yb).sum(1)
         return total, correct
+
+    def _evaluate_fused(self, x: torch.Tensor, y: torch.Tensor, total: torch.Tensor, correct: torch.Tensor,
+                        budget: int) -> None:
+        """:meth:`evaluate`'s sums for a fused stack, added to ``total`` and ``correct``: band by
+        band, a chunk of examples is one product of the band's dense matrices side by side
+        (``(examples, members * aligned rows)``) and one launch of the step's own head kernel
+        with its gradients off (:func:`core._kernels.soma_eval`), which reads that product
+        once. The plain path's activations made several passes over (members, examples, rows)
+        floats: at the seed space's cohorts ~0.05-0.08 s an epoch on an H200
+        (bench/NOTES_population.md, v20)."""
+        lowp = self.lowp != torch.float32
+        self._dense()  # the bands' views read what it writes
+        for band, (a, b, n, d) in enumerate(self.bands):
+            w = self._band_dense(band)
+            rows = w.shape[1]
+            wt = w.reshape((b - a) * rows, -1).t()
+            # float32: the bias in the product, as the step's baddbmm adds it; low precision:
+            # the head adds it in float32, as the step's does
+            bias = None if lowp else F.pad(self._band_bias(band), (0, rows - n * d)).reshape(-1)
+            # a multiple of 16 examples keeps the labels' pointer as aligned as the step's
+            chunk = max(16, min(16384, budget // ((b - a) * rows * w.element_size())) // 16 * 16)
+            for i in range(0, len(x), chunk):
+                xb = x[i : i + chunk]
+                z = xb @ wt if bias is None else torch.addmm(bias, xb, wt)
+                loss, right = _kernels.soma_eval(
+                    z, self.p, self.offsets, n, d, y[i : i + chunk], rows, add_bias=lowp, grad_dtype=self.lowp,
+                    n_stored=self.dims.n, first=a, d_stored=self.dims.d)
+                total[a:b] += loss
+                correct[a:b] += right
 
 
 def capture_step(body: Callable[[], None], device: torch.device,

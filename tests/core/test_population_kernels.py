@@ -189,6 +189,13 @@ for i, (a, b) in enumerate(zip(aligned, _kernels.soma_head(z, p, offs, n, d, y, 
         assert a.shape == (K, B, R) and torch.equal(a[:, :, n * d :], torch.zeros(K, B, R - n * d))
         a = a[:, :, : n * d]
     assert torch.equal(a, b), i
+# the evaluation: one shared batch, z laid out (examples, members x aligned rows), no gradients;
+# the sums of the step's loss and counts with every member given the same labels
+ze = za.transpose(0, 1).reshape(B, K * R).contiguous()
+loss_e, right_e = _kernels.soma_eval(ze, p, offs, n, d, y[0], R)
+ref = _kernels.soma_head(z, p, offs, n, d, y[0].expand(K, B).contiguous())
+torch.testing.assert_close(loss_e, ref[0] * B, rtol=1e-5, atol=1e-5)
+assert torch.equal(right_e, ref[1])
 print("same")
 """
 
@@ -738,6 +745,7 @@ data = core.load_dataset("digits")
 configs = [dict(n_neurons=n, n_dendrites=d, n_dendrite_inputs=9, seed=s)
            for s, (n, d) in enumerate([(2, 2), (9, 3), (5, 3)])]
 res = _population.train_population("dendritic_simple", configs, data, 1, 128, device="cuda")
+seen.append(compiled())  # after the epoch's evaluation, which runs the step's heads' kernels
 torch.save([r.state_dict for r in res], sys.argv[2])
 print("seen", seen)
 """
@@ -754,8 +762,9 @@ def test_a_cold_cache_compiles_the_fused_step_before_its_capture_and_trains_the_
                               cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         out[mode] = eval(done.stdout.split("seen", 1)[1])  # [compiled at the capture's start, at its end]
-    # two heads, Adam and the resampling's scores, all before it
-    assert out["on"][0] >= 4 and out["on"][0] == out["on"][1]
+    # two heads, Adam and the resampling's scores, all before it; the evaluation compiled
+    # nothing of its own
+    assert out["on"][0] >= 4 and out["on"][0] == out["on"][1] == out["on"][-1]
     assert out["off"][0] == 0 and out["off"][1] >= 3
     on, off = torch.load(tmp_path / "on.pt"), torch.load(tmp_path / "off.pt")
     for a, b in zip(on, off, strict=True):
