@@ -1360,8 +1360,8 @@ class _Stack:
         total = torch.zeros(self.K, device=x.device)
         correct = torch.zeros(self.K, device=x.device)
         if self.fused:
-            try:
-                self._evaluate_fused(x, y, total, correct, budget)
+            try:  # (its one activation, the product, held to _EVAL_BYTES a chunk)
+                self._evaluate_fused(x, y, total, correct, _EVAL_BYTES)
                 return total, correct
             except Exception as exc:  # a Triton that cannot build the kernel here: the plain path
                 _without_triton(exc, "head")
