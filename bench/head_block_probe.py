@@ -67,8 +67,8 @@ def main() -> None:
 
             launch = functools.partial(
                 kernel[(K, n_blocks)], z, p, p, p, p, y, eps, gz, part, loss, correct,
-                B, n, d, n, d, 0, C, p.stride(0), 0, offs["sw"], offs["sb"], offs["wo"], offs["bo"],
-                n_blocks, part_stride, 1.0 / B, BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=False,
+                B, n, d, n, d, B * n * d, n * d, B, 0, C, p.stride(0), 0, offs["sw"], offs["sb"], offs["wo"],
+                offs["bo"], n_blocks, part_stride, 1.0 / B, 1, BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=False,
                 GZ_BF16=False, DOT=dot, num_warps=warps)
             run = functools.partial(_launch_and_sum, launch, part)
 

@@ -1094,7 +1094,7 @@ class _Stack:
         return self.buf[: self.K * dims.rows * dims.in_dim].view(self.K, dims.rows, dims.in_dim)
 
     def _band_bias(self, band: int) -> torch.Tensor:
-        """Band ``band``'s dendrite biases on its own grid, ``(members, band rows)``."""
+        """Band ``band``'s dendrite biases on its own grid, ``(members, n * d)`` (unaligned)."""
         a, b, n, d = self.bands[band]
         return self.plain["db"].view(self.K, self.dims.n, self.dims.d)[a:b, :n, :d].reshape(b - a, n * d)
 
@@ -1462,6 +1462,9 @@ class _StepGraph:
         image: tuple[int, ...] | None = None, shifts: torch.Tensor | None = None, steps: int = 1,
     ) -> None:
         self.stack, self.x, self.y, self.steps = stack, x, y, steps
+        # the stack's layout when captured: a stack that leaves the fused step (_Stack._unband,
+        # as its evaluation may after this capture) replaces the index tensors the graph reads
+        self.fused = stack.fused
         self.K, self.B = cols.shape[0], cols.shape[1] // steps
         dev = x.device
         self.idx = torch.empty(steps, self.K * self.B, dtype=torch.long, device=dev)
@@ -1943,9 +1946,10 @@ class _Population:
     def _member_bytes(self, dims: _Dims) -> int:
         """A generous estimate of one member's device memory during an epoch."""
         B, f = self.batch_size, 4
-        width = dims.rows + dims.feat + 2 * dims.hidden * max(1, dims.depth) + dims.n_classes
+        rows = _aligned(dims.rows)  # a fused step's rows (_ROW_ALIGN)
+        width = rows + dims.feat + 2 * dims.hidden * max(1, dims.depth) + dims.n_classes
         total = f * 7 * dims.numel  # parameters, gradient, moments, the epoch's copy
-        total += f * 3 * dims.rows * dims.in_dim  # dense matrix, its gradient, scatter
+        total += f * 3 * rows * dims.in_dim  # dense matrix, its gradient, scatter
         total += f * 2 * B * dims.in_dim + 8 * B  # the gathered batch
         total += f * 8 * B * width  # activations and their gradients
         total += 8 * 3 * dims.rows * dims.k  # connections, their copy, the mask
@@ -2305,7 +2309,9 @@ class _Population:
         order, events, shifts, lrs = self._assemble(stack)
         loss_sum = torch.zeros(K, device=self.device)
         correct = torch.zeros(K, device=self.device)
-        graph = self.graph if self.graph is not None and self.graph.stack is stack else None
+        graph = self.graph
+        if graph is not None and (graph.stack is not stack or graph.fused != stack.fused):
+            graph = None
         for g in (graph, graph and graph.chunk):
             if g is not None:
                 g.loss_sum.zero_()
@@ -2374,8 +2380,9 @@ class _Population:
         not worth the capture) and replayed from then on: hundreds of launches per epoch (a
         chunk of examples, band by band) become one. The capture's warm-up is the evaluation
         itself. In the 2,000-trial study a cohort's evaluation took 0.13-0.30 s an epoch
-        eager and 0.057 s replayed; a homogeneous stack's eager evaluation already hides
-        behind its steps, and its capture only cost its second epoch ~0.05 s (K = 1,024 bf16,
+        eager and 0.057 s replayed with the plain evaluation, 0.015-0.025 s replayed with the
+        fused one (v20); a homogeneous stack's eager evaluation already hides behind its
+        steps, and its capture only cost its second epoch ~0.05 s (K = 1,024 bf16,
         bench/NOTES_population.md v17).
         """
         d = self.data

@@ -723,6 +723,39 @@ def test_compiling_the_fused_step_ahead_launches_nothing_and_changes_nothing_in_
     _interpret(_AHEAD)
 
 
+_EVAL_FALLBACK = """
+import torch
+import core
+from core import _kernels, _population
+_kernels.available = lambda device: True  # the fused step on the CPU, its kernels interpreted
+_population._BAND_OVERHEAD = 0  # two bands, each on rows aligned past its grid
+data = core.load_dataset("digits")
+configs = [dict(n_neurons=n, n_dendrites=d, n_dendrite_inputs=9, seed=s)
+           for s, (n, d) in enumerate([(2, 2), (5, 3), (5, 3)])]
+pop = _population._Population("dendritic_simple", configs, data, 1, 16, torch.device("cpu"), 0, 3, None, None)
+pop.size = 3
+pop._restack([m for m in (pop._take() for _ in range(3)) if m is not None])
+stack = pop.stack
+assert stack.fused and len(stack.bands) == 2 and stack.align == 8 and not stack.whole_grid
+x, y = data.x_val.float(), data.y_val
+fused = stack.evaluate(x, y)
+def broken(*args, **kwargs):
+    raise RuntimeError("no ptxas")
+_kernels.soma_eval = broken
+plain = stack.evaluate(x, y)  # the same sums from the plain path, on the whole grid
+assert not stack.fused and stack.align == 1 and stack.whole_grid and _kernels._DISABLED
+torch.testing.assert_close(plain[0], fused[0], rtol=1e-5, atol=1e-5)
+assert torch.equal(plain[1], fused[1]) and plain[1].sum() > 0
+print("same")
+"""
+
+
+def test_an_evaluation_whose_kernel_fails_gives_the_same_sums_on_the_plain_path_in_the_interpreter() -> None:
+    """A fused stack whose evaluation kernel fails leaves the fused layout (its aligned bands)
+    for the whole grid and evaluates there: the same loss sums and counts."""
+    _interpret(_EVAL_FALLBACK)
+
+
 _COLD = """
 import os, sys, torch
 import core
