@@ -899,10 +899,9 @@ class _Stack:
 
     @property
     def whole_grid(self) -> bool:
-        """Whether the dense buffer is the whole grid's ``(K, rows, in)`` (one band of it, its
-        rows not aligned past the grid's)."""
-        dims = self.dims
-        return self.bands == [(0, self.K, dims.n, dims.d)] and self._rows(dims.n, dims.d) == dims.rows
+        """Whether the stack runs as one band of its whole (neurons, dendrites) grid (a fused
+        one's rows may still be aligned past the grid's: :meth:`_rows`)."""
+        return self.bands == [(0, self.K, self.dims.n, self.dims.d)]
 
     def _unband(self) -> None:
         """One band of the whole grid (the plain path's layout), indexed anew."""
@@ -1087,7 +1086,8 @@ class _Stack:
     @torch.no_grad()
     def _dense(self) -> torch.Tensor:
         """The current dense dendrite matrices, written into the buffer; returned as the whole
-        grid's ``(K, rows, in_dim)`` (see ``whole_grid``; else :meth:`_band_dense` views them)."""
+        grid's ``(K, rows, in_dim)`` (the plain step's layout; a fused stack's bands are
+        :meth:`_band_dense`'s views of the same buffer)."""
         assert self.buf is not None
         _put(self.buf, self.plain["dw"], self.real)
         dims = self.dims

@@ -736,7 +736,7 @@ pop = _population._Population("dendritic_simple", configs, data, 1, 16, torch.de
 pop.size = 3
 pop._restack([m for m in (pop._take() for _ in range(3)) if m is not None])
 stack = pop.stack
-assert stack.fused and len(stack.bands) == 2 and stack.align == 8 and not stack.whole_grid
+assert stack.fused and len(stack.bands) == 2 and stack.align == 8
 x, y = data.x_val.float(), data.y_val
 fused = stack.evaluate(x, y)
 def broken(*args, **kwargs):
@@ -744,6 +744,7 @@ def broken(*args, **kwargs):
 _kernels.soma_eval = broken
 plain = stack.evaluate(x, y)  # the same sums from the plain path, on the whole grid
 assert not stack.fused and stack.align == 1 and stack.whole_grid and _kernels._DISABLED
+assert stack.grad_size == 3 * stack.dims.in_dim * stack.dims.rows  # the (K, in, rows) layout
 torch.testing.assert_close(plain[0], fused[0], rtol=1e-5, atol=1e-5)
 assert torch.equal(plain[1], fused[1]) and plain[1].sum() > 0
 print("same")
