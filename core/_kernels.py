@@ -366,30 +366,17 @@ def soma_head(
     are then the whole population's (``z`` and what is returned are the band's): whole
     tensors keep their pointers' alignment, which Triton would otherwise compile anew for.
     """
-    tri = _triton()
-    assert tri is not None
-    kernel = tri[1]
     K, B, R = z.shape  # K: the band's members
     C = offsets["C"]
-    NP, DP, CP, BB, dot = head_config(n, d, C)
-    n_blocks = -(-B // BB)
+    NP, DP, CP = head_config(n, d, C)[:3]
     tail = NP * DP + NP + CP * NP + CP  # sw, sb, wo, bo; then db
-    part_stride = tail + NP * DP
     gz = torch.empty_like(z, dtype=grad_dtype or z.dtype)
     if R > n * d:  # the aligned rows past the grid: the kernel covers the grid alone
         gz[:, :, n * d :].zero_()
-    part = torch.empty(K, n_blocks, part_stride, device=z.device, dtype=torch.float32)
-    loss = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
-    correct = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
     eps = smoothing if smoothing is not None else torch.zeros(first + K, device=z.device)
-    _launch(
-        kernel, (K, n_blocks), z, p, p, p, p, y, eps, gz, part, loss, correct,
-        B, n, d, n_stored or n, d_stored or d, B * R, R, B, first, C, p.stride(0),
-        offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"], offsets["wo"], offsets["bo"], n_blocks,
-        part_stride, 1.0 / B, 1,
-        BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=gz.dtype == torch.bfloat16,
-        DOT=dot, num_warps=4,
-    )
+    loss, correct, part = _launch_head(z, p, offsets, n, d, y, eps, gz, B, K, (B * R, R, B), first, add_bias,
+                                       gz.dtype, n_stored, d_stored)
+    assert part is not None
     tot = part.sum(1)
     g_sw = tot[:, : NP * DP].view(K, NP, DP)[:, :n, :d]
     g_sb = tot[:, NP * DP : NP * DP + n]
@@ -414,26 +401,43 @@ def soma_eval(
     evaluation runs the step's compiled kernel (its gradients switched off) and compiles nothing
     of its own. Returns ``(loss sums (K,), correct (K,))``.
     """
+    N, K = z.shape[0], z.shape[1] // rows
+    loss, correct, _ = _launch_head(z, p, offsets, n, d, y, torch.zeros(first + K, device=z.device), None, N, K,
+                                    (rows, K * rows, 0), first, add_bias, grad_dtype or z.dtype, n_stored, d_stored)
+    return loss.sum(1), correct.sum(1)
+
+
+def _launch_head(
+    z: torch.Tensor, p: torch.Tensor, offsets: dict[str, int], n: int, d: int, y: torch.Tensor, eps: torch.Tensor,
+    gz: torch.Tensor | None, examples: int, members: int, strides: tuple[int, int, int], first: int,
+    add_bias: bool, grad_dtype: torch.dtype, n_stored: int | None, d_stored: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One launch of the head kernel for :func:`soma_head` (``gz`` given: the gradients too)
+    and :func:`soma_eval` (``gz`` None): each member's loss and correct sums per block of
+    examples, and with the gradients the blocks' partial sums (sw, sb, wo, bo, db).
+    ``strides``: z's per member and per example, the labels' per member. Both pass the same
+    dtypes, constexprs and specialized integers (``grad_dtype`` the step's dL/dz dtype, the
+    partial sums' row length), so that they run one compiled kernel."""
     tri = _triton()
     assert tri is not None
-    kernel = tri[1]
-    N, K = z.shape[0], z.shape[1] // rows
     C = offsets["C"]
     NP, DP, CP, BB, dot = head_config(n, d, C)
-    n_blocks = -(-N // BB)
-    part_stride = NP * DP + NP + CP * NP + CP + NP * DP  # as the step's (not written here)
-    loss = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
-    correct = torch.empty(K, n_blocks, device=z.device, dtype=torch.float32)
-    eps = torch.zeros(first + K, device=z.device)
+    n_blocks = -(-examples // BB)
+    part_stride = 2 * NP * DP + NP + CP * NP + CP
+    f32 = dict(device=z.device, dtype=torch.float32)
+    loss = torch.empty(members, n_blocks, **f32)
+    correct = torch.empty(members, n_blocks, **f32)
+    part = torch.empty(members, n_blocks, part_stride, **f32) if gz is not None else None
+    zm, zb, ym = strides
     _launch(
-        kernel, (K, n_blocks), z, p, p, p, p, y, eps, z, loss, loss, correct,
-        N, n, d, n_stored or n, d_stored or d, rows, K * rows, 0, first, C, p.stride(0),
+        tri[1], (members, n_blocks), z, p, p, p, p, y, eps, z if gz is None else gz,
+        loss if part is None else part, loss, correct,
+        examples, n, d, n_stored or n, d_stored or d, zm, zb, ym, first, C, p.stride(0),
         offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"], offsets["wo"], offsets["bo"], n_blocks,
-        part_stride, 1.0 / N, 0,
-        BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=(grad_dtype or z.dtype) == torch.bfloat16,
-        DOT=dot, num_warps=4,
+        part_stride, 1.0 / examples, int(gz is not None),
+        BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=grad_dtype == torch.bfloat16, DOT=dot, num_warps=4,
     )
-    return loss.sum(1), correct.sum(1)
+    return loss, correct, part
 
 
 def adam_rows(

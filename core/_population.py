@@ -1094,9 +1094,11 @@ class _Stack:
         return self.buf[: self.K * dims.rows * dims.in_dim].view(self.K, dims.rows, dims.in_dim)
 
     def _band_bias(self, band: int) -> torch.Tensor:
-        """Band ``band``'s dendrite biases on its own grid, ``(members, n * d)`` (unaligned)."""
+        """Band ``band``'s dendrite biases on its own grid, ``(members, aligned band rows)``
+        (:meth:`_rows`; zero past the grid)."""
         a, b, n, d = self.bands[band]
-        return self.plain["db"].view(self.K, self.dims.n, self.dims.d)[a:b, :n, :d].reshape(b - a, n * d)
+        bias = self.plain["db"].view(self.K, self.dims.n, self.dims.d)[a:b, :n, :d].reshape(b - a, n * d)
+        return F.pad(bias, (0, self._rows(n, d) - n * d))
 
     def _band_dense(self, band: int) -> torch.Tensor:
         """Band ``band``'s dense matrices, ``(members, aligned band rows, in_dim)`` (:meth:`_rows`;
@@ -1226,7 +1228,7 @@ class _Stack:
             if lowp:  # the head adds the bias to the product in float32, as .float().add_(db) did
                 z = torch.bmm(x, w)
             else:
-                z = torch.baddbmm(F.pad(self._band_bias(band), (0, R - n * d)).unsqueeze(1), x, w)
+                z = torch.baddbmm(self._band_bias(band).unsqueeze(1), x, w)
             try:
                 loss, right, gz, gsw, gsb, gwo, gbo, gdb = _kernels.soma_head(
                     z, self.p, self.offsets, n, d, yb, self.smooth, add_bias=lowp,
@@ -1356,7 +1358,6 @@ class _Stack:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed loss and number correct of every member on a shared ``(x, y)``."""
         dims = self.dims
-        budget = _EVAL_BYTES * (4 if x.device.type == "cuda" else 1)
         total = torch.zeros(self.K, device=x.device)
         correct = torch.zeros(self.K, device=x.device)
         if self.fused:
@@ -1370,6 +1371,7 @@ class _Stack:
                 total.zero_()
                 correct.zero_()
         forward = functools.partial(self.logits, shared=True, dense=self._dense() if dims.n else None)
+        budget = _EVAL_BYTES * (4 if x.device.type == "cuda" else 1)  # four float32 copies
         width = max(dims.rows, dims.feat, dims.hidden, dims.n_classes, 1)  # the widest activation
         chunk = max(1, min(4096, budget // (self.K * width * 4 * 4)))
         for i in range(0, len(x), chunk):
@@ -1400,7 +1402,7 @@ class _Stack:
             wt = w.reshape((b - a) * rows, -1).t()
             # float32: the bias in the product, as the step's baddbmm adds it; low precision:
             # the head adds it in float32, as the step's does
-            bias = None if lowp else F.pad(self._band_bias(band), (0, rows - n * d)).reshape(-1)
+            bias = None if lowp else self._band_bias(band).reshape(-1)
             # a multiple of 16 examples keeps the labels' pointer as aligned as the step's
             chunk = max(16, min(16384, budget // ((b - a) * rows * w.element_size())) // 16 * 16)
             for i in range(0, len(x), chunk):
