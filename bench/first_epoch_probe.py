@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--eval-graphs", type=int, choices=[0, 1], help="core._population._EVAL_GRAPHS")
     ap.add_argument("--calls", type=int, default=1, help="plain calls before the timed one")
     ap.add_argument("--plain-only", action="store_true", help="skip the timed call")
+    ap.add_argument("--eval-profile", type=int, default=0,
+                    help="profile the timed call's first N evaluations (two an epoch) with torch.profiler")
     args = ap.parse_args()
     for flag, name in ((args.eval_bytes, "_EVAL_BYTES"), (args.module_free, "_MODULE_FREE"),
                        (args.eval_graphs, "_EVAL_GRAPHS")):
@@ -69,6 +71,8 @@ def main() -> None:
         return
     import bench_e2e
 
+    if args.eval_profile:
+        _profile_evaluations(args.eval_profile)
     bench_e2e._instrument_epochs(10**9)
     P._Population._compile_ahead = staticmethod(bench_e2e._sync_timed("compile", P._Population._compile_ahead))
     wall, stats = call()
@@ -78,6 +82,35 @@ def main() -> None:
             print(f"# epoch {i}: compiling ahead {r['compile']:.3f}s (within its steps)")
     print(f"# timed call: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
           f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s")
+
+
+def _profile_evaluations(first: int) -> None:
+    """Print, for each of the next ``first`` calls of ``_Stack.evaluate``, its wall time, the
+    device allocations (cudaMalloc) it made and torch.profiler's busiest operations."""
+    import torch
+
+    orig = P._Stack.evaluate
+    seen = [0]
+
+    def evaluate(self: P._Stack, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen[0] += 1
+        if seen[0] > first:
+            return orig(self, x, y)
+        torch.cuda.synchronize()
+        mallocs = torch.cuda.memory_stats().get("num_device_alloc", 0)
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=acts) as prof:
+            out = orig(self, x, y)
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        print(f"## evaluate {seen[0]} ({len(x)} examples): {wall:.3f}s, cudaMalloc "
+              f"{torch.cuda.memory_stats().get('num_device_alloc', 0) - mallocs}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=4))
+        return out
+
+    P._Stack.evaluate = evaluate
 
 
 if __name__ == "__main__":
