@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--eval-graphs", type=int, choices=[0, 1], help="core._population._EVAL_GRAPHS")
     ap.add_argument("--calls", type=int, default=1, help="plain calls before the timed one")
     ap.add_argument("--plain-only", action="store_true", help="skip the timed call")
+    ap.add_argument("--trace", action="store_true",
+                    help="plain calls: print each epoch's staging job, the main thread's wait for it, the "
+                         "evaluation's launches and the pinned allocations (host times, no synchronization)")
     ap.add_argument("--eval-profile", type=int, default=0,
                     help="profile the timed call's first N evaluations (two an epoch) with torch.profiler")
     args = ap.parse_args()
@@ -60,13 +63,22 @@ def main() -> None:
         stats["epochs"] = [round(h["seconds"], 3) for h in res[0].history]
         return time.perf_counter() - t0, stats
 
+    trace = _trace() if args.trace else None
     for n in range(1, args.calls + 1):
+        if trace is not None:
+            for v in trace.values():
+                v.clear()
         wall, stats = call()
         last = stats["epochs"][-1]
         print(f"# plain call {n}: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
               f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s; whole / steady "
               f"{args.epochs * last / wall:.3f} (steady: the last epoch, {args.k / last:.1f} model-epochs/s); "
               f"epoch seconds {stats['epochs']}", flush=True)
+        if trace is not None:
+            print(f"#   main thread's wait for the staged plans {stats['staging_seconds']} "
+                  f"({stats['staged_here']} staged there)")
+            for name, v in trace.items():
+                print(f"#   {name} {[round(t, 4) for t in v]}")
     if args.plain_only:
         return
     import bench_e2e
@@ -82,6 +94,35 @@ def main() -> None:
             print(f"# epoch {i}: compiling ahead {r['compile']:.3f}s (within its steps)")
     print(f"# timed call: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
           f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s")
+
+
+def _trace() -> dict[str, list[float]]:
+    """Host seconds of each staging job (a worker thread), each ``_Population._evaluate`` call's
+    launches (the main thread, no synchronization) and each pinned allocation, in order."""
+    import torch
+
+    out: dict[str, list[float]] = {"staging jobs": [], "evaluation launches": [], "pinned allocations": []}
+
+    def timed(fn, key):  # noqa: ANN001, ANN202
+        def run(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                out[key].append(time.perf_counter() - t0)
+        return run
+
+    P._Population._stage = timed(P._Population._stage, "staging jobs")
+    P._Population._evaluate = timed(P._Population._evaluate, "evaluation launches")
+    empty = torch.empty
+
+    def pinned_empty(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        if not kw.get("pin_memory"):
+            return empty(*a, **kw)
+        return timed(empty, "pinned allocations")(*a, **kw)
+
+    P.torch.empty = pinned_empty  # the module's torch is torch itself: a probe only
+    return out
 
 
 def _profile_evaluations(first: int) -> None:

@@ -75,6 +75,7 @@ import gc
 import logging
 import math
 import os
+import subprocess
 import threading
 import time
 from collections import OrderedDict, deque
@@ -718,16 +719,29 @@ class _DendriteMatmul(torch.autograd.Function):
         return None, gd.take(flat_t).float(), gz.sum(1), None, None, None
 
 
+def _machine_error(exc: Exception) -> bool:
+    """Whether ``exc`` says that Triton cannot build or run its kernels on this machine (its
+    compiler, a missing toolchain or driver, an unsupported GPU) rather than that our code
+    called it wrongly: Triton's own errors, and the runtime, OS, import and subprocess errors
+    its compilation raises."""
+    if any(t.__module__.split(".")[0] == "triton" for t in type(exc).__mro__):
+        return True
+    return isinstance(exc, (RuntimeError, OSError, ImportError, subprocess.SubprocessError))
+
+
 def _without_triton(exc: Exception, kernel: str) -> None:
     """After a fused Triton kernel failed: re-raise what must not be hidden, else switch the
     kernels off for the process (the caller then takes its PyTorch path).
 
     Re-raised: a failure inside a CUDA graph capture; one while compiling ahead
-    (:meth:`_Stack.compile_ahead`, whose step meets it again); and running out of memory,
-    which the population answers by halving (Triton stays on).
+    (:meth:`_Stack.compile_ahead`, whose step meets it again); running out of memory,
+    which the population answers by halving (Triton stays on); and anything that is not the
+    machine's (:func:`_machine_error`: a TypeError or an AssertionError is a bug to see, not
+    a reason to train every later population on the slower path).
     """
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if capturing or _kernels.ahead() or isinstance(exc, torch.OutOfMemoryError):
+    if (capturing or _kernels.ahead() or isinstance(exc, torch.OutOfMemoryError)
+            or not _machine_error(exc)):
         raise exc
     logger.warning("train_population: fused Triton %s unavailable (%s); using PyTorch", kernel, exc)
     _kernels.disable()
@@ -1682,6 +1696,61 @@ def _young_gc_only() -> Iterator[None]:
                 gc.enable()
 
 
+class _PinnedBuffers:
+    """Pinned host buffers that the epochs' staged data orders and shifts are written into, one
+    epoch after another (CUDA only).
+
+    A fresh pinned buffer of a stack's data orders (K x n_train int32: 221 MB at K = 1,024 on
+    Fashion-MNIST) took 0.10-0.32 s to allocate on an H200's host, and a homogeneous call's
+    epochs 2-3 ran ~0.13 s slower for it (bench/NOTES_population.md v22). Torch's caching host
+    allocator hands a block back only once nothing references it and its copy is known to be
+    done, which the next epoch's staging, running while this epoch's copy is still queued,
+    never saw: a call allocated three. Here a buffer comes back (:meth:`give`) as soon as its
+    copy to the device is queued, with an event after that copy; the next staging (:meth:`take`,
+    on the staging thread, which never runs during a capture) waits for the event, which an
+    epoch's first operations meet, and writes over it. A buffer big enough for a smaller stack
+    serves it too. At most ``keep`` buffers wait to be reused. The first is allocated on the
+    staging thread while the stack builds (:meth:`reserve`, from ``_Population._restack``).
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.free: list[tuple[torch.UntypedStorage, torch.cuda.Event | None]] = []
+        self.lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocate a buffer of ``nbytes`` ahead of its first :meth:`take`, unless one waits."""
+        with self.lock:
+            if any(st.nbytes() >= nbytes for st, _ in self.free):
+                return
+        storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).untyped_storage()
+        with self.lock:
+            self.free.append((storage, None))
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self.lock:
+            fits = [i for i, (st, _) in enumerate(self.free) if st.nbytes() >= nbytes]
+            found = self.free.pop(min(fits, key=lambda i: self.free[i][0].nbytes())) if fits else None
+        if found is None:
+            storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).untyped_storage()
+        else:
+            storage, done = found
+            if done is not None:
+                done.synchronize()  # its last copy to the device has run
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def give(self, *tensors: torch.Tensor | None) -> None:
+        """Take back ``tensors`` (from :meth:`take`) once their copies to the device are queued
+        on the current stream."""
+        done = torch.cuda.Event()
+        done.record()
+        with self.lock:
+            self.free.extend((t.untyped_storage(), done) for t in tensors if t is not None)
+            self.free.sort(key=lambda f: f[0].nbytes(), reverse=True)
+            del self.free[self.keep :]  # the largest serve every size
+
+
 class _Population:
     """Keeps up to ``size`` members training; refills, evaluates, reports and recovers."""
 
@@ -1737,6 +1806,7 @@ class _Population:
         self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="population-stage")
         self.ahead: tuple[_Stack, list[Future[_Plan]], Future[Any]] | None = None
         self.staging: Future[Any] | None = None
+        self.pinned = _PinnedBuffers()
         self.workers = workers
         # the architectures of members built without a module (_member_without_module)
         self.templates: dict[str, _Template | None] = {}  # None: built as modules
@@ -2036,6 +2106,8 @@ class _Population:
         if not incoming and stack is not None:
             return
         everyone = (stack.members if stack is not None else []) + incoming
+        if self.device.type == "cuda":  # the first epoch's pinned buffer, allocated while this builds
+            self.staging = self.stager.submit(self.pinned.reserve, len(everyone) * self.n_train * 4)
         needed = _Dims.of(m.arch for m in everyone)
         self._draw_connections(incoming)
         states = [m.state for m in incoming]
@@ -2193,6 +2265,7 @@ class _Population:
         ):
             staged = ahead[2].result()  # staged on the CPU while the device ran the last epoch
         if staged is None:
+            self._settle_staging()  # a buffer _restack reserves may still be on its way
             staged = self._stage(stack, plans)
             self.stats["staged_here"] += 1
         self.stats["staging_seconds"].append(round(time.perf_counter() - t_stage, 4))
@@ -2211,6 +2284,8 @@ class _Population:
                     allowed=None if allowed is None else allowed.to(dev, non_blocking=cuda),
                     reset_all=reset is None))
         moved = [t.to(dev, non_blocking=cuda) if t is not None else None for t in (shifts, lrs)]
+        if cuda:
+            self.pinned.give(perms, shifts)  # staged into again once these copies have run
         return order, events, moved[0], moved[1]
 
     def _stage_ahead(self, stack: _Stack) -> None:
@@ -2241,12 +2316,15 @@ class _Population:
         """The plans' data orders, shifts, learning rates and resampling draws, stacked into
         (pinned) CPU tensors."""
         cuda = self.device.type == "cuda"
-        perms = torch.empty(stack.K, self.n_train, dtype=torch.int32, pin_memory=cuda)
+
+        def empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return self.pinned.take(shape, dtype) if cuda else torch.empty(*shape, dtype=dtype)
+
+        perms = empty(stack.K, self.n_train, dtype=torch.int32)
         self._stack_rows([p.perm for p in plans], perms)
         shifts = lrs = None
         if stack.shift:  # members that do not augment stay where they are (shift MAX_SHIFT)
-            shifts = torch.full((stack.K, self.n_train, 2), MAX_SHIFT, dtype=torch.uint8,
-                                pin_memory=cuda)
+            shifts = empty(stack.K, self.n_train, 2, dtype=torch.uint8).fill_(MAX_SHIFT)
             for i, plan in enumerate(plans):
                 if plan.shifts is not None:
                     shifts[i].copy_(plan.shifts)

@@ -358,6 +358,28 @@ def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_staging_buffers_are_written_again_only_after_their_copy_on_cuda() -> None:
+    pinned = _population._PinnedBuffers()
+    a = pinned.take((256, 4096), torch.int32)
+    assert a.is_pinned() and a.shape == (256, 4096) and a.dtype == torch.int32
+    a.copy_(torch.arange(a.numel(), dtype=torch.int32).view_as(a))
+    torch.cuda._sleep(50_000_000)  # the copy queued behind ~20 ms of device work
+    dev = a.to("cuda", non_blocking=True)
+    pinned.give(a)
+    b = pinned.take((100, 7), torch.int64)  # smaller: the same buffer, once the copy has run
+    assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    b.fill_(-1)
+    assert torch.equal(dev.cpu(), torch.arange(a.numel(), dtype=torch.int32).view_as(a))
+    c = pinned.take((256, 4096), torch.int32)  # none waiting: a buffer of its own
+    assert c.is_pinned() and c.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    pinned.give(b, None, c)
+    small = [pinned.take((3,), torch.uint8) for _ in range(3)]  # the two waiting, then a new one
+    assert len({t.untyped_storage().data_ptr() for t in small}) == 3 and not pinned.free
+    pinned.give(*small)  # the largest are kept
+    assert sorted(st.nbytes() for st, _ in pinned.free) == [a.numel() * 4] * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_captured_evaluations_report_what_eager_ones_do_on_cuda(
     data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -461,6 +461,29 @@ def test_a_fused_kernel_that_fails_switches_triton_off_but_out_of_memory_reaches
     assert "fused Triton head unavailable (no ptxas); using PyTorch" in caplog.text
 
 
+@pytest.mark.parametrize("exc", [TypeError("head_kernel() takes 30 positional arguments"), AssertionError(),
+                                 KeyError("sw"), IndexError("tuple index out of range")])
+def test_a_python_error_in_a_fused_kernel_is_raised_and_leaves_triton_on(
+    monkeypatch: pytest.MonkeyPatch, exc: Exception,
+) -> None:
+    monkeypatch.setattr(_kernels, "_DISABLED", [])
+    with pytest.raises(type(exc)):
+        _population._without_triton(exc, "head")
+    assert not _kernels._DISABLED
+
+
+def test_the_machines_own_failures_switch_triton_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    class CompilationError(Exception):  # as triton.compiler.errors names its own
+        pass
+
+    CompilationError.__module__ = "triton.compiler.errors"
+    for exc in (CompilationError("ptxas fatal"), OSError("libcuda.so not found"), ImportError("triton"),
+                subprocess.CalledProcessError(1, ["gcc"]), RuntimeError("Triton Error [CUDA]: no kernel image")):
+        monkeypatch.setattr(_kernels, "_DISABLED", [])
+        _population._without_triton(exc, "Adam")
+        assert _kernels._DISABLED, exc
+
+
 def test_bands_follow_the_sorted_neurons_and_cut_the_padded_rows() -> None:
     shapes = [(n, 15) for n in sorted([5] * 40 + [8] * 30 + [12] * 30 + [20] * 20)]
     bands = _population._bands(shapes, 15)
