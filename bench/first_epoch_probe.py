@@ -97,11 +97,13 @@ def main() -> None:
 
 
 def _trace() -> dict[str, list[float]]:
-    """Host seconds of each staging job (a worker thread), each ``_Population._evaluate`` call's
-    launches (the main thread, no synchronization) and each pinned allocation, in order."""
+    """Host seconds of each staging job (a worker thread), each pinned buffer it takes, each
+    ``_Population._evaluate`` call's launches (the main thread, no synchronization) and each
+    pinned allocation, in order."""
     import torch
 
-    out: dict[str, list[float]] = {"staging jobs": [], "evaluation launches": [], "pinned allocations": []}
+    out: dict[str, list[float]] = {"staging jobs": [], "pinned buffers taken (the wait for the last copy included)": [],
+                                   "evaluation launches": [], "pinned allocations": []}
 
     def timed(fn, key):  # noqa: ANN001, ANN202
         def run(*a, **kw):  # noqa: ANN002, ANN003, ANN202
@@ -114,6 +116,7 @@ def _trace() -> dict[str, list[float]]:
 
     P._Population._stage = timed(P._Population._stage, "staging jobs")
     P._Population._evaluate = timed(P._Population._evaluate, "evaluation launches")
+    P._PinnedBuffers.take = timed(P._PinnedBuffers.take, "pinned buffers taken (the wait for the last copy included)")
     empty = torch.empty
 
     def pinned_empty(*a, **kw):  # noqa: ANN002, ANN003, ANN202

@@ -59,17 +59,17 @@ def main() -> None:
     for warps, BB, dot in rows:
         if True:
             n_blocks = -(-B // BB)
-            part_stride = NP * DP + NP + CP * NP + CP + NP * DP  # sw, sb, wo, bo, db
+            at = _kernels.head_parts(NP, DP, CP)
             gz = torch.empty_like(z)
-            part = torch.empty(K, n_blocks, part_stride, device=dev)
+            part = torch.empty(K, n_blocks, at.stride, device=dev)
             loss = torch.empty(K, n_blocks, device=dev)
             correct = torch.empty(K, n_blocks, device=dev)
 
             launch = functools.partial(
                 kernel[(K, n_blocks)], z, p, p, p, p, y, eps, gz, part, loss, correct,
                 B, n, d, n, d, B * n * d, n * d, B, 0, C, p.stride(0), 0, offs["sw"], offs["sb"], offs["wo"],
-                offs["bo"], n_blocks, part_stride, 1.0 / B, 1, BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=False,
-                GZ_BF16=False, DOT=dot, num_warps=warps)
+                offs["bo"], n_blocks, at.stride, 1.0 / B, 1, BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=False,
+                GZ_BF16=False, DOT=dot, O_SB=at.sb, O_WO=at.wo, O_BO=at.bo, O_DB=at.db, num_warps=warps)
             run = functools.partial(_launch_and_sum, launch, part)
 
             try:

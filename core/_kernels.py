@@ -37,7 +37,7 @@ import functools
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,6 +73,7 @@ def _triton() -> Any:
         part_stride, inv_b, grad,
         BB: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, CP: tl.constexpr,
         ADD_DB: tl.constexpr, GZ_BF16: tl.constexpr, DOT: tl.constexpr,
+        O_SB: tl.constexpr, O_WO: tl.constexpr, O_BO: tl.constexpr, O_DB: tl.constexpr,
     ):
         m = tl.program_id(0)
         blk = tl.program_id(1)
@@ -126,7 +127,7 @@ def _triton() -> Any:
         if grad:  # the step's gradients (the evaluation wants the sums above alone)
             dlog = (e / se[:, None] - (1.0 - eps) * tl.where(hit, 1.0, 0.0) - eps / C) * inv_b
             dlog = tl.where(mb[:, None] & mc[None, :], dlog, 0.0)
-            # per-block partial sums of the small parameters' gradients: sw, sb, wo, bo
+            # per-block partial sums of the small parameters' gradients, laid out by head_parts
             part = part_ptr + (m.to(tl.int64) * n_blocks + blk) * part_stride
             if DOT:
                 g_wo = tl.dot(tl.trans(dlog), s, input_precision="ieee")  # (CP, NP)
@@ -140,12 +141,12 @@ def _triton() -> Any:
             g_sb = tl.sum(ds, axis=0)
             g_sw = tl.sum(ds[:, :, None] * h, axis=0)  # (NP, DP)
             tl.store(part + i[:, None] * DP + j[None, :], g_sw)
-            tl.store(part + NP * DP + i, g_sb)
-            tl.store(part + NP * DP + NP + c[:, None] * NP + i[None, :], g_wo)
-            tl.store(part + NP * DP + NP + CP * NP + c, g_bo)
+            tl.store(part + O_SB + i, g_sb)
+            tl.store(part + O_WO + c[:, None] * NP + i[None, :], g_wo)
+            tl.store(part + O_BO + c, g_bo)
             dh = ds[:, :, None] * sw[None, :, :]
             dz = tl.where(z > 0, dh, dh * 0.1)
-            tl.store(part + NP * DP + NP + CP * NP + CP + i[:, None] * DP + j[None, :], tl.sum(dz, axis=0))
+            tl.store(part + O_DB + i[:, None] * DP + j[None, :], tl.sum(dz, axis=0))
             gp = gz_ptr + m.to(tl.int64) * ZM + b3.to(tl.int64) * ZB + i3 * DD + j3
             if GZ_BF16:  # rounded to nearest even, as Tensor.to rounds
                 tl.store(gp, dz.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=m3)
@@ -315,6 +316,28 @@ def head_config(n: int, d: int, C: int) -> tuple[int, int, int, int, bool]:
     return NP, DP, CP, BB, dot
 
 
+class HeadParts(NamedTuple):
+    """Where a row of the head's per-block partial sums keeps each gradient (offsets in
+    floats) for a grid padded to (NP, DP) and CP classes: the soma weights (NP, DP) first,
+    then the soma bias (NP), the readout weight (CP, NP), its bias (CP) and the dendrites'
+    bias (NP, DP); ``stride``: the row's length."""
+
+    sb: int
+    wo: int
+    bo: int
+    db: int
+    stride: int
+
+
+def head_parts(NP: int, DP: int, CP: int) -> HeadParts:
+    """The layout of the head kernel's partial-sum rows (:class:`HeadParts`)."""
+    sb = NP * DP
+    wo = sb + NP
+    bo = wo + CP * NP
+    db = bo + CP
+    return HeadParts(sb, wo, bo, db, db + NP * DP)
+
+
 def _block(NP: int, DP: int, CP: int) -> int:
     """The fused head's batch block for a (neurons, dendrites, classes) grid padded to powers of 2.
 
@@ -369,7 +392,7 @@ def soma_head(
     K, B, R = z.shape  # K: the band's members
     C = offsets["C"]
     NP, DP, CP = head_config(n, d, C)[:3]
-    tail = NP * DP + NP + CP * NP + CP  # sw, sb, wo, bo; then db
+    at = head_parts(NP, DP, CP)
     gz = torch.empty_like(z, dtype=grad_dtype or z.dtype)
     if R > n * d:  # the aligned rows past the grid: the kernel covers the grid alone
         gz[:, :, n * d :].zero_()
@@ -378,11 +401,11 @@ def soma_head(
                                        gz.dtype, n_stored, d_stored)
     assert part is not None
     tot = part.sum(1)
-    g_sw = tot[:, : NP * DP].view(K, NP, DP)[:, :n, :d]
-    g_sb = tot[:, NP * DP : NP * DP + n]
-    g_wo = tot[:, NP * DP + NP : NP * DP + NP + CP * NP].view(K, CP, NP)[:, :C, :n]
-    g_bo = tot[:, NP * DP + NP + CP * NP : NP * DP + NP + CP * NP + C]
-    g_db = tot[:, tail:].view(K, NP, DP)[:, :n, :d].reshape(K, n * d)
+    g_sw = tot[:, : at.sb].view(K, NP, DP)[:, :n, :d]
+    g_sb = tot[:, at.sb : at.sb + n]
+    g_wo = tot[:, at.wo : at.bo].view(K, CP, NP)[:, :C, :n]
+    g_bo = tot[:, at.bo : at.bo + C]
+    g_db = tot[:, at.db :].view(K, NP, DP)[:, :n, :d].reshape(K, n * d)
     return loss.sum(1) / B, correct.sum(1), gz, g_sw, g_sb, g_wo, g_bo, g_db
 
 
@@ -423,19 +446,20 @@ def _launch_head(
     C = offsets["C"]
     NP, DP, CP, BB, dot = head_config(n, d, C)
     n_blocks = -(-examples // BB)
-    part_stride = 2 * NP * DP + NP + CP * NP + CP
+    at = head_parts(NP, DP, CP)
     f32 = dict(device=z.device, dtype=torch.float32)
     loss = torch.empty(members, n_blocks, **f32)
     correct = torch.empty(members, n_blocks, **f32)
-    part = torch.empty(members, n_blocks, part_stride, **f32) if gz is not None else None
+    part = torch.empty(members, n_blocks, at.stride, **f32) if gz is not None else None
     zm, zb, ym = strides
     _launch(
         tri[1], (members, n_blocks), z, p, p, p, p, y, eps, z if gz is None else gz,
         loss if part is None else part, loss, correct,
         examples, n, d, n_stored or n, d_stored or d, zm, zb, ym, first, C, p.stride(0),
         offsets["db"] if add_bias else 0, offsets["sw"], offsets["sb"], offsets["wo"], offsets["bo"], n_blocks,
-        part_stride, 1.0 / examples, int(gz is not None),
-        BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=grad_dtype == torch.bfloat16, DOT=dot, num_warps=4,
+        at.stride, 1.0 / examples, int(gz is not None),
+        BB=BB, NP=NP, DP=DP, CP=CP, ADD_DB=add_bias, GZ_BF16=grad_dtype == torch.bfloat16, DOT=dot,
+        O_SB=at.sb, O_WO=at.wo, O_BO=at.bo, O_DB=at.db, num_warps=4,
     )
     return loss, correct, part
 
