@@ -722,10 +722,16 @@ class _DendriteMatmul(torch.autograd.Function):
 def _machine_error(exc: Exception) -> bool:
     """Whether ``exc`` says that Triton cannot build or run its kernels on this machine (its
     compiler, a missing toolchain or driver, an unsupported GPU) rather than that our code
-    called it wrongly: Triton's own errors, and the runtime, OS, import and subprocess errors
-    its compilation raises."""
+    called it wrongly: Triton's own errors, any error raised inside Triton's code (Triton 3.8
+    asserts that it finds libcuda), and the runtime, OS, import and subprocess errors its
+    compilation raises."""
     if any(t.__module__.split(".")[0] == "triton" for t in type(exc).__mro__):
         return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0] == "triton":
+        return True  # raised in Triton's own code: its driver asserts that libcuda is found
     return isinstance(exc, (RuntimeError, OSError, ImportError, subprocess.SubprocessError))
 
 
@@ -1713,7 +1719,8 @@ class _PinnedBuffers:
     staging thread while the stack builds (:meth:`reserve`, from ``_Population._restack``).
     """
 
-    def __init__(self, keep: int = 2) -> None:
+    def __init__(self, device: torch.device, keep: int = 2) -> None:
+        self.device = device
         self.keep = keep
         self.free: list[tuple[torch.UntypedStorage, torch.cuda.Event | None]] = []
         self.lock = threading.Lock()
@@ -1742,9 +1749,9 @@ class _PinnedBuffers:
 
     def give(self, *tensors: torch.Tensor | None) -> None:
         """Take back ``tensors`` (from :meth:`take`) once their copies to the device are queued
-        on the current stream."""
+        on its current stream."""
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))
         with self.lock:
             self.free.extend((t.untyped_storage(), done) for t in tensors if t is not None)
             self.free.sort(key=lambda f: f[0].nbytes(), reverse=True)
@@ -1802,11 +1809,17 @@ class _Population:
         workers = max(1, min(_MAX_PLAN_WORKERS, (os.cpu_count() or 2) - 2)) if cuda else 1
         self.pool = _serial_pool(workers, "population") if cuda else ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="population")
-        # one thread of its own, so that its waits on the pool's work can never deadlock
-        self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="population-stage")
+        # one thread of its own, so that its waits on the pool's work can never deadlock; on the
+        # population's device, so that its CUDA calls (pinned buffers, their events) open no
+        # context on another GPU
+        on_device: dict[str, Any] = {}
+        if cuda:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            on_device = dict(initializer=torch.cuda.set_device, initargs=(index,))
+        self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="population-stage", **on_device)
         self.ahead: tuple[_Stack, list[Future[_Plan]], Future[Any]] | None = None
         self.staging: Future[Any] | None = None
-        self.pinned = _PinnedBuffers()
+        self.pinned = _PinnedBuffers(device)
         self.workers = workers
         # the architectures of members built without a module (_member_without_module)
         self.templates: dict[str, _Template | None] = {}  # None: built as modules
@@ -2407,6 +2420,7 @@ class _Population:
                 cols = order[:, (t - 1) * B : last * B]
                 sh = shifts[:, (t - 1) * B : last * B].long() if shifts is not None else None
                 if graph.chunk is None:
+                    self._settle_staging()  # no other thread may call CUDA during the capture
                     graph.chunk = _StepGraph(stack, x, y, cols, self.image, sh, steps=S)
                 else:
                     graph.chunk.replay(cols, sh)

@@ -359,7 +359,7 @@ def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pinned_staging_buffers_are_written_again_only_after_their_copy_on_cuda() -> None:
-    pinned = _population._PinnedBuffers()
+    pinned = _population._PinnedBuffers(torch.device("cuda"))
     a = pinned.take((256, 4096), torch.int32)
     assert a.is_pinned() and a.shape == (256, 4096) and a.dtype == torch.int32
     a.copy_(torch.arange(a.numel(), dtype=torch.int32).view_as(a))

@@ -477,8 +477,15 @@ def test_the_machines_own_failures_switch_triton_off(monkeypatch: pytest.MonkeyP
         pass
 
     CompilationError.__module__ = "triton.compiler.errors"
+    scope: dict[str, Any] = {"__name__": "triton.backends.nvidia.driver"}
+    exec("def library_dirs():\n    assert False, 'libcuda.so cannot found!'", scope)  # as Triton 3.8's driver
+    try:
+        scope["library_dirs"]()
+    except AssertionError as exc:
+        in_triton = exc
     for exc in (CompilationError("ptxas fatal"), OSError("libcuda.so not found"), ImportError("triton"),
-                subprocess.CalledProcessError(1, ["gcc"]), RuntimeError("Triton Error [CUDA]: no kernel image")):
+                subprocess.CalledProcessError(1, ["gcc"]), RuntimeError("Triton Error [CUDA]: no kernel image"),
+                in_triton):
         monkeypatch.setattr(_kernels, "_DISABLED", [])
         _population._without_triton(exc, "Adam")
         assert _kernels._DISABLED, exc
