@@ -1725,22 +1725,33 @@ class _PinnedBuffers:
         self.free: list[tuple[torch.UntypedStorage, torch.cuda.Event | None]] = []
         self.lock = threading.Lock()
 
-    def reserve(self, nbytes: int) -> None:
-        """Allocate a buffer of ``nbytes`` ahead of its first :meth:`take`, unless one waits."""
+    def _fitting(self, nbytes: int) -> int | None:
+        """The index of the smallest waiting buffer that holds ``nbytes`` (under the lock)."""
+        fits = [i for i, (st, _) in enumerate(self.free) if st.nbytes() >= nbytes]
+        return min(fits, key=lambda i: self.free[i][0].nbytes()) if fits else None
+
+    @staticmethod
+    def _allocate(nbytes: int) -> torch.UntypedStorage:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).untyped_storage()
+
+    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Allocate what a :meth:`take` of ``shape`` and ``dtype`` needs ahead of it, unless a
+        waiting buffer holds it."""
+        nbytes = math.prod(shape) * dtype.itemsize
         with self.lock:
-            if any(st.nbytes() >= nbytes for st, _ in self.free):
+            if self._fitting(nbytes) is not None:
                 return
-        storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).untyped_storage()
+        storage = self._allocate(nbytes)
         with self.lock:
             self.free.append((storage, None))
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         with self.lock:
-            fits = [i for i, (st, _) in enumerate(self.free) if st.nbytes() >= nbytes]
-            found = self.free.pop(min(fits, key=lambda i: self.free[i][0].nbytes())) if fits else None
+            at = self._fitting(nbytes)
+            found = self.free.pop(at) if at is not None else None
         if found is None:
-            storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).untyped_storage()
+            storage = self._allocate(nbytes)
         else:
             storage, done = found
             if done is not None:
@@ -2119,8 +2130,8 @@ class _Population:
         if not incoming and stack is not None:
             return
         everyone = (stack.members if stack is not None else []) + incoming
-        if self.device.type == "cuda":  # the first epoch's pinned buffer, allocated while this builds
-            self.staging = self.stager.submit(self.pinned.reserve, len(everyone) * self.n_train * 4)
+        if self.device.type == "cuda":  # the first epoch's data orders' buffer (_stage), allocated while this builds
+            self.staging = self.stager.submit(self.pinned.reserve, (len(everyone), self.n_train), torch.int32)
         needed = _Dims.of(m.arch for m in everyone)
         self._draw_connections(incoming)
         states = [m.state for m in incoming]
