@@ -36,16 +36,18 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, help="core._population._EVAL_BYTES (a probe)")
     ap.add_argument("--module-free", type=int, choices=[0, 1], help="core._population._MODULE_FREE")
     ap.add_argument("--eval-graphs", type=int, choices=[0, 1], help="core._population._EVAL_GRAPHS")
+    ap.add_argument("--early-reserve", type=int, choices=[0, 1], help="core._population._EARLY_RESERVE")
     ap.add_argument("--calls", type=int, default=1, help="plain calls before the timed one")
     ap.add_argument("--plain-only", action="store_true", help="skip the timed call")
     ap.add_argument("--trace", action="store_true",
                     help="plain calls: print each epoch's staging job, the main thread's wait for it, the "
-                         "evaluation's launches and the pinned allocations (host times, no synchronization)")
+                         "evaluation's launches, the pinned allocations, the build's parts, the weights kept "
+                         "and the host's time between epochs (host times, no synchronization)")
     ap.add_argument("--eval-profile", type=int, default=0,
                     help="profile the timed call's first N evaluations (two an epoch) with torch.profiler")
     args = ap.parse_args()
     for flag, name in ((args.eval_bytes, "_EVAL_BYTES"), (args.module_free, "_MODULE_FREE"),
-                       (args.eval_graphs, "_EVAL_GRAPHS")):
+                       (args.eval_graphs, "_EVAL_GRAPHS"), (args.early_reserve, "_EARLY_RESERVE")):
         if flag is not None:
             setattr(P, name, type(getattr(P, name))(flag))
     dev = core.resolve_device("auto")
@@ -66,8 +68,9 @@ def main() -> None:
     trace = _trace() if args.trace else None
     for n in range(1, args.calls + 1):
         if trace is not None:
-            for v in trace.values():
-                v.clear()
+            for k, v in trace.items():
+                v[:] = [0.0] if k.startswith(("build", "keep")) else []
+            _LAST[0] = 0.0
         wall, stats = call()
         last = stats["epochs"][-1]
         print(f"# plain call {n}: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
@@ -125,7 +128,46 @@ def _trace() -> dict[str, list[float]]:
         return timed(empty, "pinned allocations")(*a, **kw)
 
     P.torch.empty = pinned_empty  # the module's torch is torch itself: a probe only
+    # the build's parts and the host's time between one epoch's read-back and the next one's
+    # first launch (the device idles there), one total each a call
+    for key, owner, name in (("build: members (_take)", P._Population, "_take"),
+                             ("build: their draws (_draw_connections)", P._Population, "_draw_connections"),
+                             ("build: the stack (_Stack.build)", P._Stack, "build"),
+                             ("build: all of _restack", P._Population, "_restack"),
+                             ("keep (_keep_weights)", P._Population, "_keep_weights")):
+        out[key] = [0.0]
+        fn = owner.__dict__[name]
+        if isinstance(fn, classmethod):
+            setattr(owner, name, classmethod(_summed(fn.__func__, out[key])))
+        else:
+            setattr(owner, name, _summed(fn, out[key]))
+    gaps: list[float] = []
+    out["host between epochs (read-back to the next _train)"] = gaps
+    train = P._Population._train
+
+    def train_timed(self, stack):  # noqa: ANN001, ANN202
+        if _LAST[0]:
+            gaps.append(time.perf_counter() - _LAST[0])
+        try:
+            return train(self, stack)
+        finally:
+            _LAST[0] = time.perf_counter()
+
+    P._Population._train = train_timed
     return out
+
+
+_LAST = [0.0]  # when the last _train returned (0: none yet this call)
+
+
+def _summed(fn, total: list[float]):  # noqa: ANN001, ANN202
+    def run(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            total[0] += time.perf_counter() - t0
+    return run
 
 
 def _profile_evaluations(first: int) -> None:

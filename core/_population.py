@@ -1625,6 +1625,8 @@ _MAX_RESAMPLE_GRAPHS = 8
 _MODULE_FREE = True
 #: A stack's evaluation captured as a CUDA graph from its second epoch (``_Population._evaluate``).
 _EVAL_GRAPHS = True
+#: The first stack's pinned staging buffer reserved as soon as its size is known (v23 A/B).
+_EARLY_RESERVE = True
 
 #: The most scores a resampling draws at once (256 MB of int32 scores, 512 MB past 2,048 inputs).
 _DRAW_ELEMENTS = 1 << 26
@@ -2084,6 +2086,10 @@ class _Population:
         if first is None:
             return
         self.size = self._initial_size(first)
+        if _EARLY_RESERVE and self.device.type == "cuda" and self.n_configs is not None:
+            # the first stack's staging buffer (_restack reserves it too), allocated while the
+            # members are built rather than while their connections are picked on the device
+            self.staging = self.stager.submit(self.pinned.reserve, (self.size, self.n_train), torch.int32)
         incoming = [first]
         while True:
             live = sum(st.K for st, _, _ in self.stacks.values())
@@ -2480,15 +2486,16 @@ class _Population:
     def _evaluate(self, stack: _Stack) -> list[torch.Tensor]:
         """Every member's validation and test sums (loss, correct), after this epoch's steps.
 
-        On CUDA the evaluation of a stack of several bands (members of mixed sizes) is
-        captured as a CUDA graph at the stack's second epoch (a stack that lives one epoch is
-        not worth the capture) and replayed from then on: hundreds of launches per epoch (a
-        chunk of examples, band by band) become one. The capture's warm-up is the evaluation
-        itself. In the 2,000-trial study a cohort's evaluation took 0.13-0.30 s an epoch
-        eager and 0.057 s replayed with the plain evaluation, 0.015-0.025 s replayed with the
-        fused one (v20); a homogeneous stack's eager evaluation already hides behind its
-        steps, and its capture only cost its second epoch ~0.05 s (K = 1,024 bf16,
-        bench/NOTES_population.md v17).
+        On CUDA a stack's evaluation is captured as a CUDA graph at the stack's second epoch
+        (a stack that lives one epoch is not worth the capture) and replayed from then on:
+        the launches of an epoch's evaluation (a chunk of examples, band by band) become one.
+        The capture's warm-up is the evaluation itself. In the 2,000-trial study a cohort's
+        evaluation took 0.13-0.30 s an epoch eager and 0.057 s replayed with the plain
+        evaluation, 0.015-0.025 s replayed with the fused one (v20). A homogeneous stack's
+        eager launches took ~0.1 s of the main thread an epoch, hidden behind its steps
+        unless the plan workers held the GIL (0.2-0.3 s in v22's one bad call); replayed
+        they take 0.0001 s, and the capture ~0.26 s of host time once, hidden behind the
+        second epoch's steps (K = 1,024 bf16, bench/NOTES_population.md v23).
         """
         d = self.data
         out: list[torch.Tensor] = []
@@ -2500,8 +2507,7 @@ class _Population:
             graph, held = stack.eval_graph
             graph.replay()
             return held  # read (copied by _train's stack) before the next replay
-        if not (self.graphs and _EVAL_GRAPHS and stack.bio is None and stack.evaluated
-                and not stack.whole_grid):
+        if not (self.graphs and _EVAL_GRAPHS and stack.bio is None and stack.evaluated):
             stack.evaluated = True
             body()
             return out

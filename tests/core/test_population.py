@@ -358,6 +358,28 @@ def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("early", [True, False])
+def test_a_population_allocates_one_pinned_staging_buffer_on_cuda(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, early: bool,
+) -> None:
+    # reserved once the population's size is known (early) or while its stack builds: either
+    # way one buffer, of the whole stack's data orders, serves every epoch's staging
+    monkeypatch.setattr(_population, "_EARLY_RESERVE", early)
+    sizes: list[int] = []
+    allocate = _population._PinnedBuffers._allocate
+
+    def counted(nbytes: int) -> torch.UntypedStorage:
+        sizes.append(nbytes)
+        return allocate(nbytes)
+
+    monkeypatch.setattr(_population._PinnedBuffers, "_allocate", staticmethod(counted))
+    configs = [dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, seed=i) for i in range(5)]
+    results = train_population("dendritic_simple", configs, data, 3, BATCH, device="cuda")
+    assert [r.status for r in results] == ["completed"] * 5
+    assert sizes == [5 * len(data.x_train) * 4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pinned_staging_buffers_are_written_again_only_after_their_copy_on_cuda() -> None:
     pinned = _population._PinnedBuffers(torch.device("cuda"))
     a = pinned.take((256, 4096), torch.int32)
@@ -380,16 +402,20 @@ def test_pinned_staging_buffers_are_written_again_only_after_their_copy_on_cuda(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mixed", "same", "plain"])
 def test_captured_evaluations_report_what_eager_ones_do_on_cuda(
-    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, kind: str,
 ) -> None:
     # members of mixed sizes in bands of their own (a stack this small is one band unless a
-    # band costs nothing), three epochs: eager at the first, captured at the second (its
-    # warm-up reports), replayed at the third
+    # band costs nothing), of one size (one band of the whole grid), or without somas (the
+    # plain step, not the fused one), three epochs: eager at the first, captured at the
+    # second (its warm-up reports), replayed at the third
     monkeypatch.setattr(_population, "_BAND_OVERHEAD", 0)
     configs = [dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, seed=1),
                dict(n_neurons=9, n_dendrites=7, n_dendrite_inputs=20, seed=2),
                dict(n_neurons=3, n_dendrites=2, n_dendrite_inputs=40, seed=3)]
+    if kind != "mixed":
+        configs = [dict(configs[1], seed=i, soma_enabled=kind == "same") for i in range(3)]
     graphs: list[bool] = []
 
     def run(captured: bool) -> list[core.TrainResult]:
@@ -398,7 +424,8 @@ def test_captured_evaluations_report_what_eager_ones_do_on_cuda(
 
         def on_epoch(index: int, epoch: int, metrics: dict[str, Any]) -> None:
             if captured and index == 0 and pop.stack is not None:
-                assert len(pop.stack.bands) > 1
+                assert pop.stack.whole_grid == (kind != "mixed")
+                assert pop.stack.fused == (kind != "plain")
                 graphs.append(pop.stack.eval_graph is not None)
 
         dev = torch.device("cuda")
