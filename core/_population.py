@@ -78,7 +78,7 @@ import os
 import subprocess
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -377,7 +377,7 @@ def executed_macs(dims: _Dims, bands: Sequence[tuple[int, int, int, int]], align
 
 def useful_macs(archs: Iterable[_Arch]) -> int:
     """:func:`executed_macs` of members at their own sizes, without padding."""
-    return sum(_Dims.of([a]).macs() for a in archs)
+    return sum(n * _Dims.of([a]).macs() for a, n in Counter(archs).items())  # once an architecture
 
 
 def _connection_mask(sizes: list[tuple[int, int, int]], dims: _Dims, device: torch.device) -> torch.Tensor:
@@ -944,7 +944,7 @@ class _Stack:
         into padded rows on ``device``."""
         K, P = len(states), dims.stride
         layout = dims.layout()
-        if K and all(_Dims.of([m.arch]) == dims for m in members):  # no padding: plain stacking
+        if K and all(_Dims.of([a]) == dims for a in {m.arch for m in members}):  # no padding: plain stacking
             bufs = []
             for ds in ([st.params for st in states], [st.exp_avg for st in states],
                        [st.exp_avg_sq for st in states]):
@@ -2089,7 +2089,8 @@ class _Population:
         if _EARLY_RESERVE and self.device.type == "cuda" and self.n_configs is not None:
             # the first stack's staging buffer (_restack reserves it too), allocated while the
             # members are built rather than while their connections are picked on the device
-            self.staging = self.stager.submit(self.pinned.reserve, (self.size, self.n_train), torch.int32)
+            first_k = min(self.size, self.n_configs)  # (a size given as a number may pass the configs)
+            self.staging = self.stager.submit(self.pinned.reserve, (first_k, self.n_train), torch.int32)
         incoming = [first]
         while True:
             live = sum(st.K for st, _, _ in self.stacks.values())

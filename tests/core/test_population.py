@@ -358,12 +358,13 @@ def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("early", [True, False])
+@pytest.mark.parametrize(("early", "size"), [(True, "auto"), (True, 64), (False, "auto")])
 def test_a_population_allocates_one_pinned_staging_buffer_on_cuda(
-    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, early: bool,
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, early: bool, size: int | str,
 ) -> None:
     # reserved once the population's size is known (early) or while its stack builds: either
-    # way one buffer, of the whole stack's data orders, serves every epoch's staging
+    # way one buffer, of the whole stack's data orders, serves every epoch's staging (a size
+    # larger than the configs reserves for the configs)
     monkeypatch.setattr(_population, "_EARLY_RESERVE", early)
     sizes: list[int] = []
     allocate = _population._PinnedBuffers._allocate
@@ -374,7 +375,7 @@ def test_a_population_allocates_one_pinned_staging_buffer_on_cuda(
 
     monkeypatch.setattr(_population._PinnedBuffers, "_allocate", staticmethod(counted))
     configs = [dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, seed=i) for i in range(5)]
-    results = train_population("dendritic_simple", configs, data, 3, BATCH, device="cuda")
+    results = train_population("dendritic_simple", configs, data, 3, BATCH, device="cuda", population_size=size)
     assert [r.status for r in results] == ["completed"] * 5
     assert sizes == [5 * len(data.x_train) * 4]
 
