@@ -36,7 +36,6 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, help="core._population._EVAL_BYTES (a probe)")
     ap.add_argument("--module-free", type=int, choices=[0, 1], help="core._population._MODULE_FREE")
     ap.add_argument("--eval-graphs", type=int, choices=[0, 1], help="core._population._EVAL_GRAPHS")
-    ap.add_argument("--early-reserve", type=int, choices=[0, 1], help="core._population._EARLY_RESERVE")
     ap.add_argument("--calls", type=int, default=1, help="plain calls before the timed one")
     ap.add_argument("--plain-only", action="store_true", help="skip the timed call")
     ap.add_argument("--trace", action="store_true",
@@ -47,7 +46,7 @@ def main() -> None:
                     help="profile the timed call's first N evaluations (two an epoch) with torch.profiler")
     args = ap.parse_args()
     for flag, name in ((args.eval_bytes, "_EVAL_BYTES"), (args.module_free, "_MODULE_FREE"),
-                       (args.eval_graphs, "_EVAL_GRAPHS"), (args.early_reserve, "_EARLY_RESERVE")):
+                       (args.eval_graphs, "_EVAL_GRAPHS")):
         if flag is not None:
             setattr(P, name, type(getattr(P, name))(flag))
     dev = core.resolve_device("auto")

@@ -1625,8 +1625,6 @@ _MAX_RESAMPLE_GRAPHS = 8
 _MODULE_FREE = True
 #: A stack's evaluation captured as a CUDA graph from its second epoch (``_Population._evaluate``).
 _EVAL_GRAPHS = True
-#: The first stack's pinned staging buffer reserved as soon as its size is known (v23 A/B).
-_EARLY_RESERVE = True
 
 #: The most scores a resampling draws at once (256 MB of int32 scores, 512 MB past 2,048 inputs).
 _DRAW_ELEMENTS = 1 << 26
@@ -2086,11 +2084,6 @@ class _Population:
         if first is None:
             return
         self.size = self._initial_size(first)
-        if _EARLY_RESERVE and self.device.type == "cuda" and self.n_configs is not None:
-            # the first stack's staging buffer (_restack reserves it too), allocated while the
-            # members are built rather than while their connections are picked on the device
-            first_k = min(self.size, self.n_configs)  # (a size given as a number may pass the configs)
-            self.staging = self.stager.submit(self.pinned.reserve, (first_k, self.n_train), torch.int32)
         incoming = [first]
         while True:
             live = sum(st.K for st, _, _ in self.stacks.values())

@@ -358,14 +358,12 @@ def test_captured_resamplings_replay_what_eager_ones_do_on_cuda(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("early", "size"), [(True, "auto"), (True, 64), (False, "auto")])
+@pytest.mark.parametrize("size", ["auto", 64])
 def test_a_population_allocates_one_pinned_staging_buffer_on_cuda(
-    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, early: bool, size: int | str,
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, size: int | str,
 ) -> None:
-    # reserved once the population's size is known (early) or while its stack builds: either
-    # way one buffer, of the whole stack's data orders, serves every epoch's staging (a size
-    # larger than the configs reserves for the configs)
-    monkeypatch.setattr(_population, "_EARLY_RESERVE", early)
+    # reserved while the stack builds: one buffer, of the whole stack's data orders, serves
+    # every epoch's staging (a population size larger than the configs reserves for the stack)
     sizes: list[int] = []
     allocate = _population._PinnedBuffers._allocate
 
