@@ -67,9 +67,8 @@ def main() -> None:
     trace = _trace() if args.trace else None
     for n in range(1, args.calls + 1):
         if trace is not None:
-            for k, v in trace.items():
-                v[:] = [0.0] if k.startswith(("build", "keep")) else []
-            _LAST[0] = 0.0
+            for v in trace.values():
+                v.clear()
         wall, stats = call()
         last = stats["epochs"][-1]
         print(f"# plain call {n}: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
@@ -80,6 +79,11 @@ def main() -> None:
             print(f"#   main thread's wait for the staged plans {stats['staging_seconds']} "
                   f"({stats['staged_here']} staged there)")
             for name, v in trace.items():
+                if name == "_train":  # (start, end) of each epoch: the host's gaps between them
+                    name, v = "host between epochs (read-back to the next _train)", [
+                        b[0] - a[1] for a, b in zip(v, v[1:], strict=False)]
+                elif name.startswith(("build", "keep")):  # one total a call
+                    v = [sum(v)]
                 print(f"#   {name} {[round(t, 4) for t in v]}")
     if args.plain_only:
         return
@@ -104,7 +108,7 @@ def _trace() -> dict[str, list[float]]:
     pinned allocation, in order."""
     import torch
 
-    out: dict[str, list[float]] = {"staging jobs": [], "pinned buffers taken (the wait for the last copy included)": [],
+    out: dict[str, list] = {"staging jobs": [], "pinned buffers taken (the wait for the last copy included)": [],
                                    "evaluation launches": [], "pinned allocations": []}
 
     def timed(fn, key):  # noqa: ANN001, ANN202
@@ -134,39 +138,24 @@ def _trace() -> dict[str, list[float]]:
                              ("build: the stack (_Stack.build)", P._Stack, "build"),
                              ("build: all of _restack", P._Population, "_restack"),
                              ("keep (_keep_weights)", P._Population, "_keep_weights")):
-        out[key] = [0.0]
+        out[key] = []
         fn = owner.__dict__[name]
         if isinstance(fn, classmethod):
-            setattr(owner, name, classmethod(_summed(fn.__func__, out[key])))
+            setattr(owner, name, classmethod(timed(fn.__func__, key)))
         else:
-            setattr(owner, name, _summed(fn, out[key]))
-    gaps: list[float] = []
-    out["host between epochs (read-back to the next _train)"] = gaps
+            setattr(owner, name, timed(fn, key))
+    out["_train"] = []
     train = P._Population._train
 
-    def train_timed(self, stack):  # noqa: ANN001, ANN202
-        if _LAST[0]:
-            gaps.append(time.perf_counter() - _LAST[0])
+    def train_spans(self, stack):  # noqa: ANN001, ANN202
+        t0 = time.perf_counter()
         try:
             return train(self, stack)
         finally:
-            _LAST[0] = time.perf_counter()
+            out["_train"].append((t0, time.perf_counter()))
 
-    P._Population._train = train_timed
+    P._Population._train = train_spans
     return out
-
-
-_LAST = [0.0]  # when the last _train returned (0: none yet this call)
-
-
-def _summed(fn, total: list[float]):  # noqa: ANN001, ANN202
-    def run(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-        t0 = time.perf_counter()
-        try:
-            return fn(*a, **kw)
-        finally:
-            total[0] += time.perf_counter() - t0
-    return run
 
 
 def _profile_evaluations(first: int) -> None:
