@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, help="core._population._EVAL_BYTES (a probe)")
     ap.add_argument("--module-free", type=int, choices=[0, 1], help="core._population._MODULE_FREE")
     ap.add_argument("--eval-graphs", type=int, choices=[0, 1], help="core._population._EVAL_GRAPHS")
+    ap.add_argument("--run-ahead", type=int, choices=[0, 1],
+                    help="1: core._population._AHEAD_ON = ('cuda',), 0: ()")
     ap.add_argument("--calls", type=int, default=1, help="plain calls before the timed one")
     ap.add_argument("--plain-only", action="store_true", help="skip the timed call")
     ap.add_argument("--trace", action="store_true",
@@ -49,6 +51,8 @@ def main() -> None:
                        (args.eval_graphs, "_EVAL_GRAPHS")):
         if flag is not None:
             setattr(P, name, type(getattr(P, name))(flag))
+    if args.run_ahead is not None:
+        P._AHEAD_ON = ("cuda",) if args.run_ahead else ()
     dev = core.resolve_device("auto")
     data = core.load_dataset("fashion-mnist", data_dir=args.data_dir)
     sizes = {"n_neurons": 12, "n_dendrites": 6, "n_dendrite_inputs": 96}
@@ -74,14 +78,17 @@ def main() -> None:
         print(f"# plain call {n}: wall {wall:.3f}s, build {stats['build_seconds']:.3f}s, epochs "
               f"{stats['epoch_seconds']:.3f}s, keep {stats['keep_seconds']:.3f}s; whole / steady "
               f"{args.epochs * last / wall:.3f} (steady: the last epoch, {args.k / last:.1f} model-epochs/s); "
-              f"epoch seconds {stats['epochs']}", flush=True)
+              f"epoch seconds {stats['epochs']}; {stats['run_ahead']} queued ahead", flush=True)
         if trace is not None:
             print(f"#   main thread's wait for the staged plans {stats['staging_seconds']} "
                   f"({stats['staged_here']} staged there)")
             for name, v in trace.items():
-                if name == "_train":  # (start, end) of each epoch: the host's gaps between them
-                    name, v = "host between epochs (read-back to the next _train)", [
-                        b[0] - a[1] for a, b in zip(v, v[1:], strict=False)]
+                if name == "read-back":  # each epoch's read-back to the next epoch's first launch
+                    starts = trace["_train"][1:]  # 0: queued ahead, before the read-back
+                    name, v = "host between epochs (read-back to the next _train; 0: queued ahead)", [
+                        max(0.0, b - a) for a, b in zip(v, starts, strict=False)]
+                elif name == "_train":
+                    continue
                 elif name.startswith(("build", "keep")):  # one total a call
                     v = [sum(v)]
                 print(f"#   {name} {[round(t, 4) for t in v]}")
@@ -144,17 +151,25 @@ def _trace() -> dict[str, list[float]]:
             setattr(owner, name, classmethod(timed(fn.__func__, key)))
         else:
             setattr(owner, name, timed(fn, key))
-    out["_train"] = []
-    train = P._Population._train
+    out["_train"], out["read-back"] = [], []
+    train, read_back = P._Population._train, P._Population._read_back
 
-    def train_spans(self, stack):  # noqa: ANN001, ANN202
-        t0 = time.perf_counter()
-        try:
-            return train(self, stack)
-        finally:
-            out["_train"].append((t0, time.perf_counter()))
+    def train_starts(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        out["_train"].append(time.perf_counter())
+        return train(self, *a, **kw)
 
-    P._Population._train = train_spans
+    def read_back_ends(self, table):  # noqa: ANN001, ANN202
+        wait = read_back(self, table)
+
+        def ended():  # noqa: ANN202
+            try:
+                return wait()
+            finally:
+                out["read-back"].append(time.perf_counter())
+        return ended
+
+    P._Population._train = train_starts
+    P._Population._read_back = read_back_ends
     return out
 
 

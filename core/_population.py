@@ -472,6 +472,16 @@ class _Plan:
     lr_factors: torch.Tensor | None = None  # float64 (n_steps,): the schedule's multipliers
 
 
+@dataclass
+class _Flight:
+    """An epoch queued ahead of the one before it (:meth:`_Population._launch_ahead`)."""
+
+    stack: _Stack
+    table: torch.Tensor | None  # its (6, K) sums on the device; None: it ran out of memory
+    snap: tuple[Any, ...]  # the stack's state before it (:meth:`_Stack.snapshot`)
+    t0: float  # when it was queued
+
+
 @dataclass(frozen=True)
 class _Recipe:
     """A member's training recipe beyond lr and weight decay (train_model's keyword arguments)."""
@@ -628,6 +638,7 @@ class _Member:
     plans: deque[Future[_Plan]] = field(default_factory=deque)
     plan_steps: int = 0  # steps at the start of the next plan to draw
     current: _Plan | None = None  # the plan of the epoch in progress (kept for a retry)
+    next: _Plan | None = None  # the plan of the epoch launched ahead of it (_Population._launch_ahead)
     start: float = 0.0
     net: nn.Module | None = None  # the built module, which receives the trained weights
     own: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -1625,6 +1636,10 @@ _MAX_RESAMPLE_GRAPHS = 8
 _MODULE_FREE = True
 #: A stack's evaluation captured as a CUDA graph from its second epoch (``_Population._evaluate``).
 _EVAL_GRAPHS = True
+#: Device types where a stack's next epoch is queued before this one's results are read back,
+#: when nothing can change its members (``_Population._launch_ahead``). Not the CPU: there an
+#: epoch's launch is its work, with nothing to overlap.
+_AHEAD_ON = ("cuda",)
 
 #: The most scores a resampling draws at once (256 MB of int32 scores, 512 MB past 2,048 inputs).
 _DRAW_ELEMENTS = 1 << 26
@@ -1700,6 +1715,13 @@ def _young_gc_only() -> Iterator[None]:
             _GC_HOLDS[0] -= 1
             if _GC_HOLDS[0] == 0 and _GC_HOLDS[1]:
                 gc.enable()
+
+
+def _release_memory(device: torch.device) -> None:
+    """After an out-of-memory error: what the failed work held goes back to the device."""
+    gc.collect()  # cyclic garbage may hold device memory (full collections are off)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class _PinnedBuffers:
@@ -1794,7 +1816,9 @@ class _Population:
                                       # the epoch's staging (waiting for the staging thread, or
                                       # staging itself when nothing was staged ahead), and how
                                       # many epochs staged on the main thread
-                                      "staging_seconds": [], "staged_here": 0}
+                                      "staging_seconds": [], "staged_here": 0,
+                                      # epochs queued ahead of the one before (_launch_ahead)
+                                      "run_ahead": 0}
         self.device, self.seed, self.on_epoch, self.on_result = device, seed, on_epoch, on_result
         self.on_settle: Callable[[int], Any] | None = None
         self.keep_weights: Callable[[int, TrainResult], Any] | None = None
@@ -1829,6 +1853,9 @@ class _Population:
             on_device = dict(initializer=torch.cuda.set_device, initargs=(index,))
         self.stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="population-stage", **on_device)
         self.ahead: tuple[_Stack, list[Future[_Plan]], Future[Any]] | None = None
+        self.flight: _Flight | None = None  # the epoch queued ahead (_launch_ahead)
+        self.ahead_ok = True  # False once an epoch queued ahead ran out of memory
+        self.read_at = 0.0  # when the last epoch's results were read back
         self.staging: Future[Any] | None = None
         self.pinned = _PinnedBuffers(device)
         self.workers = workers
@@ -2015,7 +2042,7 @@ class _Population:
 
     def _prefetch(self, mem: _Member) -> None:
         """Queue the draws of the member's next epoch (one at a time: generators are sequential)."""
-        planned = mem.epoch + len(mem.plans) + (mem.current is not None)
+        planned = mem.epoch + len(mem.plans) + (mem.current is not None) + (mem.next is not None)
         if planned < self.n_epochs and not mem.plans:
             steps0 = mem.plan_steps
             mem.plan_steps += mem.n_steps
@@ -2073,7 +2100,7 @@ class _Population:
             with _young_gc_only():
                 self._run()
         finally:
-            self.ahead = None
+            self.ahead = self.flight = None
             self.stager.shutdown(wait=True, cancel_futures=True)
             self.pool.shutdown(wait=True, cancel_futures=True)
         return self.results
@@ -2264,10 +2291,11 @@ class _Population:
             "(the others wait for a free slot and resume where they were)", stack.K, self.size,
         )
 
-    def _assemble(self, stack: _Stack) -> tuple[
+    def _assemble(self, stack: _Stack, ahead: bool = False) -> tuple[
         torch.Tensor, dict[int, list[_Group]], torch.Tensor | None, torch.Tensor | None
     ]:
-        """Gather the members' plans for this epoch into device tensors.
+        """Gather the members' plans for this epoch (``ahead``: the next one, see
+        :meth:`_launch_ahead`) into device tensors.
 
         Returns the data orders ``(K, n_train)``, the resampling groups by step, the shifts
         ``(K, n_train, 2)`` (uint8; None unless a member augments) and the learning rates
@@ -2276,11 +2304,14 @@ class _Population:
         plans, futures = [], []
         for mem in stack.members:
             fut = None
-            if mem.current is None:
+            if ahead:
+                fut = mem.plans.popleft()
+                mem.next = fut.result()
+            elif mem.current is None:
                 fut = mem.plans.popleft()
                 mem.current = fut.result()
             futures.append(fut)
-            plans.append(mem.current)
+            plans.append(mem.next if ahead else mem.current)
         ahead, self.ahead = self.ahead, None
         staged = None
         t_stage = time.perf_counter()
@@ -2401,8 +2432,9 @@ class _Population:
         for fut in futures:
             fut.result()
 
-    def _train(self, stack: _Stack) -> torch.Tensor:
-        """Run one epoch's steps and the evaluations; returns the (6, K) sums on the CPU.
+    def _train(self, stack: _Stack, ahead: bool = False) -> torch.Tensor:
+        """Queue one epoch's steps and the evaluations (``ahead``: those of the epoch after the
+        one queued last, see :meth:`_launch_ahead`); returns the (6, K) sums, on the device.
 
         Rows: train loss sum, train correct, then validation and test (loss sum, correct),
         divided by the split sizes in double precision afterwards, as train_model does.
@@ -2410,7 +2442,7 @@ class _Population:
         d = self.data
         x, y = self.x_train, d.y_train
         B, K = self.batch_size, stack.K
-        order, events, shifts, lrs = self._assemble(stack)
+        order, events, shifts, lrs = self._assemble(stack, ahead)
         loss_sum = torch.zeros(K, device=self.device)
         correct = torch.zeros(K, device=self.device)
         graph = self.graph
@@ -2475,7 +2507,7 @@ class _Population:
             if g is not None:
                 loss_sum += g.loss_sum
                 correct += g.correct
-        return torch.stack([loss_sum, correct, *self._evaluate(stack)]).cpu()
+        return torch.stack([loss_sum, correct, *self._evaluate(stack)])
 
     def _evaluate(self, stack: _Stack) -> list[torch.Tensor]:
         """Every member's validation and test sums (loss, correct), after this epoch's steps.
@@ -2555,28 +2587,102 @@ class _Population:
         except Exception as exc:  # noqa: BLE001 - the step reports it
             logger.debug("compiling the fused kernels ahead failed: %s", exc)
 
-    def _epoch(self, stack: _Stack) -> set[_Member] | None:
-        """One epoch of every member; returns those that ended, or None after halving."""
+    def _read_back(self, table: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Queue ``table``'s copy to the host now; the returned call waits for it."""
+        if self.device.type != "cuda":
+            return table.cpu
+        host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+        host.copy_(table, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> torch.Tensor:
+            done.synchronize()
+            return host
+
+        return wait
+
+    def _may_run_ahead(self, stack: _Stack) -> bool:
+        """Whether the stack's next epoch is bound to train these very members, whatever this
+        epoch's results: no callback can stop one, none reaches its last epoch, none can join.
+
+        A member that diverges is the one exception; :meth:`_call_back` undoes the epoch
+        launched ahead then.
+        """
+        return (self.device.type in _AHEAD_ON and self.ahead_ok and self.on_epoch is None and self.on_settle is None
+                and stack.bio is None and not self.stacks and not self.pending
+                and (self.exhausted or stack.K >= self.size)
+                and all(mem.epoch + 2 <= self.n_epochs for mem in stack.members))
+
+    def _launch_ahead(self, stack: _Stack) -> _Flight | None:
+        """Queue the stack's next epoch behind the one on the device, before that one's results
+        are read back: the device trains on while the host does the epoch's bookkeeping (the
+        members' metrics, the young collection, the next epoch's assembly). Between the
+        epochs of a K = 1,024 call the device had waited 0.004-0.04 s each, 0.13-0.20 s in 15
+        epochs (bench/NOTES_population.md v23). None when the device ran out of memory:
+        undone, and not tried again in this population (the next epoch meets the shortage
+        itself and halves the population)."""
+        snap = stack.snapshot()  # queued behind this epoch: the members' state after it
         t0 = time.perf_counter()
-        snap = None
-        table = None
         try:
-            snap = stack.snapshot()
-            table = self._train(stack)
+            table = self._train(stack, ahead=True)
         except torch.OutOfMemoryError:
-            pass  # handled below, once the failed step's tensors are released
-        if table is None:
-            self.graph = None
-            gc.collect()  # cyclic garbage may hold device memory (full collections are off)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if snap is not None:
-                stack.restore(snap)
-            del snap
-            self._shrink(stack)
+            self.ahead_ok = False
+            self._call_back(_Flight(stack, None, snap, t0))
+            _release_memory(self.device)
             return None
-        del snap
-        seconds = time.perf_counter() - t0
+        return _Flight(stack, table, snap, t0)
+
+    def _call_back(self, flight: _Flight) -> None:
+        """Undo an epoch launched ahead: the members' state from before it, its plans queued again."""
+        flight.stack.restore(flight.snap)  # queued behind the epoch: it still runs, then is undone
+        for mem in flight.stack.members:
+            if mem.next is not None:
+                fut: Future[_Plan] = Future()
+                fut.set_result(mem.next)
+                mem.plans.appendleft(fut)
+                mem.next = None
+
+    def _epoch(self, stack: _Stack) -> set[_Member] | None:
+        """One epoch of every member; returns those that ended, or None after halving.
+
+        Its steps were queued ahead, during the last epoch, where :meth:`_may_run_ahead`
+        allowed; where it allows now, the next epoch's are queued before this one's results
+        are read back.
+        """
+        t0 = time.perf_counter()
+        flight, self.flight = self.flight, None
+        if flight is not None and flight.stack is stack and flight.table is not None:
+            for mem in stack.members:
+                mem.current, mem.next = mem.next, None
+            table_dev, t0 = flight.table, flight.t0
+        else:
+            if flight is not None:  # not this stack's (never, as _may_run_ahead allows): undone
+                self._call_back(flight)
+            snap = None
+            table_dev = None
+            try:
+                snap = stack.snapshot()
+                table_dev = self._train(stack)
+            except torch.OutOfMemoryError:
+                pass  # handled below, once the failed step's tensors are released
+            if table_dev is None:
+                self.graph = None
+                _release_memory(self.device)
+                if snap is not None:
+                    stack.restore(snap)
+                del snap
+                self._shrink(stack)
+                return None
+            del snap
+        back = self._read_back(table_dev)
+        if self._may_run_ahead(stack):
+            self.flight = self._launch_ahead(stack)
+            self.stats["run_ahead"] += self.flight is not None
+        table = back()
+        read = time.perf_counter()
+        seconds = read - max(t0, self.read_at)  # an epoch queued ahead: from the last read-back
+        self.read_at = read
         per = 4.0 * self.n_train  # forward and weight gradient, 2 FLOPs a multiply-add each
         self.stats["executed_flops"] += per * stack.macs
         self.stats["useful_flops"] += per * stack.useful_macs
@@ -2613,6 +2719,9 @@ class _Population:
             if stop:
                 ended.append(i)
         ended = settle(stack.members, ended, self.on_settle)  # every member has reported
+        if ended and self.flight is not None:  # a member diverged: the stack changes first
+            self._call_back(self.flight)
+            self.flight = None
         for i in ended:
             mem = stack.members[i]
             mem.result.wall_time = now - mem.start

@@ -213,15 +213,22 @@ def test_iterator_of_seven_configs_with_three_slots_refills_each_freed_slot(
         _assert_same(results[i], _solo("dendritic_simple", configs[i], data, n_epochs, stop), data)
 
 
-def test_non_finite_member_diverges_alone(data: core.Dataset) -> None:
+@pytest.mark.parametrize("ahead", [(), ("cpu",)])
+def test_non_finite_member_diverges_alone(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, ahead: tuple[str, ...],
+) -> None:
+    monkeypatch.setattr(_population, "_AHEAD_ON", ahead)  # ("cpu",): epoch 2 queued ahead, as on CUDA
     configs = [
         dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=5, seed=1),
         dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, lr=1e12, seed=2),
         dict(n_neurons=5, n_dendrites=2, n_dendrite_inputs=20, steps_to_resample=4, seed=3),
     ]
     ended: list[tuple[int, str]] = []
+    stats: dict[str, Any] = {}
     results = train_population("dendritic_simple", configs, data, EPOCHS, BATCH, device="cpu",
-                               on_result=lambda i, r: ended.append((i, r.status)))
+                               on_result=lambda i, r: ended.append((i, r.status)), stats=stats)
+    # ahead: the second epoch was queued before the first was read back, then undone
+    assert stats["run_ahead"] == len(ahead)
     assert results[1].status == "diverged"
     assert results[1].epochs_run == 0 and "non-finite" in (results[1].error or "")
     assert ended[0] == (1, "diverged")  # reported as soon as it ended, before the others
@@ -252,6 +259,74 @@ def test_out_of_memory_halves_population_and_loses_no_member(
     assert [r.status for r in results] == ["completed"] * 5
     for cfg, r in zip(configs, results, strict=True):
         _assert_same(r, _solo("dendritic_simple", cfg, data), data)
+
+
+CONFIGS_AHEAD = [
+    dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16, steps_to_resample=5, seed=1),
+    dict(n_neurons=5, n_dendrites=2, n_dendrite_inputs=20, steps_to_resample=4, lr=3e-3, seed=2),
+    dict(n_neurons=3, n_dendrites=4, n_dendrite_inputs=12, soma_enabled=False, seed=3),
+]
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_epochs_queued_ahead_train_exactly_as_epochs_queued_one_by_one(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, device: str,
+) -> None:
+    """Without callbacks every epoch but the first is queued while the one before it is still
+    being read back (_launch_ahead: on CUDA; forced in the CPU case, where it only reorders
+    the work); with a callback, none is (it may stop a member)."""
+    runs = {}
+    for ahead in (True, False):
+        monkeypatch.setattr(_population, "_AHEAD_ON", (device,) if ahead else ())
+        stats: dict[str, Any] = {}
+        runs[ahead] = train_population("dendritic_simple", CONFIGS_AHEAD, data, 3, BATCH, device=device,
+                                       stats=stats)
+        assert stats["run_ahead"] == (2 if ahead else 0)
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert got.status == want.status == "completed"
+        assert [dict(h, seconds=0) for h in got.history] == [dict(h, seconds=0) for h in want.history]
+        assert all(torch.equal(got.state_dict[k], v) for k, v in want.state_dict.items())  # type: ignore[index,union-attr]
+    monkeypatch.setattr(_population, "_AHEAD_ON", (device,))
+    stats = {}
+    train_population("dendritic_simple", CONFIGS_AHEAD, data, 3, BATCH, device=device, stats=stats,
+                     on_epoch=lambda i, e, m: False)
+    assert stats["run_ahead"] == 0
+
+
+def test_out_of_memory_in_an_epoch_queued_ahead_is_undone_and_loses_nothing(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The epoch queued ahead fails after some of its steps ran: the members go back to their
+    state after the epoch before, its plans are queued again, and it trains once more in turn
+    (not ahead again), the population whole."""
+    ahead: list[int] = []
+    sizes: list[int] = []
+    launch = _Population._launch_ahead
+
+    def launch_ahead(self: _Population, stack: Any) -> Any:
+        ahead.append(0)
+        try:
+            return launch(self, stack)
+        finally:
+            ahead.pop()
+
+    def fault(k: int) -> None:
+        sizes.append(k)
+        if ahead and len(sizes) > 14 and not getattr(fault, "done", False):  # mid-epoch
+            fault.done = True  # type: ignore[attr-defined]
+            raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(_Population, "_launch_ahead", launch_ahead)
+    monkeypatch.setattr(_population, "_AHEAD_ON", ("cpu",))
+    monkeypatch.setattr(_population, "_step_hook", fault)
+    stats: dict[str, Any] = {}
+    results = train_population("dendritic_simple", CONFIGS_AHEAD, data, 3, BATCH, device="cpu", stats=stats)
+    monkeypatch.setattr(_population, "_step_hook", None)
+    assert getattr(fault, "done", False)
+    assert stats["run_ahead"] == 0 and set(sizes) == {3}  # undone, not halved
+    for cfg, r in zip(CONFIGS_AHEAD, results, strict=True):
+        _assert_same(r, _solo("dendritic_simple", cfg, data, n_epochs=3), data)
 
 
 def test_auto_population_size_on_cpu_runs_a_few_members_at_once(
