@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, help="core._population._EVAL_BYTES (a probe)")
     ap.add_argument("--module-free", type=int, choices=[0, 1], help="core._population._MODULE_FREE")
     ap.add_argument("--eval-graphs", type=int, choices=[0, 1], help="core._population._EVAL_GRAPHS")
+    ap.add_argument("--draw-ahead", type=int, choices=[0, 1], help="core._population._DRAW_AHEAD")
     ap.add_argument("--run-ahead", type=int, choices=[0, 1],
                     help="1: core._population._AHEAD_ON = ('cuda',), 0: ()")
     ap.add_argument("--calls", type=int, default=1, help="plain calls before the timed one")
@@ -48,7 +49,7 @@ def main() -> None:
                     help="profile the timed call's first N evaluations (two an epoch) with torch.profiler")
     args = ap.parse_args()
     for flag, name in ((args.eval_bytes, "_EVAL_BYTES"), (args.module_free, "_MODULE_FREE"),
-                       (args.eval_graphs, "_EVAL_GRAPHS")):
+                       (args.eval_graphs, "_EVAL_GRAPHS"), (args.draw_ahead, "_DRAW_AHEAD")):
         if flag is not None:
             setattr(P, name, type(getattr(P, name))(flag))
     if args.run_ahead is not None:
@@ -142,11 +143,16 @@ def _trace() -> dict[str, list[float]]:
     # first launch (the device idles there), one total each a call
     for key, owner, name in (("build: members (_take)", P._Population, "_take"),
                              ("build: their draws (_draw_connections)", P._Population, "_draw_connections"),
+                             ("build: draws' rand jobs, summed over the workers", P, "_rand_into"),
+                             ("build: draws' picks (pick_connections: copy, top-k, ties)", P, "pick_connections"),
+                             ("build: draws' weights (weights_from_rand)", P, "weights_from_rand"),
                              ("build: the stack (_Stack.build)", P._Stack, "build"),
                              ("build: all of _restack", P._Population, "_restack"),
-                             ("keep (_keep_weights)", P._Population, "_keep_weights")):
+                             ("keep (_keep_weights)", P._Population, "_keep_weights"),
+                             ("keep: read back (_Stack.states)", P._Stack, "states"),
+                             ("keep: state_dicts (_Template.state_dict)", P._Template, "state_dict")):
         out[key] = []
-        fn = owner.__dict__[name]
+        fn = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
         if isinstance(fn, classmethod):
             setattr(owner, name, classmethod(timed(fn.__func__, key)))
         else:

@@ -159,6 +159,7 @@ _AUTO_MAX = 1024
 _EVAL_BYTES = 1 << 28  # bound on one evaluation chunk's activations
 _DRAW_BYTES = 1 << 26  # bound on the connections' scores picked on the device at once (_draw_on_device)
 _PICK_ON = ("cuda",)  # device types whose members' connections are picked there (_draw_on_device)
+_DRAW_AHEAD = True  # _draw_on_device: the next chunk's numbers drawn while this one's are picked
 
 # Test hook: called with the population size before every training step. Raising
 # torch.OutOfMemoryError from it exercises the halving path without filling a device.
@@ -2218,7 +2219,8 @@ class _Population:
         numbers, ``_DRAW_BYTES`` of scores at a time. The workers' many small operations had
         taken 0.28 s of the 0.33 s these draws took for 1,024 members 12 x 6 x 96 on an H200
         host's 14 workers, their turns at the GIL rather than the work
-        (bench/NOTES_population.md, v18).
+        (bench/NOTES_population.md, v18). With several chunks (``_DRAW_AHEAD``) the workers
+        draw the next chunk's numbers while this thread picks and bounds this chunk's.
         """
         in_dim = members[0].arch.in_dim
         per_chunk = max(1, _DRAW_BYTES // (4 * in_dim))  # rows of scores
@@ -2238,11 +2240,15 @@ class _Population:
             chunks[-1].append(m)
             sizes[-1][0] += r
             sizes[-1][1] += size
-        scores = torch.empty(max(r for r, _ in sizes), in_dim)
-        rest = torch.empty(max(w for _, w in sizes))
-        for chunk, (n_rows, n_rest) in zip(chunks, sizes, strict=True):
+        # two buffers when there are several chunks: the workers draw the next chunk's numbers
+        # into one while this thread picks and bounds this chunk's from the other
+        pairs = [(torch.empty(max(r for r, _ in sizes), in_dim), torch.empty(max(w for _, w in sizes)))
+                 for _ in range(1 + (_DRAW_AHEAD and len(chunks) > 1))]
+
+        def draw(c: int) -> list[Future[None]]:
+            scores, rest = pairs[c % len(pairs)]
             jobs, at, at_rest = [], 0, 0
-            for m in chunk:
+            for m in chunks[c]:
                 a = m.arch
                 r, size = a.n * a.d, drawn_size[a]
                 assert m.layer_seed is not None and len(m.draws) == 1
@@ -2252,13 +2258,20 @@ class _Population:
                 at += r
                 at_rest += size
             n_jobs = min(self.workers, len(jobs))
-            for fut in [self.pool.submit(_draw_all, jobs[j::n_jobs]) for j in range(n_jobs)]:
+            return [self.pool.submit(_draw_all, jobs[j::n_jobs]) for j in range(n_jobs)]
+
+        drawing = draw(0)
+        for c, (chunk, (n_rows, n_rest)) in enumerate(zip(chunks, sizes, strict=True)):
+            for fut in drawing:
                 fut.result()
+            scores, rest = pairs[c % len(pairs)]
+            if len(pairs) > 1 and c + 1 < len(chunks):  # its buffers are free: chunk c - 1 is done
+                drawing = draw(c + 1)
             ks = torch.repeat_interleave(torch.tensor([m.arch.k for m in chunk]),
                                          torch.tensor([m.arch.n * m.arch.d for m in chunk]))
             picked = pick_connections(scores[:n_rows], ks, self.device)
             draws = [(math.prod(shape), fan_in) for m in chunk for _, shape, fan_in in order[m.arch]]
-            fans = torch.repeat_interleave(torch.tensor([f for _, f in draws]), torch.tensor([c for c, _ in draws]))
+            fans = torch.repeat_interleave(torch.tensor([f for _, f in draws]), torch.tensor([n for n, _ in draws]))
             drawn = weights_from_rand(rest[:n_rest], fans)
             at = at_rest = 0
             for m in chunk:
@@ -2271,6 +2284,8 @@ class _Population:
                     st.params[name] = drawn[at_rest : at_rest + size].view(shape)
                     at_rest += size
                 at += r
+            if len(pairs) == 1 and c + 1 < len(chunks):
+                drawing = draw(c + 1)
 
     def _shrink(self, stack: _Stack) -> None:
         """After an out-of-memory error: halve the population, requeue who no longer fits."""
