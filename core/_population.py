@@ -2671,6 +2671,7 @@ class _Population:
             for mem in stack.members:
                 mem.current, mem.next = mem.next, None
             table_dev, t0 = flight.table, flight.t0
+            flight = None  # its snapshot too: a queued epoch is never retried
         else:
             if flight is not None:  # not this stack's (never, as _may_run_ahead allows): undone
                 self._call_back(flight)
