@@ -160,6 +160,7 @@ _EVAL_BYTES = 1 << 28  # bound on one evaluation chunk's activations
 _DRAW_BYTES = 1 << 26  # bound on the connections' scores picked on the device at once (_draw_on_device)
 _PICK_ON = ("cuda",)  # device types whose members' connections are picked there (_draw_on_device)
 _DRAW_AHEAD = True  # _draw_on_device: the next chunk's numbers drawn while this one's are picked
+_KEEP_PINNED = True  # _keep_weights: the weights read back through a waiting pinned staging buffer
 
 # Test hook: called with the population size before every training step. Raising
 # torch.OutOfMemoryError from it exercises the halving path without filling a device.
@@ -1006,14 +1007,36 @@ class _Stack:
         moved = [t.to(device) if t is not None else None for t in (*bufs, idx, kmask, steps)]
         return cls(dims, members, *moved, lowp=lowp)  # type: ignore[arg-type, misc]
 
-    def states(self, rows: list[int], moments: bool = True) -> list[_State]:
-        """Rows back in the members' own shapes, on the CPU (one transfer per buffer)."""
+    def states(self, rows: list[int], moments: bool = True, pinned: _PinnedBuffers | None = None) -> list[_State]:
+        """Rows back in the members' own shapes, on the CPU (one transfer per buffer). With
+        ``pinned``, through a waiting pinned buffer that holds them all, if one does (the
+        members' own tensors are copied out of it below in any case)."""
         if not rows:
             return []
         self.flush()
         r = torch.tensor(rows, dtype=torch.long, device=self.p.device)
-        bufs = [t.index_select(0, r).cpu() for t in ((self.p, self.m, self.v) if moments else (self.p,))]
-        idx = self.idx.index_select(0, r).cpu() if self.idx is not None else None
+        picked = [t.index_select(0, r) for t in ((self.p, self.m, self.v) if moments else (self.p,))]
+        if self.idx is not None:
+            picked.append(self.idx.index_select(0, r))
+        through = pinned.try_take(sum(_padded_bytes(t) for t in picked)) if pinned is not None else None
+        try:
+            if through is None:
+                back = [t.cpu() for t in picked]
+            else:  # one pinned transfer each, no fresh pageable memory to fault in
+                back, at = [], 0
+                for t in picked:
+                    back.append(through[at : at + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+                    back[-1].copy_(t)
+                    at += _padded_bytes(t)
+            return self._own_states(rows, back[: len(back) - (self.idx is not None)],
+                                    back[-1] if self.idx is not None else None)
+        finally:
+            if through is not None:
+                assert pinned is not None
+                pinned.give(through)
+
+    def _own_states(self, rows: list[int], bufs: list[torch.Tensor], idx: torch.Tensor | None) -> list[_State]:
+        """:meth:`states` from the rows read back: ``bufs`` of ``p`` (and ``m``, ``v``), ``idx``'s."""
         # A member of the stack's own sizes with no hidden layer (no padding) has each tensor
         # in its whole slot: viewed in its own shape once for all rows and copied out row by
         # row. At K = 1,024 the per-member regions below took ~0.18 s of the 0.24 s the
@@ -1725,6 +1748,11 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _padded_bytes(t: torch.Tensor) -> int:
+    """``t``'s bytes, rounded up to 64 (a run of tensors carved out of one buffer stays aligned)."""
+    return -(-t.numel() * t.element_size() // 64) * 64
+
+
 class _PinnedBuffers:
     """Pinned host buffers that the epochs' staged data orders and shifts are written into, one
     epoch after another (CUDA only).
@@ -1770,16 +1798,22 @@ class _PinnedBuffers:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
+        found = self.try_take(nbytes)
+        storage = found.untyped_storage() if found is not None else self._allocate(nbytes)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def try_take(self, nbytes: int) -> torch.Tensor | None:
+        """A waiting buffer of at least ``nbytes`` (uint8, its whole size) once its last copy
+        has run; None if none holds them (nothing is allocated)."""
         with self.lock:
             at = self._fitting(nbytes)
             found = self.free.pop(at) if at is not None else None
         if found is None:
-            storage = self._allocate(nbytes)
-        else:
-            storage, done = found
-            if done is not None:
-                done.synchronize()  # its last copy to the device has run
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+            return None
+        storage, done = found
+        if done is not None:
+            done.synchronize()  # its last copy to the device has run
+        return torch.empty(0, dtype=torch.uint8).set_(storage)
 
     def give(self, *tensors: torch.Tensor | None) -> None:
         """Take back ``tensors`` (from :meth:`take`) once their copies to the device are queued
@@ -2022,7 +2056,11 @@ class _Population:
     @torch.no_grad()
     def _keep_weights(self, stack: _Stack, rows: list[int]) -> None:
         """Write these rows into their members' modules; attach each ``state_dict`` to the result."""
-        for i, st in zip(rows, stack.states(rows, moments=False), strict=True):
+        # the waiting staging buffer, idle once the members' last epoch is queued and no staging
+        # job may want it (one would allocate another), if it holds them
+        idle = self.staging is None or self.staging.done()
+        pinned = self.pinned if self.device.type == "cuda" and _KEEP_PINNED and idle else None
+        for i, st in zip(rows, stack.states(rows, moments=False, pinned=pinned), strict=True):
             mem = stack.members[i]
             if mem.template is not None:
                 mem.result.state_dict = mem.template.state_dict(st)

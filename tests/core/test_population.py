@@ -329,6 +329,52 @@ def test_out_of_memory_in_an_epoch_queued_ahead_is_undone_and_loses_nothing(
         _assert_same(r, _solo("dendritic_simple", cfg, data, n_epochs=3), data)
 
 
+def test_states_read_back_through_a_waiting_buffer_equal_those_read_back_directly(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_Stack.states(pinned=...) carves its transfers out of one waiting buffer (on CUDA the
+    idle staging buffer, _KEEP_PINNED; here a CPU stand-in) and gives it back; members padded
+    and not, with and without moments, equal the direct read-back. A buffer too small is not
+    used."""
+
+    class Waiting:  # _PinnedBuffers' try_take / give, one buffer
+        def __init__(self, nbytes: int) -> None:
+            self.buf = torch.full((nbytes,), 7, dtype=torch.uint8)
+            self.given: list[torch.Tensor] = []
+
+        def try_take(self, nbytes: int) -> torch.Tensor | None:
+            return self.buf if nbytes <= len(self.buf) else None
+
+        def give(self, t: torch.Tensor) -> None:
+            self.given.append(t)
+
+    checked: list[int] = []
+    keep = _Population._keep_weights
+
+    def spy(self: _Population, stack: Any, rows: list[int]) -> None:
+        every = list(range(stack.K))
+        for moments in (False, True):
+            direct = stack.states(every, moments=moments)
+            for size, used in ((1 << 24, True), (16, False)):
+                pool = Waiting(size)
+                got = stack.states(every, moments=moments, pinned=pool)  # type: ignore[arg-type]
+                assert [t is pool.buf for t in pool.given] == ([True] if used else [])
+                for a, b in zip(got, direct, strict=True):
+                    for x, y in ((a.params, b.params), (a.exp_avg, b.exp_avg), (a.exp_avg_sq, b.exp_avg_sq)):
+                        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                    assert (a.indices is None) == (b.indices is None)
+                    assert a.indices is None or torch.equal(a.indices, b.indices)
+                    assert all(t.untyped_storage().data_ptr() != pool.buf.data_ptr() for t in a.params.values())
+        checked.append(stack.K)
+        keep(self, stack, rows)
+
+    monkeypatch.setattr(_Population, "_keep_weights", spy)
+    configs = [dict(CONFIGS_AHEAD[0], seed=s) for s in (1, 2)] + CONFIGS_AHEAD[1:]  # two unpadded, two padded
+    train_population("dendritic_simple", configs[:2], data, 1, BATCH, device="cpu")
+    train_population("dendritic_simple", configs, data, 1, BATCH, device="cpu")
+    assert checked == [2, 4]
+
+
 def test_auto_population_size_on_cpu_runs_a_few_members_at_once(
     data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
