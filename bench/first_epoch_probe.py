@@ -36,7 +36,6 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, help="core._population._EVAL_BYTES (a probe)")
     ap.add_argument("--module-free", type=int, choices=[0, 1], help="core._population._MODULE_FREE")
     ap.add_argument("--eval-graphs", type=int, choices=[0, 1], help="core._population._EVAL_GRAPHS")
-    ap.add_argument("--draw-ahead", type=int, choices=[0, 1], help="core._population._DRAW_AHEAD")
     ap.add_argument("--keep-pinned", type=int, choices=[0, 1], help="core._population._KEEP_PINNED")
     ap.add_argument("--run-ahead", type=int, choices=[0, 1],
                     help="1: core._population._AHEAD_ON = ('cuda',), 0: ()")
@@ -50,8 +49,7 @@ def main() -> None:
                     help="profile the timed call's first N evaluations (two an epoch) with torch.profiler")
     args = ap.parse_args()
     for flag, name in ((args.eval_bytes, "_EVAL_BYTES"), (args.module_free, "_MODULE_FREE"),
-                       (args.eval_graphs, "_EVAL_GRAPHS"), (args.draw_ahead, "_DRAW_AHEAD"),
-                       (args.keep_pinned, "_KEEP_PINNED")):
+                       (args.eval_graphs, "_EVAL_GRAPHS"), (args.keep_pinned, "_KEEP_PINNED")):
         if flag is not None:
             setattr(P, name, type(getattr(P, name))(flag))
     if args.run_ahead is not None:

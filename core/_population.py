@@ -159,7 +159,6 @@ _AUTO_MAX = 1024
 _EVAL_BYTES = 1 << 28  # bound on one evaluation chunk's activations
 _DRAW_BYTES = 1 << 26  # bound on the connections' scores picked on the device at once (_draw_on_device)
 _PICK_ON = ("cuda",)  # device types whose members' connections are picked there (_draw_on_device)
-_DRAW_AHEAD = True  # _draw_on_device: the next chunk's numbers drawn while this one's are picked
 _KEEP_PINNED = True  # _keep_weights: the weights read back through a waiting pinned staging buffer
 
 # Test hook: called with the population size before every training step. Raising
@@ -2257,8 +2256,7 @@ class _Population:
         numbers, ``_DRAW_BYTES`` of scores at a time. The workers' many small operations had
         taken 0.28 s of the 0.33 s these draws took for 1,024 members 12 x 6 x 96 on an H200
         host's 14 workers, their turns at the GIL rather than the work
-        (bench/NOTES_population.md, v18). With several chunks (``_DRAW_AHEAD``) the workers
-        draw the next chunk's numbers while this thread picks and bounds this chunk's.
+        (bench/NOTES_population.md, v18).
         """
         in_dim = members[0].arch.in_dim
         per_chunk = max(1, _DRAW_BYTES // (4 * in_dim))  # rows of scores
@@ -2278,15 +2276,11 @@ class _Population:
             chunks[-1].append(m)
             sizes[-1][0] += r
             sizes[-1][1] += size
-        # two buffers when there are several chunks: the workers draw the next chunk's numbers
-        # into one while this thread picks and bounds this chunk's from the other
-        pairs = [(torch.empty(max(r for r, _ in sizes), in_dim), torch.empty(max(w for _, w in sizes)))
-                 for _ in range(1 + (_DRAW_AHEAD and len(chunks) > 1))]
-
-        def draw(c: int) -> list[Future[None]]:
-            scores, rest = pairs[c % len(pairs)]
+        scores = torch.empty(max(r for r, _ in sizes), in_dim)
+        rest = torch.empty(max(w for _, w in sizes))
+        for chunk, (n_rows, n_rest) in zip(chunks, sizes, strict=True):
             jobs, at, at_rest = [], 0, 0
-            for m in chunks[c]:
+            for m in chunk:
                 a = m.arch
                 r, size = a.n * a.d, drawn_size[a]
                 assert m.layer_seed is not None and len(m.draws) == 1
@@ -2296,20 +2290,13 @@ class _Population:
                 at += r
                 at_rest += size
             n_jobs = min(self.workers, len(jobs))
-            return [self.pool.submit(_draw_all, jobs[j::n_jobs]) for j in range(n_jobs)]
-
-        drawing = draw(0)
-        for c, (chunk, (n_rows, n_rest)) in enumerate(zip(chunks, sizes, strict=True)):
-            for fut in drawing:
+            for fut in [self.pool.submit(_draw_all, jobs[j::n_jobs]) for j in range(n_jobs)]:
                 fut.result()
-            scores, rest = pairs[c % len(pairs)]
-            if len(pairs) > 1 and c + 1 < len(chunks):  # its buffers are free: chunk c - 1 is done
-                drawing = draw(c + 1)
             ks = torch.repeat_interleave(torch.tensor([m.arch.k for m in chunk]),
                                          torch.tensor([m.arch.n * m.arch.d for m in chunk]))
             picked = pick_connections(scores[:n_rows], ks, self.device)
             draws = [(math.prod(shape), fan_in) for m in chunk for _, shape, fan_in in order[m.arch]]
-            fans = torch.repeat_interleave(torch.tensor([f for _, f in draws]), torch.tensor([n for n, _ in draws]))
+            fans = torch.repeat_interleave(torch.tensor([f for _, f in draws]), torch.tensor([c for c, _ in draws]))
             drawn = weights_from_rand(rest[:n_rest], fans)
             at = at_rest = 0
             for m in chunk:
@@ -2322,8 +2309,6 @@ class _Population:
                     st.params[name] = drawn[at_rest : at_rest + size].view(shape)
                     at_rest += size
                 at += r
-            if len(pairs) == 1 and c + 1 < len(chunks):
-                drawing = draw(c + 1)
 
     def _shrink(self, stack: _Stack) -> None:
         """After an out-of-memory error: halve the population, requeue who no longer fits."""
@@ -2660,10 +2645,13 @@ class _Population:
         epoch's results: no callback can stop one, none reaches its last epoch, none can join.
 
         A member that diverges is the one exception; :meth:`_call_back` undoes the epoch
-        launched ahead then.
+        launched ahead then. Not an epoch that captures its evaluation (a stack's second,
+        :meth:`_evaluate`): a capture waits for the device, so the host would wait for that
+        epoch's steps before reading this one's results.
         """
+        captures = self.graphs and _EVAL_GRAPHS and stack.evaluated and stack.eval_graph is None
         return (self.device.type in _AHEAD_ON and self.ahead_ok and self.on_epoch is None and self.on_settle is None
-                and stack.bio is None and not self.stacks and not self.pending
+                and stack.bio is None and not captures and not self.stacks and not self.pending
                 and (self.exhausted or stack.K >= self.size)
                 and all(mem.epoch + 2 <= self.n_epochs for mem in stack.members))
 

@@ -282,7 +282,8 @@ def test_epochs_queued_ahead_train_exactly_as_epochs_queued_one_by_one(
         stats: dict[str, Any] = {}
         runs[ahead] = train_population("dendritic_simple", CONFIGS_AHEAD, data, 3, BATCH, device=device,
                                        stats=stats)
-        assert stats["run_ahead"] == (2 if ahead else 0)
+        # on CUDA the second epoch captures its evaluation, which waits for the device: not ahead
+        assert stats["run_ahead"] == ((2 if device == "cpu" else 1) if ahead else 0)
     for got, want in zip(runs[True], runs[False], strict=True):
         assert got.status == want.status == "completed"
         assert [dict(h, seconds=0) for h in got.history] == [dict(h, seconds=0) for h in want.history]
