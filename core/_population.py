@@ -2858,7 +2858,11 @@ def train_population(
     and ``stacks``: the (members, neurons, dendrites, inputs) shapes that were trained;
     ``build_seconds``, ``epoch_seconds`` and ``keep_seconds``; ``staging_seconds``, per epoch
     of a stack, what the main thread spent on its data orders and resampling draws (waiting for
-    the staging thread, or staging itself), and ``staged_here``, the epochs it staged itself.
+    the staging thread, or staging itself), and ``staged_here``, the epochs it staged itself;
+    ``run_ahead``, the epochs queued on the device before the previous epoch's results were
+    read back (CUDA, where no callback is given and no member can end or join: the device
+    trains on while the host does the bookkeeping). An epoch's ``seconds`` in a member's
+    history is its wall time, from the previous read-back for an epoch queued ahead.
 
     Only the families registered with ``population="mlp"`` (``POPULATION_FAMILIES``,
     ``list_models(population="mlp")``) can be stacked; any other raises a ValueError (train
