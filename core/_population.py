@@ -1890,6 +1890,7 @@ class _Population:
         self.flight: _Flight | None = None  # the epoch queued ahead (_launch_ahead)
         self.ahead_ok = True  # False once an epoch queued ahead ran out of memory
         self.read_at = 0.0  # when the last epoch's results were read back
+        self.alone = True  # whether the stack training now is the round's only one (_run)
         self.staging: Future[Any] | None = None
         self.pinned = _PinnedBuffers(device)
         self.workers = workers
@@ -2164,7 +2165,9 @@ class _Population:
                 by_batch.setdefault(mem.recipe.batch_size, []).append(mem)
             incoming = []
             # members of different batch sizes train in their own stacks, an epoch each in turn
-            for bs in sorted(set(self.stacks) | set(by_batch)):
+            turns = sorted(set(self.stacks) | set(by_batch))
+            self.alone = len(turns) == 1  # no other stack trains before this one's next epoch
+            for bs in turns:
                 self._switch(bs)
                 self._restack(by_batch.get(bs, []))
                 assert self.stack is not None
@@ -2651,7 +2654,7 @@ class _Population:
         """
         captures = self.graphs and _EVAL_GRAPHS and stack.evaluated and stack.eval_graph is None
         return (self.device.type in _AHEAD_ON and self.ahead_ok and self.on_epoch is None and self.on_settle is None
-                and stack.bio is None and not captures and not self.stacks and not self.pending
+                and stack.bio is None and not captures and self.alone and not self.stacks and not self.pending
                 and (self.exhausted or stack.K >= self.size)
                 and all(mem.epoch + 2 <= self.n_epochs for mem in stack.members))
 
@@ -2663,21 +2666,32 @@ class _Population:
         epochs (bench/NOTES_population.md v23). None when the device ran out of memory:
         undone, and not tried again in this population (the next epoch meets the shortage
         itself and halves the population)."""
-        snap = stack.snapshot()  # queued behind this epoch: the members' state after it
         t0 = time.perf_counter()
+        snap = table = None
         try:
+            snap = stack.snapshot()  # queued behind this epoch: the members' state after it
             table = self._train(stack, ahead=True)
         except torch.OutOfMemoryError:
-            self.ahead_ok = False
+            pass  # undone below, once the failed epoch's tensors are released
+        if snap is not None and table is not None:
+            return _Flight(stack, table, snap, t0)
+        self.ahead_ok = False
+        _release_memory(self.device)
+        if snap is not None:
             self._call_back(_Flight(stack, None, snap, t0))
-            _release_memory(self.device)
-            return None
-        return _Flight(stack, table, snap, t0)
+        else:  # nothing of it was queued: only plans it may have taken back
+            self._requeue(stack)
+        return None
 
     def _call_back(self, flight: _Flight) -> None:
         """Undo an epoch launched ahead: the members' state from before it, its plans queued again."""
         flight.stack.restore(flight.snap)  # queued behind the epoch: it still runs, then is undone
-        for mem in flight.stack.members:
+        self._requeue(flight.stack)
+
+    @staticmethod
+    def _requeue(stack: _Stack) -> None:
+        """The plans of an epoch launched ahead back in front of the members' queues."""
+        for mem in stack.members:
             if mem.next is not None:
                 fut: Future[_Plan] = Future()
                 fut.set_result(mem.next)
@@ -2699,7 +2713,7 @@ class _Population:
             table_dev, t0 = flight.table, flight.t0
             flight = None  # its snapshot too: a queued epoch is never retried
         else:
-            if flight is not None:  # not this stack's (never, as _may_run_ahead allows): undone
+            if flight is not None:  # another stack's (never, as _may_run_ahead allows): undone
                 self._call_back(flight)
             snap = None
             table_dev = None

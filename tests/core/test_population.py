@@ -295,15 +295,17 @@ def test_epochs_queued_ahead_train_exactly_as_epochs_queued_one_by_one(
     assert stats["run_ahead"] == 0
 
 
+@pytest.mark.parametrize("where", ["step", "snapshot"])
 def test_out_of_memory_in_an_epoch_queued_ahead_is_undone_and_loses_nothing(
-    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch, where: str,
 ) -> None:
-    """The epoch queued ahead fails after some of its steps ran: the members go back to their
-    state after the epoch before, its plans are queued again, and it trains once more in turn
-    (not ahead again), the population whole."""
+    """The epoch queued ahead fails after some of its steps ran, or in the snapshot before
+    them: the members go back to their state after the epoch before, its plans are queued
+    again, and it trains once more in turn (not ahead again), the population whole."""
     ahead: list[int] = []
     sizes: list[int] = []
     launch = _Population._launch_ahead
+    snapshot = _population._Stack.snapshot
 
     def launch_ahead(self: _Population, stack: Any) -> Any:
         ahead.append(0)
@@ -314,11 +316,18 @@ def test_out_of_memory_in_an_epoch_queued_ahead_is_undone_and_loses_nothing(
 
     def fault(k: int) -> None:
         sizes.append(k)
-        if ahead and len(sizes) > 14 and not getattr(fault, "done", False):  # mid-epoch
+        if where == "step" and ahead and len(sizes) > 14 and not getattr(fault, "done", False):  # mid-epoch
             fault.done = True  # type: ignore[attr-defined]
             raise torch.OutOfMemoryError("injected")
 
+    def snapshot_fault(self: Any) -> Any:
+        if where == "snapshot" and ahead and not getattr(fault, "done", False):
+            fault.done = True  # type: ignore[attr-defined]
+            raise torch.OutOfMemoryError("injected")
+        return snapshot(self)
+
     monkeypatch.setattr(_Population, "_launch_ahead", launch_ahead)
+    monkeypatch.setattr(_population._Stack, "snapshot", snapshot_fault)
     monkeypatch.setattr(_population, "_AHEAD_ON", ("cpu",))
     monkeypatch.setattr(_population, "_step_hook", fault)
     stats: dict[str, Any] = {}
@@ -328,6 +337,35 @@ def test_out_of_memory_in_an_epoch_queued_ahead_is_undone_and_loses_nothing(
     assert stats["run_ahead"] == 0 and set(sizes) == {3}  # undone, not halved
     for cfg, r in zip(CONFIGS_AHEAD, results, strict=True):
         _assert_same(r, _solo("dendritic_simple", cfg, data, n_epochs=3), data)
+
+
+def test_no_epoch_is_queued_ahead_when_another_batch_size_trains_in_the_round(
+    data: core.Dataset, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two members diverge in epoch 1 (their epoch 2, queued ahead, is undone); the refill
+    brings a member of another batch size, whose stack trains in the same round after the
+    old one: the old stack must not queue an epoch ahead that the new one's turn would undo."""
+    monkeypatch.setattr(_population, "_AHEAD_ON", ("cpu",))
+    base = dict(n_neurons=4, n_dendrites=3, n_dendrite_inputs=16)
+    configs = [dict(base, seed=1), dict(base, seed=2, lr=1e12), dict(base, seed=3, lr=1e12),
+               dict(base, seed=4, batch_size=256)]
+    undone: list[bool] = []
+    call_back = _Population._call_back
+
+    def spy(self: _Population, flight: Any) -> None:
+        undone.append(flight.stack is self.stack)
+        call_back(self, flight)
+
+    monkeypatch.setattr(_Population, "_call_back", spy)
+    stats: dict[str, Any] = {}
+    got = train_population("dendritic_simple", iter(configs), data, 3, BATCH, device="cpu",
+                           population_size=3, stats=stats)
+    assert undone == [True]  # the divergence's, of the stack that queued it
+    monkeypatch.setattr(_population, "_AHEAD_ON", ())
+    want = train_population("dendritic_simple", iter(configs), data, 3, BATCH, device="cpu", population_size=3)
+    assert [r.status for r in got] == ["completed", "diverged", "diverged", "completed"]
+    for a, b in zip(got, want, strict=True):
+        assert [dict(h, seconds=0) for h in a.history] == [dict(h, seconds=0) for h in b.history]
 
 
 def test_states_read_back_through_a_waiting_buffer_equal_those_read_back_directly(
