@@ -478,7 +478,7 @@ class _Flight:
     """An epoch queued ahead of the one before it (:meth:`_Population._launch_ahead`)."""
 
     stack: _Stack
-    table: torch.Tensor | None  # its (6, K) sums on the device; None: it ran out of memory
+    table: torch.Tensor  # its (6, K) sums on the device
     snap: tuple[Any, ...]  # the stack's state before it (:meth:`_Stack.snapshot`)
     t0: float  # when it was queued
 
@@ -2574,7 +2574,7 @@ class _Population:
             graph, held = stack.eval_graph
             graph.replay()
             return held  # read (copied by _train's stack) before the next replay
-        if not (self.graphs and _EVAL_GRAPHS and stack.bio is None and stack.evaluated):
+        if not self._captures_evaluation(stack):
             stack.evaluated = True
             body()
             return out
@@ -2582,6 +2582,11 @@ class _Population:
         graph = capture_step(body, self.device)
         stack.eval_graph = (graph, out[4:])
         return out[:4]  # the warm-up's: the real evaluation
+
+    def _captures_evaluation(self, stack: _Stack) -> bool:
+        """Whether the stack's next evaluation is captured as a CUDA graph (see :meth:`_evaluate`)."""
+        return (self.graphs and _EVAL_GRAPHS and stack.bio is None and stack.evaluated
+                and stack.eval_graph is None)
 
     def _resample(self, stack: _Stack, groups: list[_Group]) -> None:
         """:meth:`_Stack.resample` of one step's groups, replayed as a CUDA graph where one
@@ -2652,9 +2657,8 @@ class _Population:
         :meth:`_evaluate`): a capture waits for the device, so the host would wait for that
         epoch's steps before reading this one's results.
         """
-        captures = self.graphs and _EVAL_GRAPHS and stack.evaluated and stack.eval_graph is None
         return (self.device.type in _AHEAD_ON and self.ahead_ok and self.on_epoch is None and self.on_settle is None
-                and stack.bio is None and not captures and self.alone and not self.stacks and not self.pending
+                and stack.bio is None and not self._captures_evaluation(stack) and self.alone and not self.pending
                 and (self.exhausted or stack.K >= self.size)
                 and all(mem.epoch + 2 <= self.n_epochs for mem in stack.members))
 
@@ -2677,20 +2681,15 @@ class _Population:
             return _Flight(stack, table, snap, t0)
         self.ahead_ok = False
         _release_memory(self.device)
-        if snap is not None:
-            self._call_back(_Flight(stack, None, snap, t0))
-        else:  # nothing of it was queued: only plans it may have taken back
-            self._requeue(stack)
+        self._call_back(stack, snap)  # no snapshot: nothing of it was queued
         return None
 
-    def _call_back(self, flight: _Flight) -> None:
-        """Undo an epoch launched ahead: the members' state from before it, its plans queued again."""
-        flight.stack.restore(flight.snap)  # queued behind the epoch: it still runs, then is undone
-        self._requeue(flight.stack)
-
-    @staticmethod
-    def _requeue(stack: _Stack) -> None:
-        """The plans of an epoch launched ahead back in front of the members' queues."""
+    def _call_back(self, stack: _Stack, snap: tuple[Any, ...] | None) -> None:
+        """Undo an epoch launched ahead: the members' state from before it (``snap``, queued
+        behind the epoch: it still runs, then is undone), its plans back in front of the
+        members' queues."""
+        if snap is not None:
+            stack.restore(snap)
         for mem in stack.members:
             if mem.next is not None:
                 fut: Future[_Plan] = Future()
@@ -2707,14 +2706,14 @@ class _Population:
         """
         t0 = time.perf_counter()
         flight, self.flight = self.flight, None
-        if flight is not None and flight.stack is stack and flight.table is not None:
+        if flight is not None and flight.stack is stack:
             for mem in stack.members:
                 mem.current, mem.next = mem.next, None
             table_dev, t0 = flight.table, flight.t0
             flight = None  # its snapshot too: a queued epoch is never retried
         else:
             if flight is not None:  # another stack's (never, as _may_run_ahead allows): undone
-                self._call_back(flight)
+                self._call_back(flight.stack, flight.snap)
             snap = None
             table_dev = None
             try:
@@ -2776,7 +2775,7 @@ class _Population:
                 ended.append(i)
         ended = settle(stack.members, ended, self.on_settle)  # every member has reported
         if ended and self.flight is not None:  # a member diverged: the stack changes first
-            self._call_back(self.flight)
+            self._call_back(self.flight.stack, self.flight.snap)
             self.flight = None
         for i in ended:
             mem = stack.members[i]

@@ -352,9 +352,9 @@ def test_no_epoch_is_queued_ahead_when_another_batch_size_trains_in_the_round(
     undone: list[bool] = []
     call_back = _Population._call_back
 
-    def spy(self: _Population, flight: Any) -> None:
-        undone.append(flight.stack is self.stack)
-        call_back(self, flight)
+    def spy(self: _Population, stack: Any, snap: Any) -> None:
+        undone.append(stack is self.stack)
+        call_back(self, stack, snap)
 
     monkeypatch.setattr(_Population, "_call_back", spy)
     stats: dict[str, Any] = {}
