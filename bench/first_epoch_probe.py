@@ -143,9 +143,8 @@ def _trace() -> dict[str, list[float]]:
     # first launch (the device idles there), one total each a call
     for key, owner, name in (("build: members (_take)", P._Population, "_take"),
                              ("build: their draws (_draw_connections)", P._Population, "_draw_connections"),
-                             ("build: draws' rand jobs, summed over the workers", P, "_rand_into"),
-                             ("build: draws' picks (pick_connections: copy, top-k, ties)", P, "pick_connections"),
-                             ("build: draws' weights (weights_from_rand)", P, "weights_from_rand"),
+                             ("build: draws' scores (connection_scores, queued)", P, "connection_scores"),
+                             ("build: draws' weights (initial_weights, queued)", P, "initial_weights"),
                              ("build: the stack (_Stack.build)", P._Stack, "build"),
                              ("build: all of _restack", P._Population, "_restack"),
                              ("keep (_keep_weights)", P._Population, "_keep_weights"),

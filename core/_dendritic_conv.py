@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._layers import swap_weakest
+from ._layers import draw_connections, draw_weights, swap_weakest
 from ._registry import register_model
 
 __all__ = ["DendriticConv2d"]
@@ -101,27 +101,17 @@ class DendriticConv2d(nn.Module):
         self.n_dendrites = n_dendrites
         self.n_dendrite_inputs = n_dendrite_inputs
         self.kernel_size = kernel_size
-        # construction draws from the generator; resampling from a counter keyed by the seed
+        # construction and resampling draw from counters keyed by the seed, as DendriticLayer's
         self._seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        self._generator = gen = torch.Generator()
-        gen.manual_seed(self._seed)
         self.n_resamples = 0
         rows = n_units * n_dendrites
         window = in_channels * kernel_size * kernel_size
-        scores = torch.rand(rows, window, generator=gen)
-        indices = scores.topk(n_dendrite_inputs, dim=1, largest=False).indices.contiguous()
-        self.register_buffer("indices", indices)
+        self.register_buffer("indices", draw_connections(self._seed, rows, window, n_dendrite_inputs).contiguous())
         self.weight = nn.Parameter(torch.empty(rows, n_dendrite_inputs))
         self.bias = nn.Parameter(torch.empty(rows))
         self.soma_weight = nn.Parameter(torch.empty(n_units, n_dendrites))
         self.soma_bias = nn.Parameter(torch.empty(n_units))
-        # Like nn.Linear over each unit's real fan-in.
-        b, bs = 1.0 / math.sqrt(n_dendrite_inputs), 1.0 / math.sqrt(n_dendrites)
-        with torch.no_grad():
-            self.weight.uniform_(-b, b, generator=gen)
-            self.bias.uniform_(-b, b, generator=gen)
-            self.soma_weight.uniform_(-bs, bs, generator=gen)
-            self.soma_bias.uniform_(-bs, bs, generator=gen)
+        draw_weights(self._seed, self.weight, self.bias, self.soma_weight, self.soma_bias)  # like nn.Linear's
 
     @staticmethod
     def count(n_units: int, n_dendrites: int, n_dendrite_inputs: int) -> int:

@@ -90,80 +90,54 @@ def _patch_side(k: int, image: tuple[int, int, int]) -> tuple[int, int]:
     return min(side, h), min(side, w)
 
 
-def draw_connections(generator: torch.Generator, rows: int, in_dim: int, k: int,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``(rows, k)`` distinct inputs per dendrite, as a layer's construction draws them: the
-    first ``k`` of a random permutation of its candidates (``mask``: the inputs of its patch)."""
-    scores = torch.rand(rows, in_dim, generator=generator)
+def draw_connections(seed: int, rows: int, in_dim: int, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(rows, k)`` distinct inputs per dendrite, as a layer's construction draws them from
+    its ``seed``: the ``k`` best of its candidates (``mask``: the inputs of its patch) by
+    :func:`connection_scores`, best first. The scores are distinct within a row, so every
+    device picks the same inputs in the same order; the population trainer picks many
+    layers' at once on its device (``core._population``, ``_draw_on_device``)."""
+    scores = connection_scores(torch.tensor(seed_int64(seed)), torch.arange(rows), in_dim)
     if mask is not None:
-        scores.masked_fill_(~mask, 2.0)  # rand < 1: outside inputs come last
-    return scores.topk(k, dim=1, largest=False).indices
+        scores.masked_fill_(~mask, -1)  # scores are >= 0: outside inputs come last
+    return scores.topk(k, dim=1).indices
 
 
-def pick_connections(scores: torch.Tensor, ks: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """:func:`draw_connections`' choice for many dendrites at once, on ``device``: row ``r`` of
-    the CPU ``scores`` (the layer's ``torch.rand(rows, in_dim)``, rows of several layers
-    stacked) picks its ``ks[r]`` inputs, the first ``ks[r]`` columns of the ``(rows, max
-    ks)`` result.
-
-    The smallest scores, in order, are one answer whatever the algorithm while none of a
-    row's first ``k + 1`` is tied; a row with a tie (about 1 in 400 at 96 of 784 inputs) is
-    picked again by the CPU's ``topk``, as the layer picks it. On CUDA this takes the top-k
-    off the CPU: 1,024 layers of 72 x 784 took 0.33 s on 14 threads of an H200 host, most of
-    it the CPU's top-k (bench/NOTES_population.md, v18).
-    """
-    n, kmax = scores.shape[1], int(ks.max())
-    top = min(kmax + 1, n)
-    values, idx = scores.to(device).topk(top, dim=1, largest=False)
-    # pair (j, j + 1) of a row's smallest: within its k, or its k-th and the next
-    in_reach = torch.arange(top - 1, device=device) < ks.to(device).unsqueeze(1)
-    tied = ((values[:, 1:] == values[:, :-1]) & in_reach).any(1).nonzero().squeeze(1).tolist()
-    for r in tied:
-        k = int(ks[r])
-        idx[r, :k] = scores[r : r + 1].topk(k, dim=1, largest=False).indices[0].to(device)
-    return idx[:, :kmax]
+def connection_scores(seed: torch.Tensor, rows: torch.Tensor, n_inputs: int) -> torch.Tensor:
+    """``(rows, n_inputs)`` construction scores (:func:`input_scores`) of dendrite rows
+    ``rows`` of layers seeded ``seed`` (int64 tensors that broadcast: one seed per row when
+    many layers' rows are scored at once)."""
+    return input_scores(draw_rows(seed, 0, rows, _INIT_SCORES), n_inputs)
 
 
-def weight_draws(rows: int, k: int, soma: tuple[int, int] | None = None) -> list[tuple[str, tuple[int, ...], int]]:
-    """A dendritic layer's weights in the order its construction draws them, after its
-    connections and from the same generator: ``(name, shape, fan-in)`` each, drawn uniform in
-    ``+-1/sqrt(fan-in)`` like ``nn.Linear`` over the unit's real fan-in (a dendrite's ``k``
-    inputs, a soma's dendrites). ``soma``: ``(n_neurons, n_dendrites)`` where the layer has
-    somas. :func:`draw_weights` draws them; the population trainer draws many layers' at once
-    in the same order (``core._population``, ``_draw_on_device``)."""
-    out: list[tuple[str, tuple[int, ...], int]] = [("weight", (rows, k), k), ("bias", (rows,), k)]
-    if soma is not None:
-        n, d = soma
-        out += [("soma_weight", (n, d), d), ("soma_bias", (n,), d)]
-    return out
+def initial_weights(seed: torch.Tensor, rows: torch.Tensor, fan_in: torch.Tensor, stream: int,
+                    columns: int) -> torch.Tensor:
+    """``(rows, columns)`` initial weights of units ``rows`` (a dendrite's row or a soma's
+    neuron) of layers seeded ``seed``, uniform in ``+-1/sqrt(fan_in)`` like ``nn.Linear``
+    over the unit's real fan-in (``fan_in`` float, broadcasting against the result: one per
+    row when many layers are drawn at once). A unit's first ``fan_in`` columns are its
+    weights, the next one its bias; a column's value does not depend on ``columns``, so
+    units of several sizes are drawn together at the widest and each takes its own.
+    ``stream``: :data:`INIT_DENDRITES` or :data:`INIT_SOMAS`."""
+    bound = (1.0 / fan_in.double().sqrt()).float()
+    return fresh_weights(draw_rows(seed, 0, rows, stream), columns, bound)
 
 
 @torch.no_grad()
-def draw_weights(generator: torch.Generator, weight: torch.Tensor, bias: torch.Tensor,
+def draw_weights(seed: int, weight: torch.Tensor, bias: torch.Tensor,
                  soma_weight: torch.Tensor | None = None, soma_bias: torch.Tensor | None = None) -> None:
-    """A layer's initial weights, in place and in its construction's order
-    (:func:`weight_draws`). Drawn on the CPU whatever the tensors' device, so that every
-    device starts from the same numbers."""
-    tensors, soma_shape = (weight, bias), None
+    """A layer's initial weights from its ``seed``, in place (:func:`initial_weights`): its
+    dendrites' weights and biases, and its somas' where it has them. Computed on the CPU
+    whatever the tensors' device; every device computes the same numbers."""
+    s = torch.tensor(seed_int64(seed))
+    rows, k = weight.shape
+    w = initial_weights(s, torch.arange(rows), torch.tensor(float(k)), INIT_DENDRITES, k + 1)
+    weight.copy_(w[:, :k])
+    bias.copy_(w[:, k])
     if soma_weight is not None and soma_bias is not None:
-        tensors, soma_shape = (weight, bias, soma_weight, soma_bias), (soma_weight.shape[0], soma_weight.shape[1])
-    for t, (_, _, fan_in) in zip(tensors, weight_draws(weight.shape[0], weight.shape[1], soma_shape), strict=True):
-        b = 1.0 / math.sqrt(fan_in)
-        t.copy_(torch.empty_like(t, device="cpu").uniform_(-b, b, generator=generator))
-
-
-def weights_from_rand(u: torch.Tensor, fan_in: torch.Tensor) -> torch.Tensor:
-    """What :func:`draw_weights` draws, from the same generator's ``torch.rand`` ``u`` (one
-    float32 draw per weight, in its order; ``fan_in``: each weight's, as its unit's).
-
-    The CPU generator's ``uniform_(-b, b)`` of a float32 tensor is ``u * (b' - a') + a'``
-    computed in double, ``a'`` and ``b'`` being the bounds rounded to float32, and rounded
-    back to float32 (``tests/core/test_layers.py`` holds it to ``uniform_``): so many layers'
-    weights are drawn with one ``torch.rand`` each and bounded all at once
-    (``core._population``, ``_draw_on_device``).
-    """
-    bound = (1.0 / fan_in.double().sqrt()).float().double()  # b', as uniform_ rounds it
-    return (u.double() * (2 * bound) - bound).float()
+        n, d = soma_weight.shape
+        sw = initial_weights(s, torch.arange(n), torch.tensor(float(d)), INIT_SOMAS, d + 1)
+        soma_weight.copy_(sw[:, :d])
+        soma_bias.copy_(sw[:, d])
 
 
 class DendriticLayer(nn.Module):
@@ -189,10 +163,11 @@ class DendriticLayer(nn.Module):
     buffer. ``resample_reset_adam`` says whether a swapped connection's optimizer state is
     reset (the default) or kept.
 
-    The connections, patches and initial weights are drawn from a generator seeded with
-    ``seed``; a resampling's draws are a counter of ``seed`` and ``n_resamples``, the number
-    of resamplings the layer made before (see :func:`swap_weakest`): the same on every
-    device, and the same for a population trainer that resamples many layers at once. A
+    The connections and initial weights are a counter of ``seed`` (:func:`draw_connections`,
+    :func:`draw_weights`; the patches come from a generator seeded with it); a resampling's
+    draws are a counter of ``seed`` and ``n_resamples``, the number of resamplings the layer
+    made before (see :func:`swap_weakest`): the same on every device, and the same for a
+    population trainer that builds and resamples many layers at once. A
     layer restored from a ``state_dict`` to go on training should get ``n_resamples`` back
     too (it is not part of the state), or its next draws repeat the first ones.
 
@@ -257,23 +232,22 @@ class DendriticLayer(nn.Module):
         self.n_swapped = 0
         self._pending_resample = False
         self._hooked = False  # resampling driven by register_dendritic_hooks
-        # construction draws from the generator; resampling from a counter keyed by the seed
+        # construction and resampling draw from counters keyed by the seed (draw_connections,
+        # draw_weights, swap_weakest); a local layer's patches from a generator seeded with it
         self._seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        self._generator = torch.Generator()
-        self._generator.manual_seed(self._seed)
         self.n_resamples = 0  # resamplings made: the counter of the next one's draws
 
         n_dend = n_neurons * n_dendrites
         self.image_shape: tuple[int, int, int] | None = image
         self.patch_size: tuple[int, int] | None = None
         if image is not None:
-            # Each dendrite reads one square patch of the image (every channel of its pixels),
-            # drawn before the inputs so that "random" layers keep their draws unchanged.
+            # Each dendrite reads one square patch of the image (every channel of its pixels).
             c, h, w = image
             self.patch_size = _patch_side(n_dendrite_inputs, image)
             ph, pw = self.patch_size
-            centre_y = torch.randint(0, h, (n_dend,), generator=self._generator)
-            centre_x = torch.randint(0, w, (n_dend,), generator=self._generator)
+            gen = torch.Generator().manual_seed(self._seed)
+            centre_y = torch.randint(0, h, (n_dend,), generator=gen)
+            centre_x = torch.randint(0, w, (n_dend,), generator=gen)
             origin = torch.stack(
                 [(centre_y - ph // 2).clamp(0, h - ph), (centre_x - pw // 2).clamp(0, w - pw)], 1
             )
@@ -294,15 +268,14 @@ class DendriticLayer(nn.Module):
             draws.append(self._draw)
 
     def _draw(self) -> None:
-        """Everything drawn from the layer's own generator at construction, in order: the
-        connections, then the weights."""
+        """Everything drawn from the layer's seed at construction: the connections and the weights."""
         self._draw_connections()
         self.reset_parameters()
 
     def _draw_connections(self) -> None:
-        """Distinct inputs per dendrite: the first k of a random permutation of its candidates."""
+        """Distinct inputs per dendrite, drawn uniformly among its candidates (:func:`draw_connections`)."""
         mask = self.patch_mask() if self.image_shape is not None else None
-        self.indices.copy_(draw_connections(self._generator, self.n_neurons * self.n_dendrites,
+        self.indices.copy_(draw_connections(self._seed, self.n_neurons * self.n_dendrites,
                                             self.in_dim, self.n_dendrite_inputs, mask))
 
     def patch_mask(self) -> torch.Tensor:
@@ -325,9 +298,10 @@ class DendriticLayer(nn.Module):
 
     # -- initialisation -------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """Initialise like ``nn.Linear`` over each unit's real fan-in, from the layer's generator."""
+        """Initialise like ``nn.Linear`` over each unit's real fan-in, from the layer's seed
+        (:func:`draw_weights`): the same initial weights every time."""
         soma = (self.soma_weight, self.soma_bias) if self.soma_enabled else ()
-        draw_weights(self._generator, self.weight, self.bias, *soma)
+        draw_weights(self._seed, self.weight, self.bias, *soma)
 
     @property
     def out_dim(self) -> int:
@@ -429,6 +403,9 @@ _M32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**27: a 32-bit value times it is exact in int64
 _COL_SALT = 0x1B873593
 _SCORES, _FRESH = 1, 2  # the streams: the inputs' scores, the fresh weights
+# the construction's streams (its event: 0): the connections' scores, the dendrites' weights
+# and biases, the somas' (draw_connections, draw_weights)
+_INIT_SCORES, INIT_DENDRITES, INIT_SOMAS = 3, 4, 5
 
 
 def _mix_(x: torch.Tensor) -> torch.Tensor:

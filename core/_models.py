@@ -129,8 +129,8 @@ def dendritic_simple_tensors(
     building the module; the caller seeds the default generator, as for the builder.
 
     Returns its ``state_dict`` entries by key, the dendritic layer's seed and a closure
-    that draws the layer's connections and weights into those entries from the layer's own
-    generator, as the layer's construction does (until it runs they are uninitialised).
+    that draws the layer's connections and weights into those entries from the layer's seed,
+    as the layer's construction does (until it runs they are uninitialised).
     The population trainer builds members this way: a module costs ~0.4 ms of Python a
     member, these draws a fraction of it. ``None`` for ``connectivity="local"``, whose
     patches the layer's constructor draws. ``tests/core/test_population.py`` holds both
@@ -151,10 +151,8 @@ def dendritic_simple_tensors(
     out["1.weight"], out["1.bias"] = readout.weight, readout.bias
 
     def draw() -> None:
-        gen = torch.Generator()
-        gen.manual_seed(layer_seed)
-        out["0.indices"].copy_(draw_connections(gen, rows, in_dim, n_dendrite_inputs))
-        draw_weights(gen, out["0.weight"], out["0.bias"], out.get("0.soma_weight"), out.get("0.soma_bias"))
+        out["0.indices"].copy_(draw_connections(layer_seed, rows, in_dim, n_dendrite_inputs))
+        draw_weights(layer_seed, out["0.weight"], out["0.bias"], out.get("0.soma_weight"), out.get("0.soma_bias"))
 
     return out, layer_seed, draw
 

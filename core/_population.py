@@ -94,17 +94,18 @@ from ._data import Dataset
 from ._layers import (
     _FRESH,
     _SCORES,
+    INIT_DENDRITES,
+    INIT_SOMAS,
     DendriticLayer,
+    connection_scores,
     deferred_connections,
     draw_rows,
     fresh_weights,
+    initial_weights,
     input_scores,
     int32_scores,
-    pick_connections,
     seed_int64,
     weakest_slots,
-    weight_draws,
-    weights_from_rand,
 )
 from ._models import dendritic_simple, dendritic_simple_tensors
 from ._registry import ModelFamily, count_parameters, get_family, list_models
@@ -157,8 +158,8 @@ _AUTO_CPU = 8
 # bench/bench_population.py), and a study learns sooner from fewer concurrent trials.
 _AUTO_MAX = 1024
 _EVAL_BYTES = 1 << 28  # bound on one evaluation chunk's activations
-_DRAW_BYTES = 1 << 26  # bound on the connections' scores picked on the device at once (_draw_on_device)
-_PICK_ON = ("cuda",)  # device types whose members' connections are picked there (_draw_on_device)
+_DRAW_BYTES = 1 << 28  # bound on the connections' scores made on the device at once (_draw_on_device)
+_PICK_ON = ("cuda",)  # device types whose module-free members are drawn there, all at once (_draw_on_device)
 _KEEP_PINNED = True  # _keep_weights: the weights read back through a waiting pinned staging buffer
 
 # Test hook: called with the population size before every training step. Raising
@@ -500,17 +501,16 @@ class _Recipe:
         return self.lr_schedule != "constant" or self.warmup_steps > 0
 
 
+def _numbered(counts: torch.Tensor) -> torch.Tensor:
+    """``0 .. c - 1`` for each count ``c`` of ``counts``, one run after another."""
+    starts = counts.cumsum(0) - counts
+    return torch.arange(int(counts.sum())) - starts.repeat_interleave(counts)
+
+
 def _draw_all(draws: list[Callable[[], None]]) -> None:
     for draw in draws:
         draw()
 
-
-def _rand_into(seed: int, *outs: torch.Tensor) -> None:
-    """``torch.rand`` into each of ``outs`` in turn, from a generator seeded with ``seed``."""
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    for out in outs:
-        torch.rand(out.shape, generator=gen, out=out)
 
 
 def _make_plan(
@@ -2233,9 +2233,8 @@ class _Population:
         Made once every newcomer is built: drawn alongside the building, the workers' turns at
         the GIL slowed this thread's many small operations, and building 1,024 members took
         3.07 s against 1.36 s drawn afterwards, on the same 16-core host
-        (bench/NOTES_population.md, v16). On CUDA, the members built without a module draw
-        only their connections' scores on the workers, and the device picks the connections
-        (:meth:`_draw_on_device`).
+        (bench/NOTES_population.md, v16). On CUDA, the members built without a module are
+        drawn on the device, all at once (:meth:`_draw_on_device`).
         """
         batched = [m for m in members if m.template is not None and m.draws] if self.device.type in _PICK_ON else []
         if batched:
@@ -2248,70 +2247,75 @@ class _Population:
             fut.result()
 
     def _draw_on_device(self, members: list[_Member]) -> None:
-        """The draws of members built without a module (``dendritic_simple_tensors``), their
-        connections picked on the device.
+        """The draws of members built without a module (``dendritic_simple_tensors``), made
+        on the device for all of them at once.
 
-        A layer draws its connections' scores, then its weights, biases and somas, from its
-        own generator (``DendriticLayer._draw``). Here each member's worker makes those draws
-        two ``torch.rand`` calls, into two CPU buffers shared by all: the scores', picked on
-        the device (:func:`core._layers.pick_connections`), and the rest's, bounded for every
-        member at once (:func:`core._layers.weights_from_rand`). The draws are the layer's
-        numbers, ``_DRAW_BYTES`` of scores at a time. The workers' many small operations had
-        taken 0.28 s of the 0.33 s these draws took for 1,024 members 12 x 6 x 96 on an H200
-        host's 14 workers, their turns at the GIL rather than the work
-        (bench/NOTES_population.md, v18).
+        A layer's connections and weights are counters of its seed
+        (``core._layers.draw_connections``, ``draw_weights``); here every member's rows are
+        scored and picked in a few batched passes (``_DRAW_BYTES`` of scores at a time; the
+        scores are distinct within a row, so the device's top-k is the layer's), and the
+        weights are computed a group of similar fan-ins at a time and come back to the CPU in
+        one transfer, where the stack reads them. Drawn with ``torch.rand`` on the host's
+        workers, the scores had taken 0.20-0.40 s of a 1,024-member build, 0.7-1.3 s of
+        thread time (bench/NOTES_population.md, v24).
         """
+        dev = self.device
         in_dim = members[0].arch.in_dim
-        per_chunk = max(1, _DRAW_BYTES // (4 * in_dim))  # rows of scores
-        # per member, its weights' draws in the layer's order: (stack name, shape, fan-in)
-        order = {a: [(_LAYER_PARAMS[name], shape, fan_in)
-                     for name, shape, fan_in in weight_draws(a.n * a.d, a.k, (a.n, a.d) if a.soma else None)]
-                 for a in {m.arch for m in members}}
-        drawn_size = {a: sum(math.prod(shape) for _, shape, _ in draws) for a, draws in order.items()}
-        chunks: list[list[_Member]] = [[]]
-        sizes = [[0, 0]]  # per chunk: rows of scores, weights drawn
+        archs = [m.arch for m in members]
         for m in members:
-            a = m.arch
-            r, size = a.n * a.d, drawn_size[a]
-            if chunks[-1] and sizes[-1][0] + r > per_chunk:
-                chunks.append([])
-                sizes.append([0, 0])
-            chunks[-1].append(m)
-            sizes[-1][0] += r
-            sizes[-1][1] += size
-        scores = torch.empty(max(r for r, _ in sizes), in_dim)
-        rest = torch.empty(max(w for _, w in sizes))
-        for chunk, (n_rows, n_rest) in zip(chunks, sizes, strict=True):
-            jobs, at, at_rest = [], 0, 0
-            for m in chunk:
-                a = m.arch
-                r, size = a.n * a.d, drawn_size[a]
-                assert m.layer_seed is not None and len(m.draws) == 1
-                m.draws = []
-                jobs.append(functools.partial(_rand_into, m.layer_seed, scores[at : at + r],
-                                              rest[at_rest : at_rest + size]))
-                at += r
-                at_rest += size
-            n_jobs = min(self.workers, len(jobs))
-            for fut in [self.pool.submit(_draw_all, jobs[j::n_jobs]) for j in range(n_jobs)]:
-                fut.result()
-            ks = torch.repeat_interleave(torch.tensor([m.arch.k for m in chunk]),
-                                         torch.tensor([m.arch.n * m.arch.d for m in chunk]))
-            picked = pick_connections(scores[:n_rows], ks, self.device)
-            draws = [(math.prod(shape), fan_in) for m in chunk for _, shape, fan_in in order[m.arch]]
-            fans = torch.repeat_interleave(torch.tensor([f for _, f in draws]), torch.tensor([c for c, _ in draws]))
-            drawn = weights_from_rand(rest[:n_rest], fans)
-            at = at_rest = 0
-            for m in chunk:
-                a, st = m.arch, m.state
-                assert st is not None
-                r = a.n * a.d
-                st.indices = picked[at : at + r, : a.k]
-                for name, shape, _ in order[a]:
-                    size = math.prod(shape)
-                    st.params[name] = drawn[at_rest : at_rest + size].view(shape)
-                    at_rest += size
-                at += r
+            assert m.layer_seed is not None and len(m.draws) == 1
+            m.draws = []
+        seeds = torch.tensor([m.layer_seed for m in members], dtype=torch.long)
+        # the dendrites' rows, each with its layer's seed, its own number and its layer's k
+        rows = torch.tensor([a.n * a.d for a in archs])
+        row_seed, row_id = seeds.repeat_interleave(rows), _numbered(rows)
+        kmax = max(a.k for a in archs)
+        per_chunk = max(1, _DRAW_BYTES // ((4 if int32_scores(in_dim) else 8) * in_dim))
+        seed_d, id_d = row_seed.to(dev), row_id.to(dev)
+        picked = torch.cat([connection_scores(seed_d[i : i + per_chunk], id_d[i : i + per_chunk], in_dim)
+                            .topk(kmax, dim=1).indices for i in range(0, len(row_id), per_chunk)])
+        # the weights and biases: one pass per group of members whose k share a power of 2,
+        # as wide as the group's widest (a column's value does not depend on the width); then
+        # the somas'
+        groups: dict[int, list[int]] = {}
+        for i, a in enumerate(archs):
+            groups.setdefault(a.k.bit_length(), []).append(i)
+        parts = []
+        for idx in groups.values():
+            r, k = rows[idx], torch.tensor([archs[i].k for i in idx])
+            parts.append(initial_weights(seeds[idx].repeat_interleave(r).to(dev), _numbered(r).to(dev),
+                                         k.repeat_interleave(r).to(dev)[:, None], INIT_DENDRITES, int(k.max()) + 1))
+        neurons = torch.tensor([a.n if a.soma else 0 for a in archs])
+        if int(neurons.sum()):
+            d = torch.tensor([a.d for a in archs])
+            parts.append(initial_weights(seeds.repeat_interleave(neurons).to(dev), _numbered(neurons).to(dev),
+                                         d.repeat_interleave(neurons).to(dev)[:, None], INIT_SOMAS, int(d.max()) + 1))
+        host = torch.cat([p.flatten() for p in parts]).cpu()  # one transfer
+        weights: dict[int, torch.Tensor] = {}  # each member's rows of (weights, bias)
+        at = 0
+        for idx, p in zip(groups.values(), parts, strict=False):
+            block = host[at : at + p.numel()].view(p.shape)
+            at += p.numel()
+            first = 0
+            for i in idx:
+                r = archs[i].n * archs[i].d
+                weights[i] = block[first : first + r]
+                first += r
+        somas = host[at:].view(-1, parts[-1].shape[1]) if int(neurons.sum()) else None
+        at_row = at_n = 0
+        for i, m in enumerate(members):
+            a, st = archs[i], m.state
+            assert st is not None
+            r, n = a.n * a.d, int(neurons[i])
+            st.indices = picked[at_row : at_row + r, : a.k]
+            st.params[_LAYER_PARAMS["weight"]] = weights[i][:, : a.k]
+            st.params[_LAYER_PARAMS["bias"]] = weights[i][:, a.k]
+            if n:
+                assert somas is not None
+                st.params[_LAYER_PARAMS["soma_weight"]] = somas[at_n : at_n + n, : a.d]
+                st.params[_LAYER_PARAMS["soma_bias"]] = somas[at_n : at_n + n, a.d]
+            at_row += r
+            at_n += n
 
     def _shrink(self, stack: _Stack) -> None:
         """After an out-of-memory error: halve the population, requeue who no longer fits."""

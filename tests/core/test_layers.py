@@ -147,55 +147,83 @@ def test_register_dendritic_hooks_needs_a_dendritic_layer() -> None:
 
 
 # -- connectivity ------------------------------------------------------------------------------
-def test_random_connectivity_draws_as_it_always_has() -> None:
-    # the first k of a seeded permutation per dendrite: kept results reproduce bit for bit
-    scores = torch.rand(12, 50, generator=torch.Generator().manual_seed(1))
-    expected = scores.topk(8, dim=1, largest=False).indices
+def test_random_connectivity_draws_from_the_seed_alone() -> None:
+    # the layer's connections and weights are draw_connections' and draw_weights' for its seed
+    from core._layers import draw_connections, draw_weights
+
+    expected = draw_connections(1, 12, 50, 8)
     assert torch.equal(_layer().indices, expected)
+    w, b, sw, sb = torch.empty(12, 8), torch.empty(12), torch.empty(4, 3), torch.empty(4)
+    draw_weights(1, w, b, sw, sb)
+    got = _layer()
+    assert all(torch.equal(getattr(got, n), t) for n, t in (("weight", w), ("bias", b), ("soma_weight", sw),
+                                                                ("soma_bias", sb)))
     assert torch.equal(_layer(connectivity="random").indices, expected)
     assert "patch_origin" not in dict(_layer().named_buffers())
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_connections_picked_for_many_layers_at_once_are_each_layers_own(device: str) -> None:
-    # rows of several layers (different k) picked together, on the device, are what each
-    # layer's own top-k picks, tied scores included (a tied row is picked again by the CPU)
-    from core._layers import draw_connections, pick_connections
+def test_many_layers_drawn_at_once_are_each_layers_own(device: str) -> None:
+    # rows of several layers (different seeds and k) scored and picked together on a device,
+    # and their weights drawn at the widest k, are what each layer draws from its seed
+    from core._layers import (
+        INIT_DENDRITES,
+        INIT_SOMAS,
+        connection_scores,
+        draw_connections,
+        draw_weights,
+        initial_weights,
+        seed_int64,
+    )
 
-    gen = torch.Generator().manual_seed(7)
-    layers = [(12, 8), (30, 50), (5, 1), (7, 49)]  # (rows, k) of 50 inputs; k = 49: one past
-    scores = torch.rand(sum(r for r, _ in layers), 50, generator=gen)
-    scores[:20] = (scores[:20] * 12).floor() / 12  # ties everywhere in the first rows
-    ks = torch.repeat_interleave(torch.tensor([k for _, k in layers]), torch.tensor([r for r, _ in layers]))
-    picked = pick_connections(scores, ks, torch.device(device))
-    assert picked.shape == (len(scores), 50) and picked.device.type == device
-    at = 0
-    for rows, k in layers:
-        want = scores[at : at + rows].topk(k, dim=1, largest=False).indices
-        assert torch.equal(picked[at : at + rows, :k].cpu(), want), (rows, k)
-        at += rows
-    # and the scores are the layer's: draw_connections' own draw
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    mine = torch.empty(12, 50)
-    torch.rand(12, 50, generator=g1, out=mine)
-    assert torch.equal(pick_connections(mine, torch.full((12,), 8), torch.device(device))[:, :8].cpu(),
-                       draw_connections(g2, 12, 50, 8))
-    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # left alike
+    dev = torch.device(device)
+    layers = [(3, 4, 8, 11), (6, 5, 50, 2**63 + 5), (1, 5, 1, 0), (7, 1, 49, 12345)]  # (n, d, k, seed) of 50 inputs
+    counts = torch.tensor([n * d for n, d, _, _ in layers])
+    seeds = torch.tensor([seed_int64(s) for *_, s in layers]).repeat_interleave(counts).to(dev)
+    ids = torch.cat([torch.arange(int(c)) for c in counts]).to(dev)
+    ks = torch.tensor([k for _, _, k, _ in layers]).repeat_interleave(counts).to(dev)
+    picked = connection_scores(seeds, ids, 50).topk(50, dim=1).indices
+    weights = initial_weights(seeds, ids, ks[:, None], INIT_DENDRITES, 51)
+    n_seeds = torch.tensor([seed_int64(s) for *_, s in layers]).repeat_interleave(torch.tensor([n for n, *_ in layers]))
+    n_ids = torch.cat([torch.arange(n) for n, *_ in layers])
+    n_d = torch.tensor([d for _, d, _, _ in layers]).repeat_interleave(torch.tensor([n for n, *_ in layers]))
+    somas = initial_weights(n_seeds.to(dev), n_ids.to(dev), n_d.to(dev)[:, None], INIT_SOMAS, 6)
+    assert picked.device.type == weights.device.type == device
+    at = at_n = 0
+    for n, d, k, seed in layers:
+        r = n * d
+        assert torch.equal(picked[at : at + r, :k].cpu(), draw_connections(seed, r, 50, k)), (n, d, k)
+        w, b, sw, sb = torch.empty(r, k), torch.empty(r), torch.empty(n, d), torch.empty(n)
+        draw_weights(seed, w, b, sw, sb)
+        assert torch.equal(weights[at : at + r, :k].cpu(), w) and torch.equal(weights[at : at + r, k].cpu(), b)
+        assert torch.equal(somas[at_n : at_n + n, :d].cpu(), sw) and torch.equal(somas[at_n : at_n + n, d].cpu(), sb)
+        at += r
+        at_n += n
 
 
-def test_weights_bounded_from_one_rand_are_the_layers_own_draws() -> None:
-    # draw_weights (uniform_ per tensor) against one torch.rand of the same generator, bounded
-    # afterwards by each weight's fan-in: the same numbers, bit for bit
-    from core._layers import draw_weights, weights_from_rand
+def test_a_layers_draws_are_uniform_distinct_and_its_seeds_own() -> None:
+    # connections: distinct inputs per dendrite, every input about equally often, the same
+    # for the same seed and not for another; weights uniform in +-1/sqrt(fan-in)
+    from core._layers import draw_connections, draw_weights
 
-    for n, d, k in ((4, 3, 8), (1, 1, 1), (20, 15, 255), (7, 2, 96)):
-        w, b, sw, sb = torch.empty(n * d, k), torch.empty(n * d), torch.empty(n, d), torch.empty(n)
-        draw_weights(torch.Generator().manual_seed(k), w, b, sw, sb)
-        counts = torch.tensor([n * d * k + n * d, n * d + n])
-        u = torch.rand(int(counts.sum()), generator=torch.Generator().manual_seed(k))
-        got = weights_from_rand(u, torch.repeat_interleave(torch.tensor([k, d]), counts))
-        assert torch.equal(got, torch.cat([w.flatten(), b, sw.flatten(), sb])), (n, d, k)
+    idx = draw_connections(7, 4000, 50, 10)
+    assert idx.shape == (4000, 10) and int(idx.min()) >= 0 and int(idx.max()) < 50
+    assert all(len(set(row)) == 10 for row in idx.tolist())
+    hits = torch.bincount(idx.flatten(), minlength=50).float()  # 800 expected each
+    assert float(hits.min()) > 700 and float(hits.max()) < 900
+    first = torch.bincount(idx[:, 0], minlength=50).float()  # the best-scored input, uniform too
+    assert float(first.min()) > 40 and float(first.max()) < 130
+    assert torch.equal(idx, draw_connections(7, 4000, 50, 10))
+    assert not torch.equal(idx, draw_connections(8, 4000, 50, 10))
+    assert torch.equal(draw_connections(7, 100, 50, 10), idx[:100])  # a row's draw is its own
+    w, b, sw, sb = torch.empty(500, 16), torch.empty(500), torch.empty(100, 9), torch.empty(100)
+    draw_weights(3, w, b, sw, sb)
+    for t, bound in ((w, 0.25), (b, 0.25), (sw, 1 / 3), (sb, 1 / 3)):
+        assert float(t.abs().max()) <= bound and float(t.abs().max()) > 0.9 * bound
+        assert abs(float(t.mean())) < 0.1 * bound
+        assert abs(float(t.pow(2).mean()) - bound**2 / 3) < 0.15 * bound**2 / 3  # a uniform's variance
+    assert not torch.equal(b, w[:, 0]) and len(set(w.flatten().tolist())) > 7900
 
 
 def _local(**kw: object) -> DendriticLayer:
@@ -307,8 +335,6 @@ def test_deferred_draws_give_the_layer_it_would_have_had(connectivity: str) -> N
         assert torch.equal(g.indices, w.indices)
         for name, p in w.named_parameters():
             assert torch.equal(getattr(g, name), p), name
-        # and the generator goes on from the same point
-        assert torch.equal(torch.rand(4, generator=g._generator), torch.rand(4, generator=w._generator))
     # outside the block a layer draws at once, as before
     assert torch.equal(DendriticLayer(**args, seed=1).indices, want[0].indices)
 
