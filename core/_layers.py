@@ -29,13 +29,12 @@ _DEFER = threading.local()  # .draws: a list while deferred_connections() is act
 def deferred_connections() -> Iterator[list[Callable[[], None]]]:
     """Layers built in this block (this thread only) leave their connections and weights undrawn.
 
-    Each adds to the list a closure that draws them from the layer's own generator exactly as
-    its constructor would have (the same numbers: the generator is the layer's alone, and
-    nothing else draws from it before). Call each before the layer's ``indices`` or weights
-    are read. The population runs them on its worker threads
-    while the main thread builds the next members: the draw (a ``rand`` and a ``topk`` over
-    every input of every dendrite) was over half of a member's build. Only for builders
-    that do not touch the layer after constructing it (core's own families).
+    Each adds to the list a closure that draws them from the layer's seed exactly as its
+    constructor would have (the same numbers: they depend on the seed alone). Call each
+    before the layer's ``indices`` or weights are read. The population runs them on its
+    worker threads once the members are built: the draw (a score for every input of every
+    dendrite, then a ``topk``) was over half of a member's build. Only for builders that do
+    not touch the layer after constructing it (core's own families).
     """
     outer = getattr(_DEFER, "draws", None)
     _DEFER.draws = draws = []
@@ -423,8 +422,14 @@ def draw_rows(seed: torch.Tensor, event: torch.Tensor, rows: torch.Tensor, strea
     broadcast against ``rows`` (int64, the dendrites' own row numbers).
     """
     lo, hi = seed & _M32, (seed >> 32) & _M32
-    h = _mix_(_mix_(_mix_(lo ^ stream) ^ hi) ^ (event & _M32))
+    # the stream enters hashed, after the whole seed: XORed into the seed's low bits (as
+    # before v25), seed s on stream t drew what seed s ^ t ^ u drew on stream u
+    h = _mix_(_mix_(_mix_(_mix_(lo) ^ hi) ^ _stream_salt(stream)) ^ (event & _M32))
     return _mix_(h ^ rows)
+
+
+def _stream_salt(stream: int) -> int:
+    return (stream * 0x9E3779B1) & _M32  # distinct for distinct streams below 2**32 (an odd multiplier)
 
 
 def _column_hash(n: int, device: torch.device) -> torch.Tensor:
