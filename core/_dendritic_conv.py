@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._layers import draw_connections, draw_weights, swap_weakest
+from ._layers import draw_connections, draw_weights, layer_seed, swap_weakest
 from ._registry import register_model
 
 __all__ = ["DendriticConv2d"]
@@ -102,7 +102,7 @@ class DendriticConv2d(nn.Module):
         self.n_dendrite_inputs = n_dendrite_inputs
         self.kernel_size = kernel_size
         # construction and resampling draw from counters keyed by the seed, as DendriticLayer's
-        self._seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        self._seed = layer_seed(seed)
         self.n_resamples = 0
         rows = n_units * n_dendrites
         window = in_channels * kernel_size * kernel_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,20 @@ def _patch_side(k: int, image: tuple[int, int, int]) -> tuple[int, int]:
     while min(side, h) * min(side, w) * c < k:
         side += 1
     return min(side, h), min(side, w)
+
+
+def layer_seed(seed: Any) -> int:
+    """A layer's seed: ``seed`` checked (an integer in ``[-2**63, 2**64)``, what
+    ``torch.Generator`` takes), or a random one where it is None."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or not -(2**63) <= value < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {seed!r}")
+    return value
 
 
 def draw_connections(seed: int, rows: int, in_dim: int, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,7 +248,7 @@ class DendriticLayer(nn.Module):
         self._hooked = False  # resampling driven by register_dendritic_hooks
         # construction and resampling draw from counters keyed by the seed (draw_connections,
         # draw_weights, swap_weakest); a local layer's patches from a generator seeded with it
-        self._seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        self._seed = layer_seed(seed)
         self.n_resamples = 0  # resamplings made: the counter of the next one's draws
 
         n_dend = n_neurons * n_dendrites

@@ -74,6 +74,25 @@ def test_bad_sizes_name_the_argument() -> None:
         DendriticLayer(10, 2, 4, 2, percentage_resample=1.5)
 
 
+@pytest.mark.parametrize("bad", [2**64, -(2**63) - 1, 1.5, "3", True])
+def test_a_bad_seed_names_the_argument_and_what_is_allowed(bad: object) -> None:
+    # what torch.Generator takes, for both connectivities (a local layer's patches use one)
+    from core import DendriticConv2d
+
+    for build in (lambda: _layer(seed=bad), lambda: _layer(seed=bad, connectivity="local", in_dim=64),
+                  lambda: DendriticConv2d(3, 4, 3, 5, 3, seed=bad)):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64\) or None"):
+            build()
+
+
+def test_seeds_at_the_ends_of_the_range_and_numpy_integers_build() -> None:
+    import numpy as np
+
+    for seed in (2**64 - 1, -(2**63), -1, np.int64(7)):
+        assert _layer(seed=seed, connectivity="local", in_dim=64).indices.shape == (12, 8)
+    assert torch.equal(_layer(seed=np.int64(7)).indices, _layer(seed=7).indices)
+
+
 def test_resample_swaps_only_the_weakest_and_keeps_k_distinct() -> None:
     layer = _layer(n_dendrite_inputs=8, percentage_resample=0.25)
     with torch.no_grad():
