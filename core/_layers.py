@@ -119,8 +119,11 @@ def draw_connections(seed: int, rows: int, in_dim: int, k: int, mask: torch.Tens
 def connection_scores(seed: torch.Tensor, rows: torch.Tensor, n_inputs: int) -> torch.Tensor:
     """``(rows, n_inputs)`` construction scores (:func:`input_scores`) of dendrite rows
     ``rows`` of layers seeded ``seed`` (int64 tensors that broadcast: one seed per row when
-    many layers' rows are scored at once)."""
-    return input_scores(draw_rows(seed, 0, rows, _INIT_SCORES), n_inputs)
+    many layers' rows are scored at once). Without the Triton kernel, whose compilation on a
+    cold cache (~1-2 s) would hold up a population's first build: the kernel is compiled with
+    the fused step's, ahead of its first resampling (``core._population``), and the same
+    values cost the device a few milliseconds more here."""
+    return input_scores(draw_rows(seed, 0, rows, _INIT_SCORES), n_inputs, kernel=False)
 
 
 def initial_weights(seed: torch.Tensor, rows: torch.Tensor, fan_in: torch.Tensor, stream: int,
@@ -467,19 +470,20 @@ def int32_scores(n_inputs: int) -> bool:
     return 31 - key_bits(n_inputs) >= _MIN_HASH_BITS
 
 
-def input_scores(row_keys: torch.Tensor, n_inputs: int) -> torch.Tensor:
+def input_scores(row_keys: torch.Tensor, n_inputs: int, kernel: bool = True) -> torch.Tensor:
     """``(..., rows, n_inputs)`` scores from :func:`draw_rows`'s ``_SCORES`` keys.
 
     A score's high bits are a hash of its row key and input, its low bits the input itself:
     non-negative and distinct within a row, so the k best are the same set in the same order
     whatever sorts them (no ties to break, on any device). int32 up to 2,048 inputs, where
     the hash keeps at least ``_MIN_HASH_BITS`` bits; int64 above. On CUDA with Triton the
-    int32 scores are one kernel (``core._kernels.input_scores``, the same values).
+    int32 scores are one kernel (``core._kernels.input_scores``, the same values), unless
+    ``kernel`` is false.
     """
     from . import _kernels  # noqa: PLC0415 - imports torch only; Triton when used
 
     narrow = int32_scores(n_inputs)
-    if narrow and _kernels.available(row_keys.device) and row_keys.numel():
+    if kernel and narrow and _kernels.available(row_keys.device) and row_keys.numel():
         try:
             return _kernels.input_scores(row_keys, n_inputs)
         except Exception:  # noqa: BLE001 - a Triton that cannot build it: the same values below

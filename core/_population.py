@@ -512,7 +512,6 @@ def _draw_all(draws: list[Callable[[], None]]) -> None:
         draw()
 
 
-
 def _make_plan(
     data_gen: torch.Generator, arch: _Arch, n: int, n_steps: int, steps0: int,
     recipe: _Recipe | None = None,
@@ -2270,7 +2269,7 @@ class _Population:
         rows = torch.tensor([a.n * a.d for a in archs])
         row_seed, row_id = seeds.repeat_interleave(rows), _numbered(rows)
         kmax = max(a.k for a in archs)
-        per_chunk = max(1, _DRAW_BYTES // ((4 if int32_scores(in_dim) else 8) * in_dim))
+        per_chunk = max(1, _DRAW_BYTES // (16 * in_dim))  # the scores' int64 hash and its temporaries
         seed_d, id_d = row_seed.to(dev), row_id.to(dev)
         picked = torch.cat([connection_scores(seed_d[i : i + per_chunk], id_d[i : i + per_chunk], in_dim)
                             .topk(kmax, dim=1).indices for i in range(0, len(row_id), per_chunk)])
